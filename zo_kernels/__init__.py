@@ -1,0 +1,15 @@
+"""zo_kernels: fused zeroth-order noise kernels and ZO optimizers (MeZO, MeZO-SVRG).
+
+    import zo_kernels
+    zo_kernels.noise_axpy_(params, keys=[k], alphas=[mu])    # θ += μ z(k), one pass
+    zo_kernels.available_backends()                          # what runs here
+"""
+from . import noise
+from .backends import available_backends, backend_status, last_backend
+from .ops import noise_, noise_axpy_
+from ._register import register_all as _register_all
+
+__version__ = "0.1.0"
+__all__ = ["noise", "noise_", "noise_axpy_", "available_backends", "backend_status", "last_backend"]
+
+_register_all()

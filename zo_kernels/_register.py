@@ -1,0 +1,40 @@
+"""Register every backend that can load here; record why the others cannot."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import backends
+from .noise import noise_axpy_reference, noise_reference
+
+_ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
+
+
+def _register_reference() -> None:
+    backends.register(backends.Backend("reference", ("cpu", "cuda"), _ALL_DTYPES,
+                                       noise_axpy_reference, noise_reference))
+
+
+def _register_triton() -> None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        backends.register_unavailable("triton", ("cuda",), f"triton does not import: {e}")
+        return
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    devices = tuple(d for d, ok in (("cuda", torch.cuda.is_available() and not interpret),
+                                    ("cpu", interpret)) if ok)
+    if not devices:
+        backends.register_unavailable(
+            "triton", ("cuda",), "no CUDA device; set TRITON_INTERPRET=1 before importing zo_kernels "
+                                 "to run the Triton kernels on CPU under the interpreter")
+        return
+    from .triton import noise_axpy as tk
+    backends.register(backends.Backend("triton", devices, tk.DTYPES, tk.noise_axpy, tk.noise,
+                                       notes={"interpreter": interpret}))
+
+
+def register_all() -> None:
+    _register_reference()
+    _register_triton()

@@ -1,0 +1,112 @@
+"""Backend registry: which implementations of the primitive exist, and which one runs.
+
+A backend is a pair of plain functions behind the one custom op:
+
+    axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key)
+    noise(out, key, tensor_id, offset, stream)
+
+Keys arrive as two's complement int64 Python ints (the form that crosses
+torch.library).  Arguments are already validated by zo_kernels.ops.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+ENV_VAR = "ZO_KERNELS_BACKEND"
+
+# First available wins; the reference is last so a missing native backend is noticed.
+PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+@dataclass
+class Backend:
+    name: str
+    devices: tuple
+    dtypes: frozenset
+    axpy: Callable
+    noise: Callable
+    # Why it cannot run here, or None when it can.
+    unavailable: Optional[str] = None
+    notes: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict = {}
+_WARNED: set = set()
+_last_backend: Optional[str] = None
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def register_unavailable(name: str, devices: tuple, reason: str) -> None:
+    """Record a backend that could not load, so errors and warnings can say why."""
+    if name not in _REGISTRY:
+        _REGISTRY[name] = Backend(name, devices, frozenset(), None, None, unavailable=reason)
+
+
+def get(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> list:
+    """Names of the backends that can run on this machine."""
+    return [n for n, b in _REGISTRY.items() if b.unavailable is None]
+
+
+def backend_status() -> dict:
+    """Every known backend and why it is unavailable (None when it runs)."""
+    return {n: b.unavailable for n, b in _REGISTRY.items()}
+
+
+def last_backend() -> Optional[str]:
+    """The backend that ran the most recent noise_axpy_ / noise_ call."""
+    return _last_backend
+
+
+def _set_last(name: str) -> None:
+    global _last_backend
+    _last_backend = name
+
+
+def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:
+    """Pick the backend for tensors on `device` of `dtype`.
+
+    An explicit request (argument, else $ZO_KERNELS_BACKEND) must be usable or
+    it is an error.  Otherwise the preference order of the device is walked,
+    and skipping a preferred backend is announced once, loudly.
+    """
+    requested = requested or os.environ.get(ENV_VAR) or None
+    kind = device.type
+    if requested is not None:
+        b = get(requested)
+        if b.unavailable is not None:
+            raise RuntimeError(f"backend {requested!r} was requested but is unavailable: {b.unavailable}")
+        if kind not in b.devices:
+            raise ValueError(f"backend {requested!r} runs on {b.devices}, not on {kind} tensors")
+        if dtype not in b.dtypes:
+            raise TypeError(f"backend {requested!r} does not support {dtype}; it supports "
+                            f"{sorted(str(d) for d in b.dtypes)}")
+        return b
+    if dtype == torch.float64:
+        # float64 is the precision oracle's dtype: only the reference computes in it.
+        return get("reference")
+    for name in PREFERENCE.get(kind, ("reference",)):
+        b = _REGISTRY.get(name)
+        if b is None or b.unavailable is not None or kind not in b.devices or dtype not in b.dtypes:
+            reason = "not registered" if b is None else (b.unavailable or f"no {kind}/{dtype} support")
+            if name != "reference" and (name, kind) not in _WARNED:
+                _WARNED.add((name, kind))
+                warnings.warn(f"zo_kernels: backend {name!r} is unavailable for {kind} tensors ({reason}); "
+                              f"falling back to the next one. zo_kernels.available_backends() lists what runs.",
+                              RuntimeWarning, stacklevel=4)
+            continue
+        return b
+    raise RuntimeError(f"no zo_kernels backend can run on {kind} tensors of {dtype}")

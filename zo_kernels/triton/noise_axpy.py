@@ -1,0 +1,227 @@
+"""Triton kernel of the primitive: every tensor of a list in one launch, z regenerated in registers.
+
+    θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t
+
+One launch per (param dtype, dense dtype) group covers all its tensors: the
+host packs an int64 table (pointers, sizes, tensor ids, offsets, keys, alpha
+bits) and a persistent grid walks it.  Each thread owns whole quads
+([BLOCK, 4] tiles), so one Philox call feeds four elements and, when the
+host has checked alignment, loads and stores are vectorised.  The reference
+is zo_kernels.noise; the PyTorch transcription there defines the numbers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not INTERPRET:
+    # libdevice has no interpreter implementation; FAST is False there.
+    from triton.language.extra import libdevice
+else:  # pragma: no cover - the name only has to exist
+    libdevice = None
+
+DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Table: five columns T long (param ptr, dense ptr, numel, tensor id, element offset),
+# then K keys, K alphas (float64 bits), the rounding key.  Keys ride in the table, so
+# a launch never recompiles because a key's value changed Triton's argument type.
+_COLS = tl.constexpr(5)
+TWO_PI = tl.constexpr(6.283185307179586)
+
+
+@triton.jit
+def _uniform(x):
+    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _box_muller(xa, xb, FAST: tl.constexpr):
+    # Accurate log: near u = 1 an approximate log can go positive (then sqrt gives NaN).
+    r = tl.sqrt(-2.0 * tl.log(_uniform(xa)))
+    th = TWO_PI * _uniform(xb)
+    if FAST:
+        # The angle is already in [0, 2π): no range reduction, no local memory.
+        c = libdevice.fast_cosf(th)
+        s = libdevice.fast_sinf(th)
+    else:
+        c = tl.cos(th)
+        s = tl.sin(th)
+    return r * c, r * s
+
+
+@triton.jit
+def _quad_words(key, gq, tid, stream):
+    """Philox4x32-10 words for global quads gq ([B] int64): four [B] uint32 vectors."""
+    c0 = (gq & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (gq >> 32).to(tl.uint32)
+    c2 = (gq * 0 + tid).to(tl.uint32)
+    c3 = (gq * 0 + stream).to(tl.uint32)
+    return tl.philox(key, c0, c1, c2, c3)
+
+
+@triton.jit
+def _interleave(a, b, c, d):
+    """Four [B] vectors -> [B, 4] with row i = (a_i, b_i, c_i, d_i)."""
+    # join appends the new axis last, so the inner joins pair elements two apart.
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (a.shape[0], 4))
+
+
+@triton.jit
+def _normals(key, gq, tid, stream, FAST: tl.constexpr):
+    x0, x1, x2, x3 = _quad_words(key, gq, tid, stream)
+    z0, z1 = _box_muller(x0, x1, FAST)
+    z2, z3 = _box_muller(x2, x3, FAST)
+    return _interleave(z0, z1, z2, z3)
+
+
+@triton.jit
+def _stochastic_round(acc, words, OUT: tl.constexpr):
+    """Round fp32 acc to bf16/fp16, up with probability = the dropped fraction (see noise.stochastic_round)."""
+    bits = acc.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    if OUT == tl.bfloat16:
+        up = (bits + (words >> 16)) & 0xFFFF0000
+        r = tl.where(finite, up.to(tl.float32, bitcast=True), acc)
+    else:
+        up = (bits + (words >> 19)) & 0xFFFFE000
+        r = tl.where(finite, up.to(tl.float32, bitcast=True), acc)
+        mag = tl.abs(acc)
+        scaled = mag * 16777216.0
+        fl = tl.floor(scaled)
+        bump = ((words >> 8).to(tl.float32) < (scaled - fl) * 16777216.0).to(tl.float32)
+        sub = (fl + bump) * 5.960464477539063e-08
+        sub = tl.where(acc < 0, -sub, sub)
+        r = tl.where(mag < 6.103515625e-05, sub, r)
+    return r.to(OUT)
+
+
+@triton.jit
+def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
+          K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
+          OUT: tl.constexpr, FAST: tl.constexpr):
+    if HAS_X:
+        acc = tl.load(p + idx, mask=mask).to(tl.float32) * gamma
+    else:
+        acc = tl.zeros(idx.shape, tl.float32)
+    for j in tl.static_range(K):
+        key = tl.load(tab + _COLS * T + j)
+        alpha = tl.load(tab + _COLS * T + K + j).to(tl.float64, bitcast=True).to(tl.float32)
+        acc += alpha * _normals(key, gq, tid, stream, FAST)
+    if HAS_DENSE:
+        acc += beta * tl.load(dp + idx, mask=mask).to(tl.float32)
+    if SR:
+        sr_key = tl.load(tab + _COLS * T + 2 * K)
+        w0, w1, w2, w3 = _quad_words(sr_key, gq, tid, 2)
+        out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
+    else:
+        out = acc.to(OUT)
+    tl.store(p + idx, out, mask=mask)
+
+
+@triton.jit
+def _noise_axpy_kernel(tab, T, gamma, beta, stream,
+                       K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
+                       OUT: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, 4)
+    for t in range(T):
+        p = tl.load(tab + t).to(tl.pointer_type(OUT))
+        dp = tl.load(tab + T + t).to(tl.pointer_type(DENSE))
+        n = tl.load(tab + 2 * T + t)
+        tid = tl.load(tab + 3 * T + t)
+        off = tl.load(tab + 4 * T + t)
+        if ALIGNED:
+            # Host checked: pointers 16-byte aligned and off % 4 == 0, so local quads are
+            # global quads shifted by off // 4 and a quad-granular mask keeps loads vectorised.
+            p = tl.multiple_of(p, 16)
+            dp = tl.multiple_of(dp, 16)
+            full = n // 4
+            for b in range(pid, tl.cdiv(full, BLOCK), nprog):
+                lq = b * BLOCK + tl.arange(0, BLOCK)
+                idx = lq[:, None] * 4 + lane[None, :]
+                mask = (lq < full)[:, None]
+                _tile(p, dp, idx, mask, lq + off // 4, tid, tab, T, gamma, beta, stream,
+                      K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+            if (n % 4 != 0) & (t % nprog == pid):
+                lq = full + tl.arange(0, 2)
+                idx = lq[:, None] * 4 + lane[None, :]
+                _tile(p, dp, idx, idx < n, lq + off // 4, tid, tab, T, gamma, beta, stream,
+                      K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+        else:
+            q0 = off // 4
+            nq = (off + n + 3) // 4 - q0
+            for b in range(pid, tl.cdiv(nq, BLOCK), nprog):
+                gq = q0 + b * BLOCK + tl.arange(0, BLOCK)
+                idx = gq[:, None] * 4 + lane[None, :] - off
+                mask = (idx >= 0) & (idx < n)
+                _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
+                      K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+
+
+# --------------------------------------------------------------------- host
+def _config(device: torch.device):
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return 256, 4, sms * 8  # BLOCK quads, warps, max programs
+    return 1024, 1, 2  # interpreter: few, wide programs keep the Python overhead down
+
+
+def _aligned(tensors, offsets) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and all(o % 4 == 0 for o in offsets)
+
+
+def _launch(params, dense, keys, alphas, gamma, beta, rounding, tensor_ids, offsets, rounding_key,
+            stream=0, has_x=True, block=None):
+    import struct
+
+    device = params[0].device
+    T = len(params)
+    dense_list = dense if dense is not None else params
+    alpha_bits = [struct.unpack("<q", struct.pack("<d", float(a)))[0] for a in alphas]
+    table = ([p.data_ptr() for p in params] + [d.data_ptr() for d in dense_list] +
+             [p.numel() for p in params] + list(tensor_ids) + list(offsets) + list(keys) + alpha_bits + [rounding_key])
+    tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+    default_block, warps, max_prog = _config(device)
+    BLOCK = block or default_block
+    quads = sum((p.numel() + 3) // 4 + 1 for p in params)
+    grid = (max(1, min(max_prog, triton.cdiv(quads, BLOCK))),)
+    out_t = params[0].dtype
+    sr = rounding == "stochastic" and out_t != torch.float32
+    _noise_axpy_kernel[grid](
+        tab, T, float(gamma), float(beta), stream,
+        K=len(keys), HAS_X=has_x, HAS_DENSE=dense is not None, SR=sr,
+        OUT=_TL[out_t], DENSE=_TL[dense_list[0].dtype],
+        ALIGNED=_aligned(params, offsets) and (dense is None or _aligned(dense, offsets)),
+        FAST=not INTERPRET, BLOCK=BLOCK, num_warps=warps)
+    return tab  # kept alive by the caller until the launch is queued
+
+
+def _groups(params, dense):
+    """Indices grouped by (param dtype, dense dtype): one launch per group."""
+    groups = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.dtype, None if dense is None else dense[i].dtype), []).append(i)
+    return groups.values()
+
+
+def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key,
+               block=None):
+    for idx in _groups(params, dense):
+        live = [i for i in idx if params[i].numel()]
+        if not live:
+            continue
+        _launch([params[i] for i in live], None if dense is None else [dense[i] for i in live],
+                keys, alphas, gamma, beta, rounding, [tensor_ids[i] for i in live],
+                [offsets[i] for i in live], rounding_key, block=block)
+
+
+def noise(out, key, tensor_id, offset, stream, block=None):
+    if out.numel():
+        _launch([out], None, [key], [1.0], 0.0, 0.0, "nearest", [tensor_id], [offset], 0,
+                stream=stream, has_x=False, block=block)
