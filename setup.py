@@ -13,4 +13,5 @@ setup(
         "hf": ["transformers>=4.40", "accelerate>=0.26"],
         "dev": ["pytest"],
     },
+    entry_points={"console_scripts": ["zo-finetune=zo_kernels.finetune.cli:main"]},
 )
