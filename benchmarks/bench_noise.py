@@ -1,0 +1,162 @@
+"""Kernel microbenchmark of the primitive: fused noise_axpy_ per backend vs the PyTorch baselines.
+
+    python benchmarks/bench_noise.py [--sizes 1e5,1e6,1e7] [--keys 1,2,4] [--dtypes float32,bfloat16]
+
+Per (size, dtype, k keys) it times, in one process:
+  mezo_randn   MeZO's way: per key, z = torch.randn_like(θ) (a full temporary), θ.add_(z, alpha)
+  mezo_normal  the same with torch.normal(0, 1, size) as the published code writes it
+  reference    this package's pure-PyTorch reference (the oracle, not meant to be fast)
+  <backend>    every native backend available for the device (triton, cpu, cuda)
+  copy_        (CUDA) θ.copy_(other): one read + one write, the roofline of an in-place op
+and prints ns/element, GB/s (θ read + written once) and ratios against the
+baselines measured in the same run.  Writes CSV and PNG to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import zo_kernels  # noqa: E402
+from zo_kernels import backends  # noqa: E402
+from zo_kernels.noise import step_key  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, min_time=0.3, max_reps=50):
+    """Median seconds per call after one warm-up; repeats until min_time is spent."""
+    fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if times[-1] > 2.0 and len(times) >= 1:
+            break
+    return statistics.median(times)
+
+
+def methods(p, keys, alphas, device):
+    out = {}
+
+    def mezo_randn():
+        for a in alphas:
+            p.add_(torch.randn_like(p), alpha=a)
+
+    def mezo_normal():
+        for a in alphas:
+            p.add_(torch.normal(0.0, 1.0, size=p.shape, device=device, dtype=p.dtype), alpha=a)
+
+    out["mezo_randn"] = mezo_randn
+    out["mezo_normal"] = mezo_normal
+    for name in backends.available_backends():
+        b = backends.get(name)
+        if device.type not in b.devices or p.dtype not in b.dtypes:
+            continue
+        if name == "triton" and b.notes.get("interpreter"):
+            continue  # the interpreter is a correctness tool, not a timing target
+        out[name] = (lambda n=name: zo_kernels.noise_axpy_([p], keys, alphas, backend=n))
+    if device.type == "cuda":
+        other = torch.empty_like(p)
+        out["copy_"] = lambda: p.copy_(other)
+    return out
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        for k in [int(x) for x in args.keys.split(",")]:
+            keys = [step_key(args.seed, s) for s in range(k)]
+            alphas = [1e-3 * (-1) ** s for s in range(k)]
+            for n in sizes:
+                p = torch.randn(n, device=device).to(dtype)
+                times = {}
+                for name, fn in methods(p, keys, alphas, device).items():
+                    if name == "reference" and n > args.max_reference:
+                        continue
+                    times[name] = time_fn(fn, device)
+                nbytes = 2 * n * p.element_size()
+                for name, t in times.items():
+                    row = dict(device=str(device), threads=torch.get_num_threads(), dtype=dname, keys=k, numel=n,
+                               method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
+                               speedup_vs_reference=times["reference"] / t if "reference" in times else "",
+                               speedup_vs_mezo_randn=times["mezo_randn"] / t,
+                               pct_of_copy_bandwidth=100 * times["copy_"] / t if "copy_" in times else "")
+                    rows.append(row)
+                    print(f"{dname:9s} k={k} n={n:>10,d} {name:12s} {row['ns_per_element']:9.2f} ns/el "
+                          f"{row['gbps']:8.2f} GB/s  x{row['speedup_vs_mezo_randn']:6.2f} vs randn+add_"
+                          + (f"  x{row['speedup_vs_reference']:7.1f} vs reference" if row['speedup_vs_reference'] != "" else "")
+                          + (f"  {row['pct_of_copy_bandwidth']:5.1f}% of copy_" if row['pct_of_copy_bandwidth'] != "" else ""),
+                          flush=True)
+    return rows
+
+
+def write(rows, out: pathlib.Path):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_noise.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: CSV only")
+        return
+    panels = sorted({(r["dtype"], r["keys"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (dt, k) in zip(axes[0], panels):
+        for m in sorted({r["method"] for r in rows}):
+            pts = [(r["numel"], r["ns_per_element"]) for r in rows if (r["dtype"], r["keys"], r["method"]) == (dt, k, m)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set(xscale="log", yscale="log", xlabel="elements", ylabel="ns / element", title=f"{dt}, {k} key(s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"noise_axpy_ on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
+    fig.tight_layout()
+    fig.savefig(out / "bench_noise.png", dpi=120)
+    print(f"wrote {out / 'bench_noise.csv'} and {out / 'bench_noise.png'}")
+
+
+def main(argv=None):
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--sizes", default="1e5,1e6,1e7,1e8" if cuda else "1e5,1e6,1e7")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--keys", default="1,2,4")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--max-reference", type=float, default=1e7, help="skip the slow reference above this size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    args.max_reference = int(args.max_reference)
+    print(f"backends available: {backends.available_backends()}")
+    write(run(args), pathlib.Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
