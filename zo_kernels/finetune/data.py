@@ -132,8 +132,10 @@ def _pick_column(df, wanted: Optional[str], candidates: Sequence[str], what: str
         if c in lower:
             return lower[c]
     if what == "text":
+        import pandas as pd
+
         for c in cols:
-            if df[c].dtype == object or str(df[c].dtype).startswith("str"):
+            if pd.api.types.is_string_dtype(df[c]) or df[c].dtype == object:
                 return c
     raise FinetuneError(f"cannot find the {what} column (tried {', '.join(candidates)}; pass {flag}); "
                         f"columns: {cols}")
@@ -171,7 +173,9 @@ def load_text_classification(dataset: Optional[str], *, n_train: int, n_val: int
     df = df[[tcol, lcol]].dropna()
     df = df[df[lcol].astype(str).str.strip() != ""]
     values = df[lcol]
-    if np.issubdtype(values.dtype, np.number):
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         df = df[values >= 0]  # hub test splits mark "no label" as -1
         values = df[lcol]
         keys = values.astype(np.int64).astype(str)

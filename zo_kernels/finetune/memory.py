@@ -1,0 +1,167 @@
+"""Peak memory per method, measured in a separate process per method.
+
+    python -m zo_kernels.finetune.memory '<json spec>'     # prints one JSON line
+
+A child process loads the model, builds the method's optimizer, resets the kernel's peak-RSS
+counter (/proc/self/clear_refs = 5) so model loading does not count, runs a few steps on one
+fixed batch, and reports:
+  peak_rss_mb        VmHWM of the process during the steps (falls back to ru_maxrss, which
+                     includes loading, where clear_refs is not allowed); the Python/torch
+                     runtime and the weights are included, nothing subtracted
+  cuda_peak_mb       torch.cuda.max_memory_allocated during the steps (CUDA only)
+Kinds: "runtime" (the same imports, no model: the baseline to subtract), "inference" (forward
+passes only on the same batch, under no_grad), and every training method.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, Optional
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    hwm = _status_kb("VmHWM")
+    if hwm is None:
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    return hwm / 1024.0
+
+
+def _child(spec: dict) -> dict:
+    import torch
+    import transformers  # noqa: F401  (part of the runtime every kind pays for)
+
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    kind = spec["kind"]
+    device = spec.get("device", "cpu")
+    out = {"kind": kind}
+    if kind == "runtime":
+        import zo_kernels  # noqa: F401
+        gc.collect()
+        out["reset_peak"] = _reset_peak()
+        out["peak_rss_mb"] = _peak_rss_mb()
+        return out
+
+    from .methods import TrainConfig, make_zo_optimizer, _is_full_step
+    from .model import load_model_and_tokenizer, select_trainable
+
+    net, _ = load_model_and_tokenizer(spec["model"], spec["num_labels"], spec.get("dtype", "float32"), device,
+                                      spec.get("seed", 0))
+    trainable = select_trainable(net, spec.get("partial"))
+    b = torch.load(spec["batch_file"])
+    batch = {k: v.to(device) for k, v in b.items()}
+    n = batch["input_ids"].shape[0]
+    cfg = TrainConfig(**{k: v for k, v in spec.get("cfg", {}).items() if k in TrainConfig.__dataclass_fields__})
+    steps = int(spec.get("steps", 3))
+
+    def loss_fn():
+        return net(**batch).loss
+
+    def full_fn():  # the large-batch closure: here two micro-batches of the same batch
+        return (net(**batch).loss + net(**batch).loss) / 2
+
+    opt = None
+    if kind in ("mezo", "mezo-svrg"):
+        opt = make_zo_optimizer(kind, trainable, cfg)
+    elif kind == "fo-sgd":
+        opt = torch.optim.SGD(trainable, lr=cfg.lr_fo_sgd)
+    elif kind == "fo-adam":
+        opt = torch.optim.Adam(trainable, lr=cfg.lr_fo_adam)
+    elif kind != "inference":
+        raise SystemExit(f"unknown kind {kind!r}")
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    out["reset_peak"] = _reset_peak()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if kind == "inference":
+            with torch.no_grad():
+                loss_fn()
+        elif kind == "mezo":
+            with torch.no_grad():
+                opt.step(loss_fn)
+        elif kind == "mezo-svrg":
+            with torch.no_grad():
+                opt.step(loss_fn, full_closure=full_fn if _is_full_step(opt) else None)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            opt.step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out["steps"] = steps
+    out["batch"] = [int(n), int(batch["input_ids"].shape[1])]
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def measure(kind: str, spec: dict, timeout: float = 600) -> Dict:
+    """Run one measuring child process; returns its JSON (or {"error": ...})."""
+    spec = dict(spec, kind=kind)
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["TQDM_DISABLE"] = "1"
+    cmd = [sys.executable, "-m", "zo_kernels.finetune.memory", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"kind": kind, "error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"kind": kind, "error": f"exit {p.returncode}: {err}"}
+
+
+def summarize(results: Dict[str, dict]) -> Dict[str, dict]:
+    """Add multiples of inference memory: absolute, and with the runtime baseline subtracted."""
+    inf = results.get("inference", {})
+    base = results.get("runtime", {}).get("peak_rss_mb")
+    for kind, r in results.items():
+        if "peak_rss_mb" not in r:
+            continue
+        if inf.get("peak_rss_mb"):
+            r["x_inference"] = r["peak_rss_mb"] / inf["peak_rss_mb"]
+        if base is not None and kind != "runtime":
+            r["above_runtime_mb"] = r["peak_rss_mb"] - base
+            if inf.get("peak_rss_mb") and inf["peak_rss_mb"] > base:
+                r["x_inference_above_runtime"] = (r["peak_rss_mb"] - base) / (inf["peak_rss_mb"] - base)
+        if "cuda_peak_mb" in r and inf.get("cuda_peak_mb"):
+            r["cuda_x_inference"] = r["cuda_peak_mb"] / inf["cuda_peak_mb"]
+    return results
+
+
+if __name__ == "__main__":
+    res = _child(json.loads(sys.argv[1]))
+    print(json.dumps(res), flush=True)
