@@ -7,13 +7,15 @@ import torch
 
 from . import backends
 from .noise import noise_axpy_reference, noise_reference
+from .restore import noise_axpy_exact_reference
 
 _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
 
 
 def _register_reference() -> None:
     backends.register(backends.Backend("reference", ("cpu", "cuda"), _ALL_DTYPES,
-                                       noise_axpy_reference, noise_reference))
+                                       noise_axpy_reference, noise_reference,
+                                       axpy_exact=noise_axpy_exact_reference))
 
 
 def _register_triton() -> None:
@@ -32,7 +34,7 @@ def _register_triton() -> None:
         return
     from .triton import noise_axpy as tk
     backends.register(backends.Backend("triton", devices, tk.DTYPES, tk.noise_axpy, tk.noise,
-                                       notes={"interpreter": interpret}))
+                                       notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact))
 
 
 def register_all() -> None:

@@ -4,6 +4,8 @@ A backend is a pair of plain functions behind the one custom op:
 
     axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key)
     noise(out, key, tensor_id, offset, stream)
+    axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
+               rounding_key)                                   (optional; see zo_kernels.restore)
 
 Keys arrive as two's complement int64 Python ints (the form that crosses
 torch.library).  Arguments are already validated by zo_kernels.ops.
@@ -32,6 +34,8 @@ class Backend:
     noise: Callable
     # Why it cannot run here, or None when it can.
     unavailable: Optional[str] = None
+    # The exact-restore form (zo_kernels.restore), where the backend implements it.
+    axpy_exact: Optional[Callable] = None
     notes: dict = field(default_factory=dict)
 
 

@@ -35,6 +35,20 @@ def _(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, r
     return None
 
 
+@torch.library.custom_op("zo_kernels::noise_axpy_exact_", mutates_args=("params", "planes"))
+def _noise_axpy_exact_op(params: List[torch.Tensor], keys: List[int], alphas: List[float], undo: List[float],
+                         gamma: float, planes: List[torch.Tensor], plane_bits: int, rounding: str,
+                         tensor_ids: List[int], offsets: List[int], rounding_key: int, backend: str) -> None:
+    _backends.get(backend).axpy_exact(params, list(keys), list(alphas), list(undo), gamma, list(planes) or None,
+                                      plane_bits, rounding, list(tensor_ids), list(offsets), rounding_key)
+    _backends._set_last(backend)
+
+
+@_noise_axpy_exact_op.register_fake
+def _(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets, rounding_key, backend):
+    return None
+
+
 @torch.library.custom_op("zo_kernels::noise_", mutates_args=("out",))
 def _noise_op(out: torch.Tensor, key: int, tensor_id: int, offset: int, stream: int, backend: str) -> None:
     _backends.get(backend).noise(out, key, tensor_id, offset, stream)
@@ -138,7 +152,7 @@ def default_rounding_key(keys: Sequence[int], alphas: Sequence[float], gamma: fl
 # ----------------------------------------------------------------- public API
 def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: float = 0.0,
                 rounding: str = "nearest", tensor_ids=None, offsets=None, rounding_key=None,
-                backend: Optional[str] = None) -> None:
+                backend: Optional[str] = None, undo=None, planes=None) -> None:
     """In place, for every tensor t: θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t.
 
     params      list of contiguous floating tensors on one device (fp32, bf16, fp16; fp64 via the reference)
@@ -147,6 +161,12 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     offsets     global index of each tensor's first element (a shard of a larger tensor)
     rounding    "nearest" or "stochastic" (bf16/fp16: Philox stream 2 under rounding_key)
     backend     force "reference", "triton", "cpu", "cuda" (else $ZO_KERNELS_BACKEND, else the best)
+
+    Exact restore (zo_kernels.restore): `undo` gives, per key, the coefficient of the perturbation
+    θ carries now (applied by an earlier call of this form with gamma=1 and nearest rounding); θ is
+    first brought back to the value it had before that perturbation by inverting its rounding, then
+    the new alphas apply to it.  `planes` (restore.make_planes) are written when undo is absent and
+    read to resolve ambiguous elements when it is given.  No dense term in this form.
     """
     params = _check_params(params)
     if isinstance(keys, int) or (isinstance(keys, torch.Tensor) and keys.dim() == 0):
@@ -178,9 +198,45 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
         rounding_key = default_rounding_key(keys, alphas, gamma, beta)
     rounding_key = _check_key(rounding_key, "rounding_key")
     chosen = _pick_backend(params, backend)
+    if undo is not None or planes is not None:
+        _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen)
+        return
     with torch.no_grad():
         _noise_axpy_op(params, keys, alphas, gamma, dense or [], beta, rounding, tensor_ids, offsets,
                        rounding_key, chosen.name)
+
+
+def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen):
+    from .restore import PLANE_BITS, plane_numel_bytes
+
+    if dense is not None:
+        raise ValueError("the exact-restore form (undo/planes) takes no dense term")
+    if chosen.axpy_exact is None:
+        raise NotImplementedError(f"backend {chosen.name!r} does not implement exact restore (undo/planes); "
+                                  f"backends that do: {[n for n in _backends.available_backends() if _backends.get(n).axpy_exact]}")
+    undo = [0.0] * len(keys) if undo is None else [_check_scalar(u, f"undo[{j}]") for j, u in enumerate(undo)]
+    if len(undo) != len(keys):
+        raise ValueError(f"undo has {len(undo)} coefficients for {len(keys)} keys")
+    bits = 2
+    if planes is not None:
+        planes = list(planes)
+        if len(planes) != len(params):
+            raise ValueError(f"planes has {len(planes)} tensors for {len(params)} params")
+        sizes = []
+        for i, (pl, p) in enumerate(zip(planes, params)):
+            if not isinstance(pl, torch.Tensor) or pl.dtype != torch.uint8 or not pl.is_contiguous():
+                raise TypeError(f"planes[{i}] must be a contiguous uint8 tensor from zo_kernels.restore.make_planes")
+            if pl.device != p.device:
+                raise ValueError(f"planes[{i}] is on {pl.device}, params[{i}] on {p.device}")
+            sizes.append((pl.numel(), plane_numel_bytes(p.numel(), offsets[i], 2)))
+        live = [(have, unit) for have, unit in sizes if unit]
+        if live:
+            bits = 2 * live[0][0] // live[0][1]
+            if bits not in PLANE_BITS or any(have != unit * bits // 2 for have, unit in live):
+                raise ValueError("planes do not match the params' sizes (make them with restore.make_planes)")
+    with torch.no_grad():
+        _noise_axpy_exact_op(params, keys, alphas, undo, gamma, planes or [], bits, rounding, tensor_ids, offsets,
+                             rounding_key, chosen.name)
 
 
 def noise_(out: torch.Tensor, key: int, tensor_id: int = 0, offset: int = 0, *, stream: int = STREAM_NOISE,

@@ -13,7 +13,8 @@ import os
 import pathlib
 import sys
 
-CONSTS = ("K", "HAS_X", "HAS_DENSE", "SR", "OUT", "DENSE", "ALIGNED", "FAST", "BLOCK")
+CONSTS = ("K", "HAS_X", "HAS_DENSE", "SR", "OUT", "DENSE", "ALIGNED", "FAST", "BLOCK",
+          "EXACT", "INVERT", "PLANE", "PBITS")
 
 # (name, constexprs); dtype names are resolved against triton.language.
 CASES = [
@@ -25,6 +26,13 @@ CASES = [
     ("noise_fp32", dict(K=1, HAS_X=False, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32")),
     ("k2_fp32_unaligned", dict(K=2, HAS_X=True, HAS_DENSE=True, SR=False, OUT="float32", DENSE="float32",
                                ALIGNED=False)),
+    # Exact restore: write the residue plane on +μ; invert (plane-resolved) on the next pass.
+    ("exact_bf16_write_plane2", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="bfloat16", DENSE="uint8",
+                                     EXACT=True, PLANE=1, PBITS=2)),
+    ("exact_bf16_invert_plane8", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="bfloat16", DENSE="int32",
+                                      EXACT=True, INVERT=True, PLANE=2, PBITS=8)),
+    ("exact_fp32_invert_noplane", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32",
+                                       EXACT=True, INVERT=True)),
     ("k1_fp32_accurate_sincos", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32",
                                      FAST=False)),
 ]
@@ -38,7 +46,7 @@ def compile_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
 
     from .noise_axpy import _noise_axpy_kernel
 
-    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block), **const)
+    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block, EXACT=False, INVERT=False, PLANE=0, PBITS=2), **const)
     for k in ("OUT", "DENSE"):
         const[k] = getattr(tl, const[k])
     sig = {"tab": "*i64", "T": "i32", "gamma": "fp32", "beta": "fp32", "stream": "i32"}

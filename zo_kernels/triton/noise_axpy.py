@@ -26,8 +26,9 @@ else:  # pragma: no cover - the name only has to exist
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_PLANE_TL = {2: tl.uint8, 4: tl.int16, 8: tl.int32}  # one word per quad: 4 residues of PBITS bits
 # Table: five columns T long (param ptr, dense ptr, numel, tensor id, element offset),
-# then K keys, K alphas (float64 bits), the rounding key.  Keys ride in the table, so
+# then K keys, K alphas (float64 bits), the rounding key, and in exact mode K undo coefficients.  Keys ride in the table, so
 # a launch never recompiles because a key's value changed Triton's argument type.
 _COLS = tl.constexpr(5)
 TWO_PI = tl.constexpr(6.283185307179586)
@@ -134,19 +135,126 @@ def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
 
 
 @triton.jit
+def _ordered(x, OUT: tl.constexpr):
+    """Grid position of each value (int32): consecutive representable values are consecutive ints."""
+    if OUT == tl.float32:
+        bits = x.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+    else:
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        mag = bits & 0x7FFF
+    return tl.where(bits != mag, -mag - 1, mag)
+
+
+@triton.jit
+def _from_ordered(o, OUT: tl.constexpr):
+    if OUT == tl.float32:
+        bits = tl.where(o >= 0, o, (-o - 1) | (-2147483647 - 1))
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        bits = tl.where(o >= 0, o, (-o - 1) | 0x8000)
+        return bits.to(tl.int16).to(OUT, bitcast=True)
+
+
+@triton.jit
+def _try_candidate(cand, est, y_ord, s, best, best_dist, hits, LIM: tl.constexpr, OUT: tl.constexpr):
+    inside = (cand >= -LIM) & (cand < LIM)
+    cand_c = tl.minimum(tl.maximum(cand, -LIM), LIM - 1)
+    fwd = _ordered(_round_nearest(_from_ordered(cand_c, OUT).to(tl.float32) + s, OUT), OUT)
+    ok = inside & (fwd == y_ord)
+    dist = tl.abs(cand - est)
+    better = ok & (dist < best_dist)
+    return tl.where(better, cand_c, best), tl.where(better, dist, best_dist), hits + ok.to(tl.int32)
+
+
+@triton.jit
+def _tile_exact(p, pp, idx, mask, gq, qi, tid, tab, T, gamma, stream,
+                K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr,
+                INVERT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr):
+    """zo_kernels.restore.noise_axpy_exact_reference in registers: undo the carried perturbation
+    by inverting its rounding (plane-resolved), write or read the residue plane, apply the new one."""
+    y = tl.load(p + idx, mask=mask)
+    s_new = tl.zeros(idx.shape, tl.float32)
+    s_undo = tl.zeros(idx.shape, tl.float32)
+    for j in tl.static_range(K):
+        key = tl.load(tab + _COLS * T + j)
+        alpha = tl.load(tab + _COLS * T + K + j).to(tl.float64, bitcast=True).to(tl.float32)
+        undo = tl.load(tab + _COLS * T + 2 * K + 1 + j).to(tl.float64, bitcast=True).to(tl.float32)
+        z = _normals(key, gq, tid, stream, FAST)
+        s_new += alpha * z
+        s_undo += undo * z
+    lane = tl.arange(0, 4)
+    qmask = tl.max(mask.to(tl.int32), axis=1) > 0
+    RMASK: tl.constexpr = (1 << PBITS) - 1
+    if OUT == tl.float32:
+        LIM: tl.constexpr = 2147483647
+    else:
+        LIM: tl.constexpr = 32768
+    theta0 = y
+    if INVERT:
+        y_ord = _ordered(y, OUT)
+        est = _ordered(_round_nearest(y.to(tl.float32) - s_undo, OUT), OUT)
+        best = est
+        best_dist = tl.full(idx.shape, 2147483647, tl.int32)
+        hits = tl.zeros(idx.shape, tl.int32)
+        if PLANE == 2:
+            word = tl.load(pp + qi, mask=qmask, other=0).to(tl.int32)
+            if PBITS < 8:
+                word = word & ((1 << (4 * PBITS)) - 1)  # int16 words sign-extend
+            res = (word[:, None] >> (lane[None, :] * PBITS)) & RMASK
+            base = est - ((est - res) & RMASK)
+            best, best_dist, hits = _try_candidate(base, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(base + (1 << PBITS), est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(base - (1 << PBITS), est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+        else:
+            best, best_dist, hits = _try_candidate(est, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(est - 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(est + 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+        yf = y.to(tl.float32)
+        finite = (yf == yf) & (tl.abs(yf) < float("inf"))
+        theta0 = tl.where(finite, _from_ordered(best, OUT), y)
+    if PLANE == 1:
+        res = _ordered(theta0, OUT) & RMASK
+        word = tl.sum(res << (lane[None, :] * PBITS), axis=1)
+        tl.store(pp + qi, word.to(pp.dtype.element_ty), mask=qmask)
+    acc = theta0.to(tl.float32) * gamma + s_new
+    if SR:
+        sr_key = tl.load(tab + _COLS * T + 2 * K)
+        w0, w1, w2, w3 = _quad_words(sr_key, gq, tid, 2)
+        out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
+    else:
+        out = _round_nearest(acc, OUT)
+    tl.store(p + idx, out, mask=mask)
+
+
+@triton.jit
+def _dispatch(p, dp, idx, mask, gq, qi, tid, tab, T, gamma, beta, stream,
+              K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
+              OUT: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr, INVERT: tl.constexpr,
+              PLANE: tl.constexpr, PBITS: tl.constexpr):
+    if EXACT:
+        _tile_exact(p, dp, idx, mask, gq, qi, tid, tab, T, gamma, stream, K, SR, OUT, FAST, INVERT, PLANE, PBITS)
+    else:
+        _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream, K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+
+
+@triton.jit
 def _noise_axpy_kernel(tab, T, gamma, beta, stream,
                        K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
                        OUT: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, EXACT: tl.constexpr = False, INVERT: tl.constexpr = False,
+                       PLANE: tl.constexpr = 0, PBITS: tl.constexpr = 2):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     lane = tl.arange(0, 4)
     for t in range(T):
         p = tl.load(tab + t).to(tl.pointer_type(OUT))
+        # Column 1 is the dense tensor, or in exact mode the residue plane (one word per quad).
         dp = tl.load(tab + T + t).to(tl.pointer_type(DENSE))
         n = tl.load(tab + 2 * T + t)
         tid = tl.load(tab + 3 * T + t)
         off = tl.load(tab + 4 * T + t)
+        q0 = off // 4
         if ALIGNED:
             # Host checked: pointers 16-byte aligned and off % 4 == 0, so local quads are
             # global quads shifted by off // 4 and a quad-granular mask keeps loads vectorised.
@@ -157,22 +265,22 @@ def _noise_axpy_kernel(tab, T, gamma, beta, stream,
                 lq = b * BLOCK + tl.arange(0, BLOCK)
                 idx = lq[:, None] * 4 + lane[None, :]
                 mask = (lq < full)[:, None]
-                _tile(p, dp, idx, mask, lq + off // 4, tid, tab, T, gamma, beta, stream,
-                      K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+                _dispatch(p, dp, idx, mask, lq + q0, lq, tid, tab, T, gamma, beta, stream,
+                          K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS)
             if (n % 4 != 0) & (t % nprog == pid):
                 lq = full + tl.arange(0, 2)
                 idx = lq[:, None] * 4 + lane[None, :]
-                _tile(p, dp, idx, idx < n, lq + off // 4, tid, tab, T, gamma, beta, stream,
-                      K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+                _dispatch(p, dp, idx, idx < n, lq + q0, lq, tid, tab, T, gamma, beta, stream,
+                          K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS)
         else:
-            q0 = off // 4
             nq = (off + n + 3) // 4 - q0
             for b in range(pid, tl.cdiv(nq, BLOCK), nprog):
-                gq = q0 + b * BLOCK + tl.arange(0, BLOCK)
+                lq = b * BLOCK + tl.arange(0, BLOCK)
+                gq = q0 + lq
                 idx = gq[:, None] * 4 + lane[None, :] - off
                 mask = (idx >= 0) & (idx < n)
-                _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
-                      K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+                _dispatch(p, dp, idx, mask, gq, lq, tid, tab, T, gamma, beta, stream,
+                          K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS)
 
 
 # --------------------------------------------------------------------- host
@@ -188,15 +296,20 @@ def _aligned(tensors, offsets) -> bool:
 
 
 def _launch(params, dense, keys, alphas, gamma, beta, rounding, tensor_ids, offsets, rounding_key,
-            stream=0, has_x=True, block=None):
+            stream=0, has_x=True, block=None, undo=None, planes=None, plane_bits=2):
     import struct
 
     device = params[0].device
     T = len(params)
     dense_list = dense if dense is not None else params
-    alpha_bits = [struct.unpack("<q", struct.pack("<d", float(a)))[0] for a in alphas]
-    table = ([p.data_ptr() for p in params] + [d.data_ptr() for d in dense_list] +
-             [p.numel() for p in params] + list(tensor_ids) + list(offsets) + list(keys) + alpha_bits + [rounding_key])
+    def bits(xs):
+        return [struct.unpack("<q", struct.pack("<d", float(a)))[0] for a in xs]
+
+    exact = undo is not None
+    second = planes if planes else dense_list
+    table = ([p.data_ptr() for p in params] + [d.data_ptr() for d in second] +
+             [p.numel() for p in params] + list(tensor_ids) + list(offsets) + list(keys) + bits(alphas) +
+             [rounding_key] + (bits(undo) if exact else []))
     tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
     default_block, warps, max_prog = _config(device)
     BLOCK = block or default_block
@@ -207,9 +320,12 @@ def _launch(params, dense, keys, alphas, gamma, beta, rounding, tensor_ids, offs
     _noise_axpy_kernel[grid](
         tab, T, float(gamma), float(beta), stream,
         K=len(keys), HAS_X=has_x, HAS_DENSE=dense is not None, SR=sr,
-        OUT=_TL[out_t], DENSE=_TL[dense_list[0].dtype],
-        ALIGNED=_aligned(params, offsets) and (dense is None or _aligned(dense, offsets)),
-        FAST=not INTERPRET, BLOCK=BLOCK, num_warps=warps)
+        OUT=_TL[out_t], DENSE=_PLANE_TL[plane_bits] if planes else _TL[dense_list[0].dtype],
+        ALIGNED=_aligned(params, offsets) and (dense is None or _aligned(dense, offsets))
+        and (not planes or all(pl.data_ptr() % 16 == 0 for pl in planes)),
+        FAST=not INTERPRET, BLOCK=BLOCK, num_warps=warps,
+        EXACT=exact, INVERT=exact and any(u != 0.0 for u in undo),
+        PLANE=(0 if not planes else 2 if any(u != 0.0 for u in undo) else 1), PBITS=plane_bits)
     return tab  # kept alive by the caller until the launch is queued
 
 
@@ -230,6 +346,16 @@ def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, o
         _launch([params[i] for i in live], None if dense is None else [dense[i] for i in live],
                 keys, alphas, gamma, beta, rounding, [tensor_ids[i] for i in live],
                 [offsets[i] for i in live], rounding_key, block=block)
+
+
+def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
+                     rounding_key, block=None):
+    for idx in _groups(params, None):
+        live = [i for i in idx if params[i].numel()]
+        if live:
+            _launch([params[i] for i in live], None, keys, alphas, gamma, 0.0, rounding,
+                    [tensor_ids[i] for i in live], [offsets[i] for i in live], rounding_key, block=block,
+                    undo=undo, planes=[planes[i] for i in live] if planes else None, plane_bits=plane_bits)
 
 
 def noise(out, key, tensor_id, offset, stream, block=None):
