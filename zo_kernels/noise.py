@@ -100,23 +100,23 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-def _quad_words(key: int, tensor_id: int, numel: int, offset: int, stream: int, device):
-    """Philox words for elements offset .. offset+numel-1, one uint32 per element (int64 tensor)."""
+def _quads(key: int, tensor_id: int, numel: int, offset: int, stream: int, device):
+    """Philox words of every quad that elements offset .. offset+numel-1 touch, and where element
+    `offset` sits in the flattened quads."""
     key = to_unsigned64(key)
-    if numel == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
     first, last = offset // 4, (offset + numel - 1) // 4
     q = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     words = philox4x32_10(q & M32, q >> 32, tensor_id & M32, stream & M32, key & M32, key >> 32)
-    flat = torch.stack(words, dim=1).reshape(-1)
-    start = offset - 4 * first
-    return flat[start:start + numel]
+    return words, offset - 4 * first
 
 
 def random_words(key: int, tensor_id: int, numel: int, *, offset: int = 0,
                  stream: int = STREAM_ROUNDING, device="cpu") -> torch.Tensor:
-    """The raw uint32 word of each element (stream 2: stochastic-rounding bits)."""
-    return _quad_words(key, tensor_id, numel, offset, stream, device)
+    """The raw uint32 word of each element (int64 tensor; stream 2: stochastic-rounding bits)."""
+    if numel == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    words, start = _quads(key, tensor_id, numel, offset, stream, device)
+    return torch.stack(words, dim=1).reshape(-1)[start:start + numel]
 
 
 def uniform(words: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -131,21 +131,16 @@ def normal(key: int, tensor_id: int, numel: int, *, offset: int = 0, stream: int
     Math runs in float32 (as in the kernels) unless dtype is float64, which
     gives the precise values the spec's tolerances are measured against.
     """
-    key = to_unsigned64(key)
     if numel == 0:
         return torch.empty(0, dtype=dtype, device=device)
-    first, last = offset // 4, (offset + numel - 1) // 4
-    q = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    x0, x1, x2, x3 = philox4x32_10(q & M32, q >> 32, tensor_id & M32, stream & M32, key & M32, key >> 32)
+    (x0, x1, x2, x3), start = _quads(key, tensor_id, numel, offset, stream, device)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     out = []
     for a, b in ((x0, x1), (x2, x3)):
         r = torch.sqrt(-2.0 * torch.log(uniform(a, work)))
         t = (2.0 * math.pi) * uniform(b, work)
         out += [r * torch.cos(t), r * torch.sin(t)]
-    flat = torch.stack(out, dim=1).reshape(-1)
-    start = offset - 4 * first
-    return flat[start:start + numel].to(dtype)
+    return torch.stack(out, dim=1).reshape(-1)[start:start + numel].to(dtype)
 
 
 # -------------------------------------------------------------------- rounding

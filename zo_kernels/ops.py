@@ -139,8 +139,9 @@ def _pick_backend(params, backend: Optional[str]):
     dtypes = {p.dtype for p in params}
     chosen = {_backends.resolve(params[0].device, dt, backend).name for dt in dtypes}
     if len(chosen) > 1:
-        # Mixed dtypes split across backends would be two calls; the reference handles all in one.
-        return _backends.resolve(params[0].device, torch.float64, backend or "reference")
+        # Only possible without an explicit request (float64 beside fp32, say): the reference
+        # computes every dtype in one call.
+        return _backends.get("reference")
     return _backends.get(chosen.pop())
 
 
