@@ -1,0 +1,185 @@
+"""Hugging Face glue: `ZOTrainer`, a `transformers.Trainer` that trains with MeZO or MeZO-SVRG.
+
+    from zo_kernels.integrations.hf import ZOTrainer, ZOArguments
+    trainer = ZOTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
+                        zo_args=ZOArguments(optimizer="mezo-svrg", lr_full=1e-5, q=2))   # was: Trainer(...)
+    trainer.train()
+
+How it fits the Trainer loop (transformers 5.x `_run_epoch`): `training_step` runs the whole ZO
+step (forward passes only, under no_grad) and returns the loss detached; the loop then clips
+(nothing: there are no gradients), calls `optimizer.step()` -- which the ZO optimizer treats as
+already done (one closure-free call is allowed per training_step) -- steps the LR scheduler
+(it scales `lr`, i.e. η2 for MeZO-SVRG; `lr_full` is not scheduled) and zeroes (absent) grads.
+
+- Learning rate: `args.learning_rate` is η (MeZO) or η2 (MeZO-SVRG); weight decay follows the
+  Trainer's decay / no-decay parameter groups.  Use lr_scheduler_type="constant" for the papers'
+  settings (the Trainer's default is linear decay).
+- MeZO-SVRG full steps (every q steps) evaluate a large batch of `full_batch_size` examples drawn
+  from the train set (all of it when None), in micro-batches of `full_micro_batch_size`; the
+  Trainer's own batch of that step is not used.
+- Dropout: the ZO forward passes run with model.eval() (as MeZO does) unless train_mode=True;
+  two-point estimates with different dropout masks are mostly noise.
+- gradient_accumulation_steps must be 1 (each micro-batch would be its own ZO step).
+- Lookahead MeZO: the weights are settled before evaluation (Trainer calls optimizer.eval()),
+  before saving (save_model / checkpoints) and at the end of train().
+- Models load from a local directory like any HF model (`from_pretrained(path)`, HF_HUB_OFFLINE=1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+
+try:
+    from transformers import Trainer
+except ImportError as e:  # pragma: no cover - transformers is a dependency of this module only
+    raise ImportError("zo_kernels.integrations.hf needs `transformers`") from e
+
+from ..optim import MeZO, MeZOSVRG
+from ..optim.base import ZOOptimizer
+
+OPTIMIZERS = ("mezo", "mezo-svrg")
+
+
+@dataclass
+class ZOArguments:
+    optimizer: str = "mezo"                    # "mezo" | "mezo-svrg"
+    eps: float = 1e-3                          # μ
+    lr_full: Optional[float] = None            # η1 for MeZO-SVRG (default: 10 × learning_rate)
+    q: int = 2
+    anchor: str = "dense"                      # "dense" | "replay"
+    full_batch_size: Optional[int] = None      # examples per full step (None: the whole train set)
+    full_micro_batch_size: Optional[int] = None  # default: per_device_train_batch_size
+    lookahead: bool = False                    # MeZO only
+    seed: Optional[int] = None                 # noise base seed (default: args.seed)
+    nan_policy: str = "raise"
+    train_mode: bool = False                   # run ZO forwards in train mode (dropout on)
+    record: bool = False
+    rounding: str = "nearest"
+    backend: Optional[str] = None
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"ZOArguments.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lookahead and self.optimizer != "mezo":
+            raise ValueError("lookahead is a MeZO option")
+
+
+class ZOTrainer(Trainer):
+    """`transformers.Trainer` with a zeroth-order optimizer (MeZO / MeZO-SVRG); see the module doc."""
+
+    def __init__(self, *args, zo_args: Optional[ZOArguments] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.zo_args = zo_args if zo_args is not None else ZOArguments()
+        if self.args.gradient_accumulation_steps != 1:
+            raise ValueError("ZOTrainer needs gradient_accumulation_steps=1: every batch is one ZO step "
+                             "(use a larger per_device_train_batch_size instead)")
+        self.zo_optimizer: Optional[ZOOptimizer] = None
+        self._watch_handle = None
+        self._full_step_count = 0
+
+    # ------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if not isinstance(inner, ZOOptimizer):
+                raise TypeError(f"ZOTrainer needs a zo_kernels.optim optimizer, got {type(inner).__name__}")
+            self.zo_optimizer = inner
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        z = self.zo_args
+        seed = self.args.seed if z.seed is None else z.seed
+        common = dict(lr=self.args.learning_rate, eps=z.eps, seed=seed, record=z.record, rounding=z.rounding,
+                      backend=z.backend, nan_policy=z.nan_policy)
+        if z.optimizer == "mezo":
+            opt = MeZO(groups, lookahead=z.lookahead, **common)
+        else:
+            lr_full = z.lr_full if z.lr_full is not None else 10.0 * self.args.learning_rate
+            opt = MeZOSVRG(groups, lr_full=lr_full, q=z.q, anchor=z.anchor, **common)
+        self.optimizer = opt
+        self.zo_optimizer = opt
+        if isinstance(opt, MeZO) and opt.lookahead and self._watch_handle is None:
+            self._watch_handle = opt.watch(self.model, action="settle")
+        return opt
+
+    # --------------------------------------------------------------- losses
+    def _zo_loss(self, model, inputs) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            # compute_loss may pop "labels": give it its own dict each time.
+            loss = self.compute_loss(model, dict(inputs))
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        return loss.detach()
+
+    def _full_batches(self):
+        z = self.zo_args
+        ds = self.train_dataset
+        try:
+            import datasets
+            if isinstance(ds, datasets.Dataset):
+                ds = self._remove_unused_columns(ds, description="training")
+        except ImportError:
+            pass
+        n = len(ds)
+        size = n if z.full_batch_size is None else min(int(z.full_batch_size), n)
+        if size == n:
+            idx = list(range(n))
+        else:
+            g = torch.Generator().manual_seed((self.args.seed * 1_000_003 + self._full_step_count) % (2 ** 63))
+            idx = torch.randperm(n, generator=g)[:size].tolist()
+        self._full_step_count += 1
+        micro = z.full_micro_batch_size or self.args.per_device_train_batch_size
+        batches = []
+        for s in range(0, len(idx), micro):
+            chunk = idx[s:s + micro]
+            batch = self.data_collator([ds[i] for i in chunk])
+            batches.append((len(chunk), self._prepare_inputs(batch)))
+        return batches
+
+    def _full_closure(self, model):
+        batches = self._full_batches()
+        total = sum(n for n, _ in batches)
+
+        def full_closure():
+            acc = None
+            for n, inputs in batches:
+                l = self._zo_loss(model, inputs).double() * (n / total)
+                acc = l if acc is None else acc + l
+            return acc
+
+        return full_closure
+
+    # ------------------------------------------------------------ the step
+    def training_step(self, model, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        opt = self.zo_optimizer
+        if opt is None:
+            raise RuntimeError("ZOTrainer.training_step before create_optimizer")
+        model.train(self.zo_args.train_mode)
+        inputs = self._prepare_inputs(inputs)
+        if isinstance(opt, MeZOSVRG) and opt.is_full_step:
+            loss = opt.step(None, full_closure=self._full_closure(model))
+        else:
+            loss = opt.step(lambda: self._zo_loss(model, inputs))
+        opt._closure_free_steps = 1     # the Trainer's optimizer.step() that follows is this step
+        return torch.tensor(float(loss), device=self.args.device)
+
+    # --------------------------------------------------- settle before use
+    def _settle(self):
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.settle()
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        self._settle()
+        super().save_model(output_dir, _internal_call=_internal_call)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._settle()

@@ -1,0 +1,361 @@
+"""Shared step machinery of the ZO optimizers: parameter layout, the one noise path, bookkeeping.
+
+Every change a ZO optimizer makes to the weights goes through `ZOOptimizer._noise_axpy`, the
+only place that calls `zo_kernels.noise_axpy_`; the algorithms describe *where the weights
+should be* and `_goto` works out the fused call that gets them there.
+
+Bookkeeping (`Lin`): a weight storage holds, in exact arithmetic,
+
+    x = a · base + Σ_k c[k] · z(k)
+
+for a base point (θ_t for MeZO, the anchor θ̄ for MeZO-SVRG) and a few seeded noise keys k.
+Moving from one such point to another is a single noise_axpy_ with
+gamma = a'/a and alphas α_k = c'[k] − gamma · c[k].  Perturb, restore, update, the
+lookahead perturbation, and the multi-key jump from θ to θ̄ ± μz in replay mode are all
+this one move; weight decay (gamma ≠ 1) is carried exactly.
+
+Tensor ids: a parameter's id in the noise counter is its position in the optimizer's
+flattened parameter list (group 0's params in order, then group 1's, ...), frozen ones
+included, so freezing or unfreezing a tensor never changes the noise of the others.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..noise import M64, mix_keys, step_key
+from ..ops import ROUNDINGS, noise_axpy_
+
+NAN_POLICIES = ("raise", "skip")
+_ROUNDING_TAG = 0x524F554E44  # "ROUND": domain separation of the per-call stochastic-rounding keys
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A closure returned NaN/inf; the weights were restored to θ before the step."""
+
+
+# ----------------------------------------------------------------- bookkeeping
+class Lin:
+    """x = a·base + Σ c[k]·z(k), in exact arithmetic (Python floats).  Key order is kept:
+    it is the order of the terms in the fused call, which fixes its rounding."""
+
+    __slots__ = ("a", "c")
+
+    def __init__(self, a: float = 1.0, c: Optional[Sequence[Tuple[int, float]]] = None):
+        self.a = float(a)
+        self.c: Dict[int, float] = {}
+        for k, v in (c.items() if isinstance(c, dict) else (c or ())):
+            self.c[int(k)] = self.c.get(int(k), 0.0) + float(v)
+
+    def plus(self, terms: Sequence[Tuple[int, float]]) -> "Lin":
+        out = Lin(self.a, self.c)
+        for k, v in terms:
+            out.c[k] = out.c.get(k, 0.0) + float(v)
+        return out
+
+    def scaled(self, gamma: float) -> "Lin":
+        return Lin(self.a * gamma, [(k, v * gamma) for k, v in self.c.items()])
+
+    def to_state(self) -> list:
+        return [self.a, [[k, v] for k, v in self.c.items()]]
+
+    @classmethod
+    def from_state(cls, s) -> "Lin":
+        return cls(s[0], [(int(k), float(v)) for k, v in s[1]])
+
+    def __repr__(self):
+        return f"Lin(a={self.a!r}, c={self.c!r})"
+
+
+def move_args(cur: Lin, tgt: Lin) -> Tuple[float, List[Tuple[int, float]]]:
+    """(gamma, [(key, alpha)]) of the one noise_axpy_ that takes a storage from `cur` to `tgt`."""
+    gamma = tgt.a / cur.a
+    pairs = []
+    for k in list(cur.c) + [k for k in tgt.c if k not in cur.c]:
+        alpha = tgt.c.get(k, 0.0) - gamma * cur.c.get(k, 0.0)
+        if alpha != 0.0:
+            pairs.append((k, alpha))
+    return gamma, pairs
+
+
+# ------------------------------------------------------------------ validation
+def _check_nonneg(value, name: str, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (strict and value == 0):
+        raise ValueError(f"Invalid {name}: {value} (must be {'> 0' if strict else '>= 0'} and finite)")
+    return value
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be a Python int in [0, 2**64), got {type(seed).__name__}")
+    if not 0 <= seed <= M64:
+        raise ValueError(f"seed={seed} is outside [0, 2**64)")
+    return seed
+
+
+def _flatten_params(params) -> list:
+    if isinstance(params, torch.nn.Module):
+        return list(params.parameters())
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [p for g in params for p in g["params"]]
+    return params
+
+
+# ----------------------------------------------------------------------- base
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class: layout, the one noise_axpy_ path, trajectory log, NaN policy, HF hooks.
+
+    Subclasses implement `step`; they move weights only with `_goto` (which calls
+    `_noise_axpy`).  `_reduce_loss` is the hook a data-parallel wrapper overrides to
+    all-reduce the scalar losses.
+    """
+
+    _group_checks = {"lr": False, "eps": True, "weight_decay": False}
+
+    def __init__(self, params, defaults: dict, *, seed: int = 0, record: bool = False,
+                 rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise"):
+        self.seed = check_seed(seed)
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
+        self.rounding = rounding
+        self.backend = backend
+        self.nan_policy = nan_policy
+        self.record = bool(record)
+        self.trajectory: Optional[list] = [] if self.record else None
+        self.skipped_steps = 0
+        self._t = 0                 # steps taken (the step counter of the noise keys)
+        self._call_idx = 0          # noise_axpy_ calls issued within the current step
+        self._in_step = False
+        self._closure_free_steps = 0  # steps the HF Trainer may call without a closure (ZOTrainer)
+        super().__init__(params, defaults)
+
+    # -------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name, strict in self._group_checks.items():
+            group[name] = _check_nonneg(group[name], name, strict)
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"ZO optimizers perturb floating-point tensors; got a {p.dtype} parameter")
+            if not p.is_contiguous():
+                raise ValueError(f"parameter of shape {tuple(p.shape)} is not contiguous; noise_axpy_ "
+                                 f"needs contiguous tensors")
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken so far; step t uses the noise key step_key(seed, t)."""
+        return self._t
+
+    def _layout(self) -> List[List[Tuple[torch.Tensor, int]]]:
+        """Per group: [(tensor, tensor id)] of the trainable tensors, tied tensors once.
+
+        Frozen tensors (requires_grad=False) are skipped but keep their id; a tensor whose
+        storage an earlier trainable tensor already covers (tied weights) is skipped."""
+        seen: Dict[int, torch.Tensor] = {}
+        out, tid = [], 0
+        for g in self.param_groups:
+            entries = []
+            for p in g["params"]:
+                if p.requires_grad and p.numel() > 0:
+                    ptr = p.data_ptr()
+                    if ptr in seen:
+                        if seen[ptr].shape != p.shape or seen[ptr].dtype != p.dtype:
+                            raise ValueError("two trainable parameters overlap in memory with different "
+                                             "shapes; tied weights must be the same tensor")
+                    else:
+                        seen[ptr] = p
+                        entries.append((p, tid))
+                tid += 1
+            out.append(entries)
+        if not any(out):
+            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        return out
+
+    @staticmethod
+    def _tids(layout) -> List[List[int]]:
+        return [[tid for _, tid in entries] for entries in layout]
+
+    # -------------------------------------------------------- the noise path
+    def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], keys: List[int],
+                    alphas: List[float], gamma: float, *, log: bool = True) -> None:
+        """The only call of zo_kernels.noise_axpy_ in the optimizers (and its trajectory record)."""
+        keys = [k & M64 for k in keys]
+        rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
+        self._call_idx += 1
+        noise_axpy_(tensors, keys, alphas, gamma=gamma, rounding=self.rounding, tensor_ids=tids,
+                    rounding_key=rkey, backend=self.backend)
+        if log and self.trajectory is not None:
+            self.trajectory.append({"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
+                                    "gamma": float(gamma), "tensor_ids": list(tids),
+                                    "rounding": self.rounding, "rounding_key": rkey})
+
+    def _goto(self, storages: List[List[torch.Tensor]], tids: List[List[int]], cur: List[Optional[Lin]],
+              tgt: List[Optional[Lin]], *, log: bool = True) -> List[Optional[Lin]]:
+        """Move each group's storage from cur[g] to tgt[g]; groups needing identical calls share one.
+
+        Returns tgt (the new bookkeeping)."""
+        calls: Dict[tuple, Tuple[list, list]] = {}
+        for g, (ts, ids) in enumerate(zip(storages, tids)):
+            if not ts or tgt[g] is None:
+                continue
+            gamma, pairs = move_args(cur[g], tgt[g])
+            if gamma == 1.0 and not pairs:
+                continue
+            sig = (gamma, tuple(pairs))
+            bucket = calls.setdefault(sig, ([], []))
+            bucket[0].extend(ts)
+            bucket[1].extend(ids)
+        for (gamma, pairs), (ts, ids) in calls.items():
+            self._noise_axpy(ts, ids, [k for k, _ in pairs], [a for _, a in pairs], gamma, log=log)
+        return [t if t is not None else c for c, t in zip(cur, tgt)]
+
+    # ------------------------------------------------------------- closures
+    def _reduce_loss(self, loss):
+        """Hook: reduce a closure's scalar loss across workers (identity here)."""
+        return loss
+
+    def _eval(self, closure: Callable) -> float:
+        with torch.no_grad():
+            loss = closure()
+        loss = self._reduce_loss(loss)
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
+            return float(loss.detach().double().item())
+        return float(loss)
+
+    def _require_closure(self, closure, what: str = "closure"):
+        if closure is None:
+            raise TypeError(f"{type(self).__name__}.step needs a {what}: a function that runs a forward pass "
+                            f"on the current batch and returns the scalar loss (no backward)")
+        if not callable(closure):
+            raise TypeError(f"{what} must be callable, got {type(closure).__name__}")
+        return closure
+
+    def _closure_free_call(self):
+        """The HF Trainer calls optimizer.step() after training_step; ZOTrainer has already stepped."""
+        if self._closure_free_steps > 0:
+            self._closure_free_steps -= 1
+            return True
+        return False
+
+    def _non_finite(self, losses: dict) -> float:
+        desc = ", ".join(f"{k}={v}" for k, v in losses.items())
+        if self.nan_policy == "raise":
+            raise NonFiniteLossError(f"{type(self).__name__} step {self._t}: non-finite loss ({desc}); the "
+                                     f"weights were restored to their value before the step and the step "
+                                     f"counter was not advanced (nan_policy='skip' skips such steps instead)")
+        self.skipped_steps += 1
+        return float("nan")
+
+    def _begin_step(self):
+        self._call_idx = 0
+        self._in_step = True
+
+    # --------------------------------------------------- evaluation helpers
+    @property
+    def is_perturbed(self) -> bool:
+        """True when the weights sit at a perturbed point between steps (MeZO lookahead)."""
+        return False
+
+    def settle(self) -> None:
+        """Bring the weights to the current iterate θ_t (no-op unless they are perturbed)."""
+
+    def eval(self) -> None:
+        """Called by the HF Trainer before evaluation (the schedule-free protocol): settles."""
+        self.settle()
+
+    def train(self) -> None:
+        """Called by the HF Trainer in each training step: nothing to do."""
+
+    @contextlib.contextmanager
+    def settled(self):
+        """`with opt.settled(): evaluate(model)` -- the weights are θ_t inside (and stay so after)."""
+        self.settle()
+        yield self
+
+    def watch(self, module: torch.nn.Module, action: str = "settle"):
+        """Guard a module: a forward pass outside `step` while the weights are perturbed settles them
+        first (action="settle"), warns and settles ("warn"), or raises ("raise").  Returns the hook handle."""
+        if action not in ("settle", "warn", "raise"):
+            raise ValueError(f"action must be 'settle', 'warn' or 'raise', got {action!r}")
+
+        def hook(mod, args):
+            if self._in_step or not self.is_perturbed:
+                return None
+            if action == "raise":
+                raise RuntimeError(f"{type(self).__name__}: forward pass on perturbed weights outside step(); "
+                                   f"call opt.settle() (or use `with opt.settled():`) before evaluating")
+            if action == "warn":
+                warnings.warn(f"{type(self).__name__}: forward pass on perturbed weights outside step(); "
+                              f"settling them first", RuntimeWarning, stacklevel=2)
+            self.settle()
+            return None
+
+        return module.register_forward_pre_hook(hook)
+
+    # ------------------------------------------------------------ state
+    def _zo_state(self) -> dict:
+        return {"version": 1, "kind": type(self).__name__, "step": self._t, "seed": self.seed,
+                "skipped_steps": self.skipped_steps, "rounding": self.rounding,
+                "trajectory": None if self.trajectory is None else [dict(r) for r in self.trajectory]}
+
+    def _load_zo_state(self, zo: dict) -> None:
+        if zo.get("kind") != type(self).__name__:
+            raise ValueError(f"state_dict was saved by {zo.get('kind')}, not {type(self).__name__}")
+        self._t = int(zo["step"])
+        self.seed = check_seed(int(zo["seed"]))
+        self.skipped_steps = int(zo.get("skipped_steps", 0))
+        self.rounding = zo.get("rounding", self.rounding)
+        traj = zo.get("trajectory")
+        if traj is not None:
+            self.trajectory = [dict(r) for r in traj]
+            self.record = True
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["zo"] = self._zo_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise ValueError(f"not a {type(self).__name__} state_dict (no 'zo' entry)")
+        super().load_state_dict(state_dict)
+        self._load_zo_state(zo)
+
+
+def replay(params, log, *, backend: Optional[str] = None) -> None:
+    """Re-issue a recorded trajectory (opt.trajectory) on `params`, in place.
+
+    params: the optimizer's parameters in the same order (a list, the param groups, or an
+    nn.Module whose .parameters() the optimizer was built from), holding the initial
+    weights.  Every noise_axpy_ call that touched the weights is repeated with the same
+    keys, coefficients, gamma, tensor ids and rounding key, so on the same backend the
+    result is bit-identical to the recorded run.
+    """
+    flat = _flatten_params(params)
+    for i, rec in enumerate(log):
+        ids = [int(t) for t in rec["tensor_ids"]]
+        if ids and max(ids) >= len(flat):
+            raise ValueError(f"log entry {i} refers to tensor id {max(ids)} but only {len(flat)} params were given")
+        noise_axpy_([flat[t] for t in ids], [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]],
+                    gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
+                    rounding_key=int(rec["rounding_key"]), backend=backend)

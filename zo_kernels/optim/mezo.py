@@ -1,0 +1,131 @@
+"""MeZO (Malladi et al. 2023): two-point SPSA with seeded noise, on the fused primitive.
+
+Step t, per group (μ = eps, η = lr, λ = weight_decay, γ = 1 − ηλ, z = z(step_key(seed, t))):
+
+    θ ← θ + μz            l+ = closure()
+    θ ← θ − 2μz           l− = closure()
+    c = (l+ − l−) / 2μ
+    θ ← γθ + (γμ − ηc) z  restore and update in one pass:  = (1 − ηλ)θ_t − ηc z
+
+i.e. the MeZO paper's update θ ← θ − η(c z + λθ).  With lookahead=True the next step's
++μ z_{t+1} is added in that same pass (two passes per step), so between steps the weights
+sit at θ_{t+1} + μ z_{t+1}: see `settle`, `settled`, `watch`, `eval`, `state_dict`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+from ..noise import step_key
+from .base import Lin, ZOOptimizer
+
+
+class MeZO(ZOOptimizer):
+    """MeZO: `loss = opt.step(closure)`; closure() runs a forward pass and returns the loss.
+
+    Args:
+        params: parameters or parameter groups (groups may set lr, eps, weight_decay).
+        lr: η.  eps: μ, the perturbation scale.  weight_decay: λ (θ ← θ − η(ĝ + λθ)).
+        seed: base seed of the noise keys, an int in [0, 2**64); step t uses step_key(seed, t).
+        lookahead: fuse the next step's +μz into the update pass (2 instead of 3 passes/step).
+        record: keep `opt.trajectory`, a list of every noise_axpy_ call on the weights (see `replay`).
+        rounding: "nearest" | "stochastic" (bf16/fp16 weights).  backend: noise_axpy_ backend.
+        nan_policy: "raise" (default) or "skip" on a NaN/inf loss; either way θ is restored
+            and the step counter is not advanced.
+
+    Returns from step: (l+ + l−)/2, the two-point estimate of the loss at θ_t on this batch.
+
+    Groups with different eps: the shared scalar is d = (l+ − l−)/2 and group g uses
+    c_g = d/μ_g, an unbiased estimate of its gradient part (E[(Σ_h μ_h ∇_h·z_h) z_g]/μ_g = ∇_g).
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+                 lookahead: bool = False, *, record: bool = False, rounding: str = "nearest",
+                 backend: Optional[str] = None, nan_policy: str = "raise"):
+        if not isinstance(lookahead, bool):
+            raise TypeError(f"lookahead must be a bool, got {type(lookahead).__name__}")
+        self.lookahead = lookahead
+        # Pending lookahead perturbation: {"key", "tids", "tensors", "offsets": [Lin or None]}.
+        self._pending = None
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
+                         rounding=rounding, backend=backend, nan_policy=nan_policy)
+
+    # ------------------------------------------------------------ lookahead
+    @property
+    def is_perturbed(self) -> bool:
+        return self._pending is not None
+
+    def settle(self) -> None:
+        """Remove the pending lookahead perturbation: the weights become θ_t (one pass)."""
+        if self._pending is None:
+            return
+        pend = self._pending
+        self._begin_step()
+        try:
+            self._goto(pend["tensors"], pend["tids"], pend["offsets"], [Lin() for _ in pend["offsets"]])
+        finally:
+            self._pending = None
+            self._in_step = False
+
+    # ----------------------------------------------------------------- step
+    def step(self, closure: Optional[Callable] = None) -> float:
+        if closure is None and self._closure_free_call():
+            return None
+        closure = self._require_closure(closure)
+        layout = self._layout()
+        tids = self._tids(layout)
+        if self._pending is not None and self._pending["tids"] != tids:
+            self.settle()           # the set of trainable tensors changed since the last step
+        tensors = [[p for p, _ in e] for e in layout]
+        groups = self.param_groups
+        mus = [g["eps"] for g in groups]
+        t = self._t
+        k = step_key(self.seed, t)
+        cur = self._pending["offsets"] if self._pending is not None else [Lin() for _ in groups]
+        self._pending = None
+        self._begin_step()
+        theta = [Lin() for _ in groups]          # θ_t, the base point
+        try:
+            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, mu)]) for mu in mus])
+            lp = self._eval(closure)
+            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, -mu)]) for mu in mus])
+            lm = self._eval(closure)
+            if not (math.isfinite(lp) and math.isfinite(lm)):
+                cur = self._goto(tensors, tids, cur, theta)
+                return self._non_finite({"loss+": lp, "loss-": lm})
+            d = (lp - lm) / 2.0
+            k1 = step_key(self.seed, t + 1) if self.lookahead else None
+            tgt = []
+            for g, mu in zip(groups, mus):
+                lr, wd = g["lr"], g["weight_decay"]
+                gamma = 1.0 - lr * wd
+                terms = [(k, -lr * (d / mu))]
+                if self.lookahead:
+                    terms.append((k1, mu))
+                tgt.append(Lin(gamma, terms))
+            cur = self._goto(tensors, tids, cur, tgt)
+            self._t += 1
+            if self.lookahead:
+                # Rebase on θ_{t+1}: the weights are θ_{t+1} + μ z_{t+1}.
+                self._pending = {"key": k1, "tids": tids, "tensors": tensors,
+                                 "offsets": [Lin(1.0, [(k1, mu)]) for mu in mus]}
+            return (lp + lm) / 2.0
+        except BaseException:
+            if self._t == t:          # failed before the update: bring the weights back to θ_t
+                self._goto(tensors, tids, cur, theta)
+            raise
+        finally:
+            self._in_step = False
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Settles a pending lookahead perturbation first (one pass, one rounding), so the weights
+        saved next to this state are θ_t; resuming then matches a run that settled at this step."""
+        self.settle()
+        sd = super().state_dict()
+        sd["zo"]["lookahead"] = self.lookahead
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.settle()
+        super().load_state_dict(state_dict)
