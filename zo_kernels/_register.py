@@ -37,6 +37,33 @@ def _register_triton() -> None:
                                        notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact))
 
 
+def _register_native() -> None:
+    """The C++ CPU kernel ("cpu", the default on CPU) and the CUDA C++ kernel ("cuda") of zo_kernels._C."""
+    from . import native
+
+    try:
+        native.load()
+    except Exception as e:  # not built (pure-Python install), or built against another torch
+        reason = (f"the native extension zo_kernels._C does not load ({type(e).__name__}: {e}); "
+                  f"build it with: pip install --no-build-isolation -e .")
+        backends.register_unavailable("cpu", ("cpu",), reason)
+        backends.register_unavailable("cuda", ("cuda",), reason)
+        return
+    # No native exact-restore kernel (zo_kernels.restore) yet: that form runs the reference, so the
+    # default CPU backend still serves undo/planes calls.
+    backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
+                                       axpy_exact=noise_axpy_exact_reference,
+                                       notes={"isa": native.cpu_isa(), "axpy_exact": "reference"}))
+    if not native.has_cuda():
+        backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "
+                                      "(torch without CUDA, or nvcc/CUDA_HOME not found at build time)")
+    elif not torch.cuda.is_available():
+        backends.register_unavailable("cuda", ("cuda",), "no CUDA device")
+    else:
+        backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise))
+
+
 def register_all() -> None:
     _register_reference()
     _register_triton()
+    _register_native()

@@ -1,0 +1,61 @@
+// CPU kernel of the primitive: shared declarations (no torch headers; see noise_cpu.cpp for the glue).
+//
+//   theta_t <- gamma * theta_t + sum_j alpha_j * z(key_j, t) + beta * dense_t      (fp32, one rounding)
+//
+// Work is cut into blocks of 16 quads (64 elements) counted from each tensor's first quad
+// (offset / 4); the parallel loop runs over the concatenated block ranges of all tensors. Every
+// element's value depends only on (key, tensor id, global index), never on the block or thread.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>  // before any #pragma GCC target: the intrinsics of kernel_isa.h
+#endif
+
+#include "../philox.h"
+
+namespace zo {
+namespace cpu {
+
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2, U32 = 3, NONE = 4 };
+
+constexpr int QUADS = 16;              // quads per block (one vector of uint32 lanes on AVX-512)
+constexpr int BLOCK = 4 * QUADS;       // elements per block
+
+struct Task {
+  void* p;           // parameter (or output) data
+  const void* d;     // dense term data, or nullptr
+  int64_t n;         // elements
+  int64_t off;       // global index of element 0
+  uint32_t tid;      // tensor id in the counter
+  int pdt;           // DType of p
+  int ddt;           // DType of d (NONE without a dense term)
+  int64_t first;     // index of this tensor's first block in the concatenated block range
+  int64_t blocks;    // number of blocks
+};
+
+struct Args {
+  const Task* tasks;
+  int ntasks;
+  const uint32_t* keys;    // 2 * K words: k0, k1 of each key
+  const float* alphas;     // K
+  int K;
+  float gamma;
+  float beta;
+  bool has_x;              // false: out = z of keys[0] (noise_), or the raw words when pdt == U32
+  bool stochastic;         // stochastic rounding for bf16 / fp16 outputs
+  uint32_t stream;         // Philox stream of the noise (0 for noise_axpy_)
+  uint32_t rk0, rk1;       // rounding key
+};
+
+// Process the concatenated blocks [b0, b1) of args' tasks.
+using BlockFn = void (*)(const Args&, int64_t b0, int64_t b1);
+
+namespace base { void run(const Args&, int64_t, int64_t); }
+namespace avx2 { void run(const Args&, int64_t, int64_t); }
+namespace avx512 { void run(const Args&, int64_t, int64_t); }
+
+}  // namespace cpu
+}  // namespace zo

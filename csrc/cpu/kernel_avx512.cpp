@@ -1,0 +1,21 @@
+// CPU kernel for AVX-512 (x86-64-v4 class), chosen at run time. The body is kernel_isa.h.
+#include "kernel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,bmi,bmi2,f16c")
+#define ZO_ISA_ENABLED 1
+#define ZO_ISA_AVX512 1  // GCC does not define __AVX2__ etc. for a pragma target
+#endif
+
+namespace zo { namespace cpu { namespace avx512 {
+#if defined(ZO_ISA_ENABLED)
+#include "kernel_isa.h"
+#else
+void run(const Args& a, int64_t b0, int64_t b1) { base::run(a, b0, b1); }  // never selected here
+#endif
+} } }  // namespace zo::cpu::avx512
+
+#if defined(ZO_ISA_ENABLED)
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,288 @@
+// Body of the CPU kernel, compiled once per instruction set: kernel_<isa>.cpp includes every header
+// first, then `#pragma GCC target(...)`, then this file inside namespace zo::cpu::<isa>. So no
+// #include here, and everything is internal (anonymous namespace): no inline function compiled for
+// one instruction set can be merged by the linker into code that runs on another.
+//
+// The inner loops run over the 16 quads / 64 elements of a block with no branches (selects only),
+// so the compiler turns each into SIMD code of the target's width (uint32 lanes for Philox).
+// With -ffp-contract=off every instruction set computes the same bits.
+
+namespace {
+
+template <int DT> struct IO;
+
+template <> struct IO<F32> {
+  using T = float;
+  static ZO_HD float load(float v) { return v; }
+  static ZO_HD float nearest(float a) { return a; }
+  static ZO_HD float stochastic(float a, uint32_t) { return a; }  // fp32 ignores stochastic rounding
+};
+
+template <> struct IO<BF16> {
+  using T = uint16_t;
+  static ZO_HD float load(uint16_t v) { return bf16_to_float(v); }
+  static ZO_HD uint16_t nearest(float a) { return float_to_bf16_rne(a); }
+  static ZO_HD uint16_t stochastic(float a, uint32_t w) { return float_to_bf16_sr(a, w); }
+};
+
+template <> struct IO<F16> {
+  using T = uint16_t;
+  static ZO_HD float load(uint16_t v) { return fp16_to_float(v); }
+  static ZO_HD uint16_t nearest(float a) { return float_to_fp16_rne(a); }
+  static ZO_HD uint16_t stochastic(float a, uint32_t w) { return float_to_fp16_sr(a, w); }
+};
+
+// ---------------------------------------------------------------------------------- Philox, 16 quads
+// Philox4x32-10 of the 16 quads q .. q+15 (counters (lo32, hi32 of the quad, tid, stream)); word j of
+// quad l goes to x_j[l]. philox.h's scalar rounds, in SIMD: each uint32 of the state sits in the low
+// half of a 64-bit lane, so vpmuludq gives the full 32x32->64 product in place (lo = the product's low
+// half, hi = product >> 32); the high halves carry garbage that vpmuludq and the xors never look at.
+// A round is then 6 instructions per vector. The multiply is inline asm: GCC otherwise "simplifies"
+// _mm*_mul_epu32 into emulated 64-bit multiplies. (The baseline build auto-vectorises philox.h.)
+#if defined(ZO_ISA_AVX512)
+ZO_HD __m512i mul_epu32(__m512i a, __m512i b) {
+  __m512i r;
+  __asm__("vpmuludq %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
+  return r;
+}
+
+ZO_HD void philox16(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* __restrict x0,
+                    uint32_t* __restrict x1, uint32_t* __restrict x2, uint32_t* __restrict x3) {
+  const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
+  const __m512i qv = _mm512_set1_epi64((long long)q);
+  __m512i a0 = _mm512_add_epi64(qv, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));   // quads q .. q+7
+  __m512i b0 = _mm512_add_epi64(qv, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i a1 = _mm512_srli_epi64(a0, 32), b1 = _mm512_srli_epi64(b0, 32);
+  __m512i a2 = _mm512_set1_epi64(tid), b2 = a2;
+  __m512i a3 = _mm512_set1_epi64(stream), b3 = a3;
+#pragma GCC unroll 10
+  for (int r = 0; r < 10; ++r) {
+    const __m512i key0 = _mm512_set1_epi32((int)k0), key1 = _mm512_set1_epi32((int)k1);
+    const __m512i pa0 = mul_epu32(a0, m0), pa1 = mul_epu32(a2, m1);
+    const __m512i pb0 = mul_epu32(b0, m0), pb1 = mul_epu32(b2, m1);
+    a0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa1, 32), a1, key0, 0x96);  // three-way xor
+    b0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb1, 32), b1, key0, 0x96);
+    a2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa0, 32), a3, key1, 0x96);
+    b2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb0, 32), b3, key1, 0x96);
+    a1 = pa1;
+    b1 = pb1;
+    a3 = pa0;
+    b3 = pb0;
+    k0 += PHILOX_W0;
+    k1 += PHILOX_W1;
+  }
+  _mm256_store_si256((__m256i*)x0, _mm512_cvtepi64_epi32(a0));
+  _mm256_store_si256((__m256i*)(x0 + 8), _mm512_cvtepi64_epi32(b0));
+  _mm256_store_si256((__m256i*)x1, _mm512_cvtepi64_epi32(a1));
+  _mm256_store_si256((__m256i*)(x1 + 8), _mm512_cvtepi64_epi32(b1));
+  _mm256_store_si256((__m256i*)x2, _mm512_cvtepi64_epi32(a2));
+  _mm256_store_si256((__m256i*)(x2 + 8), _mm512_cvtepi64_epi32(b2));
+  _mm256_store_si256((__m256i*)x3, _mm512_cvtepi64_epi32(a3));
+  _mm256_store_si256((__m256i*)(x3 + 8), _mm512_cvtepi64_epi32(b3));
+}
+#elif defined(ZO_ISA_AVX2)
+ZO_HD __m256i mul_epu32(__m256i a, __m256i b) {
+  __m256i r;
+  __asm__("vpmuludq %2, %1, %0" : "=x"(r) : "x"(a), "x"(b));
+  return r;
+}
+
+// Low halves of the 64-bit lanes of a and b -> 8 uint32 in order.
+ZO_HD __m256i pack_lo(__m256i a, __m256i b) {
+  const __m256 s = _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), 0x88);  // a0 a2 b0 b2 | a4 a6 b4 b6
+  return _mm256_permute4x64_epi64(_mm256_castps_si256(s), 0xD8);                             // a0 a2 a4 a6 b0 b2 b4 b6
+}
+
+ZO_HD void philox16(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* __restrict x0,
+                    uint32_t* __restrict x1, uint32_t* __restrict x2, uint32_t* __restrict x3) {
+  const __m256i m0 = _mm256_set1_epi64x(PHILOX_M0), m1 = _mm256_set1_epi64x(PHILOX_M1);
+  const __m256i qv = _mm256_set1_epi64x((long long)q);
+  for (int h = 0; h < 2; ++h) {  // quads q + 8h .. q + 8h + 7, as two vectors of four
+    __m256i a0 = _mm256_add_epi64(qv, _mm256_setr_epi64x(8 * h, 8 * h + 1, 8 * h + 2, 8 * h + 3));
+    __m256i b0 = _mm256_add_epi64(qv, _mm256_setr_epi64x(8 * h + 4, 8 * h + 5, 8 * h + 6, 8 * h + 7));
+    __m256i a1 = _mm256_srli_epi64(a0, 32), b1 = _mm256_srli_epi64(b0, 32);
+    __m256i a2 = _mm256_set1_epi64x(tid), b2 = a2;
+    __m256i a3 = _mm256_set1_epi64x(stream), b3 = a3;
+    uint32_t r0 = k0, r1 = k1;
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+      const __m256i key0 = _mm256_set1_epi32((int)r0), key1 = _mm256_set1_epi32((int)r1);
+      const __m256i pa0 = mul_epu32(a0, m0), pa1 = mul_epu32(a2, m1);
+      const __m256i pb0 = mul_epu32(b0, m0), pb1 = mul_epu32(b2, m1);
+      a0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa1, 32), a1), key0);
+      b0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb1, 32), b1), key0);
+      a2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa0, 32), a3), key1);
+      b2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb0, 32), b3), key1);
+      a1 = pa1;
+      b1 = pb1;
+      a3 = pa0;
+      b3 = pb0;
+      r0 += PHILOX_W0;
+      r1 += PHILOX_W1;
+    }
+    _mm256_store_si256((__m256i*)(x0 + 8 * h), pack_lo(a0, b0));
+    _mm256_store_si256((__m256i*)(x1 + 8 * h), pack_lo(a1, b1));
+    _mm256_store_si256((__m256i*)(x2 + 8 * h), pack_lo(a2, b2));
+    _mm256_store_si256((__m256i*)(x3 + 8 * h), pack_lo(a3, b3));
+  }
+}
+#else
+ZO_HD void philox16(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* __restrict x0,
+                    uint32_t* __restrict x1, uint32_t* __restrict x2, uint32_t* __restrict x3) {
+  for (int l = 0; l < QUADS; ++l) quad_words(q + (uint64_t)l, tid, stream, k0, k1, x0[l], x1[l], x2[l], x3[l]);
+}
+#endif
+
+// Philox words of the block's 16 quads starting at global quad q, in element order (4l + j).
+ZO_HD void block_words(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1,
+                       uint32_t* __restrict w) {
+  alignas(64) uint32_t x0[QUADS], x1[QUADS], x2[QUADS], x3[QUADS];
+  philox16(q, tid, stream, k0, k1, x0, x1, x2, x3);
+  for (int l = 0; l < QUADS; ++l) {
+    w[4 * l + 0] = x0[l];
+    w[4 * l + 1] = x1[l];
+    w[4 * l + 2] = x2[l];
+    w[4 * l + 3] = x3[l];
+  }
+}
+
+// The 64 normals of the block starting at global quad q.
+ZO_HD void block_normals(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1,
+                         float* __restrict z) {
+  alignas(64) uint32_t x0[QUADS], x1[QUADS], x2[QUADS], x3[QUADS];
+  philox16(q, tid, stream, k0, k1, x0, x1, x2, x3);
+  for (int l = 0; l < QUADS; ++l) {
+    float z0, z1, z2, z3;
+    box_muller(x0[l], x1[l], z0, z1);
+    box_muller(x2[l], x3[l], z2, z3);
+    z[4 * l + 0] = z0;
+    z[4 * l + 1] = z1;
+    z[4 * l + 2] = z2;
+    z[4 * l + 3] = z3;
+  }
+}
+
+// theta <- gamma theta + sum_j alpha_j z_j + beta dense over blocks [lb0, lb1) of one tensor
+// (or, without x, out <- z of keys[0]).
+template <int P, int D>
+void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
+  using PT = typename IO<P>::T;
+  constexpr int DD = D == NONE ? F32 : D;
+  using DT = typename IO<DD>::T;
+  PT* p = (PT*)t.p;  // no __restrict: dense may be the parameter itself
+  const DT* d = (const DT*)t.d;
+  const int64_t n = t.n;
+  const int64_t q0 = t.off >> 2;
+  const bool sr = a.stochastic && P != F32;
+  alignas(64) float acc[BLOCK];
+  alignas(64) float z[BLOCK];
+  alignas(64) uint32_t w[BLOCK];
+  for (int64_t b = lb0; b < lb1; ++b) {
+    const uint64_t qb = (uint64_t)(q0 + b * QUADS);
+    const int64_t e0 = (int64_t)(qb * 4) - t.off;  // local index of the block's first element
+    const bool full = e0 >= 0 && e0 + BLOCK <= n;
+    // acc = gamma x
+    if (a.has_x) {
+      if (full) {
+        for (int e = 0; e < BLOCK; ++e) acc[e] = fmul(IO<P>::load(p[e0 + e]), a.gamma);
+      } else {
+        for (int e = 0; e < BLOCK; ++e) {
+          const int64_t i = e0 + e;
+          acc[e] = (i >= 0 && i < n) ? fmul(IO<P>::load(p[i]), a.gamma) : 0.0f;
+        }
+      }
+    }
+    // acc += alpha_j z_j, keys in order
+    for (int j = 0; j < a.K; ++j) {
+      if (!a.has_x) {
+        block_normals(qb, t.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], acc);
+        break;
+      }
+      block_normals(qb, t.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], z);
+      const float alpha = a.alphas[j];
+      for (int e = 0; e < BLOCK; ++e) acc[e] = fadd(acc[e], fmul(alpha, z[e]));
+    }
+    // acc += beta dense
+    if constexpr (D != NONE) {
+      if (full) {
+        for (int e = 0; e < BLOCK; ++e) acc[e] = fadd(acc[e], fmul(a.beta, IO<DD>::load(d[e0 + e])));
+      } else {
+        for (int e = 0; e < BLOCK; ++e) {
+          const int64_t i = e0 + e;
+          if (i >= 0 && i < n) acc[e] = fadd(acc[e], fmul(a.beta, IO<DD>::load(d[i])));
+        }
+      }
+    }
+    // one rounding, store
+    if (sr) {
+      block_words(qb, t.tid, STREAM_ROUNDING, a.rk0, a.rk1, w);
+      if (full) {
+        for (int e = 0; e < BLOCK; ++e) p[e0 + e] = IO<P>::stochastic(acc[e], w[e]);
+      } else {
+        for (int e = 0; e < BLOCK; ++e) {
+          const int64_t i = e0 + e;
+          if (i >= 0 && i < n) p[i] = IO<P>::stochastic(acc[e], w[e]);
+        }
+      }
+    } else {
+      if (full) {
+        for (int e = 0; e < BLOCK; ++e) p[e0 + e] = IO<P>::nearest(acc[e]);
+      } else {
+        for (int e = 0; e < BLOCK; ++e) {
+          const int64_t i = e0 + e;
+          if (i >= 0 && i < n) p[i] = IO<P>::nearest(acc[e]);
+        }
+      }
+    }
+  }
+}
+
+// Raw Philox words (testing: the integer layer through the vectorised path).
+void run_words(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
+  uint32_t* __restrict p = (uint32_t*)t.p;
+  const int64_t q0 = t.off >> 2;
+  alignas(64) uint32_t w[BLOCK];
+  for (int64_t b = lb0; b < lb1; ++b) {
+    const uint64_t qb = (uint64_t)(q0 + b * QUADS);
+    const int64_t e0 = (int64_t)(qb * 4) - t.off;
+    block_words(qb, t.tid, a.stream, a.keys[0], a.keys[1], w);
+    for (int e = 0; e < BLOCK; ++e) {
+      const int64_t i = e0 + e;
+      if (i >= 0 && i < t.n) p[i] = w[e];
+    }
+  }
+}
+
+template <int P>
+void run_dense_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
+  switch (t.ddt) {
+    case F32: return run_task<P, F32>(a, t, lb0, lb1);
+    case BF16: return run_task<P, BF16>(a, t, lb0, lb1);
+    case F16: return run_task<P, F16>(a, t, lb0, lb1);
+    default: return run_task<P, NONE>(a, t, lb0, lb1);
+  }
+}
+
+}  // namespace
+
+void run(const Args& a, int64_t b0, int64_t b1) {
+  // First task whose blocks reach past b0 (tasks are in block order).
+  int lo = 0, hi = a.ntasks - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (a.tasks[mid].first + a.tasks[mid].blocks <= b0) lo = mid + 1; else hi = mid;
+  }
+  for (int i = lo; i < a.ntasks && a.tasks[i].first < b1; ++i) {
+    const Task& t = a.tasks[i];
+    const int64_t lb0 = (b0 > t.first ? b0 : t.first) - t.first;
+    const int64_t lb1 = (b1 < t.first + t.blocks ? b1 : t.first + t.blocks) - t.first;
+    if (lb0 >= lb1) continue;
+    switch (t.pdt) {
+      case F32: run_dense_dt<F32>(a, t, lb0, lb1); break;
+      case BF16: run_dense_dt<BF16>(a, t, lb0, lb1); break;
+      case F16: run_dense_dt<F16>(a, t, lb0, lb1); break;
+      case U32: run_words(a, t, lb0, lb1); break;
+      default: break;
+    }
+  }
+}

@@ -1,0 +1,150 @@
+// CPU glue of the native ops: checks, the task table, at::parallel_for over 64-element blocks,
+// and the run-time choice of instruction set (kernel_<isa>.cpp).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "../native_args.h"
+#include "kernel.h"
+
+namespace zo {
+namespace cpu {
+
+namespace {
+
+// Blocks (64 elements) per parallel chunk at least: below this a call runs on one thread.
+constexpr int64_t GRAIN_BLOCKS = 256;
+
+enum Isa : int { ISA_BASE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+const char* const ISA_NAMES[] = {"base", "avx2", "avx512"};
+
+// The best instruction set this CPU runs, capped by PyTorch's own choice (ATEN_CPU_CAPABILITY).
+int best_isa() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  const std::string torch_cap = at::get_cpu_capability();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512 && torch_cap.find("AVX512") != std::string::npos) return ISA_AVX512;
+  if (avx2 && (torch_cap.find("AVX2") != std::string::npos || torch_cap.find("AVX512") != std::string::npos))
+    return ISA_AVX2;
+#endif
+  return ISA_BASE;
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{best_isa()};
+  return isa;
+}
+
+BlockFn kernel() {
+  switch (current_isa().load(std::memory_order_relaxed)) {
+    case ISA_AVX512: return &avx512::run;
+    case ISA_AVX2: return &avx2::run;
+    default: return &base::run;
+  }
+}
+
+Task make_task(const at::Tensor& p, const at::Tensor* d, int64_t tid, int64_t off, int64_t first) {
+  Task t;
+  t.p = p.data_ptr();
+  t.d = d ? d->data_ptr() : nullptr;
+  t.n = p.numel();
+  t.off = off;
+  t.tid = (uint32_t)tid;
+  t.pdt = dtype_code(p.scalar_type());
+  t.ddt = d ? dtype_code(d->scalar_type()) : NONE;
+  t.first = first;
+  const int64_t quads = t.n ? (off + t.n + 3) / 4 - off / 4 : 0;
+  t.blocks = (quads + QUADS - 1) / QUADS;
+  return t;
+}
+
+void launch(const Args& args, int64_t total_blocks) {
+  const BlockFn fn = kernel();
+  at::parallel_for(0, total_blocks, GRAIN_BLOCKS, [&](int64_t b0, int64_t b1) { fn(args, b0, b1); });
+}
+
+void noise_axpy_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,
+                    at::TensorList dense, double beta, int64_t stochastic, at::IntArrayRef tensor_ids,
+                    at::IntArrayRef offsets, int64_t rounding_key) {
+  check_axpy_args(params, keys, alphas, dense, stochastic, tensor_ids, offsets, c10::DeviceType::CPU);
+  std::vector<Task> tasks;
+  tasks.reserve(params.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    tasks.push_back(make_task(params[i], dense.empty() ? nullptr : &dense[i], tensor_ids[i], offsets[i], total));
+    total += tasks.back().blocks;
+  }
+  std::vector<uint32_t> key_words(2 * keys.size());
+  std::vector<float> alpha_f(alphas.size());
+  for (size_t j = 0; j < keys.size(); ++j) {
+    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
+    alpha_f[j] = (float)alphas[j];
+  }
+  Args a;
+  a.tasks = tasks.data();
+  a.ntasks = (int)tasks.size();
+  a.keys = key_words.data();
+  a.alphas = alpha_f.data();
+  a.K = (int)keys.size();
+  a.gamma = (float)gamma;
+  a.beta = (float)beta;
+  a.has_x = true;
+  a.stochastic = stochastic != 0;
+  a.stream = STREAM_NOISE;
+  split_key(rounding_key, a.rk0, a.rk1);
+  launch(a, total);
+}
+
+void noise_cpu(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
+  check_noise_args(out, tensor_id, offset, stream, c10::DeviceType::CPU);
+  Task t = make_task(out, nullptr, tensor_id, offset, 0);
+  uint32_t kw[2];
+  split_key(key, kw[0], kw[1]);
+  const float one = 1.0f;
+  Args a;
+  a.tasks = &t;
+  a.ntasks = 1;
+  a.keys = kw;
+  a.alphas = &one;
+  a.K = 1;
+  a.gamma = 0.0f;
+  a.beta = 0.0f;
+  a.has_x = false;
+  a.stochastic = false;
+  a.stream = (uint32_t)stream;
+  a.rk0 = a.rk1 = 0;
+  launch(a, t.blocks);
+}
+
+}  // namespace
+
+std::string cpu_isa(const std::string& request) {
+  if (!request.empty()) {
+    int want = -1;
+    for (int i = 0; i < 3; ++i)
+      if (request == ISA_NAMES[i]) want = i;
+    TORCH_CHECK(want >= 0, "unknown instruction set '", request, "'; choose base, avx2 or avx512");
+    TORCH_CHECK(want <= best_isa(), "instruction set '", request, "' is not available on this CPU (best: ",
+                ISA_NAMES[best_isa()], ")");
+    current_isa().store(want);
+  }
+  return ISA_NAMES[current_isa().load()];
+}
+
+}  // namespace cpu
+}  // namespace zo
+
+TORCH_LIBRARY_IMPL(zo_kernels, CPU, m) {
+  m.impl("_noise_axpy_native", &zo::cpu::noise_axpy_cpu);
+  m.impl("_noise_native", &zo::cpu::noise_cpu);
+}

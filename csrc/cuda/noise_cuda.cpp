@@ -1,0 +1,123 @@
+// CUDA glue of the native ops: checks, the device table, one launch per (param dtype, dense dtype)
+// group on the current stream; registered for the CUDA dispatch key. Built only when torch has CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "../native_args.h"
+#include "noise_kernel.h"
+
+namespace zo {
+namespace cuda {
+namespace {
+
+bool aligned4(const void* ptr, size_t elsize) { return ((uintptr_t)ptr % (4 * elsize)) == 0; }
+
+// One launch over `idx` tensors: table (entries, keys, alphas) copied to the device in one transfer.
+void launch_group(const std::vector<size_t>& idx, at::TensorList params, at::TensorList dense,
+                  at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
+                  const std::vector<uint32_t>& key_words, const std::vector<float>& alpha_f, LaunchArgs a) {
+  const size_t T = idx.size();
+  const size_t entry_bytes = T * sizeof(Entry);
+  const size_t key_bytes = key_words.size() * sizeof(uint32_t);
+  const size_t bytes = entry_bytes + key_bytes + alpha_f.size() * sizeof(float);
+  at::Tensor host = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* base = host.data_ptr<uint8_t>();
+  Entry* entries = reinterpret_cast<Entry*>(base);
+  int64_t quads = 0;
+  for (size_t r = 0; r < T; ++r) {
+    const size_t i = idx[r];
+    const at::Tensor& p = params[i];
+    const at::Tensor* d = dense.empty() ? nullptr : &dense[i];
+    Entry e;
+    e.p = p.data_ptr();
+    e.d = d ? d->data_ptr() : nullptr;
+    e.n = p.numel();
+    e.off = offsets[i];
+    e.quad_start = quads;
+    e.tid = (uint32_t)tensor_ids[i];
+    e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size()));
+    entries[r] = e;
+    quads += e.n ? (e.off + e.n + 3) / 4 - e.off / 4 : 0;
+  }
+  if (quads == 0) return;
+  std::memcpy(base + entry_bytes, key_words.data(), key_bytes);
+  std::memcpy(base + entry_bytes + key_bytes, alpha_f.data(), alpha_f.size() * sizeof(float));
+  const at::Tensor dev = host.to(params[idx[0]].device(), /*non_blocking=*/true);
+  const auto* dbase = dev.data_ptr<uint8_t>();
+  a.table = reinterpret_cast<const Entry*>(dbase);
+  a.T = (int)T;
+  a.keys = reinterpret_cast<const uint32_t*>(dbase + entry_bytes);
+  a.alphas = reinterpret_cast<const float*>(dbase + entry_bytes + key_bytes);
+  a.total_quads = quads;
+  C10_CUDA_CHECK(launch_noise(a, c10::cuda::getCurrentCUDAStream().stream()));
+  // `dev` is freed to the caching allocator here; its reuse is ordered after the kernel on this stream.
+}
+
+void noise_axpy_cuda(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,
+                     at::TensorList dense, double beta, int64_t stochastic, at::IntArrayRef tensor_ids,
+                     at::IntArrayRef offsets, int64_t rounding_key) {
+  check_axpy_args(params, keys, alphas, dense, stochastic, tensor_ids, offsets, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  for (size_t i = 1; i < params.size(); ++i)
+    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
+                " but params[0] on ", params[0].device());
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<uint32_t> key_words(2 * keys.size());
+  std::vector<float> alpha_f(alphas.size());
+  for (size_t j = 0; j < keys.size(); ++j) {
+    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
+    alpha_f[j] = (float)alphas[j];
+  }
+  // One launch per (param dtype, dense dtype) group, like the Triton kernel.
+  std::map<std::pair<int, int>, std::vector<size_t>> groups;
+  for (size_t i = 0; i < params.size(); ++i)
+    groups[{dtype_code(params[i].scalar_type()), dense.empty() ? NONE : dtype_code(dense[i].scalar_type())}]
+        .push_back(i);
+  for (const auto& kv : groups) {
+    LaunchArgs a{};
+    a.K = (int)keys.size();
+    a.gamma = (float)gamma;
+    a.beta = (float)beta;
+    a.pdt = kv.first.first;
+    a.ddt = kv.first.second;
+    a.has_x = 1;
+    a.stochastic = (int)stochastic;
+    a.stream = 0;
+    split_key(rounding_key, a.rk0, a.rk1);
+    launch_group(kv.second, params, dense, tensor_ids, offsets, key_words, alpha_f, a);
+  }
+}
+
+void noise_cuda(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
+  check_noise_args(out, tensor_id, offset, stream, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(out.device());
+  std::vector<uint32_t> key_words(2);
+  split_key(key, key_words[0], key_words[1]);
+  const std::vector<float> alpha_f{1.0f};
+  LaunchArgs a{};
+  a.K = 1;
+  a.pdt = dtype_code(out.scalar_type());
+  a.ddt = NONE;
+  a.has_x = 0;
+  a.stream = (uint32_t)stream;
+  const std::vector<at::Tensor> outs{out};
+  const std::vector<int64_t> tids{tensor_id}, offs{offset};
+  launch_group({0}, outs, {}, tids, offs, key_words, alpha_f, a);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace zo
+
+TORCH_LIBRARY_IMPL(zo_kernels, CUDA, m) {
+  m.impl("_noise_axpy_native", &zo::cuda::noise_axpy_cuda);
+  m.impl("_noise_native", &zo::cuda::noise_cuda);
+}

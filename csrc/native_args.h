@@ -1,0 +1,83 @@
+// Checks and unpacking shared by the CPU and CUDA glue of the native ops (torch side only).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace zo {
+
+// zo-noise dtype codes, the same numbering as zo::cpu::DType.
+inline int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    case at::kInt: return 3;
+    default: return -1;
+  }
+}
+
+// 64-bit key (int64 two's complement of the unsigned key) -> (k0, k1).
+inline void split_key(int64_t key, uint32_t& k0, uint32_t& k1) {
+  const uint64_t u = (uint64_t)key;
+  k0 = (uint32_t)u;
+  k1 = (uint32_t)(u >> 32);
+}
+
+inline void check_id(int64_t v, const char* what, size_t i) {
+  TORCH_CHECK(v >= 0 && v < (int64_t(1) << 32), what, "[", i, "]=", v, " is outside [0, 2**32)");
+}
+
+inline void check_offset(int64_t v, size_t i) {
+  TORCH_CHECK(v >= 0 && v < (int64_t(1) << 62), "offsets[", i, "]=", v, " is outside [0, 2**62)");
+}
+
+// Validate the arguments of _noise_axpy_native for tensors on `device`.
+inline void check_axpy_args(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
+                            at::TensorList dense, int64_t stochastic, at::IntArrayRef tensor_ids,
+                            at::IntArrayRef offsets, c10::DeviceType device) {
+  const size_t n = params.size();
+  TORCH_CHECK(keys.size() == alphas.size(), "_noise_axpy_native: ", keys.size(), " keys but ", alphas.size(),
+              " alphas");
+  TORCH_CHECK(tensor_ids.size() == n && offsets.size() == n, "_noise_axpy_native: ", n, " params but ",
+              tensor_ids.size(), " tensor_ids and ", offsets.size(), " offsets");
+  TORCH_CHECK(dense.empty() || dense.size() == n, "_noise_axpy_native: ", dense.size(), " dense tensors for ", n,
+              " params");
+  TORCH_CHECK(stochastic == 0 || stochastic == 1, "_noise_axpy_native: stochastic must be 0 or 1");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().type() == device, "params[", i, "] is on ", p.device(), ", expected ", device);
+    TORCH_CHECK(p.is_contiguous(), "params[", i, "] is not contiguous");
+    const int code = dtype_code(p.scalar_type());
+    TORCH_CHECK(code >= 0 && code <= 2, "params[", i, "] has dtype ", p.scalar_type(),
+                "; the native kernels take float32, bfloat16, float16");
+    if (!dense.empty()) {
+      const at::Tensor& d = dense[i];
+      TORCH_CHECK(d.device() == p.device(), "dense[", i, "] is on ", d.device(), " but params[", i, "] on ",
+                  p.device());
+      TORCH_CHECK(d.is_contiguous(), "dense[", i, "] is not contiguous");
+      TORCH_CHECK(d.numel() == p.numel(), "dense[", i, "] has ", d.numel(), " elements, params[", i, "] ",
+                  p.numel());
+      const int dc = dtype_code(d.scalar_type());
+      TORCH_CHECK(dc >= 0 && dc <= 2, "dense[", i, "] has dtype ", d.scalar_type(),
+                  "; the native kernels take float32, bfloat16, float16");
+    }
+    check_id(tensor_ids[i], "tensor_ids", i);
+    check_offset(offsets[i], i);
+  }
+}
+
+inline void check_noise_args(const at::Tensor& out, int64_t tensor_id, int64_t offset, int64_t stream,
+                             c10::DeviceType device) {
+  TORCH_CHECK(out.device().type() == device, "out is on ", out.device(), ", expected ", device);
+  TORCH_CHECK(out.is_contiguous(), "out is not contiguous");
+  TORCH_CHECK(dtype_code(out.scalar_type()) >= 0, "out has dtype ", out.scalar_type(),
+              "; _noise_native fills float32, bfloat16, float16 (normals) or int32 (raw Philox words)");
+  check_id(tensor_id, "tensor_id", 0);
+  check_offset(offset, 0);
+  check_id(stream, "stream", 0);
+}
+
+}  // namespace zo

@@ -1,0 +1,366 @@
+"""The C++ CPU kernel (backend "cpu", zo_kernels._C) against the spec vectors and the reference."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import zo_kernels
+from zo_kernels import native
+from zo_kernels import noise as N
+
+from helpers import exact_axpy, spec_vectors, z_bound
+
+# The extension is built by scripts/setup_env.sh (pip install -e .): its absence is a failure here.
+_REASON = zo_kernels.backend_status().get("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _needs_extension():
+    if "cpu" not in zo_kernels.available_backends():
+        pytest.fail(f"the native CPU backend is unavailable: {_REASON}")
+
+
+OPS = torch.ops.zo_kernels
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES = [1, 3, 4, 5, 1023, 4097, (3, 5, 7)]
+KEYS = [N.step_key(5, s) for s in range(4)]
+ALPHAS = [1e-3, -2e-3, 0.5, -0.75]
+ISAS = ["base", "avx2", "avx512"]
+
+
+def _isas():
+    """Instruction sets this CPU runs, best last (the kernel's default)."""
+    best = native.cpu_isa()
+    return ISAS[:ISAS.index(best) + 1]
+
+
+@pytest.fixture
+def isa_restore():
+    before = native.cpu_isa()
+    yield
+    native.cpu_isa(before)
+
+
+def _make(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (shape,) if isinstance(shape, int) else shape
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _run(backend, params, **kw):
+    params = [p.clone() for p in params]
+    zo_kernels.noise_axpy_(params, backend=backend, **kw)
+    assert zo_kernels.last_backend() == backend
+    return params
+
+
+def _ordered(x):
+    """Position of each 16-bit float on its grid (consecutive representable values differ by 1)."""
+    b = x.contiguous().view(torch.int16).to(torch.int64)
+    return torch.where(b < 0, -(b & 0x7FFF), b)
+
+
+def _check_against_reference(params, **kw):
+    """fp32: error vs float64 within 2x the reference's plus the spec's z bound.  bf16/fp16: at most
+    one ulp from the reference (the two fp32 sums may fall on either side of a rounding tie)."""
+    fused = _run("cpu", params, **kw)
+    ref = _run("reference", params, **kw)
+    exact = exact_axpy(params, kw["keys"], kw["alphas"], kw.get("gamma", 1.0), kw.get("dense"),
+                       kw.get("beta", 0.0), kw.get("tensor_ids"), kw.get("offsets"))
+    for i, (f, r, e) in enumerate(zip(fused, ref, exact)):
+        assert f.shape == params[i].shape and f.dtype == params[i].dtype
+        if params[i].dtype == torch.float32:
+            tid = i if kw.get("tensor_ids") is None else kw["tensor_ids"][i]
+            off = 0 if kw.get("offsets") is None else kw["offsets"][i]
+            f, r, e = f.double().reshape(-1), r.double().reshape(-1), e.reshape(-1)
+            bound = z_bound(kw["keys"], kw["alphas"], tid, f.numel(), off)
+            ref_err = (r - e).abs().max().item()
+            assert (f - e).abs().max().item() <= 2 * ref_err + bound.max().item() + 1e-12, f"tensor {i}"
+        else:
+            dist = (_ordered(f) - _ordered(r)).abs().max().item()
+            assert dist <= 1, f"tensor {i}: {dist} ulps from the reference"
+
+
+# ------------------------------------------------------------------------------- the integer layer
+def test_philox_known_answers():
+    for v in spec_vectors()["philox4x32_10"]:
+        assert OPS._philox4x32_native(v["counter"], v["key"]) == v["out"]
+
+
+def _words(key, tid, n, offset, stream):
+    out = torch.empty(n, dtype=torch.int32)
+    OPS._noise_native(out, N.to_signed64(key), tid, offset, stream)
+    return out.to(torch.int64) & N.M32
+
+
+@pytest.mark.parametrize("offset", [0, 1, 6, 4 * (2**32 - 5) + 2, 2**61 + 3])
+def test_words_bit_exact_every_isa(offset, isa_restore):
+    """The vectorised Philox (16 quads per block, carry into the counter's high word) vs the reference."""
+    key = KEYS[1]
+    for isa in _isas():
+        native.cpu_isa(isa)
+        for tid, stream, n in ((0, 0, 1), (3, 2, 5), (2**32 - 1, 2**32 - 1, 1023), (7, 0, 4097)):
+            assert torch.equal(_words(key, tid, n, offset, stream),
+                               N.random_words(key, tid, n, offset=offset, stream=stream)), (isa, tid, n)
+
+
+def test_spec_z_vectors():
+    for v in spec_vectors()["z"]:
+        out = torch.empty(1)
+        zo_kernels.noise_(out, v["key"], v["tensor_id"], v["index"], stream=v["stream"], backend="cpu")
+        assert abs(out.item() - v["z"]) <= 1e-6 * max(1.0, abs(v["z"])), v
+
+
+# ---------------------------------------------------------------------------------------- noise_
+@pytest.mark.parametrize("offset", [0, 3, 2**40 + 1])
+def test_noise_close_to_float64(offset):
+    n, key = 1 << 18, KEYS[2]
+    z = zo_kernels.noise_(torch.empty(n), key, 4, offset, backend="cpu")
+    z64 = N.normal(key, 4, n, offset=offset, dtype=torch.float64)
+    err = ((z.double() - z64).abs() / z64.abs().clamp_min(1.0)).max().item()
+    assert err <= 1e-6  # spec: 1e-5; the reference's own float32 error is ~2e-6
+    zr = zo_kernels.noise_(torch.empty(n), key, 4, offset, backend="reference")
+    assert ((z.double() - zr.double()).abs() <= 1e-5 * z64.abs().clamp_min(1.0)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_noise_half_is_rounded_float32_noise(dtype):
+    n, key = 5000, KEYS[0]
+    z32 = zo_kernels.noise_(torch.empty(n), key, 1, 7, backend="cpu")
+    zh = zo_kernels.noise_(torch.empty(n, dtype=dtype), key, 1, 7, backend="cpu")
+    assert torch.equal(zh, z32.to(dtype))
+
+
+def test_slice_at_offset_is_slice_of_noise():
+    n, key = 10_000, KEYS[3]
+    full = zo_kernels.noise_(torch.empty(n), key, 2, backend="cpu")
+    for a, b in ((0, 1), (1, 2), (3, 9), (5, 4100), (4097, 10_000), (9_999, 10_000)):
+        part = zo_kernels.noise_(torch.empty(b - a), key, 2, a, backend="cpu")
+        assert torch.equal(part, full[a:b]), (a, b)
+
+
+# ------------------------------------------------------------------------------------ noise_axpy_
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+def test_single_tensor_all_sizes(size, dtype):
+    _check_against_reference([_make(size, dtype, 0)], keys=KEYS[:1], alphas=ALPHAS[:1])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_key_gamma(k, dtype):
+    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
+    _check_against_reference(params, keys=KEYS[:k], alphas=ALPHAS[:k], gamma=0.999)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_term_mixed_dtypes(dtype):
+    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
+    dense = [_make(s, DTYPES[i % 3], 100 + i) for i, s in enumerate(SIZES)]
+    _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], gamma=0.98, dense=dense, beta=-0.03)
+
+
+def test_mixed_param_dtypes_one_call():
+    params = [_make(s, DTYPES[i % 3], i) for i, s in enumerate(SIZES)]
+    _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], gamma=1.01)
+
+
+def test_offsets_and_tensor_ids():
+    params = [_make(s, torch.float32, i) for i, s in enumerate(SIZES)]
+    tids = [9, 0, 2**32 - 1, 5, 77, 3, 12]
+    offsets = [0, 1, 2, 3, 2**33 + 1, 4 * (2**32 - 40) + 3, 6]
+    _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], tensor_ids=tids, offsets=offsets)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shards_equal_whole(dtype):
+    """A tensor updated whole equals its shards updated with offsets (any cut, not only at quads)."""
+    whole = _make(6001, dtype, 3)
+    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.9, tensor_ids=[4], rounding="stochastic", rounding_key=77)
+    ref = whole.clone()
+    zo_kernels.noise_axpy_([ref], backend="cpu", **kw)
+    cuts = [0, 1, 6, 7, 64, 1001, 4096, 4097, 6001]
+    shards = [whole[a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    kw_s = dict(kw, tensor_ids=[4] * len(shards), offsets=cuts[:-1])
+    zo_kernels.noise_axpy_(shards, backend="cpu", **kw_s)
+    assert torch.equal(torch.cat(shards), ref)
+
+
+def test_no_keys_only_gamma_and_empty_tensors():
+    params = [_make(100, torch.float32, 0), torch.empty(0), _make(5, torch.bfloat16, 1)]
+    out = _run("cpu", params, keys=[], alphas=[], gamma=0.5)
+    assert torch.equal(out[0], params[0] * 0.5) and out[1].numel() == 0
+    assert torch.equal(out[2], (params[2].float() * 0.5).bfloat16())
+
+
+def test_dense_may_be_the_param_itself():
+    p = _make(1000, torch.float32, 0)
+    expect = p.clone()
+    zo_kernels.noise_axpy_([expect], [KEYS[0]], [0.1], gamma=0.5, dense=[p.clone()], beta=0.25, backend="cpu")
+    zo_kernels.noise_axpy_([p], [KEYS[0]], [0.1], gamma=0.5, dense=[p], beta=0.25, backend="cpu")
+    assert torch.equal(p, expect)
+
+
+# ----------------------------------------------------------------------------------- rounding
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nearest_is_torch_rounding_of_the_float32_result(dtype):
+    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
+    dense = [_make(s, dtype, 50 + i) for i, s in enumerate(SIZES)]
+    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.97, beta=0.1)
+    half = _run("cpu", params, dense=dense, **kw)
+    full = _run("cpu", [p.float() for p in params], dense=[d.float() for d in dense], **kw)
+    for h, f in zip(half, full):
+        assert torch.equal(h, f.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_matches_reference_bits_without_noise(dtype):
+    """With the noise term zero the fp32 sums agree exactly, so the stream-2 rounding must too."""
+    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
+    dense = [_make(s, torch.float32, 9 + i) * 1e-3 for i, s in enumerate(SIZES)]
+    kw = dict(keys=[KEYS[0]], alphas=[0.0], gamma=1.0, dense=dense, beta=0.37, rounding="stochastic",
+              rounding_key=N.step_key(3, 3), offsets=[0, 5, 2, 3, 1, 0, 2**35 + 1])
+    for a, b in zip(_run("cpu", params, **kw), _run("reference", params, **kw)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,value", [(torch.bfloat16, 1.0), (torch.bfloat16, -3.0),
+                                         (torch.float16, 1.0), (torch.float16, -2.0 ** -20)])
+def test_stochastic_rounding_unbiased(dtype, value):
+    """x + 0.3 ulp rounds up with probability 0.3: the mean over 2^16 elements is x + 0.3 ulp."""
+    n = 1 << 16
+    x = torch.full((n,), value, dtype=dtype)
+    mag, sign = abs(value), (1 if value > 0 else -1)
+    if dtype == torch.float16 and mag < 2.0 ** -14:
+        spacing = 2.0 ** -24  # fp16 subnormals
+    else:
+        spacing = 2.0 ** (math.floor(math.log2(mag)) - (7 if dtype == torch.bfloat16 else 10))
+    delta = 0.3 * spacing * sign  # away from zero: stays in x's binade
+    dense = [torch.full((n,), delta, dtype=torch.float32)]
+    p = [x.clone()]
+    zo_kernels.noise_axpy_(p, [KEYS[0]], [0.0], dense=dense, beta=1.0, rounding="stochastic",
+                           rounding_key=N.step_key(8, 1), backend="cpu")
+    got = p[0].double()
+    assert set(got.unique().tolist()) <= {value, value + spacing * sign}
+    frac = ((got - value).abs() / spacing).mean().item()
+    sigma = (0.3 * 0.7 / n) ** 0.5
+    assert abs(frac - 0.3) < 5 * sigma, frac
+    # nearest leaves x where it is
+    q = [x.clone()]
+    zo_kernels.noise_axpy_(q, [KEYS[0]], [0.0], dense=dense, beta=1.0, backend="cpu")
+    assert torch.equal(q[0], x)
+
+
+def test_stochastic_rounding_fp32_is_nearest():
+    p = [_make(1000, torch.float32, 0)]
+    kw = dict(keys=KEYS[:1], alphas=[0.1])
+    assert torch.equal(_run("cpu", p, rounding="stochastic", **kw)[0], _run("cpu", p, **kw)[0])
+
+
+# ------------------------------------------------------------------------ reproducibility
+def _workload():
+    sizes = [1 << 20, 4097, 3, (64, 333)]
+    params = [_make(s, DTYPES[i % 3], i) for i, s in enumerate(sizes)]
+    dense = [_make(s, torch.float32, 20 + i) for i, s in enumerate(sizes)]
+    kw = dict(keys=KEYS[:2], alphas=ALPHAS[:2], gamma=0.999, dense=dense, beta=1e-3, rounding="stochastic",
+              rounding_key=123, offsets=[0, 2, 5, 1])
+    return params, kw
+
+
+def test_bit_identical_with_1_and_2_threads():
+    params, kw = _workload()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(_run("cpu", params, **kw))
+            z = zo_kernels.noise_(torch.empty(1 << 20), KEYS[0], 1, 3, backend="cpu")
+            outs[-1].append(z)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_every_instruction_set_gives_the_same_bits(isa_restore):
+    params, kw = _workload()
+    sub = [torch.tensor([3e-6, -1e-7, 6.0e-5, 65500.0, -7e4, 1e-9], dtype=torch.float16)]  # subnormals, overflow
+    results = {}
+    for isa in _isas():
+        native.cpu_isa(isa)
+        results[isa] = _run("cpu", params, **kw) + _run("cpu", sub, keys=[KEYS[0]], alphas=[1e-6],
+                                                         rounding="stochastic", rounding_key=5)
+    first = results[_isas()[0]]
+    for isa, res in results.items():
+        for a, b in zip(first, res):
+            assert torch.equal(a, b), isa
+
+
+def test_is_the_default_cpu_backend():
+    p = [torch.zeros(10)]
+    zo_kernels.noise_axpy_(p, [KEYS[0]], [1.0])
+    assert zo_kernels.last_backend() == "cpu"
+    assert native.cpu_isa() in ISAS
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_errors_before_dispatch():
+    p = _make(10, torch.float32, 0)
+    keep = p.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        zo_kernels.noise_axpy_([p, torch.zeros(4, 4).t()], [1], [1.0], backend="cpu")
+    with pytest.raises(TypeError):
+        zo_kernels.noise_axpy_([p, torch.zeros(4, dtype=torch.int32)], [1], [1.0], backend="cpu")
+    with pytest.raises(ValueError, match="alphas"):
+        zo_kernels.noise_axpy_([p], [1, 2], [1.0], backend="cpu")
+    with pytest.raises(ValueError, match="dense"):
+        zo_kernels.noise_axpy_([p], [1], [1.0], dense=[torch.zeros(3)], backend="cpu")
+    with pytest.raises(TypeError, match="float64"):
+        zo_kernels.noise_axpy_([p.double()], [1], [1.0], backend="cpu")
+    assert torch.equal(p, keep)
+
+
+def test_internal_op_checks_its_arguments():
+    p = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="tensor_ids"):
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [], [], 0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        OPS._noise_axpy_native([p.double()], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0)
+    with pytest.raises(RuntimeError, match="elements"):
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [torch.zeros(3)], 0.0, 0, [0], [0], 0)
+    with pytest.raises(RuntimeError, match="offsets"):
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [-1], 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        OPS._noise_native(torch.zeros(4, 4).t(), 1, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="not available|unknown"):
+        native.cpu_isa("avx1024")
+
+
+# --------------------------------------------------------------------------- no temporaries
+_RSS_SCRIPT = textwrap.dedent("""
+    import torch, zo_kernels
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    n = 1 << 27
+    p = torch.empty(n).fill_(0.5)           # touch every page
+    zo_kernels.noise_axpy_([torch.zeros(64)], [1], [1.0], backend="cpu")  # warm up (thread pool, code)
+    base = hwm()
+    zo_kernels.noise_axpy_([p], [11, 12], [1e-3, -1e-3], gamma=0.999, backend="cpu")
+    zo_kernels.noise_(p, 13, 1, backend="cpu")
+    print(hwm() - base, n * 4)
+""")
+
+
+def test_no_temporaries_proportional_to_the_tensor():
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    growth, size = map(int, out.stdout.split()[-2:])
+    assert growth < 0.05 * size, f"peak RSS grew by {growth / 2**20:.1f} MiB on a {size / 2**20:.0f} MiB tensor"

@@ -1,0 +1,49 @@
+"""The native backends "cpu" (C++, csrc/cpu) and "cuda" (CUDA C++, csrc/cuda): Python glue.
+
+Both are the ops of the extension zo_kernels._C, built from source by setup.py:
+
+    zo_kernels::_noise_axpy_native(params, keys, alphas, gamma, dense, beta, stochastic,
+                                   tensor_ids, offsets, rounding_key)
+    zo_kernels::_noise_native(out, key, tensor_id, offset, stream)
+
+The dispatcher sends CPU tensors to the CPU kernel and CUDA tensors to the CUDA kernel, so one pair
+of functions serves both backends.  Arguments arrive validated by zo_kernels.ops (keys as two's
+complement int64).  Each kernel covers every tensor of the list in one pass (one parallel loop on
+CPU, one launch per dtype pair on CUDA), regenerating z from csrc/philox.h.
+"""
+from __future__ import annotations
+
+import torch
+
+DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def load():
+    """Import the extension (registers the ops); raises ImportError/OSError when it is missing or broken."""
+    from . import _C  # noqa: F401
+
+    return torch.ops.zo_kernels
+
+
+def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key):
+    torch.ops.zo_kernels._noise_axpy_native(params, list(keys), [float(a) for a in alphas], float(gamma),
+                                            list(dense) if dense is not None else [], float(beta),
+                                            int(rounding == "stochastic"), list(tensor_ids), list(offsets),
+                                            int(rounding_key))
+
+
+def noise(out, key, tensor_id, offset, stream):
+    torch.ops.zo_kernels._noise_native(out, int(key), int(tensor_id), int(offset), int(stream))
+
+
+def cpu_isa(request: str = "") -> str:
+    """The instruction set of the CPU kernel ("avx512", "avx2", "base"); a name selects it.
+
+    Every instruction set computes the same bits (no fused multiply-adds); tests check that.
+    """
+    return torch.ops.zo_kernels._native_cpu_isa(request)
+
+
+def has_cuda() -> bool:
+    """Whether the extension was built with its CUDA kernel."""
+    return bool(torch.ops.zo_kernels._native_has_cuda())
