@@ -13,6 +13,8 @@ CPU, one launch per dtype pair on CUDA), regenerating z from csrc/philox.h.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -20,8 +22,7 @@ DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 def load():
     """Import the extension (registers the ops); raises ImportError/OSError when it is missing or broken."""
-    from . import _C  # noqa: F401
-
+    importlib.import_module(f"{__package__}._C")
     return torch.ops.zo_kernels
 
 
