@@ -264,9 +264,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps += 1
         return float("nan")
 
-    def _begin_step(self):
-        self._call_idx = 0
+    def _begin_step(self, first_call: int = 0):
+        self._call_idx = first_call
         self._in_step = True
+
+    @staticmethod
+    def _decay(lr: float, weight_decay: float) -> float:
+        """γ = 1 − ηλ (applied by noise_axpy_ in fp32: see README, "weight decay and fp32 γ")."""
+        gamma = 1.0 - lr * weight_decay
+        if gamma <= 0.0:
+            raise ValueError(f"lr * weight_decay = {lr * weight_decay} must be < 1")
+        return gamma
 
     # --------------------------------------------------- evaluation helpers
     @property

@@ -60,7 +60,7 @@ class MeZO(ZOOptimizer):
         if self._pending is None:
             return
         pend = self._pending
-        self._begin_step()
+        self._begin_step(first_call=1 << 20)   # its own stochastic-rounding keys, apart from the steps' calls
         try:
             self._goto(pend["tensors"], pend["tids"], pend["offsets"], [Lin() for _ in pend["offsets"]])
         finally:
@@ -98,7 +98,7 @@ class MeZO(ZOOptimizer):
             tgt = []
             for g, mu in zip(groups, mus):
                 lr, wd = g["lr"], g["weight_decay"]
-                gamma = 1.0 - lr * wd
+                gamma = self._decay(lr, wd)
                 terms = [(k, -lr * (d / mu))]
                 if self.lookahead:
                     terms.append((k1, mu))

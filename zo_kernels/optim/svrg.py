@@ -162,7 +162,7 @@ class MeZOSVRG(ZOOptimizer):
             cs = [d / mu for mu in mus]
             # The new anchor θ̄ = θ_t: rebase the bookkeeping on it.
             rel = [Lin(1.0, [(a, -mu)]) for mu in mus]
-            new_theta = [Lin(1.0 - g["lr_full"] * g["weight_decay"], [(a, -g["lr_full"] * c)])
+            new_theta = [Lin(self._decay(g["lr_full"], g["weight_decay"]), [(a, -g["lr_full"] * c)])
                          for g, c in zip(groups, cs)]
             self._goto(tensors, tids, rel, new_theta)
             self._theta = new_theta if self.anchor == "replay" else None
@@ -221,7 +221,7 @@ class MeZOSVRG(ZOOptimizer):
             new_theta = []
             for g, mu, th, ca in zip(groups, mus, theta, cas):
                 lr, wd = g["lr"], g["weight_decay"]
-                new_theta.append(th.scaled(1.0 - lr * wd).plus([(k, -lr * ((d1 - d2) / mu)), (a, -lr * ca)]))
+                new_theta.append(th.scaled(self._decay(lr, wd)).plus([(k, -lr * ((d1 - d2) / mu)), (a, -lr * ca)]))
             if replay:
                 self._goto(tensors, tids, cur, new_theta)
                 self._theta = new_theta

@@ -1,0 +1,211 @@
+"""Paper toy (MeZO-SVRG, Gautam et al. 2024, Fig. 1a): least squares, MeZO vs MeZO-SVRG vs FO-SGD.
+
+    min_w  f(w) = mean_i (x_i·w − y_i)^2,   X: n×d standard normal, y = X w* + σ ε,  w0 = 0
+
+Paper settings: d=100, n=1000, batch 32, μ=1e-3; MeZO lr 1e-3; MeZO-SVRG η1=1e-3 (full steps,
+the full batch at each anchor), η2=1e-4 (minibatch steps), q=2.  FO-SGD: lr 1e-3, batch 32.
+The optimum f* comes from torch.linalg.lstsq (float64).
+
+Cost axis: a query is one forward pass of one example.  MeZO: 2·batch per step; MeZO-SVRG:
+2·n on full steps, 4·batch on minibatch steps; FO-SGD: batch per step (the backward pass,
+≈2 forwards of compute, is not counted).  By default MeZO and FO-SGD run until they have used
+as many queries as MeZO-SVRG used in --steps steps, so both axes can be compared.
+
+    python python/least_squares.py                 # 10k SVRG steps, 3 seeds -> runs/least_squares/
+    python python/least_squares.py --steps 2000 --seeds 1 --out /tmp/ls
+
+Writes <out>/least_squares.csv (method, seed, step, queries, loss, loss_over_opt) and
+<out>/least_squares.png (loss / f* against steps and against queries).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from zo_kernels.optim import MeZO, MeZOSVRG  # noqa: E402
+
+METHODS = ("mezo-svrg", "mezo", "fo-sgd")
+LABELS = {"mezo-svrg": "MeZO-SVRG", "mezo": "MeZO", "fo-sgd": "FO-SGD"}
+
+
+def make_problem(seed: int, d: int = 100, n: int = 1000, w_scale: float = 1.0, noise: float = 1.0):
+    """X, y (float64), and the least-squares optimum value f*."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w_star = torch.randn(d, generator=g, dtype=torch.float64) * w_scale
+    y = X @ w_star + noise * torch.randn(n, generator=g, dtype=torch.float64)
+    w_opt = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    f_opt = float(((X @ w_opt - y) ** 2).mean())
+    return {"X": X, "y": y, "f_opt": f_opt, "seed": seed}
+
+
+def run(method: str, prob: dict, steps: int, *, batch: int = 32, mu: float = 1e-3, lr_mezo: float = 1e-3,
+        lr1: float = 1e-3, lr2: float = 1e-4, q: int = 2, lr_sgd: float = 1e-3, full_batch: int = 0,
+        dtype=torch.float32, eval_every: int = 50, log_evals: int = 0, anchor: str = "dense", backend=None, seed: int = 0):
+    """Train from w0 = 0 for `steps` steps; returns {"step", "queries", "loss"} lists (full-batch loss)."""
+    X64, y64 = prob["X"], prob["y"]
+    n, d = X64.shape
+    X, y = X64.to(dtype), y64.to(dtype)
+    w = torch.nn.Parameter(torch.zeros(d, dtype=dtype))
+    gen = torch.Generator().manual_seed(1_000 + 7919 * prob["seed"] + seed)
+    f = lambda idx: ((X[idx] @ w - y[idx]) ** 2).mean()
+    f_all = lambda: ((X @ w - y) ** 2).mean()
+    full = full_batch if 0 < full_batch < n else n
+    if method == "mezo":
+        opt = MeZO([w], lr=lr_mezo, eps=mu, seed=seed, backend=backend)
+    elif method == "mezo-svrg":
+        opt = MeZOSVRG([w], lr=lr2, lr_full=lr1, eps=mu, q=q, seed=seed, anchor=anchor, backend=backend)
+    elif method == "fo-sgd":
+        opt = torch.optim.SGD([w], lr=lr_sgd)
+    else:
+        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    out = {"step": [], "queries": [], "loss": []}
+    queries = 0
+
+    def record(step):
+        with torch.no_grad():
+            out["step"].append(step)
+            out["queries"].append(queries)
+            out["loss"].append(float(((X64 @ w.detach().double() - y64) ** 2).mean()))
+
+    # log_evals extra evaluation points spaced geometrically, so the start shows on log axes
+    extra = {int(round(steps ** (i / log_evals))) for i in range(1, log_evals + 1)} if log_evals else set()
+    record(0)
+    for t in range(1, steps + 1):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        if method == "fo-sgd":
+            opt.zero_grad(set_to_none=True)
+            f(idx).backward()
+            opt.step()
+            queries += batch
+        elif method == "mezo":
+            opt.step(lambda: f(idx))
+            queries += 2 * batch
+        else:
+            if opt.is_full_step:
+                fidx = torch.arange(n) if full == n else torch.randperm(n, generator=gen)[:full]
+                opt.step(None, full_closure=(lambda: f_all()) if full == n else (lambda: f(fidx)))
+                queries += 2 * full
+            else:
+                opt.step(lambda: f(idx))
+                queries += 4 * batch
+        if t % eval_every == 0 or t == steps or t in extra:
+            record(t)
+    return out
+
+
+def svrg_queries(steps: int, q: int, n_full: int, batch: int) -> int:
+    full = (steps + q - 1) // q
+    return full * 2 * n_full + (steps - full) * 4 * batch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10_000, help="MeZO-SVRG steps")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--d", type=int, default=100)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--mu", type=float, default=1e-3)
+    ap.add_argument("--lr-mezo", type=float, default=1e-3)
+    ap.add_argument("--lr1", type=float, default=1e-3, help="MeZO-SVRG η1 (full steps)")
+    ap.add_argument("--lr2", type=float, default=1e-4, help="MeZO-SVRG η2 (minibatch steps)")
+    ap.add_argument("--q", type=int, default=2)
+    ap.add_argument("--lr-sgd", type=float, default=1e-3)
+    ap.add_argument("--full-batch", type=int, default=0, help="examples per full step (0: all n)")
+    ap.add_argument("--w-scale", type=float, default=1.0, help="w* ~ N(0, w_scale^2)")
+    ap.add_argument("--noise", type=float, default=1.0)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--anchor", choices=("dense", "replay"), default="dense")
+    ap.add_argument("--equal-steps", action="store_true",
+                    help="run every method for --steps steps (default: MeZO / FO-SGD match SVRG's queries)")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between loss evaluations (0: auto)")
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--out", default=os.path.join("runs", "least_squares"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*falling back.*")
+    os.makedirs(args.out, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    n_full = args.full_batch if 0 < args.full_batch < args.n else args.n
+    total_q = svrg_queries(args.steps, args.q, n_full, args.batch)
+    rows, finals = [], {m: [] for m in METHODS}
+    for s in range(args.seeds):
+        prob = make_problem(s, args.d, args.n, args.w_scale, args.noise)
+        for m in METHODS:
+            if m == "mezo-svrg" or args.equal_steps:
+                steps = args.steps
+            else:
+                steps = total_q // (2 * args.batch if m == "mezo" else args.batch)
+            every = args.eval_every or max(1, steps // 400)
+            t0 = time.time()
+            res = run(m, prob, steps, batch=args.batch, mu=args.mu, lr_mezo=args.lr_mezo, lr1=args.lr1,
+                      lr2=args.lr2, q=args.q, lr_sgd=args.lr_sgd, full_batch=args.full_batch, dtype=dtype,
+                      eval_every=every, log_evals=60, anchor=args.anchor, backend=args.backend, seed=s)
+            for st, qq, l in zip(res["step"], res["queries"], res["loss"]):
+                rows.append([m, s, st, qq, l, l / prob["f_opt"]])
+            # the loss at SVRG's step budget and at the end (equal queries)
+            at_steps = [l for st, l in zip(res["step"], res["loss"]) if st <= args.steps][-1]
+            finals[m].append((prob["f_opt"], at_steps, res["loss"][-1]))
+            print(f"seed {s} {LABELS[m]:10s} steps {steps:7d} queries {res['queries'][-1]:10d}  "
+                  f"f/f* at {args.steps} steps {at_steps / prob['f_opt']:.4f}  at the end "
+                  f"{res['loss'][-1] / prob['f_opt']:.4f}   ({time.time() - t0:.1f}s)", flush=True)
+    csv_path = os.path.join(args.out, "least_squares.csv")
+    with open(csv_path, "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["method", "seed", "step", "queries", "loss", "loss_over_opt"])
+        wr.writerows(rows)
+    png = plot(rows, args, os.path.join(args.out, "least_squares.png"))
+    print("\nmean f/f* over seeds (at the SVRG step budget | at equal queries):")
+    for m in METHODS:
+        a = sum(x[1] / x[0] for x in finals[m]) / len(finals[m])
+        b = sum(x[2] / x[0] for x in finals[m]) / len(finals[m])
+        print(f"  {LABELS[m]:10s} {a:.4f} | {b:.4f}")
+    print(f"wrote {csv_path} and {png}")
+    return finals
+
+
+def plot(rows, args, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"mezo-svrg": "tab:red", "mezo": "tab:blue", "fo-sgd": "tab:gray"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, xkey, xlabel in ((axes[0], 2, "steps"), (axes[1], 3, "queries (forward passes of one example)")):
+        for m in METHODS:
+            seeds = sorted({r[1] for r in rows if r[0] == m})
+            for i, s in enumerate(seeds):
+                pts = [r for r in rows if r[0] == m and r[1] == s and
+                       (r[3] > 0 if xkey == 3 else r[2] <= args.steps)]
+                ax.plot([p[xkey] for p in pts], [p[5] for p in pts], color=colors[m], alpha=0.8, lw=1.2,
+                        label=LABELS[m] if i == 0 else None)
+        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="optimum f*")
+        ax.set_yscale("log")
+        ax.set_xscale("log" if xkey == 3 else "linear")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("full-batch loss / f*")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_title(f"least squares d={args.d} n={args.n}: against steps")
+    axes[1].set_title("against queries")
+    axes[0].legend()
+    fig.suptitle(f"μ={args.mu}, batch {args.batch}; MeZO lr {args.lr_mezo}; MeZO-SVRG η1={args.lr1} "
+                 f"η2={args.lr2} q={args.q}; FO-SGD lr {args.lr_sgd}; {args.seeds} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
