@@ -69,6 +69,37 @@ inline void check_axpy_args(at::TensorList params, at::IntArrayRef keys, at::Arr
   }
 }
 
+// Bytes of one tensor's residue plane (zo_kernels.restore.plane_numel_bytes).
+inline int64_t plane_numel_bytes(int64_t numel, int64_t offset, int64_t bits) {
+  if (numel == 0) return 0;
+  return ((offset + numel + 3) / 4 - offset / 4) * bits / 2;
+}
+
+// Validate the arguments of _noise_axpy_exact_native for tensors on `device`.
+inline void check_exact_args(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
+                             at::ArrayRef<double> undo, at::TensorList planes, int64_t plane_bits,
+                             int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
+                             c10::DeviceType device) {
+  check_axpy_args(params, keys, alphas, {}, stochastic, tensor_ids, offsets, device);
+  const size_t n = params.size();
+  TORCH_CHECK(undo.size() == keys.size(), "_noise_axpy_exact_native: ", keys.size(), " keys but ", undo.size(),
+              " undo coefficients");
+  TORCH_CHECK(plane_bits == 2 || plane_bits == 4 || plane_bits == 8,
+              "_noise_axpy_exact_native: plane_bits must be 2, 4 or 8, got ", plane_bits);
+  TORCH_CHECK(planes.empty() || planes.size() == n, "_noise_axpy_exact_native: ", planes.size(), " planes for ", n,
+              " params");
+  for (size_t i = 0; i < planes.size(); ++i) {
+    const at::Tensor& pl = planes[i];
+    TORCH_CHECK(pl.device() == params[i].device(), "planes[", i, "] is on ", pl.device(), " but params[", i, "] on ",
+                params[i].device());
+    TORCH_CHECK(pl.scalar_type() == at::kByte && pl.is_contiguous(), "planes[", i,
+                "] must be a contiguous uint8 tensor (zo_kernels.restore.make_planes)");
+    const int64_t want = plane_numel_bytes(params[i].numel(), offsets[i], plane_bits);
+    TORCH_CHECK(pl.numel() == want, "planes[", i, "] has ", pl.numel(), " bytes; params[", i, "] at offset ",
+                offsets[i], " needs ", want, " for ", plane_bits, "-bit residues");
+  }
+}
+
 inline void check_noise_args(const at::Tensor& out, int64_t tensor_id, int64_t offset, int64_t stream,
                              c10::DeviceType device) {
   TORCH_CHECK(out.device().type() == device, "out is on ", out.device(), ", expected ", device);

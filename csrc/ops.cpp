@@ -41,6 +41,11 @@ bool has_cuda() {
 TORCH_LIBRARY_FRAGMENT(zo_kernels, m) {
   m.def("_noise_axpy_native(Tensor(a!)[] params, int[] keys, float[] alphas, float gamma, Tensor[] dense, "
         "float beta, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
+  // The exact-restore form (zo_kernels/restore.py, csrc/restore.h): undo the carried perturbation by
+  // inverting its rounding (planes read), or record residues (planes written), then apply alphas.
+  m.def("_noise_axpy_exact_native(Tensor(a!)[] params, int[] keys, float[] alphas, float[] undo, float gamma, "
+        "Tensor(b!)[] planes, int plane_bits, int stochastic, int[] tensor_ids, int[] offsets, "
+        "int rounding_key) -> ()");
   // out float32/bfloat16/float16: z; out int32: the raw Philox words (the integer layer, for tests).
   m.def("_noise_native(Tensor(a!) out, int key, int tensor_id, int offset, int stream) -> ()");
   m.def("_philox4x32_native(int[] counter, int[] key) -> int[]", &philox4x32);

@@ -49,18 +49,16 @@ def _register_native() -> None:
         backends.register_unavailable("cpu", ("cpu",), reason)
         backends.register_unavailable("cuda", ("cuda",), reason)
         return
-    # No native exact-restore kernel (zo_kernels.restore) yet: that form runs the reference, so the
-    # default CPU backend still serves undo/planes calls.
     backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
-                                       axpy_exact=noise_axpy_exact_reference,
-                                       notes={"isa": native.cpu_isa(), "axpy_exact": "reference"}))
+                                       axpy_exact=native.noise_axpy_exact, notes={"isa": native.cpu_isa()}))
     if not native.has_cuda():
         backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "
                                       "(torch without CUDA, or nvcc/CUDA_HOME not found at build time)")
     elif not torch.cuda.is_available():
         backends.register_unavailable("cuda", ("cuda",), "no CUDA device")
     else:
-        backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise))
+        backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise,
+                                           axpy_exact=native.noise_axpy_exact))
 
 
 def register_all() -> None:

@@ -5,6 +5,11 @@ Both are the ops of the extension zo_kernels._C, built from source by setup.py:
     zo_kernels::_noise_axpy_native(params, keys, alphas, gamma, dense, beta, stochastic,
                                    tensor_ids, offsets, rounding_key)
     zo_kernels::_noise_native(out, key, tensor_id, offset, stream)
+    zo_kernels::_noise_axpy_exact_native(params, keys, alphas, undo, gamma, planes, plane_bits, stochastic,
+                                         tensor_ids, offsets, rounding_key)
+
+The last is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
+csrc/restore.h, shared by both kernels).
 
 The dispatcher sends CPU tensors to the CPU kernel and CUDA tensors to the CUDA kernel, so one pair
 of functions serves both backends.  Arguments arrive validated by zo_kernels.ops (keys as two's
@@ -31,6 +36,15 @@ def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, o
                                             list(dense) if dense is not None else [], float(beta),
                                             int(rounding == "stochastic"), list(tensor_ids), list(offsets),
                                             int(rounding_key))
+
+
+def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
+                     rounding_key):
+    torch.ops.zo_kernels._noise_axpy_exact_native(params, list(keys), [float(a) for a in alphas],
+                                                  [float(u) for u in undo], float(gamma),
+                                                  list(planes) if planes else [], int(plane_bits),
+                                                  int(rounding == "stochastic"), list(tensor_ids), list(offsets),
+                                                  int(rounding_key))
 
 
 def noise(out, key, tensor_id, offset, stream):

@@ -2,6 +2,12 @@
 //
 //   theta_t <- gamma * theta_t + sum_j alpha_j * z(key_j, t) + beta * dense_t      (fp32, one rounding)
 //
+// and its exact-restore form (Args::exact; zo_kernels/restore.py, the rules in ../restore.h):
+//
+//   theta0 <- invert(theta_t, sum_j undo_j z_j [, plane residue])   (when some undo_j != 0)
+//   plane_t <- residues of theta0                                    (when undo is all zero, planes given)
+//   theta_t <- round(gamma * theta0 + sum_j alpha_j z_j)
+//
 // Work is cut into blocks of 16 quads (64 elements) counted from each tensor's first quad
 // (offset / 4); the parallel loop runs over the concatenated block ranges of all tensors. Every
 // element's value depends only on (key, tensor id, global index), never on the block or thread.
@@ -15,6 +21,7 @@
 #endif
 
 #include "../philox.h"
+#include "../restore.h"
 
 namespace zo {
 namespace cpu {
@@ -32,6 +39,7 @@ struct Task {
   uint32_t tid;      // tensor id in the counter
   int pdt;           // DType of p
   int ddt;           // DType of d (NONE without a dense term)
+  uint8_t* plane;    // exact mode: the residue plane (one word per quad from offset / 4), or nullptr
   int64_t first;     // index of this tensor's first block in the concatenated block range
   int64_t blocks;    // number of blocks
 };
@@ -48,6 +56,12 @@ struct Args {
   bool stochastic;         // stochastic rounding for bf16 / fp16 outputs
   uint32_t stream;         // Philox stream of the noise (0 for noise_axpy_)
   uint32_t rk0, rk1;       // rounding key
+  // Exact-restore form (no dense term, has_x true):
+  bool exact;              // run the exact form
+  const float* undo;       // K coefficients of the perturbation theta carries now
+  bool invert;             // some undo != 0: invert the rounding first
+  int plane_mode;          // 0: no planes, 1: write residues (not inverting), 2: read them (inverting)
+  int plane_bits;          // 2, 4 or 8
 };
 
 // Process the concatenated blocks [b0, b1) of args' tasks.

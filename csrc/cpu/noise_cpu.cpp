@@ -62,6 +62,7 @@ Task make_task(const at::Tensor& p, const at::Tensor* d, int64_t tid, int64_t of
   t.tid = (uint32_t)tid;
   t.pdt = dtype_code(p.scalar_type());
   t.ddt = d ? dtype_code(d->scalar_type()) : NONE;
+  t.plane = nullptr;
   t.first = first;
   const int64_t quads = t.n ? (off + t.n + 3) / 4 - off / 4 : 0;
   t.blocks = (quads + QUADS - 1) / QUADS;
@@ -90,7 +91,7 @@ void noise_axpy_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<do
     split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
     alpha_f[j] = (float)alphas[j];
   }
-  Args a;
+  Args a{};
   a.tasks = tasks.data();
   a.ntasks = (int)tasks.size();
   a.keys = key_words.data();
@@ -105,13 +106,58 @@ void noise_axpy_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<do
   launch(a, total);
 }
 
+// The exact-restore form (zo_kernels.restore; rules in ../restore.h): one parallel loop over the blocks
+// of every tensor, like noise_axpy_cpu. Each block owns whole quads, hence whole plane words.
+void noise_axpy_exact_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
+                          at::ArrayRef<double> undo, double gamma, at::TensorList planes, int64_t plane_bits,
+                          int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
+                          int64_t rounding_key) {
+  check_exact_args(params, keys, alphas, undo, planes, plane_bits, stochastic, tensor_ids, offsets,
+                   c10::DeviceType::CPU);
+  std::vector<Task> tasks;
+  tasks.reserve(params.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    tasks.push_back(make_task(params[i], nullptr, tensor_ids[i], offsets[i], total));
+    if (!planes.empty()) tasks.back().plane = planes[i].numel() ? planes[i].data_ptr<uint8_t>() : nullptr;
+    total += tasks.back().blocks;
+  }
+  std::vector<uint32_t> key_words(2 * keys.size());
+  std::vector<float> alpha_f(alphas.size()), undo_f(undo.size());
+  bool invert = false;
+  for (size_t j = 0; j < keys.size(); ++j) {
+    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
+    alpha_f[j] = (float)alphas[j];
+    undo_f[j] = (float)undo[j];
+    invert = invert || undo[j] != 0.0;
+  }
+  Args a{};
+  a.tasks = tasks.data();
+  a.ntasks = (int)tasks.size();
+  a.keys = key_words.data();
+  a.alphas = alpha_f.data();
+  a.K = (int)keys.size();
+  a.gamma = (float)gamma;
+  a.beta = 0.0f;
+  a.has_x = true;
+  a.stochastic = stochastic != 0;
+  a.stream = STREAM_NOISE;
+  split_key(rounding_key, a.rk0, a.rk1);
+  a.exact = true;
+  a.undo = undo_f.data();
+  a.invert = invert;
+  a.plane_mode = planes.empty() ? 0 : (invert ? 2 : 1);
+  a.plane_bits = (int)plane_bits;
+  launch(a, total);
+}
+
 void noise_cpu(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
   check_noise_args(out, tensor_id, offset, stream, c10::DeviceType::CPU);
   Task t = make_task(out, nullptr, tensor_id, offset, 0);
   uint32_t kw[2];
   split_key(key, kw[0], kw[1]);
   const float one = 1.0f;
-  Args a;
+  Args a{};
   a.tasks = &t;
   a.ntasks = 1;
   a.keys = kw;
@@ -147,4 +193,5 @@ std::string cpu_isa(const std::string& request) {
 TORCH_LIBRARY_IMPL(zo_kernels, CPU, m) {
   m.impl("_noise_axpy_native", &zo::cpu::noise_axpy_cpu);
   m.impl("_noise_native", &zo::cpu::noise_cpu);
+  m.impl("_noise_axpy_exact_native", &zo::cpu::noise_axpy_exact_cpu);
 }

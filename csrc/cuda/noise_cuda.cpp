@@ -20,14 +20,17 @@ namespace {
 
 bool aligned4(const void* ptr, size_t elsize) { return ((uintptr_t)ptr % (4 * elsize)) == 0; }
 
-// One launch over `idx` tensors: table (entries, keys, alphas) copied to the device in one transfer.
+// One launch over `idx` tensors: table (entries, keys, alphas, and in exact mode the undo coefficients)
+// copied to the device in one transfer. `planes` (exact mode) are the residue planes, or empty.
 void launch_group(const std::vector<size_t>& idx, at::TensorList params, at::TensorList dense,
                   at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
-                  const std::vector<uint32_t>& key_words, const std::vector<float>& alpha_f, LaunchArgs a) {
+                  const std::vector<uint32_t>& key_words, const std::vector<float>& alpha_f, LaunchArgs a,
+                  at::TensorList planes = {}, const std::vector<float>& undo_f = {}) {
   const size_t T = idx.size();
   const size_t entry_bytes = T * sizeof(Entry);
   const size_t key_bytes = key_words.size() * sizeof(uint32_t);
-  const size_t bytes = entry_bytes + key_bytes + alpha_f.size() * sizeof(float);
+  const size_t alpha_bytes = alpha_f.size() * sizeof(float);
+  const size_t bytes = entry_bytes + key_bytes + alpha_bytes + undo_f.size() * sizeof(float);
   at::Tensor host = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* base = host.data_ptr<uint8_t>();
   Entry* entries = reinterpret_cast<Entry*>(base);
@@ -44,18 +47,22 @@ void launch_group(const std::vector<size_t>& idx, at::TensorList params, at::Ten
     e.quad_start = quads;
     e.tid = (uint32_t)tensor_ids[i];
     e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size()));
+    e.plane = planes.empty() || planes[i].numel() == 0 ? nullptr : planes[i].data_ptr<uint8_t>();
+    e.plane_aligned = e.plane && ((uintptr_t)e.plane % (uintptr_t)(a.plane_bits / 2)) == 0;
     entries[r] = e;
     quads += e.n ? (e.off + e.n + 3) / 4 - e.off / 4 : 0;
   }
   if (quads == 0) return;
   std::memcpy(base + entry_bytes, key_words.data(), key_bytes);
-  std::memcpy(base + entry_bytes + key_bytes, alpha_f.data(), alpha_f.size() * sizeof(float));
+  std::memcpy(base + entry_bytes + key_bytes, alpha_f.data(), alpha_bytes);
+  if (!undo_f.empty()) std::memcpy(base + entry_bytes + key_bytes + alpha_bytes, undo_f.data(), undo_f.size() * sizeof(float));
   const at::Tensor dev = host.to(params[idx[0]].device(), /*non_blocking=*/true);
   const auto* dbase = dev.data_ptr<uint8_t>();
   a.table = reinterpret_cast<const Entry*>(dbase);
   a.T = (int)T;
   a.keys = reinterpret_cast<const uint32_t*>(dbase + entry_bytes);
   a.alphas = reinterpret_cast<const float*>(dbase + entry_bytes + key_bytes);
+  a.undo = undo_f.empty() ? nullptr : reinterpret_cast<const float*>(dbase + entry_bytes + key_bytes + alpha_bytes);
   a.total_quads = quads;
   C10_CUDA_CHECK(launch_noise(a, c10::cuda::getCurrentCUDAStream().stream()));
   // `dev` is freed to the caching allocator here; its reuse is ordered after the kernel on this stream.
@@ -96,6 +103,48 @@ void noise_axpy_cuda(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<d
   }
 }
 
+// The exact-restore form (zo_kernels.restore; rules in ../restore.h): one launch per param dtype.
+void noise_axpy_exact_cuda(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
+                           at::ArrayRef<double> undo, double gamma, at::TensorList planes, int64_t plane_bits,
+                           int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
+                           int64_t rounding_key) {
+  check_exact_args(params, keys, alphas, undo, planes, plane_bits, stochastic, tensor_ids, offsets,
+                   c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  for (size_t i = 1; i < params.size(); ++i)
+    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
+                " but params[0] on ", params[0].device());
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<uint32_t> key_words(2 * keys.size());
+  std::vector<float> alpha_f(alphas.size()), undo_f(undo.size());
+  bool invert = false;
+  for (size_t j = 0; j < keys.size(); ++j) {
+    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
+    alpha_f[j] = (float)alphas[j];
+    undo_f[j] = (float)undo[j];
+    invert = invert || undo[j] != 0.0;
+  }
+  std::map<int, std::vector<size_t>> groups;
+  for (size_t i = 0; i < params.size(); ++i) groups[dtype_code(params[i].scalar_type())].push_back(i);
+  for (const auto& kv : groups) {
+    LaunchArgs a{};
+    a.K = (int)keys.size();
+    a.gamma = (float)gamma;
+    a.beta = 0.0f;
+    a.pdt = kv.first;
+    a.ddt = NONE;
+    a.has_x = 1;
+    a.stochastic = (int)stochastic;
+    a.stream = 0;
+    split_key(rounding_key, a.rk0, a.rk1);
+    a.exact = 1;
+    a.invert = invert ? 1 : 0;
+    a.plane_mode = planes.empty() ? 0 : (invert ? 2 : 1);
+    a.plane_bits = (int)plane_bits;
+    launch_group(kv.second, params, {}, tensor_ids, offsets, key_words, alpha_f, a, planes, undo_f);
+  }
+}
+
 void noise_cuda(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
   check_noise_args(out, tensor_id, offset, stream, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(out.device());
@@ -120,4 +169,5 @@ void noise_cuda(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t o
 TORCH_LIBRARY_IMPL(zo_kernels, CUDA, m) {
   m.impl("_noise_axpy_native", &zo::cuda::noise_axpy_cuda);
   m.impl("_noise_native", &zo::cuda::noise_cuda);
+  m.impl("_noise_axpy_exact_native", &zo::cuda::noise_axpy_exact_cuda);
 }

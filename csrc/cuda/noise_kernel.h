@@ -3,6 +3,10 @@
 //
 //   theta_t <- gamma * theta_t + sum_j alpha_j * z(key_j, t) + beta * dense_t      (fp32, one rounding)
 //
+// and its exact-restore form (LaunchArgs::exact; zo_kernels/restore.py, the rules in ../restore.h):
+// theta0 <- invert(theta_t, sum_j undo_j z_j [, plane residue]) when some undo_j != 0, else the residue
+// plane is written from theta0 = theta_t (when given); then theta_t <- round(gamma theta0 + sum_j alpha_j z_j).
+//
 // One launch covers every tensor of a (param dtype, dense dtype) group: a device table of Entry
 // rows (pointer/size table) and a grid-stride loop over each tensor's quads; each thread makes one
 // Philox call per quad of 4 elements (vector loads and stores where the quad is aligned).
@@ -24,6 +28,8 @@ struct Entry {
   int64_t quad_start;  // quads of the earlier tensors of the launch (spreads small tensors over threads)
   uint32_t tid;        // tensor id in the counter
   uint32_t aligned;    // p (and d) aligned to 4 elements and off % 4 == 0: vector loads / stores
+  uint8_t* plane;      // exact mode: the residue plane (one word per quad from off / 4), or nullptr
+  uint32_t plane_aligned;  // plane aligned to its word size: one load / store per word
 };
 
 struct LaunchArgs {
@@ -41,6 +47,12 @@ struct LaunchArgs {
   uint32_t stream;         // Philox stream of the noise
   uint32_t rk0, rk1;       // rounding key
   int64_t total_quads;     // sum of the tensors' quads (sizes the grid)
+  // Exact-restore form (no dense term, has_x 1):
+  int exact;               // run the exact-form kernel
+  const float* undo;       // device: K coefficients of the perturbation theta carries now
+  int invert;              // some undo != 0: invert the rounding first
+  int plane_mode;          // 0: no planes, 1: write residues (not inverting), 2: read them (inverting)
+  int plane_bits;          // 2, 4 or 8
 };
 
 // Enqueue the kernel on `stream`; returns the launch error (cudaSuccess when queued).
