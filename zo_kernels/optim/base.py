@@ -29,8 +29,11 @@ import torch
 
 from ..noise import M64, mix_keys, step_key
 from ..ops import ROUNDINGS, noise_axpy_
+from ..restore import PLANE_BITS, make_planes
 
 NAN_POLICIES = ("raise", "skip")
+RESTORES = ("auto", "exact", "fused")
+_HALF = (torch.bfloat16, torch.float16)
 _ROUNDING_TAG = 0x524F554E44  # "ROUND": domain separation of the per-call stochastic-rounding keys
 
 
@@ -69,6 +72,11 @@ class Lin:
 
     def __repr__(self):
         return f"Lin(a={self.a!r}, c={self.c!r})"
+
+
+def _lin_eq(x: Lin, y: Lin) -> bool:
+    keys = set(x.c) | set(y.c)
+    return x.a == y.a and all(x.c.get(k, 0.0) == y.c.get(k, 0.0) for k in keys)
 
 
 def move_args(cur: Lin, tgt: Lin) -> Tuple[float, List[Tuple[int, float]]]:
@@ -124,8 +132,18 @@ class ZOOptimizer(torch.optim.Optimizer):
     _group_checks = {"lr": False, "eps": True, "weight_decay": False}
 
     def __init__(self, params, defaults: dict, *, seed: int = 0, record: bool = False,
-                 rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise"):
+                 rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
+                 restore: str = "auto", plane_bits: int = 2):
         self.seed = check_seed(seed)
+        if restore not in RESTORES:
+            raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
+        if plane_bits not in (0,) + PLANE_BITS:
+            raise ValueError(f"plane_bits must be 0 (no residue plane) or one of {PLANE_BITS}, got {plane_bits!r}")
+        self.restore = restore
+        self.plane_bits = plane_bits
+        # Exact restore, per storage group: [materialised point M, open excursion E (key -> coeff) or None,
+        # residue planes or None].  The weights hold round(M + Σ E·z) from one exact-form call.
+        self._xs: Dict[tuple, list] = {}
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if nan_policy not in NAN_POLICIES:
@@ -193,36 +211,96 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -------------------------------------------------------- the noise path
     def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], keys: List[int],
-                    alphas: List[float], gamma: float, *, log: bool = True) -> None:
+                    alphas: List[float], gamma: float, *, log: bool = True, rounding: Optional[str] = None,
+                    undo: Optional[List[float]] = None, planes: Optional[list] = None) -> None:
         """The only call of zo_kernels.noise_axpy_ in the optimizers (and its trajectory record)."""
         keys = [k & M64 for k in keys]
+        rounding = rounding or self.rounding
         rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
         self._call_idx += 1
-        noise_axpy_(tensors, keys, alphas, gamma=gamma, rounding=self.rounding, tensor_ids=tids,
-                    rounding_key=rkey, backend=self.backend)
+        noise_axpy_(tensors, keys, alphas, gamma=gamma, rounding=rounding, tensor_ids=tids,
+                    rounding_key=rkey, backend=self.backend, undo=undo, planes=planes)
         if log and self.trajectory is not None:
-            self.trajectory.append({"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
-                                    "gamma": float(gamma), "tensor_ids": list(tids),
-                                    "rounding": self.rounding, "rounding_key": rkey})
+            rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
+                   "gamma": float(gamma), "tensor_ids": list(tids), "rounding": rounding, "rounding_key": rkey}
+            if undo is not None:
+                rec["undo"] = [float(u) for u in undo]
+                rec["plane"] = None if planes is None else ("read" if any(undo) else "write")
+                rec["plane_bits"] = self.plane_bits
+            self.trajectory.append(rec)
+
+    def _exact_active(self, tensors: List[torch.Tensor]) -> bool:
+        """Exact restore applies to half-precision weights by default (restore="auto")."""
+        if self.restore == "fused" or getattr(self, "lookahead", False):
+            return False
+        return self.restore == "exact" or any(t.dtype in _HALF for t in tensors)
+
+    def _exact_move(self, ts, ids, cur: Lin, tgt: Lin, final: bool):
+        """Plan one group's move in exact-restore form: (signature, planes) or None when nothing moves.
+
+        A non-final move with gamma = 1 is an excursion from the materialised point M (perturbation,
+        or a jump to θ̄ ± μz): it rounds to nearest so the next move can invert it.  A final move
+        (an update) or one with gamma != 1 materialises its target, rounding with self.rounding."""
+        skey = tuple(t.data_ptr() for t in ts)
+        st = self._xs.get(skey)
+        if st is None or not _lin_eq(st[0].plus(list((st[1] or {}).items())), cur):
+            st = [cur, None, None]          # the weights are exactly what the bookkeeping says
+        m, exc, planes = st
+        exc = exc or {}
+        gamma, pairs = move_args(m, tgt)
+        excursion = gamma == 1.0 and not final
+        pd = dict(pairs)
+        keys = list(exc) + [k for k in pd if k not in exc]
+        if not keys and gamma == 1.0:
+            return None
+        if not self.plane_bits:
+            planes = None
+        elif exc:
+            pass                            # read the planes written when this excursion began
+        elif excursion and pd:
+            planes = make_planes(ts, self.plane_bits)
+        else:
+            planes = None
+        new_exc = pd if excursion and pd else None
+        self._xs[skey] = [m if new_exc else tgt, new_exc, planes if new_exc else None]
+        sig = ("exact", gamma, tuple(keys), tuple(exc.get(k, 0.0) for k in keys), tuple(pd.get(k, 0.0) for k in keys),
+               "nearest" if excursion else self.rounding, planes is not None)
+        return sig, planes
 
     def _goto(self, storages: List[List[torch.Tensor]], tids: List[List[int]], cur: List[Optional[Lin]],
-              tgt: List[Optional[Lin]], *, log: bool = True) -> List[Optional[Lin]]:
+              tgt: List[Optional[Lin]], *, log: bool = True, final: bool = False) -> List[Optional[Lin]]:
         """Move each group's storage from cur[g] to tgt[g]; groups needing identical calls share one.
 
-        Returns tgt (the new bookkeeping)."""
-        calls: Dict[tuple, Tuple[list, list]] = {}
+        `final` marks the update of a step: only it rounds with self.rounding (stochastic rounding
+        of a perturbation would only add noise that the restore cannot remove).  Returns tgt."""
+        calls: Dict[tuple, Tuple[list, list, list]] = {}
         for g, (ts, ids) in enumerate(zip(storages, tids)):
             if not ts or tgt[g] is None:
                 continue
-            gamma, pairs = move_args(cur[g], tgt[g])
-            if gamma == 1.0 and not pairs:
-                continue
-            sig = (gamma, tuple(pairs))
-            bucket = calls.setdefault(sig, ([], []))
+            planes = None
+            if self._exact_active(ts):
+                plan = self._exact_move(ts, ids, cur[g], tgt[g], final)
+                if plan is None:
+                    continue
+                sig, planes = plan
+            else:
+                gamma, pairs = move_args(cur[g], tgt[g])
+                if gamma == 1.0 and not pairs:
+                    continue
+                sig = ("fused", gamma, tuple(pairs), self.rounding if final else "nearest")
+            bucket = calls.setdefault(sig, ([], [], []))
             bucket[0].extend(ts)
             bucket[1].extend(ids)
-        for (gamma, pairs), (ts, ids) in calls.items():
-            self._noise_axpy(ts, ids, [k for k, _ in pairs], [a for _, a in pairs], gamma, log=log)
+            bucket[2].extend(planes or [])
+        for sig, (ts, ids, planes) in calls.items():
+            if sig[0] == "exact":
+                _, gamma, keys, undo, alphas, rounding, _ = sig
+                self._noise_axpy(ts, ids, list(keys), list(alphas), gamma, log=log, rounding=rounding,
+                                 undo=list(undo), planes=planes or None)
+            else:
+                _, gamma, pairs, rounding = sig
+                self._noise_axpy(ts, ids, [k for k, _ in pairs], [a for _, a in pairs], gamma, log=log,
+                                 rounding=rounding)
         return [t if t is not None else c for c, t in zip(cur, tgt)]
 
     # ------------------------------------------------------------- closures
@@ -266,6 +344,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _begin_step(self, first_call: int = 0):
         self._call_idx = first_call
+        self._xs.clear()            # between steps the weights are exactly what they hold
         self._in_step = True
 
     @staticmethod
@@ -360,10 +439,19 @@ def replay(params, log, *, backend: Optional[str] = None) -> None:
     result is bit-identical to the recorded run.
     """
     flat = _flatten_params(params)
+    planes: Dict[tuple, list] = {}  # exact-restore residue planes, by the tensor ids they cover
     for i, rec in enumerate(log):
         ids = [int(t) for t in rec["tensor_ids"]]
         if ids and max(ids) >= len(flat):
             raise ValueError(f"log entry {i} refers to tensor id {max(ids)} but only {len(flat)} params were given")
-        noise_axpy_([flat[t] for t in ids], [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]],
+        ts = [flat[t] for t in ids]
+        pl = None
+        if rec.get("plane") == "write":
+            pl = planes[tuple(ids)] = make_planes(ts, int(rec["plane_bits"]))
+        elif rec.get("plane") == "read":
+            if tuple(ids) not in planes:
+                raise ValueError(f"log entry {i} reads residue planes that no earlier entry wrote")
+            pl = planes[tuple(ids)]
+        noise_axpy_(ts, [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]],
                     gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
-                    rounding_key=int(rec["rounding_key"]), backend=backend)
+                    rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl)

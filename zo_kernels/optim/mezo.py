@@ -29,7 +29,13 @@ class MeZO(ZOOptimizer):
         seed: base seed of the noise keys, an int in [0, 2**64); step t uses step_key(seed, t).
         lookahead: fuse the next step's +μz into the update pass (2 instead of 3 passes/step).
         record: keep `opt.trajectory`, a list of every noise_axpy_ call on the weights (see `replay`).
-        rounding: "nearest" | "stochastic" (bf16/fp16 weights).  backend: noise_axpy_ backend.
+        rounding: "nearest" | "stochastic" rounding of the update pass of bf16/fp16 weights (the
+            perturbation passes always round to nearest).  backend: noise_axpy_ backend.
+        restore: "auto" (exact for bf16/fp16 weights, fused for fp32), "exact" or "fused".  Exact
+            restore undoes a perturbation by inverting its rounding (zo_kernels.restore) instead of
+            subtracting μz again, so half-precision weights do not drift; not with lookahead.
+        plane_bits: residue-plane width for exact restore (0, 2, 4, 8 bits per element, allocated
+            for the duration of a perturbation only); wider planes resolve more ambiguous elements.
         nan_policy: "raise" (default) or "skip" on a NaN/inf loss; either way θ is restored
             and the step counter is not advanced.
 
@@ -41,14 +47,19 @@ class MeZO(ZOOptimizer):
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  lookahead: bool = False, *, record: bool = False, rounding: str = "nearest",
-                 backend: Optional[str] = None, nan_policy: str = "raise"):
+                 backend: Optional[str] = None, nan_policy: str = "raise", restore: str = "auto",
+                 plane_bits: int = 2):
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be a bool, got {type(lookahead).__name__}")
+        if lookahead and restore == "exact":
+            raise ValueError("lookahead=True keeps the weights perturbed across steps, which exact restore "
+                             "cannot invert; use restore='fused' (or 'auto') with lookahead")
         self.lookahead = lookahead
         # Pending lookahead perturbation: {"key", "tids", "tensors", "offsets": [Lin or None]}.
         self._pending = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
-                         rounding=rounding, backend=backend, nan_policy=nan_policy)
+                         rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
+                         plane_bits=plane_bits)
 
     # ------------------------------------------------------------ lookahead
     @property
@@ -103,7 +114,7 @@ class MeZO(ZOOptimizer):
                 if self.lookahead:
                     terms.append((k1, mu))
                 tgt.append(Lin(gamma, terms))
-            cur = self._goto(tensors, tids, cur, tgt)
+            cur = self._goto(tensors, tids, cur, tgt, final=True)
             self._t += 1
             if self.lookahead:
                 # Rebase on θ_{t+1}: the weights are θ_{t+1} + μ z_{t+1}.

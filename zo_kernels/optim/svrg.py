@@ -45,7 +45,7 @@ class MeZOSVRG(ZOOptimizer):
         eps: μ.  q: a full step every q steps (q=1: every step is a full step).
         seed: base seed, int in [0, 2**64).  anchor: "dense" or "replay" (see the module doc).
         weight_decay: λ, applied as θ ← θ − η(ĝ + λθ) on both kinds of step.
-        record, rounding, backend, nan_policy: as for MeZO.
+        record, rounding, backend, nan_policy, restore, plane_bits: as for MeZO.
 
     Returns from step: (l+ + l−)/2 at θ_t -- of full_closure on full steps, of closure otherwise.
     """
@@ -54,7 +54,8 @@ class MeZOSVRG(ZOOptimizer):
 
     def __init__(self, params, lr: float, lr_full: float, eps: float = 1e-3, q: int = 2, seed: int = 0,
                  anchor: str = "dense", weight_decay: float = 0.0, *, record: bool = False,
-                 rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise"):
+                 rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
+                 restore: str = "auto", plane_bits: int = 2):
         if isinstance(q, bool) or not isinstance(q, int):
             raise TypeError(f"q must be an int >= 1, got {type(q).__name__}")
         if q < 1:
@@ -69,7 +70,8 @@ class MeZOSVRG(ZOOptimizer):
         self._theta: Optional[List[Lin]] = None
         self._buf_at: Optional[List[Lin]] = None
         super().__init__(params, dict(lr=lr, lr_full=lr_full, eps=eps, weight_decay=weight_decay), seed=seed,
-                         record=record, rounding=rounding, backend=backend, nan_policy=nan_policy)
+                         record=record, rounding=rounding, backend=backend, nan_policy=nan_policy,
+                         restore=restore, plane_bits=plane_bits)
 
     @property
     def is_full_step(self) -> bool:
@@ -164,7 +166,7 @@ class MeZOSVRG(ZOOptimizer):
             rel = [Lin(1.0, [(a, -mu)]) for mu in mus]
             new_theta = [Lin(self._decay(g["lr_full"], g["weight_decay"]), [(a, -g["lr_full"] * c)])
                          for g, c in zip(groups, cs)]
-            self._goto(tensors, tids, rel, new_theta)
+            self._goto(tensors, tids, rel, new_theta, final=True)
             self._theta = new_theta if self.anchor == "replay" else None
             self._anchor = {"key": a, "c": cs, "tids": tids, "step": t}
             self._t += 1
@@ -210,6 +212,10 @@ class MeZOSVRG(ZOOptimizer):
                     l2p = self._eval(closure)
                     self._buf_at = self._goto(bufs, tids, self._buf_at, at_bar_m, log=False)
                     l2m = self._eval(closure)
+                    if self._exact_active([b for bs in bufs for b in bs]):
+                        # Exact restore cannot carry an excursion across steps: bring θ̄ back now
+                        # (one more pass) instead of moving it straight to θ̄ + μz_{t+1} next step.
+                        self._buf_at = self._goto(bufs, tids, self._buf_at, [Lin() for _ in groups], log=False)
                 finally:
                     self._swap(flat_al, swapped)
                     swapped = None
@@ -223,11 +229,11 @@ class MeZOSVRG(ZOOptimizer):
                 lr, wd = g["lr"], g["weight_decay"]
                 new_theta.append(th.scaled(self._decay(lr, wd)).plus([(k, -lr * ((d1 - d2) / mu)), (a, -lr * ca)]))
             if replay:
-                self._goto(tensors, tids, cur, new_theta)
+                self._goto(tensors, tids, cur, new_theta, final=True)
                 self._theta = new_theta
             else:
                 # Dense bookkeeping is relative to θ_t: rebase on θ_{t+1} right away.
-                self._goto(tensors, tids, cur, new_theta)
+                self._goto(tensors, tids, cur, new_theta, final=True)
             self._t += 1
             return (l1p + l1m) / 2.0
         except BaseException:
