@@ -128,6 +128,150 @@ def plot_drift(plt, rows):
     return fig
 
 
+# ----------------------------------------------------------------- training
+TRAIN_VARIANTS = ("naive", "fused", "fused_sr", "exact", "exact_sr", "exact8")
+
+
+def _digits(device):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32, device=device)
+    return x, torch.tensor(y, device=device)
+
+
+def _mlp(dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(32, 64), (32,), (10, 32), (10,)]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * (0.1 if len(s) == 2 else 0.0)).to(dtype).to(device))
+            for s in shapes]
+
+
+@torch.no_grad()
+def _loss(params, x, y):
+    w1, b1, w2, b2 = (p.to(torch.float64 if p.dtype == torch.float64 else torch.float32) for p in params)
+    h = torch.relu(x.to(w1.dtype) @ w1.T + b1)
+    return torch.nn.functional.cross_entropy(h @ w2.T + b2, y)
+
+
+def _naive_step(params, key, coeff):
+    """The published code's touch: z drawn into a temporary in the weights' dtype, out-of-place add."""
+    for tid, p in enumerate(params):
+        z = N.normal(key, tid, p.numel(), device=p.device).view_as(p).to(p.dtype)
+        p.data = p.data + coeff * z
+
+
+def _naive_mezo(params, closure, seed, t, lr, mu):
+    k = N.step_key(seed, t)
+    _naive_step(params, k, mu)
+    lp = float(closure())
+    _naive_step(params, k, -2 * mu)
+    lm = float(closure())
+    _naive_step(params, k, mu)
+    _naive_step(params, k, -lr * (lp - lm) / (2 * mu))
+    return (lp + lm) / 2
+
+
+def _naive_svrg(params, closure, full, seed, t, state, lr, lr_full, mu, q):
+    """MeZO-SVRG as the published code does it: a dense anchor copy, every touch a separate op."""
+    k = N.step_key(seed, t)
+    if t % q == 0:
+        state["anchor"] = [p.data.clone() for p in params]
+        _naive_step(params, k, mu)
+        lp = float(full())
+        _naive_step(params, k, -2 * mu)
+        lm = float(full())
+        _naive_step(params, k, mu)
+        state["ca"], state["ka"] = (lp - lm) / (2 * mu), k
+        _naive_step(params, k, -lr_full * state["ca"])
+        return (lp + lm) / 2
+    _naive_step(params, k, mu)
+    l1p = float(closure())
+    _naive_step(params, k, -2 * mu)
+    l1m = float(closure())
+    _naive_step(params, k, mu)
+    cur = [p.data for p in params]
+    for p, a in zip(params, state["anchor"]):
+        p.data = a
+    _naive_step(params, k, mu)
+    l2p = float(closure())
+    _naive_step(params, k, -2 * mu)
+    l2m = float(closure())
+    _naive_step(params, k, mu)
+    state["anchor"] = [p.data for p in params]
+    for p, c in zip(params, cur):
+        p.data = c
+    _naive_step(params, k, -lr * ((l1p - l1m) - (l2p - l2m)) / (2 * mu))
+    _naive_step(params, state["ka"], -lr * state["ca"])
+    return (l1p + l1m) / 2
+
+
+def run_train(args):
+    from zo_kernels.optim import MeZO, MeZOSVRG
+
+    device = torch.device(args.device)
+    x, y = _digits(device)
+    n_train = 1024
+    xt, yt = x[:n_train], y[:n_train]
+    rows = []
+    for algo in ("mezo", "mezo-svrg"):
+        runs = {}
+        for variant in ("float64",) + TRAIN_VARIANTS:
+            dtype = torch.float64 if variant == "float64" else torch.bfloat16
+            params = _mlp(dtype, device, args.seed)
+            g = torch.Generator().manual_seed(args.seed + 1)
+            batch = {}
+            closure = lambda: _loss(params, xt[batch["i"]], yt[batch["i"]])
+            full = lambda: _loss(params, xt, yt)
+            kw = dict(rounding="stochastic" if variant.endswith("_sr") else "nearest",
+                      restore="fused" if variant.startswith("fused") else "exact",
+                      plane_bits=8 if variant == "exact8" else 2, backend=args.backend, seed=args.seed)
+            if variant == "float64":
+                kw = dict(seed=args.seed)
+            opt = None
+            if variant != "naive":
+                opt = (MeZO(params, lr=args.lr, eps=MU, **kw) if algo == "mezo" else
+                       MeZOSVRG(params, lr=args.lr / 2, lr_full=args.lr, eps=MU, q=args.q, **kw))
+            state = {}
+            curve = []
+            t0 = time.perf_counter()
+            for t in range(args.steps):
+                batch["i"] = torch.randint(0, n_train, (64,), generator=g).to(device)
+                if variant == "naive":
+                    loss = (_naive_mezo(params, closure, args.seed, t, args.lr, MU) if algo == "mezo" else
+                            _naive_svrg(params, closure, full, args.seed, t, state, args.lr / 2, args.lr, MU, args.q))
+                else:
+                    loss = opt.step(closure) if algo == "mezo" else opt.step(closure, full)
+                curve.append(loss)
+            runs[variant] = ([p.detach().double().clone() for p in params], curve)
+            with torch.no_grad():
+                train_loss = float(_loss(params, xt, yt))
+            truth = runs["float64"][0]
+            flat = torch.cat([p.reshape(-1) for p in runs[variant][0]])
+            flat64 = torch.cat([p.reshape(-1) for p in truth])
+            start = torch.cat([p.reshape(-1).double() for p in _mlp(torch.float64, device, args.seed)])
+            row = dict(algorithm=algo, variant=variant, steps=args.steps,
+                       rel_l2_from_float64=((flat - flat64).norm() / (flat64 - start).norm()).item(),
+                       train_loss=train_loss, seconds=time.perf_counter() - t0)
+            rows.append(row)
+            print(f"{algo:9s} {variant:8s} distance from float64 / distance travelled = "
+                  f"{row['rel_l2_from_float64']:.3e}   full-train loss {train_loss:.4f}", flush=True)
+    return rows
+
+
+def plot_train(plt, rows):
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for a, algo in zip(ax, ("mezo", "mezo-svrg")):
+        sel = [r for r in rows if r["algorithm"] == algo and r["variant"] != "float64"]
+        a.bar([r["variant"] for r in sel], [r["rel_l2_from_float64"] for r in sel])
+        a.set(yscale="log", title=f"{algo}: bf16 vs float64 after {sel[0]['steps']} steps",
+              ylabel="|θ_bf16 − θ_f64| / |θ_f64 − θ_0|")
+        a.tick_params(axis="x", rotation=30)
+        a.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -135,7 +279,11 @@ def main(argv=None):
     d.add_argument("--numel", type=int, default=1 << 16)
     d.add_argument("--cycles", type=int, default=1000)
     d.add_argument("--variants", default=",".join(DRIFT_VARIANTS))
-    for p in (d,):
+    tr = sub.add_parser("train")
+    tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--q", type=int, default=5)
+    for p in (d, tr):
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--backend", default=None)
         p.add_argument("--seed", type=int, default=0)
@@ -143,6 +291,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.what == "drift":
         write(run_drift(args), pathlib.Path(args.out), "bench_precision_drift", plot_drift)
+    else:
+        write(run_train(args), pathlib.Path(args.out), "bench_precision_train", plot_train)
 
 
 if __name__ == "__main__":
