@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import distributed as _zdist
 from ..noise import M64, mix_keys, step_key
 from ..ops import ROUNDINGS, noise_axpy_
 from ..restore import PLANE_BITS, make_planes
@@ -127,14 +128,21 @@ class ZOOptimizer(torch.optim.Optimizer):
     Subclasses implement `step`; they move weights only with `_goto` (which calls
     `_noise_axpy`).  `_reduce_loss` is the hook a data-parallel wrapper overrides to
     all-reduce the scalar losses.
+
+    Distributed (zo_kernels.distributed): with `distributed=True` (or DTensor parameters) a step
+    calls `_check_ranks(layout)` first, its closures' results stay rank-local until
+    `_sync_losses(...)` all-reduces them (once per step), and `_goto` runs on DTensors' local
+    shards with their global element offsets.
     """
 
     _group_checks = {"lr": False, "eps": True, "weight_decay": False}
 
     def __init__(self, params, defaults: dict, *, seed: int = 0, record: bool = False,
                  rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
-                 restore: str = "auto", plane_bits: int = 2):
+                 restore: str = "auto", plane_bits: int = 2, distributed: Optional[bool] = None,
+                 process_group=None):
         self.seed = check_seed(seed)
+        self._comm: Optional[_zdist.ZOComm] = None
         if restore not in RESTORES:
             raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
         if plane_bits not in (0,) + PLANE_BITS:
@@ -161,6 +169,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._in_step = False
         self._closure_free_steps = 0  # steps the HF Trainer may call without a closure (ZOTrainer)
         super().__init__(params, defaults)
+        self._comm = _zdist.make_comm(_flatten_params(self.param_groups), distributed, process_group)
 
     # -------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -191,7 +200,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             entries = []
             for p in g["params"]:
                 if p.requires_grad and p.numel() > 0:
-                    ptr = p.data_ptr()
+                    # A DTensor's data_ptr() is 0: key it by identity (FSDP2 keeps tied weights as one).
+                    ptr = ("dtensor", id(p)) if _zdist.is_dtensor(p) else p.data_ptr()
                     if ptr in seen:
                         if seen[ptr].shape != p.shape or seen[ptr].dtype != p.dtype:
                             raise ValueError("two trainable parameters overlap in memory with different "
@@ -212,14 +222,26 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------- the noise path
     def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], keys: List[int],
                     alphas: List[float], gamma: float, *, log: bool = True, rounding: Optional[str] = None,
-                    undo: Optional[List[float]] = None, planes: Optional[list] = None) -> None:
-        """The only call of zo_kernels.noise_axpy_ in the optimizers (and its trajectory record)."""
+                    undo: Optional[List[float]] = None, planes: Optional[list] = None,
+                    offsets: Optional[List[int]] = None) -> None:
+        """The only call of zo_kernels.noise_axpy_ in the optimizers (and its trajectory record).
+
+        offsets: global element offsets of shards (DTensor local tensors); empty shards are dropped
+        here, after the call index (and so every later rounding key) advanced as on every rank."""
         keys = [k & M64 for k in keys]
         rounding = rounding or self.rounding
         rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
         self._call_idx += 1
-        noise_axpy_(tensors, keys, alphas, gamma=gamma, rounding=rounding, tensor_ids=tids,
-                    rounding_key=rkey, backend=self.backend, undo=undo, planes=planes)
+        run_ts, run_ids, run_planes = tensors, tids, planes
+        if offsets is not None:
+            keep = [i for i, t in enumerate(tensors) if t.numel() > 0]
+            if len(keep) < len(tensors):
+                run_ts, run_ids = [tensors[i] for i in keep], [tids[i] for i in keep]
+                offsets = [offsets[i] for i in keep]
+                run_planes = None if planes is None else [planes[i] for i in keep]
+        if run_ts:
+            noise_axpy_(run_ts, keys, alphas, gamma=gamma, rounding=rounding, tensor_ids=run_ids, offsets=offsets,
+                        rounding_key=rkey, backend=self.backend, undo=undo, planes=run_planes)
         if log and self.trajectory is not None:
             rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
                    "gamma": float(gamma), "tensor_ids": list(tids), "rounding": rounding, "rounding_key": rkey}
@@ -235,13 +257,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             return False
         return self.restore == "exact" or any(t.dtype in _HALF for t in tensors)
 
-    def _exact_move(self, ts, ids, cur: Lin, tgt: Lin, final: bool):
+    def _exact_move(self, ts, ids, cur: Lin, tgt: Lin, final: bool, offs: Optional[List[int]] = None):
         """Plan one group's move in exact-restore form: (signature, planes) or None when nothing moves.
 
         A non-final move with gamma = 1 is an excursion from the materialised point M (perturbation,
         or a jump to θ̄ ± μz): it rounds to nearest so the next move can invert it.  A final move
         (an update) or one with gamma != 1 materialises its target, rounding with self.rounding."""
-        skey = tuple(t.data_ptr() for t in ts)
+        skey = tuple(t.data_ptr() for t in ts) + tuple(ids)     # ids: empty shards may share data_ptr 0
         st = self._xs.get(skey)
         if st is None or not _lin_eq(st[0].plus(list((st[1] or {}).items())), cur):
             st = [cur, None, None]          # the weights are exactly what the bookkeeping says
@@ -258,7 +280,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         elif exc:
             pass                            # read the planes written when this excursion began
         elif excursion and pd:
-            planes = make_planes(ts, self.plane_bits)
+            planes = make_planes(ts, self.plane_bits, offs)
         else:
             planes = None
         new_exc = pd if excursion and pd else None
@@ -273,13 +295,17 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         `final` marks the update of a step: only it rounds with self.rounding (stochastic rounding
         of a perturbation would only add noise that the restore cannot remove).  Returns tgt."""
-        calls: Dict[tuple, Tuple[list, list, list]] = {}
-        for g, (ts, ids) in enumerate(zip(storages, tids)):
+        offsets: List[Optional[List[int]]] = [None] * len(storages)
+        owners: list = []
+        if self._comm is not None:      # DTensors -> their local shards and global element offsets
+            storages, offsets, owners = self._comm.local_views(storages)
+        calls: Dict[tuple, Tuple[list, list, list, list]] = {}
+        for g, (ts, ids, offs) in enumerate(zip(storages, tids, offsets)):
             if not ts or tgt[g] is None:
                 continue
             planes = None
             if self._exact_active(ts):
-                plan = self._exact_move(ts, ids, cur[g], tgt[g], final)
+                plan = self._exact_move(ts, ids, cur[g], tgt[g], final, offs)
                 if plan is None:
                     continue
                 sig, planes = plan
@@ -288,19 +314,24 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if gamma == 1.0 and not pairs:
                     continue
                 sig = ("fused", gamma, tuple(pairs), self.rounding if final else "nearest")
-            bucket = calls.setdefault(sig, ([], [], []))
+            bucket = calls.setdefault(sig, ([], [], [], []))
             bucket[0].extend(ts)
             bucket[1].extend(ids)
             bucket[2].extend(planes or [])
-        for sig, (ts, ids, planes) in calls.items():
+            bucket[3].extend(offs if offs is not None else [0] * len(ts))
+        sharded = any(o is not None for o in offsets)
+        for sig, (ts, ids, planes, offs) in calls.items():
+            offs = offs if sharded else None
             if sig[0] == "exact":
                 _, gamma, keys, undo, alphas, rounding, _ = sig
                 self._noise_axpy(ts, ids, list(keys), list(alphas), gamma, log=log, rounding=rounding,
-                                 undo=list(undo), planes=planes or None)
+                                 undo=list(undo), planes=planes or None, offsets=offs)
             else:
                 _, gamma, pairs, rounding = sig
                 self._noise_axpy(ts, ids, [k for k, _ in pairs], [a for _, a in pairs], gamma, log=log,
-                                 rounding=rounding)
+                                 rounding=rounding, offsets=offs)
+        if calls and owners:
+            self._comm.refresh(owners)  # FSDP2: the next forward must all-gather the new shards
         return [t if t is not None else c for c, t in zip(cur, tgt)]
 
     # ------------------------------------------------------------- closures
@@ -308,15 +339,55 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Hook: reduce a closure's scalar loss across workers (identity here)."""
         return loss
 
-    def _eval(self, closure: Callable) -> float:
-        with torch.no_grad():
-            loss = closure()
-        loss = self._reduce_loss(loss)
-        if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
-            return float(loss.detach().double().item())
-        return float(loss)
+    def _eval(self, closure: Callable):
+        """Run a closure: its loss as a float, or (distributed) a rank-local value for `_sync_losses`.
+
+        A closure returns the mean loss, or (mean loss, count) -- the count weighs this rank's mean
+        in the all-reduce and is ignored by a single-process optimizer."""
+        comm = self._comm
+        if comm is not None and comm.failed is not None:
+            return _zdist.LocalLoss(float("nan"), 0.0)     # this rank already failed this step
+        try:
+            with torch.no_grad():
+                out = closure()
+            loss, count = _zdist.split_loss(out)
+            loss = self._reduce_loss(loss)
+            if isinstance(loss, torch.Tensor):
+                if loss.numel() != 1:
+                    raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
+                value = float(loss.detach().double().item())
+            else:
+                value = float(loss)
+        except Exception as e:
+            if comm is None:
+                raise
+            comm.failed = e             # raised on every rank at _sync_losses, so no rank hangs
+            return _zdist.LocalLoss(float("nan"), 0.0)
+        return value if comm is None else _zdist.LocalLoss(value, count)
+
+    def _sync_losses(self, *vals) -> List[float]:
+        """The step's closure results as global floats: one all-reduce when distributed."""
+        if self._comm is None:
+            return list(vals)
+        return self._comm.reduce(vals, lambda: self._rank_desc(self._layout()))
+
+    def _rank_desc(self, layout) -> dict:
+        """What every rank must agree on (fingerprinted by the distributed guard)."""
+        return {"optimizer": type(self).__name__, "seed": self.seed, "step": self._t,
+                "rounding": self.rounding, "restore": self.restore, "plane_bits": self.plane_bits,
+                "options": {k: getattr(self, k) for k in ("lookahead", "q", "anchor") if hasattr(self, k)},
+                "groups": [{k: g[k] for k in sorted(self._group_checks)} for g in self.param_groups],
+                "layout": [(tid, tuple(p.shape), str(p.dtype), str(getattr(p, "placements", "")))
+                           for entries in layout for p, tid in entries],
+                "world": self._comm.world if self._comm is not None else 1}
+
+    def _check_ranks(self, layout) -> None:
+        """Start of a distributed step: the first one verifies that all ranks agree (fingerprint
+        and replicated-weight checksum, raising RankMismatchError on every rank if not)."""
+        if self._comm is None:
+            return
+        weights = [p for g in self.param_groups for p in g["params"]]
+        self._comm.begin(self._rank_desc(layout), weights)
 
     def _require_closure(self, closure, what: str = "closure"):
         if closure is None:
@@ -427,6 +498,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"not a {type(self).__name__} state_dict (no 'zo' entry)")
         super().load_state_dict(state_dict)
         self._load_zo_state(zo)
+        if self._comm is not None:
+            self._comm.verified = False     # check the ranks again at the next step
 
 
 def replay(params, log, *, backend: Optional[str] = None) -> None:

@@ -38,6 +38,11 @@ class MeZO(ZOOptimizer):
             for the duration of a perturbation only); wider planes resolve more ambiguous elements.
         nan_policy: "raise" (default) or "skip" on a NaN/inf loss; either way θ is restored
             and the step counter is not advanced.
+        distributed: data parallel over torch.distributed (see zo_kernels.distributed): each rank's
+            closure returns the mean loss over its part of the batch, or (mean loss, count); one
+            all-reduce of a few scalars per step makes every rank apply the same update.  None (the
+            default) turns it on only for DTensor (FSDP2-sharded) parameters.  process_group: the
+            ranks to reduce over (default: the world).
 
     Returns from step: (l+ + l−)/2, the two-point estimate of the loss at θ_t on this batch.
 
@@ -48,7 +53,7 @@ class MeZO(ZOOptimizer):
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  lookahead: bool = False, *, record: bool = False, rounding: str = "nearest",
                  backend: Optional[str] = None, nan_policy: str = "raise", restore: str = "auto",
-                 plane_bits: int = 2):
+                 plane_bits: int = 2, distributed: Optional[bool] = None, process_group=None):
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be a bool, got {type(lookahead).__name__}")
         if lookahead and restore == "exact":
@@ -59,7 +64,7 @@ class MeZO(ZOOptimizer):
         self._pending = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
                          rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
-                         plane_bits=plane_bits)
+                         plane_bits=plane_bits, distributed=distributed, process_group=process_group)
 
     # ------------------------------------------------------------ lookahead
     @property
@@ -87,6 +92,7 @@ class MeZO(ZOOptimizer):
         tids = self._tids(layout)
         if self._pending is not None and self._pending["tids"] != tids:
             self.settle()           # the set of trainable tensors changed since the last step
+        self._check_ranks(layout)   # distributed: all ranks agree (first step), step fingerprint
         tensors = [[p for p, _ in e] for e in layout]
         groups = self.param_groups
         mus = [g["eps"] for g in groups]
@@ -101,6 +107,7 @@ class MeZO(ZOOptimizer):
             lp = self._eval(closure)
             cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, -mu)]) for mu in mus])
             lm = self._eval(closure)
+            lp, lm = self._sync_losses(lp, lm)       # distributed: one all-reduce, global means
             if not (math.isfinite(lp) and math.isfinite(lm)):
                 cur = self._goto(tensors, tids, cur, theta)
                 return self._non_finite({"loss+": lp, "loss-": lm})

@@ -26,6 +26,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .. import distributed as _zdist
 from ..noise import step_key
 from .base import Lin, ZOOptimizer
 
@@ -46,6 +47,9 @@ class MeZOSVRG(ZOOptimizer):
         seed: base seed, int in [0, 2**64).  anchor: "dense" or "replay" (see the module doc).
         weight_decay: λ, applied as θ ← θ − η(ĝ + λθ) on both kinds of step.
         record, rounding, backend, nan_policy, restore, plane_bits: as for MeZO.
+        distributed, process_group: as for MeZO; full_closure too returns this rank's mean (or
+            (mean, count)) over its part of the full / large batch.  DTensor (sharded) parameters
+            need anchor="replay".
 
     Returns from step: (l+ + l−)/2 at θ_t -- of full_closure on full steps, of closure otherwise.
     """
@@ -55,7 +59,8 @@ class MeZOSVRG(ZOOptimizer):
     def __init__(self, params, lr: float, lr_full: float, eps: float = 1e-3, q: int = 2, seed: int = 0,
                  anchor: str = "dense", weight_decay: float = 0.0, *, record: bool = False,
                  rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
-                 restore: str = "auto", plane_bits: int = 2):
+                 restore: str = "auto", plane_bits: int = 2, distributed: Optional[bool] = None,
+                 process_group=None):
         if isinstance(q, bool) or not isinstance(q, int):
             raise TypeError(f"q must be an int >= 1, got {type(q).__name__}")
         if q < 1:
@@ -71,7 +76,11 @@ class MeZOSVRG(ZOOptimizer):
         self._buf_at: Optional[List[Lin]] = None
         super().__init__(params, dict(lr=lr, lr_full=lr_full, eps=eps, weight_decay=weight_decay), seed=seed,
                          record=record, rounding=rounding, backend=backend, nan_policy=nan_policy,
-                         restore=restore, plane_bits=plane_bits)
+                         restore=restore, plane_bits=plane_bits, distributed=distributed,
+                         process_group=process_group)
+        if anchor == "dense" and any(_zdist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise ValueError("MeZOSVRG anchor='dense' swaps parameter storages, which sharded (DTensor / FSDP2) "
+                             "parameters do not allow; use anchor='replay' (no weight-sized buffer at all)")
 
     @property
     def is_full_step(self) -> bool:
@@ -89,6 +98,10 @@ class MeZOSVRG(ZOOptimizer):
                     if not create:
                         raise RuntimeError("MeZOSVRG: a trainable tensor has no anchor buffer; the set of "
                                            "trainable tensors changed since the last full step")
+                    if _zdist.is_dtensor(p):
+                        raise ValueError("MeZOSVRG anchor='dense' swaps parameter storages, which sharded "
+                                         "(DTensor / FSDP2) parameters do not allow; use anchor='replay' "
+                                         "(no weight-sized buffer at all)")
                     st["anchor"] = torch.empty_like(p, memory_format=torch.contiguous_format)
                 bufs.append(st["anchor"])
             out.append(bufs)
@@ -140,6 +153,7 @@ class MeZOSVRG(ZOOptimizer):
         tensors = [[p for p, _ in e] for e in layout]
         t = self._t
         a = step_key(self.seed, t)
+        self._check_ranks(layout)   # distributed: all ranks agree (first step), step fingerprint
         self._begin_step()
         # The weights hold θ_t and θ_t becomes the new anchor: θ_t is the base point from here on.
         theta = [Lin() for _ in groups]
@@ -157,6 +171,7 @@ class MeZOSVRG(ZOOptimizer):
             lp = self._eval(full_closure)
             cur = self._goto(tensors, tids, cur, [th.plus([(a, -mu)]) for th, mu in zip(theta, mus)])
             lm = self._eval(full_closure)
+            lp, lm = self._sync_losses(lp, lm)       # distributed: one all-reduce, global means
             if not (math.isfinite(lp) and math.isfinite(lm)):
                 cur = self._goto(tensors, tids, cur, theta)
                 return self._non_finite({"full loss+": lp, "full loss-": lm})
@@ -185,6 +200,7 @@ class MeZOSVRG(ZOOptimizer):
         t = self._t
         k = step_key(self.seed, t)
         a, cas = self._anchor["key"], self._anchor["c"]
+        self._check_ranks(layout)   # distributed: all ranks agree (first step), step fingerprint
         self._begin_step()
         replay = self.anchor == "replay"
         theta = self._theta if replay else [Lin() for _ in groups]
@@ -219,6 +235,7 @@ class MeZOSVRG(ZOOptimizer):
                 finally:
                     self._swap(flat_al, swapped)
                     swapped = None
+            l1p, l1m, l2p, l2m = self._sync_losses(l1p, l1m, l2p, l2m)   # distributed: one all-reduce
             losses = {"loss+": l1p, "loss-": l1m, "anchor loss+": l2p, "anchor loss-": l2m}
             if not all(math.isfinite(v) for v in losses.values()):
                 cur = self._goto(tensors, tids, cur, theta)
