@@ -20,8 +20,6 @@ Writes <out>/least_squares.csv (method, seed, step, queries, loss, loss_over_opt
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import sys
 import time
@@ -31,11 +29,10 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from zo_kernels.optim import MeZO, MeZOSVRG  # noqa: E402
-
-METHODS = ("mezo-svrg", "mezo", "fo-sgd")
-LABELS = {"mezo-svrg": "MeZO-SVRG", "mezo": "MeZO", "fo-sgd": "FO-SGD"}
+from _zo_toys import (LABELS, METHODS, make_optimizer, method_steps, plot_runs,  # noqa: E402,F401
+                      svrg_queries, train, write_csv)
 
 
 def make_problem(seed: int, d: int = 100, n: int = 1000, w_scale: float = 1.0, noise: float = 1.0):
@@ -61,52 +58,19 @@ def run(method: str, prob: dict, steps: int, *, batch: int = 32, mu: float = 1e-
     f = lambda idx: ((X[idx] @ w - y[idx]) ** 2).mean()
     f_all = lambda: ((X @ w - y) ** 2).mean()
     full = full_batch if 0 < full_batch < n else n
-    if method == "mezo":
-        opt = MeZO([w], lr=lr_mezo, eps=mu, seed=seed, backend=backend)
-    elif method == "mezo-svrg":
-        opt = MeZOSVRG([w], lr=lr2, lr_full=lr1, eps=mu, q=q, seed=seed, anchor=anchor, backend=backend)
-    elif method == "fo-sgd":
-        opt = torch.optim.SGD([w], lr=lr_sgd)
-    else:
-        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    opt = make_optimizer(method, [w], mu=mu, lr_mezo=lr_mezo, lr1=lr1, lr2=lr2, q=q, lr_sgd=lr_sgd, seed=seed,
+                         anchor=anchor, backend=backend)
     out = {"step": [], "queries": [], "loss": []}
-    queries = 0
 
-    def record(step):
+    def record(step, queries):
         with torch.no_grad():
             out["step"].append(step)
             out["queries"].append(queries)
             out["loss"].append(float(((X64 @ w.detach().double() - y64) ** 2).mean()))
 
-    # log_evals extra evaluation points spaced geometrically, so the start shows on log axes
-    extra = {int(round(steps ** (i / log_evals))) for i in range(1, log_evals + 1)} if log_evals else set()
-    record(0)
-    for t in range(1, steps + 1):
-        idx = torch.randint(0, n, (batch,), generator=gen)
-        if method == "fo-sgd":
-            opt.zero_grad(set_to_none=True)
-            f(idx).backward()
-            opt.step()
-            queries += batch
-        elif method == "mezo":
-            opt.step(lambda: f(idx))
-            queries += 2 * batch
-        else:
-            if opt.is_full_step:
-                fidx = torch.arange(n) if full == n else torch.randperm(n, generator=gen)[:full]
-                opt.step(None, full_closure=(lambda: f_all()) if full == n else (lambda: f(fidx)))
-                queries += 2 * full
-            else:
-                opt.step(lambda: f(idx))
-                queries += 4 * batch
-        if t % eval_every == 0 or t == steps or t in extra:
-            record(t)
+    train(method, opt, f, n, steps, batch=batch, full=full, gen=gen, record=record, eval_every=eval_every,
+          log_evals=log_evals, f_all=f_all)
     return out
-
-
-def svrg_queries(steps: int, q: int, n_full: int, batch: int) -> int:
-    full = (steps + q - 1) // q
-    return full * 2 * n_full + (steps - full) * 4 * batch
 
 
 def main(argv=None):
@@ -143,10 +107,7 @@ def main(argv=None):
     for s in range(args.seeds):
         prob = make_problem(s, args.d, args.n, args.w_scale, args.noise)
         for m in METHODS:
-            if m == "mezo-svrg" or args.equal_steps:
-                steps = args.steps
-            else:
-                steps = total_q // (2 * args.batch if m == "mezo" else args.batch)
+            steps = method_steps(m, args.steps, total_q, args.batch, args.equal_steps)
             every = args.eval_every or max(1, steps // 400)
             t0 = time.time()
             res = run(m, prob, steps, batch=args.batch, mu=args.mu, lr_mezo=args.lr_mezo, lr1=args.lr1,
@@ -161,10 +122,7 @@ def main(argv=None):
                   f"f/f* at {args.steps} steps {at_steps / prob['f_opt']:.4f}  at the end "
                   f"{res['loss'][-1] / prob['f_opt']:.4f}   ({time.time() - t0:.1f}s)", flush=True)
     csv_path = os.path.join(args.out, "least_squares.csv")
-    with open(csv_path, "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(["method", "seed", "step", "queries", "loss", "loss_over_opt"])
-        wr.writerows(rows)
+    write_csv(csv_path, ["method", "seed", "step", "queries", "loss", "loss_over_opt"], rows)
     png = plot(rows, args, os.path.join(args.out, "least_squares.png"))
     print("\nmean f/f* over seeds (at the SVRG step budget | at equal queries):")
     for m in METHODS:
@@ -180,16 +138,9 @@ def plot(rows, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"mezo-svrg": "tab:red", "mezo": "tab:blue", "fo-sgd": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, xkey, xlabel in ((axes[0], 2, "steps"), (axes[1], 3, "queries (forward passes of one example)")):
-        for m in METHODS:
-            seeds = sorted({r[1] for r in rows if r[0] == m})
-            for i, s in enumerate(seeds):
-                pts = [r for r in rows if r[0] == m and r[1] == s and
-                       (r[3] > 0 if xkey == 3 else r[2] <= args.steps)]
-                ax.plot([p[xkey] for p in pts], [p[5] for p in pts], color=colors[m], alpha=0.8, lw=1.2,
-                        label=LABELS[m] if i == 0 else None)
+        plot_runs(ax, rows, xkey, 5, args.steps)
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="optimum f*")
         ax.set_yscale("log")
         ax.set_xscale("log" if xkey == 3 else "linear")

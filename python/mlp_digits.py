@@ -16,7 +16,6 @@ Writes <out>/mlp_digits.csv (method, seed, step, queries, train_loss, test_acc) 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -27,11 +26,10 @@ import torch.nn.functional as F
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from zo_kernels.optim import MeZO, MeZOSVRG  # noqa: E402
-
-METHODS = ("mezo-svrg", "mezo", "fo-sgd")
-LABELS = {"mezo-svrg": "MeZO-SVRG", "mezo": "MeZO", "fo-sgd": "FO-SGD"}
+from _zo_toys import (LABELS, METHODS, make_optimizer, method_steps, plot_runs,  # noqa: E402
+                      svrg_queries, train, write_csv)
 
 
 def load_data(seed: int = 0, test_frac: float = 0.2):
@@ -58,48 +56,20 @@ def run(method: str, data: dict, steps: int, *, seed: int = 0, hidden: int = 32,
     n = len(Xtr)
     full = full_batch if 0 < full_batch < n else n
     gen = torch.Generator().manual_seed(10_000 + seed)
-    if method == "mezo":
-        opt = MeZO(net.parameters(), lr=lr_mezo, eps=mu, seed=seed, backend=backend)
-    elif method == "mezo-svrg":
-        opt = MeZOSVRG(net.parameters(), lr=lr2, lr_full=lr1, eps=mu, q=q, seed=seed, anchor=anchor,
-                       backend=backend)
-    elif method == "fo-sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=lr_sgd)
-    else:
-        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+    opt = make_optimizer(method, net.parameters(), mu=mu, lr_mezo=lr_mezo, lr1=lr1, lr2=lr2, q=q, lr_sgd=lr_sgd,
+                         seed=seed, anchor=anchor, backend=backend)
     f = lambda idx: F.cross_entropy(net(Xtr[idx]), ytr[idx])
     out = {"step": [], "queries": [], "train_loss": [], "test_acc": []}
-    queries = 0
 
-    def record(step):
+    def record(step, queries):
         with torch.no_grad():
             out["step"].append(step)
             out["queries"].append(queries)
             out["train_loss"].append(float(F.cross_entropy(net(Xtr), ytr)))
             out["test_acc"].append(float((net(Xte).argmax(1) == yte).float().mean()))
 
-    # log_evals extra evaluation points spaced geometrically, so the start shows on log axes
-    extra = {int(round(steps ** (i / log_evals))) for i in range(1, log_evals + 1)} if log_evals else set()
-    record(0)
-    for t in range(1, steps + 1):
-        idx = torch.randint(0, n, (batch,), generator=gen)
-        if method == "fo-sgd":
-            opt.zero_grad(set_to_none=True)
-            f(idx).backward()
-            opt.step()
-            queries += batch
-        elif method == "mezo":
-            opt.step(lambda: f(idx))
-            queries += 2 * batch
-        elif opt.is_full_step:
-            fidx = torch.arange(n) if full == n else torch.randperm(n, generator=gen)[:full]
-            opt.step(None, full_closure=lambda: f(fidx))
-            queries += 2 * full
-        else:
-            opt.step(lambda: f(idx))
-            queries += 4 * batch
-        if t % eval_every == 0 or t == steps or t in extra:
-            record(t)
+    train(method, opt, f, n, steps, batch=batch, full=full, gen=gen, record=record, eval_every=eval_every,
+          log_evals=log_evals)
     return out
 
 
@@ -128,15 +98,11 @@ def main(argv=None):
     data = load_data(0)
     n = len(data["Xtr"])
     n_full = args.full_batch if 0 < args.full_batch < n else n
-    n_fullsteps = (args.steps + args.q - 1) // args.q
-    total_q = n_fullsteps * 2 * n_full + (args.steps - n_fullsteps) * 4 * args.batch
+    total_q = svrg_queries(args.steps, args.q, n_full, args.batch)
     rows = []
     for s in range(args.seeds):
         for m in METHODS:
-            if m == "mezo-svrg" or args.equal_steps:
-                steps = args.steps
-            else:
-                steps = total_q // (2 * args.batch if m == "mezo" else args.batch)
+            steps = method_steps(m, args.steps, total_q, args.batch, args.equal_steps)
             t0 = time.time()
             res = run(m, data, steps, seed=s, hidden=args.hidden, batch=args.batch, mu=args.mu,
                       lr_mezo=args.lr_mezo, lr1=args.lr1, lr2=args.lr2, q=args.q, lr_sgd=args.lr_sgd,
@@ -150,10 +116,7 @@ def main(argv=None):
                   f"end: loss {res['train_loss'][-1]:.4f} acc {res['test_acc'][-1]:.3f}  ({time.time() - t0:.1f}s)",
                   flush=True)
     csv_path = os.path.join(args.out, "mlp_digits.csv")
-    with open(csv_path, "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(["method", "seed", "step", "queries", "train_loss", "test_acc"])
-        wr.writerows(rows)
+    write_csv(csv_path, ["method", "seed", "step", "queries", "train_loss", "test_acc"], rows)
     png = plot(rows, args, os.path.join(args.out, "mlp_digits.png"))
     print(f"wrote {csv_path} and {png}")
     return rows
@@ -164,19 +127,12 @@ def plot(rows, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"mezo-svrg": "tab:red", "mezo": "tab:blue", "fo-sgd": "tab:gray"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = ((axes[0], 2, 4, "steps", "full training loss"),
               (axes[1], 3, 4, "queries (forward passes of one example)", "full training loss"),
               (axes[2], 3, 5, "queries (forward passes of one example)", "test accuracy"))
     for ax, xkey, ykey, xlabel, ylabel in panels:
-        for m in METHODS:
-            seeds = sorted({r[1] for r in rows if r[0] == m})
-            for i, s in enumerate(seeds):
-                pts = [r for r in rows if r[0] == m and r[1] == s and
-                       (r[3] > 0 if xkey == 3 else r[2] <= args.steps)]
-                ax.plot([p[xkey] for p in pts], [p[ykey] for p in pts], color=colors[m], alpha=0.8,
-                        lw=1.2, label=LABELS[m] if i == 0 else None)
+        plot_runs(ax, rows, xkey, ykey, args.steps)
         ax.set_xscale("log" if xkey == 3 else "linear")
         if ykey == 4:
             ax.set_yscale("log")

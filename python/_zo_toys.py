@@ -1,0 +1,89 @@
+"""Shared pieces of the paper toys (least_squares.py, mlp_digits.py): the three methods, the
+training loop with its query count, the step budgets, and the CSV / plot writing.
+
+Queries: one forward pass of one example.  MeZO 2·batch per step, MeZO-SVRG 2·N_full on full
+steps and 4·batch otherwise, FO-SGD batch per step (backward not counted).
+"""
+from __future__ import annotations
+
+import csv
+
+import torch
+
+from zo_kernels.optim import MeZO, MeZOSVRG
+
+METHODS = ("mezo-svrg", "mezo", "fo-sgd")
+LABELS = {"mezo-svrg": "MeZO-SVRG", "mezo": "MeZO", "fo-sgd": "FO-SGD"}
+COLORS = {"mezo-svrg": "tab:red", "mezo": "tab:blue", "fo-sgd": "tab:gray"}
+
+
+def make_optimizer(method: str, params, *, mu: float, lr_mezo: float, lr1: float, lr2: float, q: int,
+                   lr_sgd: float, seed: int, anchor: str, backend):
+    if method == "mezo":
+        return MeZO(params, lr=lr_mezo, eps=mu, seed=seed, backend=backend)
+    if method == "mezo-svrg":
+        return MeZOSVRG(params, lr=lr2, lr_full=lr1, eps=mu, q=q, seed=seed, anchor=anchor, backend=backend)
+    if method == "fo-sgd":
+        return torch.optim.SGD(params, lr=lr_sgd)
+    raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+
+
+def train(method: str, opt, f, n: int, steps: int, *, batch: int, full: int, gen: torch.Generator, record,
+          eval_every: int, log_evals: int, f_all=None) -> None:
+    """`steps` steps of `opt` on the minibatch loss f(idx) over n examples; full steps of MeZO-SVRG
+    use `full` examples (f_all, when given, for the whole set).  record(step, queries) is called at
+    step 0, every eval_every steps, at the last step and at log_evals geometrically spaced steps."""
+    queries = 0
+    # log_evals extra evaluation points spaced geometrically, so the start shows on log axes
+    extra = {int(round(steps ** (i / log_evals))) for i in range(1, log_evals + 1)} if log_evals else set()
+    record(0, queries)
+    for t in range(1, steps + 1):
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        if method == "fo-sgd":
+            opt.zero_grad(set_to_none=True)
+            f(idx).backward()
+            opt.step()
+            queries += batch
+        elif method == "mezo":
+            opt.step(lambda: f(idx))
+            queries += 2 * batch
+        elif opt.is_full_step:
+            fidx = torch.arange(n) if full == n else torch.randperm(n, generator=gen)[:full]
+            opt.step(None, full_closure=f_all if f_all is not None and full == n else (lambda: f(fidx)))
+            queries += 2 * full
+        else:
+            opt.step(lambda: f(idx))
+            queries += 4 * batch
+        if t % eval_every == 0 or t == steps or t in extra:
+            record(t, queries)
+
+
+def svrg_queries(steps: int, q: int, n_full: int, batch: int) -> int:
+    full = (steps + q - 1) // q
+    return full * 2 * n_full + (steps - full) * 4 * batch
+
+
+def method_steps(method: str, steps: int, total_q: int, batch: int, equal_steps: bool) -> int:
+    """MeZO-SVRG runs `steps`; MeZO and FO-SGD run SVRG's query budget total_q (or `steps`)."""
+    if method == "mezo-svrg" or equal_steps:
+        return steps
+    return total_q // (2 * batch if method == "mezo" else batch)
+
+
+def write_csv(path: str, header, rows) -> None:
+    with open(path, "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(header)
+        wr.writerows(rows)
+
+
+def plot_runs(ax, rows, xkey: int, ykey: int, max_steps: int) -> None:
+    """One line per (method, seed) of rows [method, seed, step, queries, ...]: column ykey against
+    column xkey (2: steps, up to max_steps; 3: queries, from the first step on)."""
+    for m in METHODS:
+        seeds = sorted({r[1] for r in rows if r[0] == m})
+        for i, s in enumerate(seeds):
+            pts = [r for r in rows if r[0] == m and r[1] == s and
+                   (r[3] > 0 if xkey == 3 else r[2] <= max_steps)]
+            ax.plot([p[xkey] for p in pts], [p[ykey] for p in pts], color=COLORS[m], alpha=0.8, lw=1.2,
+                    label=LABELS[m] if i == 0 else None)
