@@ -13,15 +13,9 @@ from zo_kernels.integrations.hf import ZOArguments, ZOTrainer  # noqa: E402
 from zo_kernels.noise import normal, step_key  # noqa: E402
 from zo_kernels.optim import MeZO, MeZOSVRG  # noqa: E402
 
+from optim_helpers import _one_thread  # noqa: E402,F401 (autouse)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_bert(seed=0):

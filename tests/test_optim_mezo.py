@@ -13,61 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zo_kernels.noise import normal, step_key
 from zo_kernels.optim import MeZO, NonFiniteLossError, replay
 import zo_kernels.optim.base as zo_base
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~1000x faster than two contended ones on a shared box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from optim_helpers import Net, _one_thread, data, make_net, mlp, rel, z_of  # noqa: F401 (_one_thread: autouse)
 
 
 BACKEND = "reference"       # the transcription uses the reference's z: compare the algorithm, not backends
 LR, WD, MU, SEED, STEPS = 2.0 ** -7, 2.0 ** -3, 1e-2, 7, 50
-
-
-def mlp(ps, x):
-    w1, b1, w2, b2 = (p.double() for p in ps)
-    return torch.tanh(x.double() @ w1.T + b1) @ w2.T + b2
-
-
-class Net(torch.nn.Module):
-    def __init__(self, d_in=10, hidden=32, d_out=4):
-        super().__init__()
-        self.l1 = torch.nn.Linear(d_in, hidden)
-        self.l2 = torch.nn.Linear(hidden, d_out)
-
-    def forward(self, x):
-        return mlp([self.l1.weight, self.l1.bias, self.l2.weight, self.l2.bias], x)
-
-
-def data(n=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 10, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
-    batches = [torch.randint(0, n, (32,), generator=g) for _ in range(STEPS)]
-    return x, y, batches
-
-
-def make_net(seed=0):
-    torch.manual_seed(seed)
-    return Net()
-
-
-def z_of(seed, t, shapes, ids=None):
-    k = step_key(seed, t)
-    ids = range(len(shapes)) if ids is None else ids
-    return [normal(k, i, math.prod(s)).view(s) for i, s in zip(ids, shapes)]
-
-
-def rel(a_list, b_list):
-    a = torch.cat([a.detach().flatten().double() for a in a_list])
-    b = torch.cat([b.detach().flatten().double() for b in b_list])
-    return ((a - b).norm() / b.norm()).item()
 
 
 def run_opt(opt, net, x, y, batches, steps=STEPS):

@@ -1,0 +1,58 @@
+"""Shared pieces of the optimizer tests: one intra-op thread, the test MLP (float64 loss), its
+data, the transcriptions' z and the relative distance of two weight lists."""
+import math
+
+import pytest
+import torch
+
+from zo_kernels.noise import normal, step_key
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~1000x faster than two contended ones on a shared box.
+    Autouse in every test module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp(ps, x):
+    w1, b1, w2, b2 = (p.double() for p in ps)
+    return torch.tanh(x.double() @ w1.T + b1) @ w2.T + b2
+
+
+class Net(torch.nn.Module):
+    def __init__(self, d_in=10, hidden=32, d_out=4):
+        super().__init__()
+        self.l1 = torch.nn.Linear(d_in, hidden)
+        self.l2 = torch.nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return mlp([self.l1.weight, self.l1.bias, self.l2.weight, self.l2.bias], x)
+
+
+def data(n=256, seed=0, steps=50):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    batches = [torch.randint(0, n, (32,), generator=g) for _ in range(steps)]
+    return x, y, batches
+
+
+def make_net(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def z_of(seed, t, shapes, ids=None):
+    k = step_key(seed, t)
+    ids = range(len(shapes)) if ids is None else ids
+    return [normal(k, i, math.prod(s)).view(s) for i, s in zip(ids, shapes)]
+
+
+def rel(a_list, b_list):
+    a = torch.cat([a.detach().flatten().double() for a in a_list])
+    b = torch.cat([b.detach().flatten().double() for b in b_list])
+    return ((a - b).norm() / b.norm()).item()
