@@ -11,6 +11,7 @@ import zo_kernels
 from zo_kernels import noise as N
 
 from helpers import exact_axpy, spec_vectors, z_bound
+from native_helpers import assert_close_to_reference, make_tensor
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,12 +28,6 @@ def _needs_backend():
         pytest.fail(f"CUDA is present but the native cuda backend is not: {zo_kernels.backend_status().get('cuda')}")
 
 
-def _make(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    shape = (shape,) if isinstance(shape, int) else shape
-    return torch.randn(shape, generator=g).to(dtype)
-
-
 def _run(backend, params, **kw):
     device = "cpu" if backend == "cpu" else "cuda"
     params = [p.clone().to(device) for p in params]
@@ -42,11 +37,6 @@ def _run(backend, params, **kw):
     torch.cuda.synchronize()
     assert zo_kernels.last_backend() == backend
     return [p.cpu() for p in params]
-
-
-def _ordered(x):
-    b = x.contiguous().view(torch.int16).to(torch.int64)
-    return torch.where(b < 0, -(b & 0x7FFF), b)
 
 
 def _check(params, **kw):
@@ -59,14 +49,7 @@ def _check(params, **kw):
                        kw.get("beta", 0.0), kw.get("tensor_ids"), kw.get("offsets"))
     for i, (f, c, r, e) in enumerate(zip(fused, cpu, ref, exact)):
         assert torch.equal(f, c), f"tensor {i}: CUDA and CPU kernels differ"
-        if params[i].dtype == torch.float32:
-            tid = i if kw.get("tensor_ids") is None else kw["tensor_ids"][i]
-            off = 0 if kw.get("offsets") is None else kw["offsets"][i]
-            f, r, e = f.double().reshape(-1), r.double().reshape(-1), e.reshape(-1)
-            bound = z_bound(kw["keys"], kw["alphas"], tid, f.numel(), off)
-            assert (f - e).abs().max().item() <= 2 * (r - e).abs().max().item() + bound.max().item() + 1e-12
-        else:
-            assert (_ordered(f) - _ordered(r)).abs().max().item() <= 1, f"tensor {i}"
+        assert_close_to_reference(i, params[i], f, r, e, kw)
 
 
 def test_words_bit_exact():
@@ -93,33 +76,33 @@ def test_spec_z_vectors_and_cpu_equality():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_list_of_sizes_keys_gamma(dtype, k):
-    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
     _check(params, keys=KEYS[:k], alphas=ALPHAS[:k], gamma=0.999)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_mixed_dtypes_offsets_ids(dtype):
-    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
-    dense = [_make(s, DTYPES[i % 3], 50 + i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
+    dense = [make_tensor(s, DTYPES[i % 3], 50 + i) for i, s in enumerate(SIZES)]
     _check(params, keys=KEYS[:2], alphas=ALPHAS[:2], gamma=0.98, dense=dense, beta=-0.03,
            tensor_ids=[9, 0, 2**32 - 1, 5, 77, 3, 12, 1], offsets=[0, 1, 2, 3, 2**33 + 1, 4 * (2**32 - 40) + 3, 6, 4])
 
 
 def test_mixed_param_dtypes_one_call():
-    params = [_make(s, DTYPES[i % 3], i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, DTYPES[i % 3], i) for i, s in enumerate(SIZES)]
     _check(params, keys=KEYS[:3], alphas=ALPHAS[:3], gamma=1.01)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_matches_cpu(dtype):
-    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
     _check(params, keys=KEYS[:2], alphas=[1e-4, -3e-4], rounding="stochastic", rounding_key=N.step_key(1, 2))
 
 
 def test_unaligned_pointers():
     """Views starting one element in take the scalar path; the numbers do not change."""
     for dtype in DTYPES:
-        base = _make(4101, dtype, 7).cuda()
+        base = make_tensor(4101, dtype, 7).cuda()
         view = base[1:]  # data pointer off the 16/8-byte boundary
         ref = view.clone()
         zo_kernels.noise_axpy_([view], KEYS[:2], ALPHAS[:2], gamma=0.9, backend="cuda")
@@ -128,7 +111,7 @@ def test_unaligned_pointers():
 
 
 def test_runs_on_the_current_stream():
-    p = _make(1 << 20, torch.float32, 0).cuda()
+    p = make_tensor(1 << 20, torch.float32, 0).cuda()
     expect = p.clone()
     zo_kernels.noise_axpy_([expect], KEYS[:1], [0.1], backend="cuda")
     s = torch.cuda.Stream()
@@ -141,7 +124,7 @@ def test_runs_on_the_current_stream():
 def test_second_opinion_against_triton():
     if "triton" not in zo_kernels.available_backends():
         pytest.skip("triton backend unavailable")
-    params = [_make(s, torch.float32, i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, torch.float32, i) for i, s in enumerate(SIZES)]
     kw = dict(keys=KEYS[:2], alphas=ALPHAS[:2], gamma=0.999)
     for i, (a, b) in enumerate(zip(_run("cuda", params, **kw), _run("triton", params, **kw))):
         bound = z_bound(kw["keys"], kw["alphas"], i, a.numel())

@@ -1,8 +1,5 @@
 """The C++ CPU kernel (backend "cpu", zo_kernels._C) against the spec vectors and the reference."""
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +9,8 @@ import zo_kernels
 from zo_kernels import native
 from zo_kernels import noise as N
 
-from helpers import exact_axpy, spec_vectors, z_bound
+from helpers import exact_axpy, spec_vectors
+from native_helpers import assert_close_to_reference, assert_no_temporaries, make_tensor
 
 # The extension is built by scripts/setup_env.sh (pip install -e .): its absence is a failure here.
 _REASON = zo_kernels.backend_status().get("cpu")
@@ -45,23 +43,11 @@ def isa_restore():
     native.cpu_isa(before)
 
 
-def _make(shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    shape = (shape,) if isinstance(shape, int) else shape
-    return torch.randn(shape, generator=g).to(dtype)
-
-
 def _run(backend, params, **kw):
     params = [p.clone() for p in params]
     zo_kernels.noise_axpy_(params, backend=backend, **kw)
     assert zo_kernels.last_backend() == backend
     return params
-
-
-def _ordered(x):
-    """Position of each 16-bit float on its grid (consecutive representable values differ by 1)."""
-    b = x.contiguous().view(torch.int16).to(torch.int64)
-    return torch.where(b < 0, -(b & 0x7FFF), b)
 
 
 def _check_against_reference(params, **kw):
@@ -73,16 +59,7 @@ def _check_against_reference(params, **kw):
                        kw.get("beta", 0.0), kw.get("tensor_ids"), kw.get("offsets"))
     for i, (f, r, e) in enumerate(zip(fused, ref, exact)):
         assert f.shape == params[i].shape and f.dtype == params[i].dtype
-        if params[i].dtype == torch.float32:
-            tid = i if kw.get("tensor_ids") is None else kw["tensor_ids"][i]
-            off = 0 if kw.get("offsets") is None else kw["offsets"][i]
-            f, r, e = f.double().reshape(-1), r.double().reshape(-1), e.reshape(-1)
-            bound = z_bound(kw["keys"], kw["alphas"], tid, f.numel(), off)
-            ref_err = (r - e).abs().max().item()
-            assert (f - e).abs().max().item() <= 2 * ref_err + bound.max().item() + 1e-12, f"tensor {i}"
-        else:
-            dist = (_ordered(f) - _ordered(r)).abs().max().item()
-            assert dist <= 1, f"tensor {i}: {dist} ulps from the reference"
+        assert_close_to_reference(i, params[i], f, r, e, kw)
 
 
 # ------------------------------------------------------------------------------- the integer layer
@@ -147,30 +124,30 @@ def test_slice_at_offset_is_slice_of_noise():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
 def test_single_tensor_all_sizes(size, dtype):
-    _check_against_reference([_make(size, dtype, 0)], keys=KEYS[:1], alphas=ALPHAS[:1])
+    _check_against_reference([make_tensor(size, dtype, 0)], keys=KEYS[:1], alphas=ALPHAS[:1])
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_multi_key_gamma(k, dtype):
-    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
     _check_against_reference(params, keys=KEYS[:k], alphas=ALPHAS[:k], gamma=0.999)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_term_mixed_dtypes(dtype):
-    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
-    dense = [_make(s, DTYPES[i % 3], 100 + i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
+    dense = [make_tensor(s, DTYPES[i % 3], 100 + i) for i, s in enumerate(SIZES)]
     _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], gamma=0.98, dense=dense, beta=-0.03)
 
 
 def test_mixed_param_dtypes_one_call():
-    params = [_make(s, DTYPES[i % 3], i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, DTYPES[i % 3], i) for i, s in enumerate(SIZES)]
     _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], gamma=1.01)
 
 
 def test_offsets_and_tensor_ids():
-    params = [_make(s, torch.float32, i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, torch.float32, i) for i, s in enumerate(SIZES)]
     tids = [9, 0, 2**32 - 1, 5, 77, 3, 12]
     offsets = [0, 1, 2, 3, 2**33 + 1, 4 * (2**32 - 40) + 3, 6]
     _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], tensor_ids=tids, offsets=offsets)
@@ -179,7 +156,7 @@ def test_offsets_and_tensor_ids():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_shards_equal_whole(dtype):
     """A tensor updated whole equals its shards updated with offsets (any cut, not only at quads)."""
-    whole = _make(6001, dtype, 3)
+    whole = make_tensor(6001, dtype, 3)
     kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.9, tensor_ids=[4], rounding="stochastic", rounding_key=77)
     ref = whole.clone()
     zo_kernels.noise_axpy_([ref], backend="cpu", **kw)
@@ -191,14 +168,14 @@ def test_shards_equal_whole(dtype):
 
 
 def test_no_keys_only_gamma_and_empty_tensors():
-    params = [_make(100, torch.float32, 0), torch.empty(0), _make(5, torch.bfloat16, 1)]
+    params = [make_tensor(100, torch.float32, 0), torch.empty(0), make_tensor(5, torch.bfloat16, 1)]
     out = _run("cpu", params, keys=[], alphas=[], gamma=0.5)
     assert torch.equal(out[0], params[0] * 0.5) and out[1].numel() == 0
     assert torch.equal(out[2], (params[2].float() * 0.5).bfloat16())
 
 
 def test_dense_may_be_the_param_itself():
-    p = _make(1000, torch.float32, 0)
+    p = make_tensor(1000, torch.float32, 0)
     expect = p.clone()
     zo_kernels.noise_axpy_([expect], [KEYS[0]], [0.1], gamma=0.5, dense=[p.clone()], beta=0.25, backend="cpu")
     zo_kernels.noise_axpy_([p], [KEYS[0]], [0.1], gamma=0.5, dense=[p], beta=0.25, backend="cpu")
@@ -208,8 +185,8 @@ def test_dense_may_be_the_param_itself():
 # ----------------------------------------------------------------------------------- rounding
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_nearest_is_torch_rounding_of_the_float32_result(dtype):
-    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
-    dense = [_make(s, dtype, 50 + i) for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
+    dense = [make_tensor(s, dtype, 50 + i) for i, s in enumerate(SIZES)]
     kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.97, beta=0.1)
     half = _run("cpu", params, dense=dense, **kw)
     full = _run("cpu", [p.float() for p in params], dense=[d.float() for d in dense], **kw)
@@ -220,8 +197,8 @@ def test_nearest_is_torch_rounding_of_the_float32_result(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_matches_reference_bits_without_noise(dtype):
     """With the noise term zero the fp32 sums agree exactly, so the stream-2 rounding must too."""
-    params = [_make(s, dtype, i) for i, s in enumerate(SIZES)]
-    dense = [_make(s, torch.float32, 9 + i) * 1e-3 for i, s in enumerate(SIZES)]
+    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
+    dense = [make_tensor(s, torch.float32, 9 + i) * 1e-3 for i, s in enumerate(SIZES)]
     kw = dict(keys=[KEYS[0]], alphas=[0.0], gamma=1.0, dense=dense, beta=0.37, rounding="stochastic",
               rounding_key=N.step_key(3, 3), offsets=[0, 5, 2, 3, 1, 0, 2**35 + 1])
     for a, b in zip(_run("cpu", params, **kw), _run("reference", params, **kw)):
@@ -256,7 +233,7 @@ def test_stochastic_rounding_unbiased(dtype, value):
 
 
 def test_stochastic_rounding_fp32_is_nearest():
-    p = [_make(1000, torch.float32, 0)]
+    p = [make_tensor(1000, torch.float32, 0)]
     kw = dict(keys=KEYS[:1], alphas=[0.1])
     assert torch.equal(_run("cpu", p, rounding="stochastic", **kw)[0], _run("cpu", p, **kw)[0])
 
@@ -264,8 +241,8 @@ def test_stochastic_rounding_fp32_is_nearest():
 # ------------------------------------------------------------------------ reproducibility
 def _workload():
     sizes = [1 << 20, 4097, 3, (64, 333)]
-    params = [_make(s, DTYPES[i % 3], i) for i, s in enumerate(sizes)]
-    dense = [_make(s, torch.float32, 20 + i) for i, s in enumerate(sizes)]
+    params = [make_tensor(s, DTYPES[i % 3], i) for i, s in enumerate(sizes)]
+    dense = [make_tensor(s, torch.float32, 20 + i) for i, s in enumerate(sizes)]
     kw = dict(keys=KEYS[:2], alphas=ALPHAS[:2], gamma=0.999, dense=dense, beta=1e-3, rounding="stochastic",
               rounding_key=123, offsets=[0, 2, 5, 1])
     return params, kw
@@ -310,7 +287,7 @@ def test_is_the_default_cpu_backend():
 
 # ------------------------------------------------------------------------------ bad input
 def test_bad_input_errors_before_dispatch():
-    p = _make(10, torch.float32, 0)
+    p = make_tensor(10, torch.float32, 0)
     keep = p.clone()
     with pytest.raises(ValueError, match="contiguous"):
         zo_kernels.noise_axpy_([p, torch.zeros(4, 4).t()], [1], [1.0], backend="cpu")
@@ -342,12 +319,9 @@ def test_internal_op_checks_its_arguments():
 
 
 # --------------------------------------------------------------------------- no temporaries
+# hwm() (peak RSS) is defined by native_helpers.assert_no_temporaries
 _RSS_SCRIPT = textwrap.dedent("""
     import torch, zo_kernels
-    def hwm():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
     n = 1 << 27
     p = torch.empty(n).fill_(0.5)           # touch every page
     zo_kernels.noise_axpy_([torch.zeros(64)], [1], [1.0], backend="cpu")  # warm up (thread pool, code)
@@ -359,8 +333,4 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_no_temporaries_proportional_to_the_tensor():
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    growth, size = map(int, out.stdout.split()[-2:])
-    assert growth < 0.05 * size, f"peak RSS grew by {growth / 2**20:.1f} MiB on a {size / 2**20:.0f} MiB tensor"
+    assert_no_temporaries(_RSS_SCRIPT)

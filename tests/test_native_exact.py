@@ -6,9 +6,6 @@ Two oracles:
   * the reference fed with the native z (restore.normal patched): then every integer rule (ordered
     ints, candidates, ties, residue packing) and every rounding must give the same bits.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,6 +17,7 @@ from zo_kernels import noise as N
 from zo_kernels import restore as R
 
 from helpers import z_bound
+from native_helpers import assert_no_temporaries
 
 _REASON = zo_kernels.backend_status().get("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -296,13 +294,10 @@ def test_internal_op_checks_its_arguments():
 
 
 # ----------------------------------------------------------------------------- no temporaries
+# hwm() (peak RSS) is defined by native_helpers.assert_no_temporaries
 _RSS_SCRIPT = textwrap.dedent("""
     import torch, zo_kernels
     from zo_kernels import restore as R
-    def hwm():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
     n = 1 << 26
     p = torch.empty(n, dtype=torch.bfloat16).fill_(0.02)   # touch every page
     planes = R.make_planes([p], 8)
@@ -318,8 +313,4 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_no_temporaries_proportional_to_the_tensor():
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    growth, size = map(int, out.stdout.split()[-2:])
-    assert growth < 0.05 * size, f"peak RSS grew by {growth / 2**20:.1f} MiB on a {size / 2**20:.0f} MiB tensor"
+    assert_no_temporaries(_RSS_SCRIPT)
