@@ -26,6 +26,30 @@ inline void split_key(int64_t key, uint32_t& k0, uint32_t& k1) {
   k1 = (uint32_t)(u >> 32);
 }
 
+// The keys as (k0, k1) word pairs and their coefficients in float, as the kernels take them; for the
+// exact form also the undo coefficients, and `invert` when any of them is nonzero.
+struct KeyTable {
+  std::vector<uint32_t> words;
+  std::vector<float> alphas, undo;
+  bool invert = false;
+};
+
+inline KeyTable key_table(at::IntArrayRef keys, at::ArrayRef<double> alphas, at::ArrayRef<double> undo = {}) {
+  KeyTable t;
+  t.words.resize(2 * keys.size());
+  t.alphas.resize(alphas.size());
+  t.undo.resize(undo.size());
+  for (size_t j = 0; j < keys.size(); ++j) {
+    split_key(keys[j], t.words[2 * j], t.words[2 * j + 1]);
+    t.alphas[j] = (float)alphas[j];
+    if (!undo.empty()) {
+      t.undo[j] = (float)undo[j];
+      t.invert = t.invert || undo[j] != 0.0;
+    }
+  }
+  return t;
+}
+
 inline void check_id(int64_t v, const char* what, size_t i) {
   TORCH_CHECK(v >= 0 && v < (int64_t(1) << 32), what, "[", i, "]=", v, " is outside [0, 2**32)");
 }

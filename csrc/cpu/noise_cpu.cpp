@@ -85,17 +85,12 @@ void noise_axpy_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<do
     tasks.push_back(make_task(params[i], dense.empty() ? nullptr : &dense[i], tensor_ids[i], offsets[i], total));
     total += tasks.back().blocks;
   }
-  std::vector<uint32_t> key_words(2 * keys.size());
-  std::vector<float> alpha_f(alphas.size());
-  for (size_t j = 0; j < keys.size(); ++j) {
-    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
-    alpha_f[j] = (float)alphas[j];
-  }
+  const KeyTable kt = key_table(keys, alphas);
   Args a{};
   a.tasks = tasks.data();
   a.ntasks = (int)tasks.size();
-  a.keys = key_words.data();
-  a.alphas = alpha_f.data();
+  a.keys = kt.words.data();
+  a.alphas = kt.alphas.data();
   a.K = (int)keys.size();
   a.gamma = (float)gamma;
   a.beta = (float)beta;
@@ -122,20 +117,12 @@ void noise_axpy_exact_cpu(at::TensorList params, at::IntArrayRef keys, at::Array
     if (!planes.empty()) tasks.back().plane = planes[i].numel() ? planes[i].data_ptr<uint8_t>() : nullptr;
     total += tasks.back().blocks;
   }
-  std::vector<uint32_t> key_words(2 * keys.size());
-  std::vector<float> alpha_f(alphas.size()), undo_f(undo.size());
-  bool invert = false;
-  for (size_t j = 0; j < keys.size(); ++j) {
-    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
-    alpha_f[j] = (float)alphas[j];
-    undo_f[j] = (float)undo[j];
-    invert = invert || undo[j] != 0.0;
-  }
+  const KeyTable kt = key_table(keys, alphas, undo);
   Args a{};
   a.tasks = tasks.data();
   a.ntasks = (int)tasks.size();
-  a.keys = key_words.data();
-  a.alphas = alpha_f.data();
+  a.keys = kt.words.data();
+  a.alphas = kt.alphas.data();
   a.K = (int)keys.size();
   a.gamma = (float)gamma;
   a.beta = 0.0f;
@@ -144,9 +131,9 @@ void noise_axpy_exact_cpu(at::TensorList params, at::IntArrayRef keys, at::Array
   a.stream = STREAM_NOISE;
   split_key(rounding_key, a.rk0, a.rk1);
   a.exact = true;
-  a.undo = undo_f.data();
-  a.invert = invert;
-  a.plane_mode = planes.empty() ? 0 : (invert ? 2 : 1);
+  a.undo = kt.undo.data();
+  a.invert = kt.invert;
+  a.plane_mode = planes.empty() ? 0 : (kt.invert ? 2 : 1);
   a.plane_bits = (int)plane_bits;
   launch(a, total);
 }

@@ -20,6 +20,13 @@ namespace {
 
 bool aligned4(const void* ptr, size_t elsize) { return ((uintptr_t)ptr % (4 * elsize)) == 0; }
 
+// One launch serves all params: they must share one device.
+void check_same_device(at::TensorList params) {
+  for (size_t i = 1; i < params.size(); ++i)
+    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
+                " but params[0] on ", params[0].device());
+}
+
 // One launch over `idx` tensors: table (entries, keys, alphas, and in exact mode the undo coefficients)
 // copied to the device in one transfer. `planes` (exact mode) are the residue planes, or empty.
 void launch_group(const std::vector<size_t>& idx, at::TensorList params, at::TensorList dense,
@@ -73,16 +80,9 @@ void noise_axpy_cuda(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<d
                      at::IntArrayRef offsets, int64_t rounding_key) {
   check_axpy_args(params, keys, alphas, dense, stochastic, tensor_ids, offsets, c10::DeviceType::CUDA);
   if (params.empty()) return;
-  for (size_t i = 1; i < params.size(); ++i)
-    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
-                " but params[0] on ", params[0].device());
+  check_same_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<uint32_t> key_words(2 * keys.size());
-  std::vector<float> alpha_f(alphas.size());
-  for (size_t j = 0; j < keys.size(); ++j) {
-    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
-    alpha_f[j] = (float)alphas[j];
-  }
+  const KeyTable kt = key_table(keys, alphas);
   // One launch per (param dtype, dense dtype) group, like the Triton kernel.
   std::map<std::pair<int, int>, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i)
@@ -99,7 +99,7 @@ void noise_axpy_cuda(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<d
     a.stochastic = (int)stochastic;
     a.stream = 0;
     split_key(rounding_key, a.rk0, a.rk1);
-    launch_group(kv.second, params, dense, tensor_ids, offsets, key_words, alpha_f, a);
+    launch_group(kv.second, params, dense, tensor_ids, offsets, kt.words, kt.alphas, a);
   }
 }
 
@@ -111,19 +111,9 @@ void noise_axpy_exact_cuda(at::TensorList params, at::IntArrayRef keys, at::Arra
   check_exact_args(params, keys, alphas, undo, planes, plane_bits, stochastic, tensor_ids, offsets,
                    c10::DeviceType::CUDA);
   if (params.empty()) return;
-  for (size_t i = 1; i < params.size(); ++i)
-    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
-                " but params[0] on ", params[0].device());
+  check_same_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::vector<uint32_t> key_words(2 * keys.size());
-  std::vector<float> alpha_f(alphas.size()), undo_f(undo.size());
-  bool invert = false;
-  for (size_t j = 0; j < keys.size(); ++j) {
-    split_key(keys[j], key_words[2 * j], key_words[2 * j + 1]);
-    alpha_f[j] = (float)alphas[j];
-    undo_f[j] = (float)undo[j];
-    invert = invert || undo[j] != 0.0;
-  }
+  const KeyTable kt = key_table(keys, alphas, undo);
   std::map<int, std::vector<size_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) groups[dtype_code(params[i].scalar_type())].push_back(i);
   for (const auto& kv : groups) {
@@ -138,10 +128,10 @@ void noise_axpy_exact_cuda(at::TensorList params, at::IntArrayRef keys, at::Arra
     a.stream = 0;
     split_key(rounding_key, a.rk0, a.rk1);
     a.exact = 1;
-    a.invert = invert ? 1 : 0;
-    a.plane_mode = planes.empty() ? 0 : (invert ? 2 : 1);
+    a.invert = kt.invert ? 1 : 0;
+    a.plane_mode = planes.empty() ? 0 : (kt.invert ? 2 : 1);
     a.plane_bits = (int)plane_bits;
-    launch_group(kv.second, params, {}, tensor_ids, offsets, key_words, alpha_f, a, planes, undo_f);
+    launch_group(kv.second, params, {}, tensor_ids, offsets, kt.words, kt.alphas, a, planes, kt.undo);
   }
 }
 
