@@ -74,6 +74,24 @@ void launch(const Args& args, int64_t total_blocks) {
   at::parallel_for(0, total_blocks, GRAIN_BLOCKS, [&](int64_t b0, int64_t b1) { fn(args, b0, b1); });
 }
 
+// The arguments of a noise_axpy_ pass over `tasks` (the exact form adds its own fields).
+Args axpy_args(const std::vector<Task>& tasks, const KeyTable& kt, double gamma, double beta, int64_t stochastic,
+               int64_t rounding_key) {
+  Args a{};
+  a.tasks = tasks.data();
+  a.ntasks = (int)tasks.size();
+  a.keys = kt.words.data();
+  a.alphas = kt.alphas.data();
+  a.K = (int)kt.alphas.size();
+  a.gamma = (float)gamma;
+  a.beta = (float)beta;
+  a.has_x = true;
+  a.stochastic = stochastic != 0;
+  a.stream = STREAM_NOISE;
+  split_key(rounding_key, a.rk0, a.rk1);
+  return a;
+}
+
 void noise_axpy_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,
                     at::TensorList dense, double beta, int64_t stochastic, at::IntArrayRef tensor_ids,
                     at::IntArrayRef offsets, int64_t rounding_key) {
@@ -86,19 +104,7 @@ void noise_axpy_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<do
     total += tasks.back().blocks;
   }
   const KeyTable kt = key_table(keys, alphas);
-  Args a{};
-  a.tasks = tasks.data();
-  a.ntasks = (int)tasks.size();
-  a.keys = kt.words.data();
-  a.alphas = kt.alphas.data();
-  a.K = (int)keys.size();
-  a.gamma = (float)gamma;
-  a.beta = (float)beta;
-  a.has_x = true;
-  a.stochastic = stochastic != 0;
-  a.stream = STREAM_NOISE;
-  split_key(rounding_key, a.rk0, a.rk1);
-  launch(a, total);
+  launch(axpy_args(tasks, kt, gamma, beta, stochastic, rounding_key), total);
 }
 
 // The exact-restore form (zo_kernels.restore; rules in ../restore.h): one parallel loop over the blocks
@@ -118,18 +124,7 @@ void noise_axpy_exact_cpu(at::TensorList params, at::IntArrayRef keys, at::Array
     total += tasks.back().blocks;
   }
   const KeyTable kt = key_table(keys, alphas, undo);
-  Args a{};
-  a.tasks = tasks.data();
-  a.ntasks = (int)tasks.size();
-  a.keys = kt.words.data();
-  a.alphas = kt.alphas.data();
-  a.K = (int)keys.size();
-  a.gamma = (float)gamma;
-  a.beta = 0.0f;
-  a.has_x = true;
-  a.stochastic = stochastic != 0;
-  a.stream = STREAM_NOISE;
-  split_key(rounding_key, a.rk0, a.rk1);
+  Args a = axpy_args(tasks, kt, gamma, 0.0, stochastic, rounding_key);
   a.exact = true;
   a.undo = kt.undo.data();
   a.invert = kt.invert;
