@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("methods and budget")
     g.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list from {', '.join(METHODS)}")
     g.add_argument("--queries", type=int, default=None,
-                   help="query budget of each ZO method (a query = one example's forward pass)")
+                   help=f"query budget of each ZO method (a query = one example's forward pass); default "
+                        f"{d.queries} (= 200 MeZO steps at batch 64)")
     g.add_argument("--steps", type=int, default=None,
                    help="budget as MeZO steps: queries = steps * 2 * batch-size (instead of --queries)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -65,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--large-batch", type=int, default=d.large_batch,
                    help="MeZO-SVRG: examples per full step (>= n-train: the whole training set)")
     g.add_argument("--anchor", choices=("dense", "replay"), default=d.anchor)
-    g.add_argument("--lookahead", action="store_true", help="MeZO: fold the next +mu z into the update pass")
+    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="MeZO: fold the next step's +mu z into the update pass (2 noise passes per step, not 3)")
     g.add_argument("--anneal", action="store_true", help="loss-ratio lr annealing (kappa 1.05, alpha 5) for ZO")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--fo-epochs", type=float, default=d.fo_epochs)
-    g.add_argument("--fo-batch-size", type=int, default=d.fo_batch_size)
+    g.add_argument("--fo-batch-size", type=int, default=d.fo_batch_size, help="0: --batch-size")
     g.add_argument("--lr-fo-sgd", type=float, default=d.lr_fo_sgd)
     g.add_argument("--lr-fo-adam", type=float, default=d.lr_fo_adam)
     g.add_argument("--evals", type=int, default=d.evals,
@@ -117,8 +119,9 @@ def _check_args(a) -> List[str]:
             raise FinetuneError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
         raise FinetuneError(f"--methods lists a method twice: {a.methods}")
-    for name in ("n_train", "n_val", "n_test", "batch_size", "max_length", "q", "large_batch", "fo_batch_size",
-                 "memory_steps"):
+    if a.fo_batch_size < 0:
+        raise FinetuneError("--fo-batch-size must be >= 0 (0: --batch-size)")
+    for name in ("n_train", "n_val", "n_test", "batch_size", "max_length", "q", "large_batch", "memory_steps"):
         if getattr(a, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.evals < 1:
@@ -167,6 +170,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from .methods import LABELS, TrainConfig, evaluate, mean_loss, run_method
     from .model import Encoded, load_model_and_tokenizer, model_summary, resolve_model, select_trainable
 
+    d = TrainConfig()
     device = _device(a)
     threads = a.threads or _usable_cores()
     torch.set_num_threads(threads)
@@ -183,10 +187,14 @@ def run(argv: Optional[List[str]] = None) -> dict:
     net, tok = load_model_and_tokenizer(model_path, data.num_labels, a.dtype, device, a.seed)
     trainable = select_trainable(net, a.partial)
     summary = model_summary(net, trainable)
-    enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, a.max_length, device)
+    max_length = a.max_length
+    for limit in (getattr(net.config, "max_position_embeddings", None), getattr(tok, "model_max_length", None)):
+        if isinstance(limit, int) and 0 < limit < max_length:
+            max_length = limit  # the model cannot take longer inputs
+    a.max_length = max_length
+    enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, max_length, device)
            for k in ("train", "val", "test")}
-    queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else
-                                                       default_queries(a.batch_size))
+    queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
     cfg = TrainConfig(batch_size=a.batch_size, queries=queries, eps=a.eps, lr_mezo=a.lr_mezo, lr_svrg=a.lr_svrg,
                       lr_svrg_full=a.lr_svrg_full, q=a.q, large_batch=a.large_batch, anchor=a.anchor,
                       lookahead=a.lookahead, anneal=a.anneal, weight_decay=a.weight_decay, fo_epochs=a.fo_epochs,
@@ -246,11 +254,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
         spec = {"model": model_path, "num_labels": data.num_labels, "dtype": a.dtype, "device": device,
                 "seed": a.seed, "partial": a.partial, "batch_file": batch_file, "threads": threads,
                 "steps": max(a.memory_steps, a.q + 1), "cfg": {k: v for k, v in asdict(cfg).items()}}
-        for kind in ["runtime", "inference"] + methods:
-            t0 = time.perf_counter()
-            memory[kind] = mem_mod.measure(kind, spec)
-            memory[kind]["measure_s"] = time.perf_counter() - t0
-        mem_mod.summarize(memory)
+        memory = mem_mod.measure_all(["runtime", "inference"] + methods, spec,
+                                     workers=1 if device.startswith("cuda") else threads)
         try:
             os.remove(batch_file)
         except OSError:
@@ -262,9 +267,11 @@ def run(argv: Optional[List[str]] = None) -> dict:
     total = time.perf_counter() - t_start
     tab = report.table(results, memory)
     machine = f"{_cpu_name()}, {threads} threads" if device == "cpu" else torch.cuda.get_device_name(device)
-    title = (f"{os.path.basename(model_path.rstrip('/'))} on {data.name}, {a.n_train} train; batch {a.batch_size}, "
+    model_name = "all-MiniLM-L6-v2" if a.model is None else os.path.basename(str(a.model).rstrip("/"))
+    title = (f"{model_name} on {data.name}, {a.n_train} train; batch {a.batch_size}, "
              f"{'partial (last ' + str(a.partial) + ')' if a.partial else 'full'} FT; {machine}")
     out = {"config": {**vars(a), "methods": methods, "queries": queries, "model_path": model_path,
+                      "model_name": model_name,
                       "dataset_name": data.name, "labels": data.label_names, "threads": threads},
            "machine": {"cpu": _cpu_name(), "device": device, "threads": threads, "python": platform.python_version(),
                        "torch": torch.__version__, "platform": platform.platform(),
@@ -281,7 +288,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     say("")
     say("memory: peak RSS of one process per method during a few steps on one batch of "
         f"{a.batch_size} x {a.max_length} tokens; 'x inf' = / inference process, 'x inf-rt' = the same "
-        f"after subtracting the runtime baseline (imports only, "
+        f"after subtracting the runtime baseline (imports, tokenizer, model code; no weights: "
         f"{memory.get('runtime', {}).get('peak_rss_mb', float('nan')):.0f} MB)" if memory else "memory: skipped")
     say(f"total wall time {total:.0f} s; wrote {os.path.join(a.out, 'results.json')} and "
         f"{os.path.join(a.out, 'curves.png')}")
@@ -295,10 +302,6 @@ def _backend_name():
         return zo_kernels.last_backend()
     except Exception:
         return None
-
-
-def default_queries(batch_size: int) -> int:
-    return 600 * 2 * batch_size
 
 
 def main(argv: Optional[List[str]] = None) -> int:

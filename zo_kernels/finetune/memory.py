@@ -9,7 +9,8 @@ fixed batch, and reports:
                      includes loading, where clear_refs is not allowed); the Python/torch
                      runtime and the weights are included, nothing subtracted
   cuda_peak_mb       torch.cuda.max_memory_allocated during the steps (CUDA only)
-Kinds: "runtime" (the same imports, no model: the baseline to subtract), "inference" (forward
+Kinds: "runtime" (the same imports, config, tokenizer and model code -- the model built on the meta
+device, so no weights: the baseline to subtract), "inference" (forward
 passes only on the same batch, under no_grad), and every training method.
 """
 from __future__ import annotations
@@ -60,7 +61,18 @@ def _child(spec: dict) -> dict:
     device = spec.get("device", "cpu")
     out = {"kind": kind}
     if kind == "runtime":
+        # Everything but the weights and the work: the imports, the config, the tokenizer, and the model's
+        # code (instantiated on the meta device, which allocates no storage).
         import zo_kernels  # noqa: F401
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        from .model import _quiet
+
+        _quiet()
+        cfg = AutoConfig.from_pretrained(spec["model"], num_labels=spec["num_labels"])
+        AutoTokenizer.from_pretrained(spec["model"])
+        with torch.device("meta"):
+            AutoModelForSequenceClassification.from_config(cfg)
         gc.collect()
         out["reset_peak"] = _reset_peak()
         out["peak_rss_mb"] = _peak_rss_mb()
@@ -142,6 +154,26 @@ def measure(kind: str, spec: dict, timeout: float = 600) -> Dict:
                 break
     err = (p.stderr.strip().splitlines() or ["no output"])[-1]
     return {"kind": kind, "error": f"exit {p.returncode}: {err}"}
+
+
+def measure_all(kinds, spec: dict, workers: int = 1) -> Dict[str, dict]:
+    """Measure every kind, `workers` processes at a time (peak RSS is per process, so running them side
+    by side on a CPU does not change it; each then gets threads // workers torch threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = max(1, min(workers, len(kinds)))
+    spec = dict(spec, threads=max(1, int(spec.get("threads", 1)) // workers))
+
+    def one(kind):
+        t0 = time.perf_counter()
+        r = measure(kind, spec)
+        r["measure_s"] = time.perf_counter() - t0
+        r["threads"] = spec["threads"]
+        return kind, r
+
+    with ThreadPoolExecutor(workers) as ex:
+        results = dict(ex.map(one, kinds))
+    return summarize({k: results[k] for k in kinds})
 
 
 def summarize(results: Dict[str, dict]) -> Dict[str, dict]:

@@ -26,12 +26,12 @@ LABELS = {"mezo": "MeZO", "mezo-svrg": "MeZO-SVRG", "fo-sgd": "FO-SGD", "fo-adam
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16
-    queries: int = 0                 # budget per ZO method (one query = one example's forward pass)
+    batch_size: int = 64
+    queries: int = 25600                 # budget per ZO method (one query = one example's forward pass)
     eps: float = 1e-3
-    lr_mezo: float = 1e-4
-    lr_svrg: float = 1e-4            # η2: minibatch steps
-    lr_svrg_full: float = 1e-3       # η1: full / large-batch steps
+    lr_mezo: float = 2e-3
+    lr_svrg: float = 4e-3            # η2: minibatch steps
+    lr_svrg_full: float = 2e-2       # η1: full / large-batch steps
     q: int = 2
     large_batch: int = 512           # examples per full step (Remark 3.3: a large batch instead of all)
     anchor: str = "dense"
@@ -41,10 +41,10 @@ class TrainConfig:
     alpha: float = 5.0
     weight_decay: float = 0.0
     fo_epochs: float = 5.0
-    fo_batch_size: int = 16
-    lr_fo_sgd: float = 1e-2
+    fo_batch_size: int = 16          # 0: the ZO batch size
+    lr_fo_sgd: float = 3e-2
     lr_fo_adam: float = 1e-4
-    evals: int = 6                   # evaluation points after the start (test acc + train loss)
+    evals: int = 4                   # evaluation points after the start (test acc + train loss)
     eval_batch: int = 64
     micro_batch: int = 32            # micro-batch of the large-batch / evaluation forward passes
     seed: int = 0
@@ -310,7 +310,7 @@ def run_fo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point:
         opt = torch.optim.SGD(trainable, lr=cfg.lr_fo_sgd, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(trainable, lr=cfg.lr_fo_adam, weight_decay=cfg.weight_decay)
-    bs = min(cfg.fo_batch_size, len(train))
+    bs = min(cfg.fo_batch_size or cfg.batch_size, len(train))
     n_steps = max(1, int(round(cfg.fo_epochs * len(train) / bs)))
     total_q = n_steps * bs
     sampler = Sampler(len(train), bs, cfg.seed)
