@@ -170,8 +170,24 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from .methods import LABELS, TrainConfig, evaluate, mean_loss, run_method
     from .model import Encoded, load_model_and_tokenizer, model_summary, resolve_model, select_trainable
 
+    from .. import distributed as zdist
+
     d = TrainConfig()
     device = _device(a)
+    # Under torchrun: data parallel over the ranks (a no-op otherwise); rank 0 reports.
+    dist_on = zdist.init_from_env()
+    if dist_on:
+        device = zdist.local_device(device)
+        world = zdist.get_world_size()
+        fo = [m for m in methods if m.startswith("fo-")]
+        if fo and world > 1:
+            raise FinetuneError(f"--methods {','.join(fo)}: first-order baselines run in one process; "
+                                f"under torchrun use ZO methods only")
+        if a.batch_size < world:
+            raise FinetuneError(f"--batch-size {a.batch_size} is smaller than the {world} ranks")
+        a.no_memory = True          # one measurement process per method does not mix with torchrun
+        a.no_progress = a.no_progress or not zdist.is_main_process()
+    main_rank = zdist.is_main_process()
     threads = a.threads or _usable_cores()
     torch.set_num_threads(threads)
     try:
@@ -199,10 +215,13 @@ def run(argv: Optional[List[str]] = None) -> dict:
                       lr_svrg_full=a.lr_svrg_full, q=a.q, large_batch=a.large_batch, anchor=a.anchor,
                       lookahead=a.lookahead, anneal=a.anneal, weight_decay=a.weight_decay, fo_epochs=a.fo_epochs,
                       fo_batch_size=a.fo_batch_size, lr_fo_sgd=a.lr_fo_sgd, lr_fo_adam=a.lr_fo_adam,
-                      evals=a.evals, seed=a.seed, backend=a.backend, rounding=a.rounding, device=device)
+                      evals=a.evals, seed=a.seed, backend=a.backend, rounding=a.rounding, device=device,
+                      distributed=dist_on)
     progress = not a.no_progress
+
     def say(*x):
-        print(*x, flush=True)
+        if main_rank:
+            print(*x, flush=True)
     say(f"zo-finetune: {summary['architecture']} ({summary['params_trainable']:,} of {summary['params_total']:,} "
         f"params trained, {a.dtype}) on {data.name}: {a.n_train}/{a.n_val}/{a.n_test} examples, "
         f"{data.num_labels} labels, max {a.max_length} tokens (mean {enc['train'].mean_tokens():.1f}); "
@@ -280,9 +299,11 @@ def run(argv: Optional[List[str]] = None) -> dict:
                                       "mean_train_tokens": enc["train"].mean_tokens()},
            "start": start, "start_eval_s": start_eval_s, "methods": results, "memory": memory,
            "total_wall_s": total, "table": tab}
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=2, default=float)
-    report.plot(results, os.path.join(a.out, "curves.png"), title)
+    out["config"]["world_size"] = zdist.get_world_size()
+    if main_rank:
+        with open(os.path.join(a.out, "results.json"), "w") as f:
+            json.dump(out, f, indent=2, default=float)
+        report.plot(results, os.path.join(a.out, "curves.png"), title)
     say("")
     say(tab)
     say("")
@@ -305,8 +326,13 @@ def _backend_name():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .. import distributed as zdist
+
     try:
-        run(argv)
+        try:
+            run(argv)
+        finally:
+            zdist.destroy()
     except FinetuneError as e:
         print(f"zo-finetune: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from .. import distributed as zdist
 from .errors import FinetuneError
 
 ZO_METHODS = ("mezo", "mezo-svrg")
@@ -51,6 +52,7 @@ class TrainConfig:
     backend: Optional[str] = None
     rounding: str = "nearest"
     device: str = "cpu"
+    distributed: bool = False        # data parallel under torchrun (zo_kernels.distributed)
 
 
 def _sync(device: str) -> None:
@@ -143,7 +145,7 @@ def _import_optim():
 
 def make_zo_optimizer(method: str, params, cfg: TrainConfig):
     optim = _import_optim()
-    extra = {}
+    extra = {"distributed": True} if cfg.distributed else {}
     if cfg.backend:
         extra["backend"] = cfg.backend
     if cfg.rounding != "nearest":
@@ -254,8 +256,10 @@ def run_zo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point:
         if meter.queries + cost > cfg.queries:
             break
         idx = sampler.next()
-        batch = train.batch(idx)
-        closure = TimedClosure(lambda: net(**batch).loss, len(idx), meter)
+        # Data parallel: this rank's share of the step's batch; queries count the whole batch.
+        mine = zdist.shard_list(idx) if cfg.distributed else idx
+        batch = train.batch(mine)
+        closure = TimedClosure(lambda: (net(**batch).loss, len(mine)), len(idx), meter)
         q0, f0 = meter.queries, meter.forward_s
         _sync(cfg.device)
         t0 = time.perf_counter()
@@ -267,8 +271,10 @@ def run_zo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point:
                     full_closure = None
                     if full:
                         lidx = sampler.large(large)
+                        lmine = zdist.shard_list(lidx) if cfg.distributed else lidx
                         full_closure = TimedClosure(
-                            lambda: mean_loss(net, train, lidx, cfg.micro_batch).to(cfg.device), len(lidx), meter)
+                            lambda: (mean_loss(net, train, lmine, cfg.micro_batch).to(cfg.device), len(lmine)),
+                            len(lidx), meter)
                     loss = opt.step(closure, full_closure=full_closure)
         except FloatingPointError:  # zo_kernels.optim.NonFiniteLossError: θ restored, the run has diverged
             loss = float("nan")
