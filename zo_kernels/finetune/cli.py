@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list from {', '.join(METHODS)}")
     g.add_argument("--queries", type=int, default=None,
                    help=f"query budget of each ZO method (a query = one example's forward pass); default "
-                        f"{d.queries} (= 200 MeZO steps at batch 64)")
+                        f"{d.queries} (= 150 MeZO steps at batch 64)")
     g.add_argument("--steps", type=int, default=None,
                    help="budget as MeZO steps: queries = steps * 2 * batch-size (instead of --queries)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)

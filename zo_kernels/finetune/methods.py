@@ -28,7 +28,7 @@ LABELS = {"mezo": "MeZO", "mezo-svrg": "MeZO-SVRG", "fo-sgd": "FO-SGD", "fo-adam
 @dataclass
 class TrainConfig:
     batch_size: int = 64
-    queries: int = 25600                 # budget per ZO method (one query = one example's forward pass)
+    queries: int = 19200                 # budget per ZO method (one query = one example's forward pass)
     eps: float = 1e-3
     lr_mezo: float = 2e-3
     lr_svrg: float = 4e-3            # η2: minibatch steps

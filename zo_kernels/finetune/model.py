@@ -88,10 +88,15 @@ def load_model_and_tokenizer(model: str, num_labels: int, dtype: str = "float32"
                             f"{_first_line(e)}") from None
     net.to(device)
     net.eval()  # no dropout: ZO's two evaluations must see the same function; FO runs the same way
-    with torch.no_grad():  # the noise kernels need contiguous weights (copying only where they are not)
+    # transformers may leave the weights in a private mmap of the checkpoint file: pages that are read in
+    # on demand (and can be dropped again), so a forward-only process would not count them in its RSS
+    # while a trainer that writes them would.  Copy every weight into ordinary process memory (one
+    # tensor at a time), contiguous, so all methods start from the same resident weights.
+    with torch.no_grad():
         for p in net.parameters():
-            if not p.is_contiguous():
-                p.data = p.data.contiguous()
+            p.data = p.data.contiguous().clone()
+    if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
+        net.tie_weights()
     return net, tok
 
 

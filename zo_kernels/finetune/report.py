@@ -61,7 +61,11 @@ def plot(methods: Dict[str, dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    zo = [m for m in methods if m.startswith("mezo")]
+    zoom = bool(zo) and len(zo) < len(methods)  # a ZO-only panel when FO lines squash the ZO ones
+    n = 3 if zoom else 2
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.6))
+    ax1, ax2 = axes[0], axes[-1]
     for m, r in methods.items():
         c = COLORS.get(m)
         label = LABELS.get(m, m)
@@ -73,17 +77,21 @@ def plot(methods: Dict[str, dict], path: str, title: str) -> None:
             xs, ys = _smooth([s[0] for s in steps], [s[1] for s in steps], 20)
             ax1.plot(xs, ys, color=c, alpha=0.25, lw=1)
         ax1.plot(qx, [p["train_loss"] for p in curve], "o-", color=c, label=label, ms=4)
+        if zoom and m in zo:
+            axes[1].plot(qx, [p["train_loss"] for p in curve], "o-", color=c, label=label, ms=4)
         ax2.plot(qx, [p["test_acc"] for p in curve], "o-", color=c, label=label, ms=4)
-    ax1.set_xlabel("queries (forward passes of one example)")
     ax1.set_ylabel("training loss")
     ax1.set_title("training loss (markers: whole train set; faint: minibatch, mean of 20 steps)", fontsize=9)
-    ax2.set_xlabel("queries (forward passes of one example)")
+    if zoom:
+        axes[1].set_ylabel("training loss (whole train set)")
+        axes[1].set_title("training loss, ZO methods only (zoom)", fontsize=9)
     ax2.set_ylabel("test accuracy")
     ax2.set_title("test accuracy", fontsize=9)
-    for ax in (ax1, ax2):
+    for ax in axes:
+        ax.set_xlabel("queries (forward passes of one example)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
