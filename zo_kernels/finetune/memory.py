@@ -8,6 +8,8 @@ fixed batch, and reports:
   peak_rss_mb        VmHWM of the process during the steps (falls back to ru_maxrss, which
                      includes loading, where clear_refs is not allowed); the Python/torch
                      runtime and the weights are included, nothing subtracted
+  peak_anon_mb       the peak of RssAnon (anonymous memory: weights, activations, buffers), sampled
+                     every millisecond; unlike VmHWM it leaves out file-backed library pages
   cuda_peak_mb       torch.cuda.max_memory_allocated during the steps (CUDA only)
 Kinds: "runtime" (the same imports, config, tokenizer and model code -- the model built on the meta
 device, so no weights: the baseline to subtract), "inference" (forward
@@ -37,12 +39,49 @@ def _status_kb(field: str) -> Optional[int]:
 
 
 def _reset_peak() -> bool:
+    """Return freed heap to the OS (so the starting point is the live memory), then reset VmHWM."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+class AnonSampler:
+    """Peak of RssAnon (weights, activations, buffers; not the file-backed library pages, which the
+    kernel may drop and re-read at will), sampled every `period` seconds from a thread."""
+
+    def __init__(self, period: float = 0.001):
+        import threading
+
+        self.period, self.peak_kb, self._stop = period, 0, threading.Event()
+        self._th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            v = _status_kb("RssAnon")
+            if v is None:
+                return
+            self.peak_kb = max(self.peak_kb, v)
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._th.join()
+        v = _status_kb("RssAnon")
+        if v is not None:
+            self.peak_kb = max(self.peak_kb, v)
 
 
 def _peak_rss_mb() -> float:
@@ -76,6 +115,7 @@ def _child(spec: dict) -> dict:
         gc.collect()
         out["reset_peak"] = _reset_peak()
         out["peak_rss_mb"] = _peak_rss_mb()
+        out["peak_anon_mb"] = (_status_kb("RssAnon") or 0) / 1024.0
         return out
 
     from .methods import TrainConfig, make_zo_optimizer, _is_full_step
@@ -111,6 +151,8 @@ def _child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     out["reset_peak"] = _reset_peak()
     t0 = time.perf_counter()
+    sampler = AnonSampler()
+    sampler.__enter__()
     for _ in range(steps):
         if kind == "inference":
             with torch.no_grad():
@@ -125,6 +167,8 @@ def _child(spec: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             loss_fn().backward()
             opt.step()
+    sampler.__exit__(None, None, None)
+    out["peak_anon_mb"] = sampler.peak_kb / 1024.0
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -189,6 +233,11 @@ def summarize(results: Dict[str, dict]) -> Dict[str, dict]:
             r["above_runtime_mb"] = r["peak_rss_mb"] - base
             if inf.get("peak_rss_mb") and inf["peak_rss_mb"] > base:
                 r["x_inference_above_runtime"] = (r["peak_rss_mb"] - base) / (inf["peak_rss_mb"] - base)
+        if r.get("peak_anon_mb") and inf.get("peak_anon_mb"):
+            r["anon_x_inference"] = r["peak_anon_mb"] / inf["peak_anon_mb"]
+            b = results.get("runtime", {}).get("peak_anon_mb")
+            if b is not None and kind != "runtime" and inf["peak_anon_mb"] > b:
+                r["anon_x_inference_above_runtime"] = (r["peak_anon_mb"] - b) / (inf["peak_anon_mb"] - b)
         if "cuda_peak_mb" in r and inf.get("cuda_peak_mb"):
             r["cuda_x_inference"] = r["cuda_peak_mb"] / inf["cuda_peak_mb"]
     return results
