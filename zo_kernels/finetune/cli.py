@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--large-batch", type=int, default=d.large_batch,
                    help="MeZO-SVRG: examples per full step (>= n-train: the whole training set)")
     g.add_argument("--anchor", choices=("dense", "replay"), default=d.anchor)
-    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
-                   help="MeZO: fold the next step's +mu z into the update pass (2 noise passes per step, not 3)")
+    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="MeZO: fold the next step's +mu z into the update pass (2 noise passes per step, not 3); "
+                        "default: on for float32, off for bfloat16/float16 (which then get exact restore)")
     g.add_argument("--anneal", action="store_true", help="loss-ratio lr annealing (kappa 1.05, alpha 5) for ZO")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--fo-epochs", type=float, default=d.fo_epochs)
@@ -213,7 +214,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
     cfg = TrainConfig(batch_size=a.batch_size, queries=queries, eps=a.eps, lr_mezo=a.lr_mezo, lr_svrg=a.lr_svrg,
                       lr_svrg_full=a.lr_svrg_full, q=a.q, large_batch=a.large_batch, anchor=a.anchor,
-                      lookahead=a.lookahead, anneal=a.anneal, weight_decay=a.weight_decay, fo_epochs=a.fo_epochs,
+                      lookahead=(a.dtype == "float32") if a.lookahead is None else a.lookahead, anneal=a.anneal, weight_decay=a.weight_decay, fo_epochs=a.fo_epochs,
                       fo_batch_size=a.fo_batch_size, lr_fo_sgd=a.lr_fo_sgd, lr_fo_adam=a.lr_fo_adam,
                       evals=a.evals, seed=a.seed, backend=a.backend, rounding=a.rounding, device=device,
                       distributed=dist_on)

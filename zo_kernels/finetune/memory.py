@@ -118,7 +118,7 @@ def _child(spec: dict) -> dict:
         out["peak_anon_mb"] = (_status_kb("RssAnon") or 0) / 1024.0
         return out
 
-    from .methods import TrainConfig, make_zo_optimizer, _is_full_step
+    from .methods import TrainConfig, batch_loss, make_zo_optimizer, _is_full_step
     from .model import load_model_and_tokenizer, select_trainable
 
     net, _ = load_model_and_tokenizer(spec["model"], spec["num_labels"], spec.get("dtype", "float32"), device,
@@ -131,10 +131,10 @@ def _child(spec: dict) -> dict:
     steps = int(spec.get("steps", 3))
 
     def loss_fn():
-        return net(**batch).loss
+        return batch_loss(net, batch)[1]
 
     def full_fn():  # the large-batch closure: here two micro-batches of the same batch
-        return (net(**batch).loss + net(**batch).loss) / 2
+        return (batch_loss(net, batch)[1] + batch_loss(net, batch)[1]) / 2
 
     opt = None
     if kind in ("mezo", "mezo-svrg"):

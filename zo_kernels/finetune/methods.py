@@ -86,6 +86,14 @@ class Meter:
     forward_s: float = 0.0
 
 
+def batch_loss(net, batch: Dict[str, torch.Tensor]):
+    """(logits, mean cross-entropy computed in float32).  In bf16/fp16 the model's own loss would be
+    rounded to ~3 significant digits, which swamps a ZO step's loss difference l+ - l-."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = net(**inputs).logits
+    return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+
 def length_sorted_chunks(enc, index, size: int) -> List[List[int]]:
     """Chunks of `index` sorted by length: less padding in micro-batched forward passes."""
     order = sorted(index, key=lambda i: len(enc.ids[i]))
@@ -97,8 +105,8 @@ def mean_loss(net, enc, index, micro: int) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for chunk in length_sorted_chunks(enc, index, micro):
-            out = net(**enc.batch(chunk))
-            total += out.loss.double().cpu() * len(chunk)
+            _, loss = batch_loss(net, enc.batch(chunk))
+            total += loss.double().cpu() * len(chunk)
     return (total / len(index)).float()
 
 
@@ -108,9 +116,9 @@ def evaluate(net, enc, micro: int) -> Dict[str, float]:
     with torch.no_grad():
         for chunk in length_sorted_chunks(enc, range(len(enc)), micro):
             b = enc.batch(chunk)
-            out = net(**b)
-            correct += int((out.logits.argmax(-1) == b["labels"]).sum())
-            loss += float(out.loss) * len(chunk)
+            logits, lv = batch_loss(net, b)
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+            loss += float(lv) * len(chunk)
     return {"acc": correct / len(enc), "loss": loss / len(enc)}
 
 
@@ -259,7 +267,7 @@ def run_zo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point:
         # Data parallel: this rank's share of the step's batch; queries count the whole batch.
         mine = zdist.shard_list(idx) if cfg.distributed else idx
         batch = train.batch(mine)
-        closure = TimedClosure(lambda: (net(**batch).loss, len(mine)), len(idx), meter)
+        closure = TimedClosure(lambda: (batch_loss(net, batch)[1], len(mine)), len(idx), meter)
         q0, f0 = meter.queries, meter.forward_s
         _sync(cfg.device)
         t0 = time.perf_counter()
@@ -329,7 +337,7 @@ def run_fo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point:
         _sync(cfg.device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = net(**batch).loss
+        loss = batch_loss(net, batch)[1]
         _sync(cfg.device)
         t1 = time.perf_counter()
         loss.backward()
