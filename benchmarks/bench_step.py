@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
+from zo_kernels.finetune.cli import _cpu_name  # noqa: E402
+from zo_kernels.finetune.model import _quiet  # noqa: E402
 
 OPT_SIZES = {  # facebook/opt-* shapes (transformers OPTConfig), built with random weights: no download
     "opt-tiny": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4, vocab_size=50272),
@@ -38,16 +39,6 @@ OPT_SIZES = {  # facebook/opt-* shapes (transformers OPTConfig), built with rand
 VARIANTS = ("paper", "fused", "lookahead")
 PASSES = {"paper": 4, "fused": 3, "lookahead": 2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _quiet():
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
@@ -245,17 +236,6 @@ def plot(rows, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main(argv=None):
