@@ -7,7 +7,7 @@
 //   normals               Box-Muller on (x0, x1) -> elements 4q, 4q+1 and (x2, x3) -> 4q+2, 4q+3:
 //                         r = sqrt(-2 ln u_a), theta = 2 pi u_b, (r cos theta, r sin theta)
 //
-// zo_kernels/noise.py (PyTorch) is the reference; DESIGN.md section 1 the spec.
+// zo_kernels/noise.py (PyTorch) is the reference; docs/spec.md section 1 the spec.
 //
 // Every float operation below is an IEEE add, multiply, sqrt or exact conversion, in a fixed order
 // (no library transcendental, no fused multiply-add), so the host and device builds give the same

@@ -60,6 +60,6 @@ def test_fp32_loads_are_128_bit(ptx):
 
 
 def test_accurate_sincos_is_why_fast_is_used(ptx):
-    """libdevice's accurate sin/cos bring a local-memory range-reduction path (DESIGN.md §6)."""
+    """libdevice's accurate sin/cos bring a local-memory range-reduction path (docs/spec.md §1)."""
     _, text = ptx["k1_fp32_accurate_sincos_sm90"]
     assert _local(text) and "sin.approx" not in text

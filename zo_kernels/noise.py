@@ -1,7 +1,7 @@
 """zo-noise v1 in plain PyTorch: the reference every backend is checked against.
 
 z depends only on (key, tensor id, global element index, stream); see
-README "Design" and DESIGN.md §1.  Integer work is done in int64 tensors that
+docs/spec.md §1.  Integer work is done in int64 tensors that
 hold uint32 values, so every step is exact; nothing loops over elements.
 """
 from __future__ import annotations
