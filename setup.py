@@ -66,6 +66,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=4.40", "accelerate>=0.26"],
+        "peft": ["peft>=0.13", "transformers>=4.40"],
+        "datasets": ["datasets>=2.19"],
         "dev": ["pytest"],
     },
     entry_points={"console_scripts": ["zo-finetune=zo_kernels.finetune.cli:main"]},
