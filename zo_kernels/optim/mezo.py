@@ -38,6 +38,10 @@ class MeZO(ZOOptimizer):
             for the duration of a perturbation only); wider planes resolve more ambiguous elements.
         nan_policy: "raise" (default) or "skip" on a NaN/inf loss; either way θ is restored
             and the step counter is not advanced.
+        snapshot: keep a copy of the trainable weights while a step runs, so that a failed step leaves
+            them bit-identical for every dtype and restore mode, and a retried run is bit-identical to
+            one that never failed (see "A failed step" below).  Cost: one more read+write pass per step
+            (the copy) and the trainable weights' memory once more, kept between steps.
         distributed: data parallel over torch.distributed (see zo_kernels.distributed): each rank's
             closure returns the mean loss over its part of the batch, or (mean loss, count); one
             all-reduce of a few scalars per step makes every rank apply the same update.  None (the
@@ -46,6 +50,18 @@ class MeZO(ZOOptimizer):
 
     Returns from step: (l+ + l−)/2, the two-point estimate of the loss at θ_t on this batch.
 
+    A failed step -- the closure raises (any exception, KeyboardInterrupt too) or returns NaN/inf
+    before the update -- does not advance the step counter and brings the weights back to where
+    `step` found them: θ_t, or with lookahead θ_t + μz_t with the perturbation still pending.
+    With snapshot=True they are bit-identical.  Without it the way back is one more pass of the
+    step's own kind (no extra memory), which is exact up to these limits:
+      * exact restore (bf16/fp16 with restore="auto", or restore="exact"): bit-identical except
+        elements where θ ± μz lies more than plane_bits binades above θ (above the grid just below
+        θ, for a power of two), where its rounding cannot be inverted uniquely -- for plane_bits >= 2
+        only where |θ| < μ|z|/(2^plane_bits − 1); those come back within one ulp of θ ± μz.
+      * fused restore (fp32 with restore="auto", restore="fused", lookahead): each element comes
+        back as round(round(round(θ + μz) − 2μz) + μz), within 1.5 ulp of |θ| + 2μ|z| of θ.
+
     Groups with different eps: the shared scalar is d = (l+ − l−)/2 and group g uses
     c_g = d/μ_g, an unbiased estimate of its gradient part (E[(Σ_h μ_h ∇_h·z_h) z_g]/μ_g = ∇_g).
     """
@@ -53,7 +69,8 @@ class MeZO(ZOOptimizer):
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
                  lookahead: bool = False, *, record: bool = False, rounding: str = "nearest",
                  backend: Optional[str] = None, nan_policy: str = "raise", restore: str = "auto",
-                 plane_bits: int = 2, distributed: Optional[bool] = None, process_group=None):
+                 plane_bits: int = 2, snapshot: bool = False, distributed: Optional[bool] = None,
+                 process_group=None):
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be a bool, got {type(lookahead).__name__}")
         if lookahead and restore == "exact":
@@ -64,7 +81,8 @@ class MeZO(ZOOptimizer):
         self._pending = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
                          rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
-                         plane_bits=plane_bits, distributed=distributed, process_group=process_group)
+                         plane_bits=plane_bits, snapshot=snapshot, distributed=distributed,
+                         process_group=process_group)
 
     # ------------------------------------------------------------ lookahead
     @property
@@ -98,9 +116,12 @@ class MeZO(ZOOptimizer):
         mus = [g["eps"] for g in groups]
         t = self._t
         k = step_key(self.seed, t)
-        cur = self._pending["offsets"] if self._pending is not None else [Lin() for _ in groups]
+        pend = self._pending
+        entry = pend["offsets"] if pend is not None else [Lin() for _ in groups]   # where step found them
+        cur = entry
         self._pending = None
         self._begin_step()
+        self._take_snapshot(tensors)
         theta = [Lin() for _ in groups]          # θ_t, the base point
         try:
             cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, mu)]) for mu in mus])
@@ -109,7 +130,8 @@ class MeZO(ZOOptimizer):
             lm = self._eval(closure)
             lp, lm = self._sync_losses(lp, lm)       # distributed: one all-reduce, global means
             if not (math.isfinite(lp) and math.isfinite(lm)):
-                cur = self._goto(tensors, tids, cur, theta)
+                cur = self._restore_failed(tensors, tids, cur, entry)
+                self._pending = pend
                 return self._non_finite({"loss+": lp, "loss-": lm})
             d = (lp - lm) / 2.0
             k1 = step_key(self.seed, t + 1) if self.lookahead else None
@@ -129,10 +151,12 @@ class MeZO(ZOOptimizer):
                                  "offsets": [Lin(1.0, [(k1, mu)]) for mu in mus]}
             return (lp + lm) / 2.0
         except BaseException:
-            if self._t == t:          # failed before the update: bring the weights back to θ_t
-                self._goto(tensors, tids, cur, theta)
+            if self._t == t:          # failed before the update: the weights go back to where step found them
+                self._restore_failed(tensors, tids, cur, entry)
+                self._pending = pend
             raise
         finally:
+            self._snap = None
             self._in_step = False
 
     # ---------------------------------------------------------------- state

@@ -47,6 +47,10 @@ class MeZOSVRG(ZOOptimizer):
         seed: base seed, int in [0, 2**64).  anchor: "dense" or "replay" (see the module doc).
         weight_decay: λ, applied as θ ← θ − η(ĝ + λθ) on both kinds of step.
         record, rounding, backend, nan_policy, restore, plane_bits: as for MeZO.
+        snapshot: as for MeZO; with anchor="dense" the copy covers the anchor buffers too (the weights'
+            memory twice more), so a retried step rounds exactly as one that never failed.  Without
+            it a failed step restores by the step's own passes: exact restore as for MeZO; the fused
+            passes (fp32) within their roundings, a few ulp of the largest intermediate |θ|, |θ̄ ± μz|.
         distributed, process_group: as for MeZO; full_closure too returns this rank's mean (or
             (mean, count)) over its part of the full / large batch.  DTensor (sharded) parameters
             need anchor="replay".
@@ -59,8 +63,8 @@ class MeZOSVRG(ZOOptimizer):
     def __init__(self, params, lr: float, lr_full: float, eps: float = 1e-3, q: int = 2, seed: int = 0,
                  anchor: str = "dense", weight_decay: float = 0.0, *, record: bool = False,
                  rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
-                 restore: str = "auto", plane_bits: int = 2, distributed: Optional[bool] = None,
-                 process_group=None):
+                 restore: str = "auto", plane_bits: int = 2, snapshot: bool = False,
+                 distributed: Optional[bool] = None, process_group=None):
         if isinstance(q, bool) or not isinstance(q, int):
             raise TypeError(f"q must be an int >= 1, got {type(q).__name__}")
         if q < 1:
@@ -76,7 +80,7 @@ class MeZOSVRG(ZOOptimizer):
         self._buf_at: Optional[List[Lin]] = None
         super().__init__(params, dict(lr=lr, lr_full=lr_full, eps=eps, weight_decay=weight_decay), seed=seed,
                          record=record, rounding=rounding, backend=backend, nan_policy=nan_policy,
-                         restore=restore, plane_bits=plane_bits, distributed=distributed,
+                         restore=restore, plane_bits=plane_bits, snapshot=snapshot, distributed=distributed,
                          process_group=process_group)
         if anchor == "dense" and any(_zdist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
             raise ValueError("MeZOSVRG anchor='dense' swaps parameter storages, which sharded (DTensor / FSDP2) "
@@ -155,6 +159,7 @@ class MeZOSVRG(ZOOptimizer):
         a = step_key(self.seed, t)
         self._check_ranks(layout)   # distributed: all ranks agree (first step), step fingerprint
         self._begin_step()
+        self._take_snapshot(tensors)
         # The weights hold θ_t and θ_t becomes the new anchor: θ_t is the base point from here on.
         theta = [Lin() for _ in groups]
         cur = theta
@@ -173,7 +178,7 @@ class MeZOSVRG(ZOOptimizer):
             lm = self._eval(full_closure)
             lp, lm = self._sync_losses(lp, lm)       # distributed: one all-reduce, global means
             if not (math.isfinite(lp) and math.isfinite(lm)):
-                cur = self._goto(tensors, tids, cur, theta)
+                cur = self._restore_failed(tensors, tids, cur, theta)
                 return self._non_finite({"full loss+": lp, "full loss-": lm})
             d = (lp - lm) / 2.0
             cs = [d / mu for mu in mus]
@@ -187,10 +192,11 @@ class MeZOSVRG(ZOOptimizer):
             self._t += 1
             return (lp + lm) / 2.0
         except BaseException:
-            if self._t == t and cur is not theta:
-                self._goto(tensors, tids, cur, theta)
+            if self._t == t:    # failed before the update: the weights go back to θ_t, where step found them
+                self._restore_failed(tensors, tids, cur, theta)
             raise
         finally:
+            self._snap = None
             self._in_step = False
 
     def _minibatch_step(self, layout, tids, closure) -> float:
@@ -206,6 +212,9 @@ class MeZOSVRG(ZOOptimizer):
         theta = self._theta if replay else [Lin() for _ in groups]
         cur = theta
         swapped = None
+        buf_at = self._buf_at
+        # snapshot=True covers the anchor buffers too, so a retried step rounds exactly as an unfailed one
+        self._take_snapshot(tensors, [] if replay else [b for bs in self._buffers(layout, create=False) for b in bs])
         try:
             cur = self._goto(tensors, tids, cur, [th.plus([(k, mu)]) for th, mu in zip(theta, mus)])
             l1p = self._eval(closure)
@@ -238,7 +247,9 @@ class MeZOSVRG(ZOOptimizer):
             l1p, l1m, l2p, l2m = self._sync_losses(l1p, l1m, l2p, l2m)   # distributed: one all-reduce
             losses = {"loss+": l1p, "loss-": l1m, "anchor loss+": l2p, "anchor loss-": l2m}
             if not all(math.isfinite(v) for v in losses.values()):
-                cur = self._goto(tensors, tids, cur, theta)
+                if self._snap is not None:
+                    self._buf_at = buf_at
+                cur = self._restore_failed(tensors, tids, cur, theta)
                 return self._non_finite(losses)
             d1, d2 = (l1p - l1m) / 2.0, (l2p - l2m) / 2.0
             new_theta = []
@@ -254,10 +265,13 @@ class MeZOSVRG(ZOOptimizer):
             self._t += 1
             return (l1p + l1m) / 2.0
         except BaseException:
-            if self._t == t and cur is not theta:
-                self._goto(tensors, tids, cur, theta)
+            if self._t == t:    # failed before the update: the weights go back to θ_t, where step found them
+                if self._snap is not None:
+                    self._buf_at = buf_at
+                self._restore_failed(tensors, tids, cur, theta)
             raise
         finally:
+            self._snap = None
             self._in_step = False
 
     # ---------------------------------------------------------------- state
