@@ -130,6 +130,26 @@ def test_bad_input_clear_error(tiny, tmp_path, capsys, case, needle):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--lr-mezo", "nan"], "--lr-mezo must be a finite number"),
+    (["--lr-svrg", "-1"], "--lr-svrg must be >= 0"),
+    (["--lr-svrg-full", "inf"], "--lr-svrg-full must be a finite number"),
+    (["--eps", "nan"], "--eps must be a finite number"),
+    (["--fo-epochs", "nan"], "--fo-epochs must be a finite number"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--lr-mezo", "2", "--weight-decay", "0.5"], "must be < 1"),
+    (["--seed", "-3"], "--seed must be in [0, 2**64)"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_numbers_fail_up_front(tmp_path, capsys, args, needle):
+    """Checked before anything is loaded: the model path does not even exist, and the error is the number's."""
+    rc = main(["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), "--no-progress"] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert needle in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
 def test_module_entry_point_bad_method_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "zo_kernels.finetune", "--methods", "nope", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=REPO, timeout=120)

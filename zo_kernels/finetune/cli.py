@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -109,8 +110,30 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _check_numbers(a) -> None:
+    """Every numeric argument, before anything is loaded: floats finite, rates and decay >= 0, the
+    ZO decay factor 1 - lr*weight_decay > 0, seed in [0, 2**64), threads >= 1 (one line, exit 2)."""
+    for act in build_parser()._actions:
+        v = getattr(a, act.dest, None)
+        if act.type is float and v is not None and not math.isfinite(v):
+            raise FinetuneError(f"{act.option_strings[0]} must be a finite number, got {v}")
+    for name in ("lr_mezo", "lr_svrg", "lr_svrg_full", "lr_fo_sgd", "lr_fo_adam", "weight_decay"):
+        if getattr(a, name) < 0:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
+    for name in ("lr_mezo", "lr_svrg", "lr_svrg_full"):
+        if getattr(a, name) * a.weight_decay >= 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} {getattr(a, name)} times --weight-decay "
+                                f"{a.weight_decay} must be < 1 (the ZO update scales θ by 1 - lr*weight_decay)")
+    if not 0 <= a.seed < 1 << 64:
+        raise FinetuneError(f"--seed must be in [0, 2**64), got {a.seed}")
+    if a.threads is not None and a.threads < 1:
+        raise FinetuneError(f"--threads must be >= 1, got {a.threads}")
+
+
 def _check_args(a) -> List[str]:
     from .methods import METHODS
+
+    _check_numbers(a)
 
     methods = [m.strip().lower() for m in a.methods.split(",") if m.strip()]
     if not methods:
