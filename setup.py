@@ -16,6 +16,7 @@ CPU_SOURCES = [
     "csrc/cpu/kernel_base.cpp",
     "csrc/cpu/kernel_avx2.cpp",
     "csrc/cpu/kernel_avx512.cpp",
+    "csrc/cpu/adam_cpu.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/noise_kernel.cu",   # the kernels: philox.h and CUDA headers only

@@ -46,6 +46,10 @@ TORCH_LIBRARY_FRAGMENT(zo_kernels, m) {
   m.def("_noise_axpy_exact_native(Tensor(a!)[] params, int[] keys, float[] alphas, float[] undo, float gamma, "
         "Tensor(b!)[] planes, int plane_bits, int stochastic, int[] tensor_ids, int[] offsets, "
         "int rounding_key) -> ()");
+  // The fused ZO-Adam pass (zo_kernels/adam.py, csrc/adam.h): theta, m, v in one pass with g = sum_j c_j z_j;
+  // scalars = (beta1, beta2, eps, step_size, bc2_sqrt, l2, gamma).
+  m.def("_noise_adam_native(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int[] keys, "
+        "float[] coeffs, float[] scalars, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
   // out float32/bfloat16/float16: z; out int32: the raw Philox words (the integer layer, for tests).
   m.def("_noise_native(Tensor(a!) out, int key, int tensor_id, int offset, int stream) -> ()");
   m.def("_philox4x32_native(int[] counter, int[] key) -> int[]", &philox4x32);

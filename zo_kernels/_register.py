@@ -7,6 +7,7 @@ import torch
 
 from . import backends
 from .noise import noise_axpy_reference, noise_reference
+from .adam import noise_adam_reference
 from .restore import noise_axpy_exact_reference
 
 _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
@@ -15,7 +16,7 @@ _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.flo
 def _register_reference() -> None:
     backends.register(backends.Backend("reference", ("cpu", "cuda"), _ALL_DTYPES,
                                        noise_axpy_reference, noise_reference,
-                                       axpy_exact=noise_axpy_exact_reference))
+                                       axpy_exact=noise_axpy_exact_reference, adam=noise_adam_reference))
 
 
 def _register_triton() -> None:
@@ -32,9 +33,11 @@ def _register_triton() -> None:
             "triton", ("cuda",), "no CUDA device; set TRITON_INTERPRET=1 before importing zo_kernels "
                                  "to run the Triton kernels on CPU under the interpreter")
         return
+    from .triton import noise_adam as ta
     from .triton import noise_axpy as tk
     backends.register(backends.Backend("triton", devices, tk.DTYPES, tk.noise_axpy, tk.noise,
-                                       notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact))
+                                       notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact,
+                                       adam=ta.noise_adam))
 
 
 def _register_native() -> None:
@@ -50,7 +53,8 @@ def _register_native() -> None:
         backends.register_unavailable("cuda", ("cuda",), reason)
         return
     backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
-                                       axpy_exact=native.noise_axpy_exact, notes={"isa": native.cpu_isa()}))
+                                       axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
+                                       notes={"isa": native.cpu_isa()}))
     if not native.has_cuda():
         backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "
                                       "(torch without CUDA, or nvcc/CUDA_HOME not found at build time)")

@@ -6,6 +6,8 @@ A backend is a pair of plain functions behind the one custom op:
     noise(out, key, tensor_id, offset, stream)
     axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
                rounding_key)                                   (optional; see zo_kernels.restore)
+    adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets,
+         rounding_key)                                         (optional; see zo_kernels.adam)
 
 Keys arrive as two's complement int64 Python ints (the form that crosses
 torch.library).  Arguments are already validated by zo_kernels.ops.
@@ -36,6 +38,8 @@ class Backend:
     unavailable: Optional[str] = None
     # The exact-restore form (zo_kernels.restore), where the backend implements it.
     axpy_exact: Optional[Callable] = None
+    # The fused ZO-Adam pass (zo_kernels.adam), where the backend implements it.
+    adam: Optional[Callable] = None
     notes: dict = field(default_factory=dict)
 
 

@@ -8,8 +8,12 @@ Both are the ops of the extension zo_kernels._C, built from source by setup.py:
     zo_kernels::_noise_axpy_exact_native(params, keys, alphas, undo, gamma, planes, plane_bits, stochastic,
                                          tensor_ids, offsets, rounding_key)
 
-The last is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
-csrc/restore.h, shared by both kernels).
+    zo_kernels::_noise_adam_native(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic,
+                                   tensor_ids, offsets, rounding_key)
+
+The third is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
+csrc/restore.h, shared by both kernels); the last is the fused ZO-Adam pass (zo_kernels.adam is its
+reference, csrc/adam.h the per-element rule; CPU only so far).
 
 The dispatcher sends CPU tensors to the CPU kernel and CUDA tensors to the CUDA kernel, so one pair
 of functions serves both backends.  Arguments arrive validated by zo_kernels.ops (keys as two's
@@ -45,6 +49,12 @@ def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, roun
                                                   list(planes) if planes else [], int(plane_bits),
                                                   int(rounding == "stochastic"), list(tensor_ids), list(offsets),
                                                   int(rounding_key))
+
+
+def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key):
+    torch.ops.zo_kernels._noise_adam_native(params, exp_avgs, exp_avg_sqs, list(keys), [float(c) for c in coeffs],
+                                            [float(s) for s in scalars.as_list()], int(rounding == "stochastic"),
+                                            list(tensor_ids), list(offsets), int(rounding_key))
 
 
 def noise(out, key, tensor_id, offset, stream):

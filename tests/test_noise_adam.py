@@ -1,0 +1,207 @@
+"""The fused ZO-Adam pass (zo_kernels.noise_adam_) on every backend against a float64 transcription
+of Adam (Kingma & Ba, Algorithm 1) with the gradient g = Σ_j c_j z_j, z materialised with noise_."""
+import math
+import textwrap
+
+import pytest
+import torch
+
+import zo_kernels
+from zo_kernels import noise as N
+
+from helpers import z_bound
+from native_helpers import assert_no_temporaries, make_tensor, ordered
+
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in zo_kernels.available_backends()]
+KEYS = [N.step_key(3, s) for s in range(3)]
+COEFFS = [0.7, -1.3, 0.4]
+SHAPES = [1, 5, 1023, (3, 5, 7)]
+
+
+def _z64(key, tid, numel, offset=0):
+    out = torch.empty(numel, dtype=torch.float64)
+    return zo_kernels.noise_(out, key, tid, offset)     # float64 output: the reference in float64
+
+
+def adam64(theta, m, v, grads, *, lr, betas, eps, step, weight_decay=0.0, decoupled=False):
+    """Adam / AdamW in float64, the textbook form (bias-corrected moments), one step."""
+    b1, b2 = betas
+    theta, m, v, g = theta.double(), m.double(), v.double(), grads.double()
+    if decoupled:
+        theta = theta * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * theta
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat = m / (1 - b1 ** step)
+    v_hat = v / (1 - b2 ** step)
+    return theta - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+def error_bounds(m0, v0, g, dg, m, v, th, *, lr, betas, eps, step, **_):
+    """First-order bounds on |fp32 − float64| of m, v, θ from the noise error dg of g (the spec's z
+    tolerance) plus a few fp32 roundings of each operation (2⁻²² relative)."""
+    b1, b2 = betas
+    r = 2.0 ** -22
+    m0, v0 = m0.double(), v0.double()
+    dm = (1 - b1) * dg + r * (b1 * m0.abs() + (1 - b1) * g.abs())
+    dv = (1 - b2) * 2 * (g.abs() + dg) * dg + r * (b2 * v0 + (1 - b2) * g * g)
+    bc2 = math.sqrt(1 - b2 ** step)
+    s = lr / (1 - b1 ** step)
+    denom = v.sqrt() / bc2 + eps
+    dden = dv / (2 * v.sqrt() + 1e-300) / bc2 + r * denom
+    ratio = m.abs() / denom
+    dth = s * (dm / denom + ratio * dden / denom) + r * (s * ratio + th.abs())
+    return dm, dv, dth
+
+
+def _inputs(shape, dtype, seed):
+    p = make_tensor(shape, dtype, seed)
+    m = make_tensor(shape, torch.float32, seed + 1) * 0.1
+    v = make_tensor(shape, torch.float32, seed + 2).abs() * 0.1
+    return p, m, v
+
+
+def _grad64(keys, coeffs, tid, numel, offset=0):
+    g = torch.zeros(numel, dtype=torch.float64)
+    for k, c in zip(keys, coeffs):
+        g += c * _z64(k, tid, numel, offset)
+    return g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fp32_matches_float64_transcription(backend, decoupled):
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, step=4, weight_decay=0.05, decoupled=decoupled)
+    params, ms, vs = zip(*(_inputs(s, torch.float32, 10 * i) for i, s in enumerate(SHAPES)))
+    p1, m1, v1 = ([t.clone() for t in ts] for ts in (params, ms, vs))
+    zo_kernels.noise_adam_(p1, m1, v1, KEYS, COEFFS, backend=backend, **kw)
+    assert zo_kernels.last_backend() == backend
+    for i, p in enumerate(params):
+        n = p.numel()
+        g = _grad64(KEYS, COEFFS, i, n)
+        th, m, v = adam64(p.reshape(-1), ms[i].reshape(-1), vs[i].reshape(-1), g, **kw)
+        g_eff = g if decoupled else g + kw["weight_decay"] * p.reshape(-1).double()
+        dg = z_bound(KEYS, COEFFS, i, n)               # the spec's bound on the fp32 z error of g
+        dm, dv, dth = error_bounds(ms[i].reshape(-1), vs[i].reshape(-1), g_eff, dg, m, v, th, **kw)
+        for name, got, want, bound in (("m", m1[i], m, dm), ("v", v1[i], v, dv), ("theta", p1[i], th, dth)):
+            err = (got.reshape(-1).double() - want).abs()
+            assert (err <= 1.5 * bound + 1e-30).all(), (name, i, (err / bound).max().item())
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_backend_matches_reference(backend, dtype, rounding):
+    """Same operations in the same order: θ within one grid step of the reference (16-bit: the two fp32
+    values may straddle a rounding boundary), m and v within fp32 rounding of z's difference."""
+    kw = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, step=2, weight_decay=0.01, rounding=rounding,
+              offsets=[0, 6, 0, 4], tensor_ids=[4, 1, 9, 2])
+    params, ms, vs = zip(*(_inputs(s, dtype, 7 * i) for i, s in enumerate(SHAPES)))
+    runs = {}
+    for b in ("reference", backend):
+        ts = [[t.clone() for t in x] for x in (params, ms, vs)]
+        zo_kernels.noise_adam_(*ts, KEYS[:2], COEFFS[:2], backend=b, **kw)
+        runs[b] = ts
+    for i in range(len(params)):
+        pr, pb = runs["reference"][0][i], runs[backend][0][i]
+        if dtype == torch.float32:
+            torch.testing.assert_close(pb, pr, rtol=1e-5, atol=1e-6)
+        else:
+            assert (ordered(pb) - ordered(pr)).abs().max().item() <= 1
+        for s in (1, 2):
+            torch.testing.assert_close(runs[backend][s][i], runs["reference"][s][i], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_steps_bf16_params_track_float64(backend):
+    """bf16 θ with fp32 m, v over three steps: each step's θ is within one bf16 ulp of the float64
+    transcription started from the same bf16 θ (rounding to nearest)."""
+    p, m, v = _inputs(1000, torch.bfloat16, 3)
+    m.zero_(), v.zero_()
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for step in (1, 2, 3):
+        keys = [N.step_key(9, step)]
+        g = _grad64(keys, [0.5], 0, p.numel())
+        th, m64, v64 = adam64(p.reshape(-1), m, v, g, step=step, **kw)
+        zo_kernels.noise_adam_([p], [m], [v], keys, [0.5], step=step, backend=backend, **kw)
+        dist = (ordered(p) - ordered(th.to(torch.bfloat16))).abs().max().item()
+        assert dist <= 1
+        torch.testing.assert_close(m.double(), m64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_with_offsets_equal_the_whole(backend):
+    """z depends on the global index: updating two halves (offsets) equals updating the whole."""
+    p, m, v = _inputs(1001, torch.float32, 5)
+    whole = [t.clone() for t in (p, m, v)]
+    zo_kernels.noise_adam_([whole[0]], [whole[1]], [whole[2]], KEYS, COEFFS, lr=1e-3, step=7, backend=backend)
+    halves = [t.clone() for t in (p, m, v)]
+    a = [t[:498] for t in halves]
+    b = [t[498:] for t in halves]
+    zo_kernels.noise_adam_([a[0], b[0]], [a[1], b[1]], [a[2], b[2]], KEYS, COEFFS, lr=1e-3, step=7,
+                           tensor_ids=[0, 0], offsets=[0, 498], backend=backend)
+    for w, h in zip(whole, halves):
+        assert torch.equal(w, h)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(exp_avgs="bf16"), "exp_avgs\\[0\\] has dtype"),
+    (dict(exp_avg_sqs="short"), "exp_avg_sqs has 1 tensors for 2"),
+    (dict(exp_avgs="alias"), "share memory"),
+    (dict(step=0), "step must be an int >= 1"),
+    (dict(betas=(1.0, 0.9)), "betas\\[0\\]=1.0 is outside"),
+    (dict(eps=0.0), "eps=0.0 is outside"),
+    (dict(lr=float("nan")), "lr is nan"),
+    (dict(coeffs=[1.0, 2.0]), "one coefficient per key"),
+    (dict(keys=[], coeffs=[]), "keys is empty"),
+    (dict(decoupled=True, weight_decay=2000.0), "must be < 1"),
+    (dict(exp_avgs="shape"), "has shape"),
+])
+def test_bad_input_raises_before_writing(bad, match):
+    p = [torch.randn(10), torch.randn(3, 4)]
+    m = [torch.zeros(10), torch.zeros(3, 4)]
+    v = [torch.ones(10), torch.ones(3, 4)]
+    before = [t.clone() for t in p + m + v]
+    kw = dict(keys=[1], coeffs=[1.0], lr=1e-3, step=1)
+    args = dict(exp_avgs=m, exp_avg_sqs=v)
+    for k, val in bad.items():
+        if val == "bf16":
+            args[k] = [m[0].bfloat16(), m[1]]
+        elif val == "short":
+            args[k] = [v[0]]
+        elif val == "alias":
+            args[k] = [p[0], m[1]]
+        elif val == "shape":
+            args[k] = [m[0], torch.zeros(4, 3)]
+        else:
+            kw[k] = val
+    with pytest.raises((ValueError, TypeError), match=match):
+        zo_kernels.noise_adam_(p, args["exp_avgs"], args["exp_avg_sqs"], **kw)
+    for b, a in zip(before, p + m + v):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_schema_and_fake_kernel():
+    p, m, v = [torch.randn(10)], [torch.zeros(10)], [torch.ones(10)]
+    scal = zo_kernels.adam.AdamScalars.make(1e-3, 0.9, 0.999, 1e-8, 1).as_list()
+    args = (p, m, v, [N.to_signed64(KEYS[0])], [0.5], scal, "nearest", [0], [0], 0, "reference")
+    torch.library.opcheck(torch.ops.zo_kernels.noise_adam_.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+_RSS_SCRIPT = textwrap.dedent("""
+    import torch, zo_kernels
+    n = 1 << 25
+    p, m, v = (torch.empty(n).fill_(0.5) for _ in range(3))   # touch every page
+    zo_kernels.noise_adam_([torch.zeros(64)], [torch.zeros(64)], [torch.zeros(64)], [1], [1.0], lr=1e-3, step=1,
+                           backend="cpu")                      # warm up (thread pool, code)
+    base = hwm()
+    zo_kernels.noise_adam_([p], [m], [v], [11, 12], [1e-3, -1e-3], lr=1e-3, step=3, backend="cpu")
+    print(hwm() - base, n * 4)
+""")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="native CPU backend not built")
+def test_cpu_pass_allocates_nothing_weight_sized():
+    """No z and no gradient tensor: peak RSS grows by < 5% of one tensor during the pass."""
+    assert_no_temporaries(_RSS_SCRIPT)

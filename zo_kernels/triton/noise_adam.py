@@ -1,0 +1,145 @@
+"""Triton kernel of the fused ZO-Adam pass (zo_kernels.adam): θ, m, v of every tensor in one launch.
+
+    g = Σ_j c_j·z(k_j, t) + λ₂θ;  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  θ ← γθ − s·m/(√v/√b₂ + ε)
+
+Same launch layout as noise_axpy.py (a persistent grid walks an int64 table; each thread owns whole
+quads, so one Philox call feeds four elements, and loads/stores are vectorised on the aligned path);
+z comes from the same helpers, so this kernel and noise_axpy_ see the same noise.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .noise_axpy import (DTYPES, INTERPRET, _TL, _aligned, _config, _interleave, _normals, _quad_words,
+                         _round_nearest, _stochastic_round)
+
+__all__ = ["DTYPES", "noise_adam"]
+
+# Table: six columns T long (param ptr, m ptr, v ptr, numel, tensor id, element offset), then K keys,
+# K coefficients (float64 bits), the rounding key.
+_COLS = tl.constexpr(6)
+
+
+@triton.jit
+def _adam_tile(p, mp, vp, idx, mask, gq, tid, tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma,
+               K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr):
+    g = tl.zeros(idx.shape, tl.float32)
+    for j in tl.static_range(K):
+        key = tl.load(tab + _COLS * T + j)
+        c = tl.load(tab + _COLS * T + K + j).to(tl.float64, bitcast=True).to(tl.float32)
+        g += c * _normals(key, gq, tid, 0, FAST)
+    theta = tl.load(p + idx, mask=mask).to(tl.float32)
+    m = tl.load(mp + idx, mask=mask)
+    v = tl.load(vp + idx, mask=mask)
+    g = g + l2 * theta
+    m = b1 * m + omb1 * g
+    v = b2 * v + omb2 * (g * g)
+    # IEEE sqrt and division (Triton's defaults are approximate), as csrc/adam.h.
+    denom = tl.math.div_rn(tl.math.sqrt_rn(v), bc2_sqrt) + eps
+    theta = gamma * theta - step_size * tl.math.div_rn(m, denom)
+    tl.store(mp + idx, m, mask=mask)
+    tl.store(vp + idx, v, mask=mask)
+    if SR:
+        sr_key = tl.load(tab + _COLS * T + 2 * K)
+        w0, w1, w2, w3 = _quad_words(sr_key, gq, tid, 2)
+        out = _stochastic_round(theta, _interleave(w0, w1, w2, w3), OUT)
+    else:
+        out = _round_nearest(theta, OUT)
+    tl.store(p + idx, out, mask=mask)
+
+
+@triton.jit
+def _noise_adam_kernel(tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma,
+                       K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, ALIGNED: tl.constexpr,
+                       FAST: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, 4)
+    for t in range(T):
+        p = tl.load(tab + t).to(tl.pointer_type(OUT))
+        mp = tl.load(tab + T + t).to(tl.pointer_type(tl.float32))
+        vp = tl.load(tab + 2 * T + t).to(tl.pointer_type(tl.float32))
+        n = tl.load(tab + 3 * T + t)
+        tid = tl.load(tab + 4 * T + t)
+        off = tl.load(tab + 5 * T + t)
+        q0 = off // 4
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+            mp = tl.multiple_of(mp, 16)
+            vp = tl.multiple_of(vp, 16)
+            full = n // 4
+            for b in range(pid, tl.cdiv(full, BLOCK), nprog):
+                lq = b * BLOCK + tl.arange(0, BLOCK)
+                idx = lq[:, None] * 4 + lane[None, :]
+                mask = (lq < full)[:, None]
+                _adam_tile(p, mp, vp, idx, mask, lq + q0, tid, tab, T, b1, omb1, b2, omb2, eps, step_size,
+                           bc2_sqrt, l2, gamma, K, SR, OUT, FAST)
+            if (n % 4 != 0) & (t % nprog == pid):
+                lq = full + tl.arange(0, 2)
+                idx = lq[:, None] * 4 + lane[None, :]
+                _adam_tile(p, mp, vp, idx, idx < n, lq + q0, tid, tab, T, b1, omb1, b2, omb2, eps, step_size,
+                           bc2_sqrt, l2, gamma, K, SR, OUT, FAST)
+        else:
+            nq = (off + n + 3) // 4 - q0
+            for b in range(pid, tl.cdiv(nq, BLOCK), nprog):
+                gq = q0 + b * BLOCK + tl.arange(0, BLOCK)
+                idx = gq[:, None] * 4 + lane[None, :] - off
+                _adam_tile(p, mp, vp, idx, (idx >= 0) & (idx < n), gq, tid, tab, T, b1, omb1, b2, omb2, eps,
+                           step_size, bc2_sqrt, l2, gamma, K, SR, OUT, FAST)
+
+
+def _bits(xs):
+    return [struct.unpack("<q", struct.pack("<d", float(x)))[0] for x in xs]
+
+
+def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key,
+               block=None):
+    groups = {}
+    for i, p in enumerate(params):
+        if p.numel():
+            groups.setdefault(p.dtype, []).append(i)
+    sc = scalars
+    for dtype, idx in groups.items():
+        ps, ms, vs = ([lst[i] for i in idx] for lst in (params, exp_avgs, exp_avg_sqs))
+        offs = [offsets[i] for i in idx]
+        table = ([t.data_ptr() for t in ps + ms + vs] + [p.numel() for p in ps] + [tensor_ids[i] for i in idx] +
+                 offs + list(keys) + _bits(coeffs) + [rounding_key])
+        device = ps[0].device
+        tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+        default_block, warps, max_prog = _config(device)
+        BLOCK = block or default_block
+        quads = sum((p.numel() + 3) // 4 + 1 for p in ps)
+        grid = (max(1, min(max_prog, triton.cdiv(quads, BLOCK))),)
+        _noise_adam_kernel[grid](
+            tab, len(ps), sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps, sc.step_size, sc.bc2_sqrt,
+            sc.l2, sc.gamma, K=len(keys), SR=rounding == "stochastic" and dtype != torch.float32, OUT=_TL[dtype],
+            ALIGNED=_aligned(ps + ms + vs, offs), FAST=not INTERPRET, BLOCK=BLOCK, num_warps=warps)
+        del tab  # freed to the caching allocator; its reuse is ordered after the launch on this stream
+
+
+# ------------------------------------------------------------ ahead of time
+AOT_CASES = [
+    ("adam_k2_fp32", dict(K=2, SR=False, OUT="float32")),
+    ("adam_k1_bf16_sr", dict(K=1, SR=True, OUT="bfloat16")),
+    ("adam_k1_fp32_unaligned", dict(K=1, SR=False, OUT="float32", ALIGNED=False)),
+]
+
+
+def compile_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
+    """PTX of the kernel for sm_<cc> without a GPU (run without TRITON_INTERPRET; see aot.py)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block), **const)
+    const["OUT"] = getattr(tl, const["OUT"])
+    sig = {"tab": "*i64", "T": "i32"}
+    sig.update({n: "fp32" for n in ("b1", "omb1", "b2", "omb2", "eps", "step_size", "bc2_sqrt", "l2", "gamma")})
+    sig.update({c: "constexpr" for c in ("K", "SR", "OUT", "ALIGNED", "FAST", "BLOCK")})
+    src = ASTSource(_noise_adam_kernel, sig, constexprs=const, attrs={(0,): [["tt.divisibility", 16]]})
+    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                       options={"num_warps": num_warps, "enable_fp_fusion": True})
+    return k.asm["ptx"]
