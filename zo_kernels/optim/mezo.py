@@ -17,10 +17,11 @@ import math
 from typing import Callable, Optional
 
 from ..noise import step_key
-from .base import Lin, ZOOptimizer
+from .base import Lin
+from .spsa import SPSAOptimizer
 
 
-class MeZO(ZOOptimizer):
+class MeZO(SPSAOptimizer):
     """MeZO: `loss = opt.step(closure)`; closure() runs a forward pass and returns the loss.
 
     Args:
@@ -28,6 +29,8 @@ class MeZO(ZOOptimizer):
         lr: η.  eps: μ, the perturbation scale.  weight_decay: λ (θ ← θ − η(ĝ + λθ)).
         seed: base seed of the noise keys, an int in [0, 2**64); step t uses step_key(seed, t).
         lookahead: fuse the next step's +μz into the update pass (2 instead of 3 passes/step).
+        n_directions: q ≥ 1 directions per step (n-SPSA, ZO-Bench's q): θ ← (1 − ηλ)θ − η·(1/q)Σ_j c_j z_j
+            with c_j = (l+_j − l−_j)/2μ, applied in one multi-key pass (see spsa.py); 2q queries per step.
         record: keep `opt.trajectory`, a list of every noise_axpy_ call on the weights (see `replay`).
         rounding: "nearest" | "stochastic" rounding of the update pass of bf16/fp16 weights (the
             perturbation passes always round to nearest).  backend: noise_axpy_ backend.
@@ -70,19 +73,21 @@ class MeZO(ZOOptimizer):
                  lookahead: bool = False, *, record: bool = False, rounding: str = "nearest",
                  backend: Optional[str] = None, nan_policy: str = "raise", restore: str = "auto",
                  plane_bits: int = 2, snapshot: bool = False, distributed: Optional[bool] = None,
-                 process_group=None):
+                 process_group=None, n_directions: int = 1):
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be a bool, got {type(lookahead).__name__}")
         if lookahead and restore == "exact":
             raise ValueError("lookahead=True keeps the weights perturbed across steps, which exact restore "
                              "cannot invert; use restore='fused' (or 'auto') with lookahead")
+        if lookahead and n_directions != 1:
+            raise ValueError("lookahead=True fuses one direction into the update; use n_directions=1 with it")
         self.lookahead = lookahead
         # Pending lookahead perturbation: {"key", "tids", "tensors", "offsets": [Lin or None]}.
         self._pending = None
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
                          rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
                          plane_bits=plane_bits, snapshot=snapshot, distributed=distributed,
-                         process_group=process_group)
+                         process_group=process_group, n_directions=n_directions)
 
     # ------------------------------------------------------------ lookahead
     @property
@@ -106,6 +111,8 @@ class MeZO(ZOOptimizer):
         if closure is None and self._closure_free_call():
             return None
         closure = self._require_closure(closure)
+        if self.n_directions > 1:
+            return super().step(closure)        # n-SPSA: spsa.py, one multi-key update pass
         layout = self._layout()
         tids = self._tids(layout)
         if self._pending is not None and self._pending["tids"] != tids:

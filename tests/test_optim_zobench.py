@@ -1,0 +1,402 @@
+"""ZO-Bench's optimizer family against float64 transcriptions of the published updates (z materialised
+with zo_kernels.noise_, the same values the optimizers regenerate), plus the core features.
+
+Tolerances as test_optim_mezo.py: the loss is float64 inside the test MLP; weights within 1e-6
+relative after the run (ZO-Adam: 1e-5, its update divides by √v).
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zo_kernels
+from zo_kernels.optim import (ForwardGrad, MeZO, NonFiniteLossError, ZOAdam, ZOSGDCons, ZOSGDMomentum,
+                              ZOSGDSign, replay)
+from zo_kernels.optim.spsa import direction_key
+
+from optim_helpers import _one_thread, data, make_net, mlp, rel  # noqa: F401 (_one_thread: autouse)
+
+BACKEND = "reference"
+LR, MU, SEED, STEPS = 2.0 ** -7, 1e-2, 11, 20
+
+
+def zs(seed, t, j, shapes):
+    """z of direction j of step t, materialised with noise_ (fp32, as the optimizers' passes use it)."""
+    k = direction_key(seed, t, j)
+    return [zo_kernels.noise_(torch.empty(s), k, i, backend=BACKEND).double() for i, s in enumerate(shapes)]
+
+
+def loss64(theta, x, y, idx):
+    return F.cross_entropy(mlp(theta, x[idx]), y[idx]).item()
+
+
+def spsa64(theta, x, y, idx, t, q, mu=MU, seed=SEED):
+    """The q two-point differences d_j and the z_j of step t (float64)."""
+    out = []
+    for j in range(q):
+        z = zs(seed, t, j, [p.shape for p in theta])
+        lp = loss64([p + mu * zi for p, zi in zip(theta, z)], x, y, idx)
+        lm = loss64([p - mu * zi for p, zi in zip(theta, z)], x, y, idx)
+        out.append(((lp - lm) / 2, z, (lp + lm) / 2))
+    return out
+
+
+def run(opt, net, x, y, batches, steps=STEPS, t0=0):
+    losses = []
+    for t in range(t0, t0 + steps):
+        idx = batches[t]
+        losses.append(opt.step(lambda: F.cross_entropy(net(x[idx]), y[idx])))
+    return losses
+
+
+def setup(seed=0):
+    x, y, batches = data(steps=40)
+    net = make_net(seed)
+    theta0 = [p.detach().clone().double() for p in net.parameters()]
+    return net, theta0, x, y, batches
+
+
+def axpy(theta, coef_z, wd=0.0, lr=LR):
+    return [(1 - lr * wd) * p + sum(c * z[i] for c, z in coef_z) for i, p in enumerate(theta)]
+
+
+# ------------------------------------------------------------------ transcriptions of the updates
+def sign_sgd64(theta, x, y, batches, q, steps=STEPS, wd=0.0):
+    """ZO-Bench zo_sign_opt: grad = sign(projected_grad)·z (averaged over q); θ ← θ − η(grad + λθ)."""
+    for t in range(steps):
+        dz = spsa64(theta, x, y, batches[t], t, q)
+        theta = axpy(theta, [(-LR * math.copysign(1.0, d) / q if d else 0.0, z) for d, z, _ in dz], wd)
+    return theta
+
+
+def nspsa64(theta, x, y, batches, q, steps=STEPS, wd=0.0):
+    """ZO-Bench zo_step_v2 (q > 1): ĝ = (1/q) Σ_j (l+_j − l−_j)/(2μ) z_j;  θ ← θ − η(ĝ + λθ)."""
+    for t in range(steps):
+        dz = spsa64(theta, x, y, batches[t], t, q)
+        theta = axpy(theta, [(-LR * d / (MU * q), z) for d, z, _ in dz], wd)
+    return theta
+
+
+def momentum64(theta, x, y, batches, beta, q=1, steps=STEPS, window=None):
+    """torch.optim.SGD(momentum=β) with p.grad = ĝ (ZO-Bench zo_sgd + momentum): m ← βm + ĝ; θ ← θ − ηm.
+    window=K: the momentum truncated to the last K estimates (the seeded mode's definition)."""
+    hist = []
+    for t in range(steps):
+        dz = spsa64(theta, x, y, batches[t], t, q)
+        hist.append([(d / (MU * q), z) for d, z, _ in dz])
+        recent = hist if window is None else hist[-window:]
+        n = len(recent)
+        theta = axpy(theta, [(-LR * beta ** (n - 1 - s) * c, z) for s, h in enumerate(recent) for c, z in h])
+    return theta
+
+
+def adam64(theta, x, y, batches, q=1, steps=STEPS, betas=(0.9, 0.999), eps=1e-8, wd=0.0):
+    """ZO-Bench zo_adam: torch.optim.Adam in float64 with p.grad = ĝ."""
+    ps = [p.clone().requires_grad_(False) for p in theta]
+    opt = torch.optim.Adam(ps, lr=LR, betas=betas, eps=eps, weight_decay=wd)
+    for t in range(steps):
+        dz = spsa64(ps, x, y, batches[t], t, q)
+        for i, p in enumerate(ps):
+            p.grad = sum(d / (MU * q) * z[i] for d, z, _ in dz)
+        opt.step()
+    return ps
+
+
+def cons64(theta, x, y, batches, q=1, steps=STEPS, lr=LR):
+    """ZO-Bench zo_conserv_step: l0 = f(θ); candidates θ ∓ ηĝ; keep the lowest of the three."""
+    choices = []
+    for t in range(steps):
+        idx = batches[t]
+        l0 = loss64(theta, x, y, idx)
+        dz = spsa64(theta, x, y, idx, t, q)
+        minus = axpy(theta, [(-lr * d / (MU * q), z) for d, z, _ in dz])
+        plus = axpy(theta, [(lr * d / (MU * q), z) for d, z, _ in dz])
+        ls = [l0, loss64(minus, x, y, idx), loss64(plus, x, y, idx)]
+        best = min(range(3), key=lambda i: (ls[i], i))
+        choices.append(best)
+        theta = [theta, minus, plus][best]
+    return theta, choices
+
+
+def forward_grad64(theta, x, y, batches, steps=STEPS, wd=0.0):
+    """Forward gradient with the directional derivative from backward-mode autograd: θ ← θ − η((∇f·z) z + λθ)."""
+    for t in range(steps):
+        idx = batches[t]
+        z = zs(SEED, t, 0, [p.shape for p in theta])
+        ps = [p.clone().requires_grad_(True) for p in theta]
+        F.cross_entropy(mlp(ps, x[idx]), y[idx]).backward()
+        dd = sum((p.grad * zi).sum() for p, zi in zip(ps, z)).item()
+        theta = axpy(theta, [(-LR * dd, z)], wd)
+    return theta
+
+
+# -------------------------------------------------------------------------------- updates
+@pytest.mark.parametrize("q", [1, 3])
+def test_sign_matches_zobench_update(q):
+    net, theta0, x, y, batches = setup()
+    run(ZOSGDSign(net.parameters(), lr=LR, eps=MU, seed=SEED, n_directions=q, backend=BACKEND), net, x, y, batches)
+    assert rel(net.parameters(), sign_sgd64(theta0, x, y, batches, q)) < 1e-6
+
+
+def test_nspsa_matches_zobench_q_loop():
+    net, theta0, x, y, batches = setup()
+    run(MeZO(net.parameters(), lr=LR, eps=MU, seed=SEED, n_directions=4, backend=BACKEND), net, x, y, batches)
+    want = nspsa64(theta0, x, y, batches, 4)
+    assert rel(net.parameters(), want) < 1e-6
+    assert rel(want, nspsa64(theta0, x, y, batches, 1)) > 1e-3      # q matters: the test can fail
+
+
+def test_nspsa_q1_is_mezo_bit_for_bit():
+    runs = []
+    for q in (1, None):
+        net, _, x, y, batches = setup()
+        kw = {} if q is None else dict(n_directions=q)
+        run(MeZO(net.parameters(), lr=LR, eps=MU, seed=SEED, backend=BACKEND, **kw), net, x, y, batches, steps=5)
+        runs.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_nspsa_single_pass_equals_q_sequential_passes():
+    """The update of q directions is one multi-key pass; q sequential single-key passes of the same
+    coefficients give the same weights within fp32 rounding (a few ulps of the magnitudes involved)."""
+    q = 5
+    net, _, x, y, batches = setup()
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    opt = MeZO(net.parameters(), lr=LR, eps=MU, seed=SEED, n_directions=q, backend=BACKEND, record=True)
+    calls = len(opt.trajectory)
+    run(opt, net, x, y, batches, steps=1)
+    last = opt.trajectory[-1]
+    assert len(opt.trajectory) - calls == 2 * q + 1 and len(last["keys"]) == q   # one update pass, q keys
+    keys = [direction_key(SEED, 0, j) for j in range(q)]
+    assert sorted(last["keys"]) == sorted(keys)
+    alpha = dict(zip(last["keys"], last["alphas"]))
+    coeffs = [alpha[k] - (MU if j == q - 1 else 0.0) for j, k in enumerate(keys)]  # last: also removes −μz
+    seq = [p.clone() for p in theta0]
+    for k, c in zip(keys, coeffs):
+        zo_kernels.noise_axpy_(seq, [k], [c], backend=BACKEND)
+    z = [zs(SEED, 0, j, [p.shape for p in theta0]) for j in range(q)]
+    for i, (a, b, p0) in enumerate(zip(net.parameters(), seq, theta0)):
+        mag = p0.double().abs() + MU * z[-1][i].abs() + sum(abs(c) * z[j][i].abs() for j, c in enumerate(coeffs))
+        assert ((a.detach().double() - b.double()).abs() <= (q + 4) * 2.0 ** -24 * mag).all()
+    assert not all(torch.equal(a, b) for a, b in zip(theta0, seq))
+
+
+def test_cons_matches_zobench_and_counts_queries():
+    net, theta0, x, y, batches = setup()
+    opt = ZOSGDCons(net.parameters(), lr=0.1, eps=MU, seed=SEED, backend=BACKEND)
+    calls = [0]
+
+    def counted(t):
+        def closure():
+            calls[0] += 1
+            return F.cross_entropy(net(x[batches[t]]), y[batches[t]])
+        return closure
+
+    got = []
+    for t in range(STEPS):
+        opt.step(counted(t))
+        got.append(["theta", "minus", "plus"].index(opt.last_choice))
+    want, choices = cons64(theta0, x, y, batches, lr=0.1)
+    assert calls[0] == STEPS * opt.queries_per_step == STEPS * 5
+    assert got == choices and len(set(choices)) > 1          # the candidates really compete
+    assert rel(net.parameters(), want) < 1e-6
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_momentum_dense_matches_sgd_momentum(q):
+    net, theta0, x, y, batches = setup()
+    run(ZOSGDMomentum(net.parameters(), lr=LR, eps=MU, momentum=0.9, seed=SEED, state="dense", n_directions=q,
+                      backend=BACKEND), net, x, y, batches)
+    want = momentum64(theta0, x, y, batches, 0.9, q)
+    assert rel(net.parameters(), want) < 1e-6
+    assert rel(want, nspsa64(theta0, x, y, batches, q)) > 1e-3
+
+
+def test_momentum_seeded_matches_its_truncated_definition():
+    net, theta0, x, y, batches = setup()
+    run(ZOSGDMomentum(net.parameters(), lr=LR, eps=MU, momentum=0.8, seed=SEED, state="seeded", window=6,
+                      backend=BACKEND), net, x, y, batches)
+    assert rel(net.parameters(), momentum64(theta0, x, y, batches, 0.8, window=6)) < 1e-6
+
+
+def test_seeded_momentum_vs_dense_within_truncation_bound():
+    """Linear loss f(θ) = <a, θ>: the SPSA scalars do not depend on θ, so dense and seeded modes see the
+    same ĝ_t and their momenta differ exactly by the dropped tail, β^K·m_{t−K} (measured here)."""
+    torch.manual_seed(3)
+    shapes = [(40, 10), (40,)]
+    a = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    beta, K, T = 0.9, 8, 30
+    nets = {m: [torch.nn.Parameter(torch.zeros(s)) for s in shapes] for m in ("dense", "seeded")}
+    opts = {m: ZOSGDMomentum(nets[m], lr=1e-3, eps=1e-2, momentum=beta, seed=5, state=m, window=K, backend=BACKEND)
+            for m in nets}
+    snap = None
+    for t in range(T):
+        for m, opt in opts.items():
+            opt.step(lambda m=m: sum((ai * p.double()).sum() for ai, p in zip(a, nets[m])))
+        if t == T - 1 - K:
+            snap = [opts["dense"].state[p]["momentum_buffer"].double().clone() for p in nets["dense"]]
+    dense_m = [opts["dense"].state[p]["momentum_buffer"].double() for p in nets["dense"]]
+    hist = opts["seeded"]._history
+    seeded_m = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for s, (ks, cs) in enumerate(hist):
+        for k, c in zip(ks, cs[0]):
+            for i, sh in enumerate(shapes):
+                seeded_m[i] += beta ** (len(hist) - 1 - s) * c * zo_kernels.noise_(torch.empty(sh), k, i).double()
+    err = torch.cat([(d - s).flatten() for d, s in zip(dense_m, seeded_m)]).norm().item()
+    tail = torch.cat([x.flatten() for x in snap]).norm().item() * beta ** K
+    full = torch.cat([x.flatten() for x in dense_m]).norm().item()
+    assert opts["seeded"].truncation_bound() == beta ** K
+    assert abs(err - tail) <= 1e-4 * tail + 1e-5 * full        # the dropped tail, and nothing else
+    assert err > 0.05 * tail                                  # measurable: the test can fail
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_zo_adam_matches_torch_adam_with_zo_grad(decoupled):
+    net, theta0, x, y, batches = setup()
+    wd = 0.05
+    run(ZOAdam(net.parameters(), lr=LR, eps=MU, seed=SEED, weight_decay=wd, decoupled=decoupled, backend=BACKEND),
+        net, x, y, batches)
+    if decoupled:
+        ps = [p.clone() for p in theta0]
+        opt = torch.optim.AdamW(ps, lr=LR, weight_decay=wd)
+        for t in range(STEPS):
+            dz = spsa64(ps, x, y, batches[t], t, 1)
+            for i, p in enumerate(ps):
+                p.grad = dz[0][0] / MU * dz[0][1][i]
+            opt.step()
+        want = ps
+    else:
+        want = adam64(theta0, x, y, batches, wd=wd)
+    assert rel(net.parameters(), want) < 1e-5
+    assert rel(want, nspsa64(theta0, x, y, batches, 1)) > 1e-2
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in zo_kernels.available_backends()])
+def test_zo_adam_native_backends_track_the_reference(backend):
+    runs = []
+    for b in (BACKEND, backend):
+        net, _, x, y, batches = setup()
+        run(ZOAdam(net.parameters(), lr=LR, eps=MU, seed=SEED, backend=b, n_directions=2), net, x, y, batches,
+            steps=5)
+        runs.append([p.detach().clone() for p in net.parameters()])
+    assert rel(runs[1], runs[0]) < 1e-5
+
+
+def test_forward_grad_matches_backward_mode_directional_derivative():
+    net, theta0, x, y, batches = setup()
+    run(ForwardGrad(net, lr=LR, seed=SEED, weight_decay=0.1, backend=BACKEND), net, x, y, batches)
+    assert rel(net.parameters(), forward_grad64(theta0, x, y, batches, wd=0.1)) < 1e-6
+
+
+# ---------------------------------------------------------------------------- core features
+def _make(kind, params, net=None, **kw):
+    base = dict(lr=LR, seed=SEED, backend=BACKEND)
+    if kind == "sign":
+        return ZOSGDSign(params, eps=MU, n_directions=2, **base, **kw)
+    if kind == "nspsa":
+        return MeZO(params, eps=MU, n_directions=3, **base, **kw)
+    if kind == "cons":
+        return ZOSGDCons(params, eps=MU, **base, **kw)
+    if kind == "mmt_dense":
+        return ZOSGDMomentum(params, eps=MU, state="dense", **base, **kw)
+    if kind == "mmt_seeded":
+        return ZOSGDMomentum(params, eps=MU, state="seeded", window=4, **base, **kw)
+    if kind == "adam":
+        return ZOAdam(params, eps=MU, **base, **kw)
+    if kind == "fwd":
+        return ForwardGrad(net, **base, **kw)
+    raise AssertionError(kind)
+
+
+KINDS = ["sign", "nspsa", "cons", "mmt_dense", "mmt_seeded", "adam", "fwd"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_resume_bit_identical(kind):
+    net, _, x, y, batches = setup()
+    opt = _make(kind, net.parameters(), net)
+    run(opt, net, x, y, batches, steps=6)
+    saved_w = copy.deepcopy(net.state_dict())
+    saved_o = copy.deepcopy(opt.state_dict())
+    run(opt, net, x, y, batches, steps=5, t0=6)
+    straight = [p.detach().clone() for p in net.parameters()]
+    net2 = make_net(1)
+    net2.load_state_dict(saved_w)
+    opt2 = _make(kind, net2.parameters(), net2)
+    opt2.load_state_dict(saved_o)
+    run(opt2, net2, x, y, batches, steps=5, t0=6)
+    assert all(torch.equal(a, b) for a, b in zip(straight, net2.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["sign", "nspsa", "cons", "mmt_seeded", "fwd"])
+def test_replay_bit_exact(kind):
+    net, _, x, y, batches = setup()
+    w0 = [p.detach().clone() for p in net.parameters()]
+    opt = _make(kind, net.parameters(), net, record=True)
+    run(opt, net, x, y, batches, steps=6)
+    replay(w0, opt.trajectory, backend=BACKEND)
+    assert all(torch.equal(a, b) for a, b in zip(w0, net.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["mmt_dense", "adam"])
+def test_dense_state_refuses_record(kind):
+    net = make_net()
+    with pytest.raises(ValueError, match="record"):
+        _make(kind, net.parameters(), net, record=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_raise_restores_and_skip_counts(kind):
+    net, _, x, y, batches = setup()
+    w0 = [p.detach().clone() for p in net.parameters()]
+    opt = _make(kind, net.parameters(), net, snapshot=True) if kind != "fwd" else _make(kind, None, net)
+    with pytest.raises(NonFiniteLossError):
+        opt.step(lambda: torch.tensor(float("nan")) + net(x[:2]).sum() * 0)
+    assert all(torch.equal(a, b) for a, b in zip(w0, net.parameters())) and opt.step_count == 0
+    opt.nan_policy = "skip"
+    assert math.isnan(opt.step(lambda: torch.tensor(float("inf")) + net(x[:2]).sum() * 0))
+    assert opt.skipped_steps == 1 and opt.step_count == 0
+
+
+@pytest.mark.parametrize("kind", ["sign", "nspsa", "cons", "mmt_seeded", "adam"])
+def test_bf16_exact_restore_failed_step_bit_identical(kind):
+    """bf16 weights, no snapshot: the perturbations are undone by exact restore (plane_bits=8)."""
+    net, _, x, y, batches = setup()
+    net = net.to(torch.bfloat16)
+    w0 = [p.detach().clone() for p in net.parameters()]
+    opt = _make(kind, net.parameters(), net, plane_bits=8)
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        out = F.cross_entropy(net(x[batches[0]].bfloat16()).float(), y[batches[0]])
+        return out if n[0] < opt.queries_per_step - (3 if kind == "cons" else 0) else out * float("nan")
+
+    with pytest.raises(NonFiniteLossError):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(w0, net.parameters()))
+    n[0] = -100
+    opt.step(closure)
+    assert not all(torch.equal(a, b) for a, b in zip(w0, net.parameters()))
+
+
+def test_validation():
+    net = make_net()
+    with pytest.raises(ValueError, match="n_directions"):
+        MeZO(net.parameters(), lr=1e-3, n_directions=0)
+    with pytest.raises(ValueError, match="lookahead"):
+        MeZO(net.parameters(), lr=1e-3, n_directions=2, lookahead=True)
+    with pytest.raises(ValueError, match="state must be"):
+        ZOSGDMomentum(net.parameters(), lr=1e-3, state="sparse")
+    with pytest.raises(ValueError, match="window"):
+        ZOSGDMomentum(net.parameters(), lr=1e-3, window=0)
+    with pytest.raises(ValueError, match="betas"):
+        ZOAdam(net.parameters(), lr=1e-3, betas=(1.0, 0.9))
+    with pytest.raises(TypeError, match="nn.Module"):
+        ForwardGrad(net.parameters(), lr=1e-3)
+    opt = ZOSGDMomentum(net.parameters(), lr=1e-3, state="seeded", window=3)
+    other = ZOSGDMomentum(net.parameters(), lr=1e-3, state="seeded", window=5)
+    with pytest.raises(ValueError, match="window"):
+        other.load_state_dict(opt.state_dict())

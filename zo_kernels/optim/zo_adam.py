@@ -1,0 +1,82 @@
+"""ZO-Adam (ZO-Bench, Zhang et al. 2024): Adam on the SPSA gradient estimate, with the fused Adam pass.
+
+Step t (k = t + 1), per group (μ = eps, η = lr, λ = weight_decay, ĝ = Σ_j c_j z_j the q-direction
+SPSA estimate of spsa.py, c_j = d_j / (q·μ)):
+
+    g   = ĝ + λθ                      (decoupled=True: g = ĝ, and θ ← (1 − ηλ)θ below, as AdamW)
+    m   ← β₁·m + (1 − β₁)·g
+    v   ← β₂·v + (1 − β₂)·g²
+    θ   ← θ − η·m̂ / (√v̂ + ε),         m̂ = m / (1 − β₁ᵏ),  v̂ = v / (1 − β₂ᵏ)
+
+i.e. torch.optim.Adam with param.grad = ĝ, which is how ZO-Bench runs it (a weight-sized grad tensor
+per step).  Here, after the evaluations, one pass removes the last perturbation and one
+`zo_kernels.noise_adam_` pass regenerates z and updates θ, m and v together: no z or gradient tensor.
+m and v are dense float32 state (two weight-sized buffers: Adam's second moment is elementwise and
+cannot be rebuilt from seeds), in `opt.state[p]` and the state_dict.  Not recordable for replay.
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+from .. import distributed as _zdist
+from ..adam import noise_adam_
+from ..noise import mix_keys, step_key
+from .base import Lin
+from .spsa import SPSAOptimizer
+
+_ADAM_TAG = 0x4144414D  # "ADAM": rounding keys of the Adam pass
+
+
+class ZOAdam(SPSAOptimizer):
+    """ZO-Adam: `loss = opt.step(closure)`.
+
+    Args (besides MeZO's, no lookahead): betas (β₁, β₂); adam_eps ε (Adam's, not the perturbation
+    scale `eps`); decoupled: AdamW-style weight decay; n_directions q.
+    """
+
+    _group_checks = {"lr": False, "eps": True, "weight_decay": False, "adam_eps": True}
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, betas=(0.9, 0.999), adam_eps: float = 1e-8,
+                 weight_decay: float = 0.0, seed: int = 0, *, decoupled: bool = False, n_directions: int = 1,
+                 **core):
+        if core.get("record"):
+            raise ValueError("ZOAdam keeps dense m and v: record=True (replay from seeds) does not apply")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be a pair in [0, 1), got {betas!r}")
+        if not isinstance(decoupled, bool):
+            raise TypeError(f"decoupled must be a bool, got {type(decoupled).__name__}")
+        self.decoupled = decoupled
+        super().__init__(params, dict(lr=lr, eps=eps, betas=tuple(float(b) for b in betas), adam_eps=adam_eps,
+                                      weight_decay=weight_decay), seed=seed, n_directions=n_directions, **core)
+        if any(_zdist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError("ZOAdam with DTensor (FSDP2) parameters is not implemented (m and v would "
+                                      "need sharding); data parallel (distributed=True) works")
+
+    def _states(self, p: torch.Tensor):
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return st["exp_avg"], st["exp_avg_sq"]
+
+    def _update(self, tensors, tids, cur: List[Lin], keys: List[int], ds: List[float], closure: Callable):
+        theta = [Lin() for _ in self.param_groups]
+        self._goto(tensors, tids, cur, theta)          # remove the last perturbation (exact for bf16/fp16)
+        for g, ts, ids in zip(self.param_groups, tensors, tids):
+            if not ts:
+                continue
+            ms, vs = zip(*(self._states(p) for p in ts))
+            self._call_idx += 1
+            rkey = mix_keys(_ADAM_TAG, step_key(self.seed, self._t), self._call_idx)
+            noise_adam_(ts, list(ms), list(vs), keys, self._coefficients(ds, g), lr=g["lr"], step=self._t + 1,
+                        betas=g["betas"], eps=g["adam_eps"], weight_decay=g["weight_decay"],
+                        decoupled=self.decoupled, rounding=self.rounding, tensor_ids=ids, rounding_key=rkey,
+                        backend=self.backend)
+        return theta
+
+    def _rank_desc(self, layout) -> dict:
+        desc = super()._rank_desc(layout)
+        desc["options"].update(decoupled=self.decoupled)
+        return desc
