@@ -117,10 +117,34 @@ def test_lookahead_is_settled_for_eval_and_save(tmp_path):
         assert torch.equal(a, b), n
 
 
-def test_gradient_accumulation_rejected(tmp_path):
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        ZOTrainer(model=tiny_bert(), args=targs(tmp_path, gradient_accumulation_steps=2),
-                  train_dataset=dataset(8))
+def test_gradient_accumulation_is_one_zo_step_over_the_micro_batches(tmp_path):
+    """gradient_accumulation_steps=2 with batches of 2 = one ZO step on the mean loss of both: the same
+    trajectory as batches of 4 (the sampler's order is the same; the mean of two equal-size micro-batch
+    means is the batch mean, up to float rounding of the losses)."""
+    runs = {}
+    for ga, bs in ((1, 4), (2, 2)):
+        model = tiny_bert()
+        trainer = ZOTrainer(model=model, args=targs(tmp_path / str(ga), per_device_train_batch_size=bs, max_steps=3,
+                                                    gradient_accumulation_steps=ga, weight_decay=0.0),
+                            train_dataset=dataset(12), zo_args=ZOArguments(eps=1e-2))
+        trainer.train()
+        assert trainer.zo_optimizer.step_count == 3
+        runs[ga] = [p.detach().clone() for p in model.parameters()]
+    a = torch.cat([p.flatten() for p in runs[1]])
+    b = torch.cat([p.flatten() for p in runs[2]])
+    moved = (a - torch.cat([p.detach().flatten() for p in tiny_bert().parameters()])).norm()
+    assert moved > 0 and (a - b).norm() <= 1e-3 * moved
+
+
+@pytest.mark.parametrize("name", ["zo-sgd-sign", "zo-sgd-cons", "zo-sgd-mmt", "zo-adam"])
+def test_zo_bench_methods_train(tmp_path, name):
+    model = tiny_bert()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = ZOTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(8),
+                        zo_args=ZOArguments(optimizer=name, n_directions=2))
+    trainer.train()
+    assert trainer.zo_optimizer.step_count == 2
+    assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
 
 
 def test_wrong_optimizer_kind_rejected():

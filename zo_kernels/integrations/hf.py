@@ -19,7 +19,11 @@ already done (one closure-free call is allowed per training_step) -- steps the L
   Trainer's own batch of that step is not used.
 - Dropout: the ZO forward passes run with model.eval() (as MeZO does) unless train_mode=True;
   two-point estimates with different dropout masks are mostly noise.
-- gradient_accumulation_steps must be 1 (each micro-batch would be its own ZO step).
+- gradient_accumulation_steps = n > 1: the n micro-batches of one optimizer step are one ZO step.
+  `training_step` keeps the first n − 1 micro-batches (their inputs only; it returns 0 for them) and
+  on the last one runs the ZO step with a closure that evaluates every micro-batch at the same
+  perturbed weights and returns the mean of their losses (2q·n forward passes of one micro-batch
+  each, activations of one micro-batch at a time), so the Trainer's logged loss is that mean.
 - Lookahead MeZO: the weights are settled before evaluation (Trainer calls optimizer.eval()),
   before saving (save_model / checkpoints) and at the end of train().
 - Models load from a local directory like any HF model (`from_pretrained(path)`, HF_HUB_OFFLINE=1).
@@ -36,10 +40,10 @@ try:
 except ImportError as e:  # pragma: no cover - transformers is a dependency of this module only
     raise ImportError("zo_kernels.integrations.hf needs `transformers`") from e
 
-from ..optim import MeZO, MeZOSVRG
+from ..optim import MeZO, MeZOSVRG, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
 from ..optim.base import ZOOptimizer
 
-OPTIMIZERS = ("mezo", "mezo-svrg")
+OPTIMIZERS = ("mezo", "mezo-svrg", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-mmt", "zo-adam")
 
 
 @dataclass
@@ -58,6 +62,11 @@ class ZOArguments:
     record: bool = False
     rounding: str = "nearest"
     backend: Optional[str] = None
+    n_directions: int = 1                      # q of n-SPSA (every method but mezo-svrg and lookahead)
+    momentum: float = 0.9                      # zo-sgd-mmt
+    momentum_state: str = "seeded"             # zo-sgd-mmt: "seeded" | "dense"
+    momentum_window: int = 32                  # zo-sgd-mmt seeded: K
+    betas: tuple = (0.9, 0.999)                # zo-adam
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -72,9 +81,7 @@ class ZOTrainer(Trainer):
     def __init__(self, *args, zo_args: Optional[ZOArguments] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.zo_args = zo_args if zo_args is not None else ZOArguments()
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError("ZOTrainer needs gradient_accumulation_steps=1: every batch is one ZO step "
-                             "(use a larger per_device_train_batch_size instead)")
+        self._micro_batches: list = []   # gradient accumulation: inputs of this ZO step so far
         self.zo_optimizer: Optional[ZOOptimizer] = None
         self._watch_handle = None
         self._full_step_count = 0
@@ -97,8 +104,18 @@ class ZOTrainer(Trainer):
         seed = self.args.seed if z.seed is None else z.seed
         common = dict(lr=self.args.learning_rate, eps=z.eps, seed=seed, record=z.record, rounding=z.rounding,
                       backend=z.backend, nan_policy=z.nan_policy)
+        spsa = dict(common, n_directions=z.n_directions)
         if z.optimizer == "mezo":
-            opt = MeZO(groups, lookahead=z.lookahead, **common)
+            opt = MeZO(groups, lookahead=z.lookahead, **spsa)
+        elif z.optimizer == "zo-sgd-sign":
+            opt = ZOSGDSign(groups, **spsa)
+        elif z.optimizer == "zo-sgd-cons":
+            opt = ZOSGDCons(groups, **spsa)
+        elif z.optimizer == "zo-sgd-mmt":
+            opt = ZOSGDMomentum(groups, momentum=z.momentum, state=z.momentum_state, window=z.momentum_window,
+                                **spsa)
+        elif z.optimizer == "zo-adam":
+            opt = ZOAdam(groups, betas=z.betas, **spsa)
         else:
             lr_full = z.lr_full if z.lr_full is not None else 10.0 * self.args.learning_rate
             opt = MeZOSVRG(groups, lr_full=lr_full, q=z.q, anchor=z.anchor, **common)
@@ -155,17 +172,26 @@ class ZOTrainer(Trainer):
 
         return full_closure
 
+    def _mean_loss(self, model, micro: list) -> torch.Tensor:
+        """The closure of one ZO step: the mean loss of its micro-batches, at the same weights."""
+        if len(micro) == 1:
+            return self._zo_loss(model, micro[0])
+        return sum(self._zo_loss(model, inputs).double() for inputs in micro) / len(micro)
+
     # ------------------------------------------------------------ the step
     def training_step(self, model, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         opt = self.zo_optimizer
         if opt is None:
             raise RuntimeError("ZOTrainer.training_step before create_optimizer")
         model.train(self.zo_args.train_mode)
-        inputs = self._prepare_inputs(inputs)
+        self._micro_batches.append(self._prepare_inputs(inputs))
+        if self.args.gradient_accumulation_steps > 1 and not self.accelerator.sync_gradients:
+            return torch.tensor(0.0, device=self.args.device)   # the ZO step runs on the window's last batch
+        micro, self._micro_batches = self._micro_batches, []
         if isinstance(opt, MeZOSVRG) and opt.is_full_step:
             loss = opt.step(None, full_closure=self._full_closure(model))
         else:
-            loss = opt.step(lambda: self._zo_loss(model, inputs))
+            loss = opt.step(lambda: self._mean_loss(model, micro))
         opt._closure_free_steps = 1     # the Trainer's optimizer.step() that follows is this step
         return torch.tensor(float(loss), device=self.args.device)
 
