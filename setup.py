@@ -17,6 +17,7 @@ CPU_SOURCES = [
     "csrc/cpu/kernel_avx2.cpp",
     "csrc/cpu/kernel_avx512.cpp",
     "csrc/cpu/adam_cpu.cpp",
+    "csrc/cpu/lowrank_cpu.cpp",    # the low-rank pass (zo_kernels/lowrank.py)
 ]
 CUDA_SOURCES = [
     "csrc/cuda/noise_kernel.cu",   # the kernels: philox.h and CUDA headers only

@@ -29,3 +29,11 @@ def test_compiled_function_calling_the_op_matches_eager():
     out_e = step(w1, b1, x, key)
     assert torch.equal(w0, w1) and torch.equal(b0, b1)
     torch.testing.assert_close(out_c, out_e)
+
+
+def test_lowrank_op_schema_and_fake_kernel():
+    p = [torch.randn(10, device=DEVICE), torch.randn(3, 5, device=DEVICE)]
+    key = N.to_signed64(N.step_key(1, 2))
+    args = (p, [key], key, [0.5], [], 1.0, [], 0.0, [], 2, 2, "nearest", [0, 1], [0, 0], 0, "reference")
+    torch.library.opcheck(torch.ops.zo_kernels.lowrank_noise_axpy_.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

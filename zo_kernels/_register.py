@@ -8,6 +8,7 @@ import torch
 from . import backends
 from .noise import noise_axpy_reference, noise_reference
 from .adam import noise_adam_reference
+from .lowrank import lowrank_axpy_reference
 from .restore import noise_axpy_exact_reference
 
 _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
@@ -16,7 +17,8 @@ _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.flo
 def _register_reference() -> None:
     backends.register(backends.Backend("reference", ("cpu", "cuda"), _ALL_DTYPES,
                                        noise_axpy_reference, noise_reference,
-                                       axpy_exact=noise_axpy_exact_reference, adam=noise_adam_reference))
+                                       axpy_exact=noise_axpy_exact_reference, adam=noise_adam_reference,
+                                       lowrank=lowrank_axpy_reference))
 
 
 def _register_triton() -> None:
@@ -54,6 +56,7 @@ def _register_native() -> None:
         return
     backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
                                        axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
+                                       lowrank=native.lowrank_axpy,
                                        notes={"isa": native.cpu_isa()}))
     if not native.has_cuda():
         backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "

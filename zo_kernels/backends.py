@@ -8,6 +8,8 @@ A backend is a pair of plain functions behind the one custom op:
                rounding_key)                                   (optional; see zo_kernels.restore)
     adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets,
          rounding_key)                                         (optional; see zo_kernels.adam)
+    lowrank(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,
+            tensor_ids, offsets, rounding_key)                 (optional; see zo_kernels.lowrank)
 
 Keys arrive as two's complement int64 Python ints (the form that crosses
 torch.library).  Arguments are already validated by zo_kernels.ops.
@@ -40,6 +42,8 @@ class Backend:
     axpy_exact: Optional[Callable] = None
     # The fused ZO-Adam pass (zo_kernels.adam), where the backend implements it.
     adam: Optional[Callable] = None
+    # The low-rank pass of zo_kernels.lowrank (tensors with ndim >= 2), where the backend implements it.
+    lowrank: Optional[Callable] = None
     notes: dict = field(default_factory=dict)
 
 

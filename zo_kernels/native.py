@@ -7,13 +7,15 @@ Both are the ops of the extension zo_kernels._C, built from source by setup.py:
     zo_kernels::_noise_native(out, key, tensor_id, offset, stream)
     zo_kernels::_noise_axpy_exact_native(params, keys, alphas, undo, gamma, planes, plane_bits, stochastic,
                                          tensor_ids, offsets, rounding_key)
-
+    zo_kernels::_lowrank_axpy_native(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes,
+                                     plane_bits, rank, stochastic, tensor_ids, offsets, rounding_key)
     zo_kernels::_noise_adam_native(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic,
                                    tensor_ids, offsets, rounding_key)
 
 The third is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
 csrc/restore.h, shared by both kernels); the last is the fused ZO-Adam pass (zo_kernels.adam is its
-reference, csrc/adam.h the per-element rule; CPU only so far).
+reference, csrc/adam.h the per-element rule; CPU only so far); _lowrank_axpy_native is the low-rank
+pass (zo_kernels.lowrank is its reference; csrc/cpu/lowrank_cpu.cpp, CPU only so far).
 
 The dispatcher sends CPU tensors to the CPU kernel and CUDA tensors to the CUDA kernel, so one pair
 of functions serves both backends.  Arguments arrive validated by zo_kernels.ops (keys as two's
@@ -55,6 +57,15 @@ def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, t
     torch.ops.zo_kernels._noise_adam_native(params, exp_avgs, exp_avg_sqs, list(keys), [float(c) for c in coeffs],
                                             [float(s) for s in scalars.as_list()], int(rounding == "stochastic"),
                                             list(tensor_ids), list(offsets), int(rounding_key))
+def lowrank_axpy(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,
+                 tensor_ids, offsets, rounding_key):
+    """The low-rank pass (zo_kernels.lowrank) on tensors with ndim >= 2: csrc/cpu/lowrank_cpu.cpp."""
+    torch.ops.zo_kernels._lowrank_axpy_native(params, list(keys_u), int(key_v), [float(a) for a in alphas],
+                                              [float(u) for u in undo] if undo is not None else [], float(gamma),
+                                              list(dense) if dense else [], float(beta),
+                                              list(planes) if planes else [], int(plane_bits), int(rank),
+                                              int(rounding == "stochastic"), list(tensor_ids), list(offsets),
+                                              int(rounding_key))
 
 
 def noise(out, key, tensor_id, offset, stream):

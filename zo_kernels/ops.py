@@ -207,11 +207,10 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
                        rounding_key, chosen.name)
 
 
-def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen):
+def check_exact_args(params, keys, undo, planes, offsets, chosen):
+    """The exact-restore arguments of noise_axpy_ / lowrank_noise_axpy_: (undo, planes, plane bits)."""
     from .restore import PLANE_BITS, plane_numel_bytes
 
-    if dense is not None:
-        raise ValueError("the exact-restore form (undo/planes) takes no dense term")
     if chosen.axpy_exact is None:
         raise NotImplementedError(f"backend {chosen.name!r} does not implement exact restore (undo/planes); "
                                   f"backends that do: {[n for n in _backends.available_backends() if _backends.get(n).axpy_exact]}")
@@ -235,6 +234,13 @@ def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_id
             bits = 2 * live[0][0] // live[0][1]
             if bits not in PLANE_BITS or any(have != unit * bits // 2 for have, unit in live):
                 raise ValueError("planes do not match the params' sizes (make them with restore.make_planes)")
+    return undo, planes, bits
+
+
+def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen):
+    if dense is not None:
+        raise ValueError("the exact-restore form (undo/planes) takes no dense term")
+    undo, planes, bits = check_exact_args(params, keys, undo, planes, offsets, chosen)
     with torch.no_grad():
         _noise_axpy_exact_op(params, keys, alphas, undo, gamma, planes or [], bits, rounding, tensor_ids, offsets,
                              rounding_key, chosen.name)
