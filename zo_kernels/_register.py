@@ -35,11 +35,12 @@ def _register_triton() -> None:
             "triton", ("cuda",), "no CUDA device; set TRITON_INTERPRET=1 before importing zo_kernels "
                                  "to run the Triton kernels on CPU under the interpreter")
         return
+    from .triton import lowrank as tl_lowrank
     from .triton import noise_adam as ta
     from .triton import noise_axpy as tk
     backends.register(backends.Backend("triton", devices, tk.DTYPES, tk.noise_axpy, tk.noise,
                                        notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact,
-                                       adam=ta.noise_adam))
+                                       adam=ta.noise_adam, lowrank=tl_lowrank.lowrank_axpy))
 
 
 def _register_native() -> None:

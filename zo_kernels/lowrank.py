@@ -206,7 +206,8 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
     keys_u      64-bit keys of the row factors U_j, one per alpha;  key_v: the column factor's key
     rank        r, in [1, 64]
     dense       optional, per tensor: for ndim ≥ 2 a float32 (shape[0], rank) U-space term (LOZO-M's
-                momentum), for ndim < 2 a θ-shaped term as in noise_axpy_; scaled by beta
+                momentum), for ndim < 2 a θ-shaped term as in noise_axpy_ (not in the exact form);
+                scaled by beta; a None entry means no term for that tensor
     tensor_ids  the id t of each tensor (default: its position);  offsets: global index of each
                 tensor's first element; for ndim ≥ 2 a dim-0 shard, so a multiple of numel/shape[0]
     rounding    "nearest" | "stochastic" (bf16/fp16; stream 2 under rounding_key)
@@ -247,6 +248,8 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
         if len(dense) != n:
             raise ValueError(f"dense has {len(dense)} tensors for {n} params")
         for i, (d, p) in enumerate(zip(dense, params)):
+            if d is None:
+                continue
             _check_tensor(d, f"dense[{i}]", p.device)
             if p.dim() >= 2:
                 if d.dtype != torch.float32 or tuple(d.shape) != (p.shape[0], rank):
@@ -258,6 +261,13 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
                 if exact:
                     raise ValueError(f"dense[{i}]: the exact-restore form (undo/planes) takes no dense term for "
                                      f"tensors with ndim < 2")
+        # None: no term for that tensor (zeros of the small U-space shape, or θ's shape for vectors)
+        dense = [d if d is not None else torch.zeros((p.shape[0], rank) if p.dim() >= 2 else p.shape,
+                                                     dtype=torch.float32 if p.dim() >= 2 else p.dtype,
+                                                     device=p.device)
+                 for d, p in zip(dense, params)]
+        if exact:
+            dense = [d if p.dim() >= 2 else torch.zeros(0, device=p.device) for d, p in zip(dense, params)]
     if rounding_key is None:
         rounding_key = default_rounding_key(keys_u, key_v, alphas, gamma, beta, rank)
     rounding_key = _check_key(rounding_key, "rounding_key")

@@ -5,6 +5,8 @@
     loss = opt.step(lambda: model(**batch).loss)                    # forward passes only
     opt = MeZOSVRG(model.parameters(), lr=1e-6, lr_full=1e-5, q=2, anchor="dense")
     loss = opt.step(closure, full_closure=big_batch_closure if opt.is_full_step else None)
+    opt = LOZO(model.parameters(), lr=1e-6, eps=1e-3, rank=2, nu=50)   # low-rank U Vᵀ perturbations
+    opt = LOZOM(model.parameters(), lr=1e-6, rank=2, nu=50, beta=0.9)  # with momentum in the U-space
 
 ZO-Bench's family (Zhang et al. 2024) on the same primitive: ZOSGDSign, MeZO(n_directions=q) (n-SPSA),
 ZOSGDCons, ZOSGDMomentum(state="dense" | "seeded"), ZOAdam (the fused noise_adam_ pass), ForwardGrad.
@@ -13,6 +15,7 @@ from .annealing import LossRatioAnnealing
 from .base import NonFiniteLossError, ZOOptimizer, replay
 from .cons import ZOSGDCons
 from .forward_grad import ForwardGrad
+from .lozo import LOZO, LOZOM
 from .mezo import MeZO
 from .momentum import ZOSGDMomentum
 from .sign import ZOSGDSign
@@ -20,5 +23,5 @@ from .spsa import SPSAOptimizer
 from .svrg import MeZOSVRG
 from .zo_adam import ZOAdam
 
-__all__ = ["MeZO", "MeZOSVRG", "ZOSGDSign", "ZOSGDCons", "ZOSGDMomentum", "ZOAdam", "ForwardGrad",
+__all__ = ["MeZO", "MeZOSVRG", "LOZO", "LOZOM", "ZOSGDSign", "ZOSGDCons", "ZOSGDMomentum", "ZOAdam", "ForwardGrad",
            "SPSAOptimizer", "LossRatioAnnealing", "NonFiniteLossError", "ZOOptimizer", "replay"]

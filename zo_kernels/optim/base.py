@@ -565,6 +565,11 @@ def replay(params, log, *, backend: Optional[str] = None) -> None:
             if tuple(ids) not in planes:
                 raise ValueError(f"log entry {i} reads residue planes that no earlier entry wrote")
             pl = planes[tuple(ids)]
-        noise_axpy_(ts, [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]],
-                    gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
-                    rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl)
+        kw = dict(gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
+                  rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl)
+        keys, alphas = [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]]
+        if rec.get("key_v") is not None:    # a low-rank pass (LOZO)
+            from ..lowrank import lowrank_noise_axpy_
+            lowrank_noise_axpy_(ts, keys, int(rec["key_v"]), alphas, rank=int(rec["rank"]), **kw)
+        else:
+            noise_axpy_(ts, keys, alphas, **kw)

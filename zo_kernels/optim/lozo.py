@@ -1,0 +1,271 @@
+"""LOZO and LOZO-M (Chen et al., ICLR 2025): low-rank two-point ZO with lazy subspace sampling.
+
+Step t, per group (μ = eps, η = lr, λ = weight_decay, γ = 1 − ηλ, r = rank, ν = nu):
+
+    key_u = step_key(seed, t)            U_t (m×r per matrix), redrawn every step
+    key_v = step_key(seed, ν·⌊t/ν⌋)      V   (n×r per matrix), kept for ν steps
+    Z_t = U_t Vᵀ for tensors with ndim ≥ 2 (viewed as (shape[0], rest)); z(key_u) for the others
+
+    θ ← θ + μZ_t          l+ = closure()
+    θ ← θ − 2μZ_t         l− = closure()
+    c = (l+ − l−) / 2μ
+    LOZO:   θ ← γθ_t − ηc Z_t                                    (restore and update: one pass)
+    LOZO-M: M ← β M + (1 − β) c U_t ;  θ ← γθ_t − η M Vᵀ          (M: m×r per matrix, U-space)
+
+Every pass is one `zo_kernels.lowrank_noise_axpy_` (θ ← γθ + (Σ α_j U_j + β'·M) Vᵀ): U and V are
+regenerated from their keys in the kernel, so LOZO's state is the step counter (V costs no memory,
+where the authors' code keeps V in memory and materialises U Vᵀ four times a step).  LOZO-M's
+update pass applies the momentum as the U-space term of the same pass.
+
+LOZO-M across a V change (the authors' LOZOtrainer, `lowrank_zo_update_momentum`): M lives in the
+span of the period's V, so at the first step of a new period it is carried over by projecting onto
+the new V,
+
+    M ← β · M V_oldᵀ V_new / n + (1 − β) c U_t            (n = the matrix's column count)
+
+(V_oldᵀ V_new / n ≈ I_r·0 + noise: the old direction is mostly lost, as in the paper; V_old is
+regenerated from the previous period's key, nothing is stored).  The very first step sets M = c U_t
+(no (1 − β) factor), as the authors' code does.  Tensors with ndim < 2 keep an ordinary dense
+momentum m ← β m + (1 − β) c z (m = c z at the first step), as in the authors' code.
+
+Shared with MeZO (zo_kernels.optim.base): parameter groups, NaN policy, exact restore for bf16/fp16,
+data parallel (one all-reduce of scalars per step), state_dict (resume mid-period is bit-identical:
+V's key is a function of the step), replay of a recorded trajectory (LOZO only: LOZO-M's momentum
+is tensor state, so it refuses record=True).  No lookahead: at a period boundary the fused
+"update + next perturbation" pass would need two V's.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional
+
+import torch
+
+from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, lowrank_noise_axpy_
+from ..noise import M64, mix_keys, step_key
+from ..ops import noise_, noise_axpy_
+from .base import _ROUNDING_TAG, Lin, ZOOptimizer
+
+# Pseudo-key of LOZO-M's momentum in the bookkeeping: the U-space term of the update pass.  Real keys
+# are splitmix64 outputs; this one is reserved (a collision has probability 2^-64 per step).
+MOMENTUM = (1 << 64) - 0x4D4F4D
+
+
+def _check_int(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"Invalid {name}: {value} (must be in [{lo}, {hi}])")
+    return value
+
+
+class LOZO(ZOOptimizer):
+    """LOZO: `loss = opt.step(closure)`; closure() runs a forward pass and returns the loss.
+
+    Args:
+        params: parameters or parameter groups (groups may set lr, eps, weight_decay).
+        lr: η.  eps: μ.  rank: r, the rank of each matrix's perturbation U Vᵀ (1..64).
+        nu: ν, steps per V (lazy subspace sampling).  weight_decay: λ.  seed: base seed.
+        record, rounding, backend, nan_policy, restore, plane_bits, distributed, process_group:
+            as in MeZO (exact restore applies to bf16/fp16 weights by default).
+
+    Returns from step: (l+ + l−)/2.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, rank: int = 2, nu: int = 50, weight_decay: float = 0.0,
+                 seed: int = 0, *, record: bool = False, rounding: str = "nearest", backend: Optional[str] = None,
+                 nan_policy: str = "raise", restore: str = "auto", plane_bits: int = 2,
+                 distributed: Optional[bool] = None, process_group=None):
+        self.rank = _check_int(rank, "rank", 1, MAX_RANK)
+        self.nu = _check_int(nu, "nu", 1, 1 << 62)
+        self._key_v: Optional[int] = None
+        self._dense: dict = {}      # LOZO-M: tensor id -> the U-space term of the update pass
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
+                         rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
+                         plane_bits=plane_bits, distributed=distributed, process_group=process_group)
+
+    def period_key(self, t: Optional[int] = None) -> int:
+        """key_v of step t (default: the next step): the key of the first step of its period."""
+        t = self._t if t is None else t
+        return step_key(self.seed, self.nu * (t // self.nu))
+
+    # ------------------------------------------------------------- the noise path
+    def _noise_axpy(self, tensors, tids, keys, alphas, gamma, *, log=True, rounding=None, undo=None, planes=None,
+                    offsets=None):
+        """Every weight move of the step goes through the low-rank op under the period's key_v."""
+        keys = [k & M64 for k in keys]
+        rounding = rounding or self.rounding
+        rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
+        self._call_idx += 1
+        dense, beta = None, 0.0
+        if MOMENTUM in keys:
+            j = keys.index(MOMENTUM)
+            beta = alphas[j]
+            if undo is not None and undo[j] != 0.0:
+                raise RuntimeError("internal: the momentum term cannot be part of a perturbation")
+            keys, alphas = keys[:j] + keys[j + 1:], alphas[:j] + alphas[j + 1:]
+            undo = None if undo is None else undo[:j] + undo[j + 1:]
+            dense = [self._dense[t] for t in tids]
+        run_ts, run_ids, run_planes, run_offs, run_dense = tensors, tids, planes, offsets, dense
+        if offsets is not None:
+            keep = [i for i, t in enumerate(tensors) if t.numel() > 0]
+            if len(keep) < len(tensors):
+                pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+                run_ts, run_ids, run_planes, run_offs, run_dense = (pick(tensors), pick(tids), pick(planes),
+                                                                     pick(offsets), pick(dense))
+        if run_ts:
+            after = None
+            if run_dense is not None and undo is not None and any(t.dim() < 2 for t in run_ts):
+                # The exact form takes no θ-shaped term: 1-D momenta follow in a plain pass (one rounding
+                # more, on the small tensors only).
+                after = [(t, d) for t, d in zip(run_ts, run_dense) if t.dim() < 2]
+                run_dense = [d if t.dim() >= 2 else None for t, d in zip(run_ts, run_dense)]
+            lowrank_noise_axpy_(run_ts, keys, self._key_v, alphas, rank=self.rank, gamma=gamma, dense=run_dense,
+                                beta=beta, rounding=rounding, tensor_ids=run_ids, offsets=run_offs, rounding_key=rkey,
+                                backend=self.backend, undo=undo, planes=run_planes)
+            if after:
+                noise_axpy_([t for t, _ in after], [], [], dense=[d for _, d in after], beta=beta, rounding=rounding,
+                            rounding_key=mix_keys(rkey, 1), backend=self.backend)
+        if log and self.trajectory is not None:
+            rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
+                   "gamma": float(gamma), "tensor_ids": list(tids), "rounding": rounding, "rounding_key": rkey,
+                   "key_v": self._key_v, "rank": self.rank}
+            if undo is not None:
+                rec["undo"] = [float(u) for u in undo]
+                rec["plane"] = None if planes is None else ("read" if any(undo) else "write")
+                rec["plane_bits"] = self.plane_bits
+            self.trajectory.append(rec)
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Optional[Callable] = None) -> float:
+        if closure is None and self._closure_free_call():
+            return None
+        closure = self._require_closure(closure)
+        layout = self._layout()
+        tids = self._tids(layout)
+        self._check_ranks(layout)
+        tensors = [[p for p, _ in e] for e in layout]
+        groups = self.param_groups
+        mus = [g["eps"] for g in groups]
+        t = self._t
+        k = step_key(self.seed, t)
+        self._key_v = self.period_key(t)
+        self._begin_step()
+        theta = [Lin() for _ in groups]
+        cur = list(theta)
+        try:
+            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, mu)]) for mu in mus])
+            lp = self._eval(closure)
+            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, -mu)]) for mu in mus])
+            lm = self._eval(closure)
+            lp, lm = self._sync_losses(lp, lm)
+            if not (math.isfinite(lp) and math.isfinite(lm)):
+                cur = self._goto(tensors, tids, cur, theta)
+                return self._non_finite({"loss+": lp, "loss-": lm})
+            d = (lp - lm) / 2.0
+            tgt = [Lin(self._decay(g["lr"], g["weight_decay"]), self._update_terms(g, layout[i], k, d / mu))
+                   for i, (g, mu) in enumerate(zip(groups, mus))]
+            cur = self._goto(tensors, tids, cur, tgt, final=True)
+            self._after_update(layout, k, [d / mu for mu in mus])
+            self._t += 1
+            return (lp + lm) / 2.0
+        except BaseException:
+            if self._t == t:
+                self._goto(tensors, tids, cur, theta)
+            raise
+        finally:
+            self._dense = {}
+            self._in_step = False
+
+    def _update_terms(self, group: dict, entries, k: int, c: float) -> List[tuple]:
+        """The noise terms of θ_{t+1} = γθ_t + Σ terms (LOZO: −ηc Z_t)."""
+        return [(k, -group["lr"] * c)]
+
+    def _after_update(self, layout, k: int, cs: List[float]) -> None:
+        """Hook after the update pass (LOZO-M: store the new momentum)."""
+
+    def _rank_desc(self, layout) -> dict:
+        desc = super()._rank_desc(layout)
+        desc["options"] = dict(desc["options"], rank=self.rank, nu=self.nu)
+        return desc
+
+    # ----------------------------------------------------------------- state
+    def _zo_state(self) -> dict:
+        return dict(super()._zo_state(), rank=self.rank, nu=self.nu)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        zo = state_dict.get("zo", {})
+        for name in ("rank", "nu"):
+            if name in zo and zo[name] != getattr(self, name):
+                raise ValueError(f"state_dict has {name}={zo[name]} but this optimizer has {name}={getattr(self, name)}")
+        super().load_state_dict(state_dict)
+
+
+class LOZOM(LOZO):
+    """LOZO-M: LOZO with momentum in the U-space (m×r per matrix); see the module docstring.
+
+    Args: as LOZO, plus beta (the momentum coefficient β in [0, 1), default 0.9).  record=True is
+    refused (the momentum is tensor state: resume with state_dict, which holds it).  Parameters must
+    not be DTensors (FSDP2 shards): the momentum of a shard is not implemented.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, rank: int = 2, nu: int = 50, weight_decay: float = 0.0,
+                 seed: int = 0, beta: float = 0.9, **kw):
+        if kw.get("record"):
+            raise ValueError("LOZOM keeps its momentum as tensor state, which a trajectory log cannot replay; "
+                             "use state_dict to resume (record/replay works with LOZO)")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta: {beta!r} (must be in [0, 1))")
+        self.beta = float(beta)
+        self._m_period: Optional[int] = None    # the period (t // nu) whose V the stored momenta live in
+        super().__init__(params, lr, eps=eps, rank=rank, nu=nu, weight_decay=weight_decay, seed=seed, **kw)
+
+    def _factor(self, key: int, tid: int, count: int, offset: int, stream: int, device) -> torch.Tensor:
+        """U or V (flat fp32) of one tensor, from the backend the passes use: the same numbers."""
+        return noise_(torch.empty(count, dtype=torch.float32, device=device), key, tid, offset, stream=stream,
+                      backend=self.backend)
+
+    def _carried(self, p: torch.Tensor, tid: int) -> torch.Tensor:
+        """The stored momentum, carried onto the current V: M V_oldᵀ V_new / n at a period change."""
+        m = self.state[p]["momentum"]
+        if p.dim() < 2 or self._m_period == self._t // self.nu:
+            return m
+        n, r = p.numel() // p.shape[0], self.rank
+        v_old = self._factor(step_key(self.seed, self.nu * self._m_period), tid, n * r, 0, V_STREAM, p.device)
+        v_new = self._factor(self._key_v, tid, n * r, 0, V_STREAM, p.device)
+        proj = v_old.view(n, r).t() @ v_new.view(n, r) / n
+        return m @ proj
+
+    def _update_terms(self, group: dict, entries, k: int, c: float) -> List[tuple]:
+        lr, beta = group["lr"], self.beta
+        if any(hasattr(p, "placements") for p, _ in entries):
+            raise NotImplementedError("LOZOM does not support DTensor (FSDP2-sharded) parameters")
+        if self._m_period is None:                      # the first step: M = c U
+            return [(k, -lr * c)]
+        for p, tid in entries:
+            self._dense[tid] = self._carried(p, tid)
+        return [(k, -lr * (1.0 - beta) * c), (MOMENTUM, -lr * beta)]
+
+    def _after_update(self, layout, k: int, cs: List[float]) -> None:
+        first = self._m_period is None
+        for entries, c in zip(layout, cs):
+            for p, tid in entries:
+                if p.dim() >= 2:
+                    u = self._factor(k, tid, p.shape[0] * self.rank, 0, U_STREAM, p.device).view(p.shape[0], self.rank)
+                else:
+                    u = self._factor(k, tid, p.numel(), 0, 0, p.device).view(p.shape)
+                new = c * u if first else self.beta * self._dense[tid] + (1.0 - self.beta) * c * u
+                self.state[p]["momentum"] = new
+        self._m_period = self._t // self.nu
+
+    def _rank_desc(self, layout) -> dict:
+        desc = super()._rank_desc(layout)
+        desc["options"] = dict(desc["options"], beta=self.beta)
+        return desc
+
+    def _zo_state(self) -> dict:
+        return dict(super()._zo_state(), beta=self.beta, momentum_period=self._m_period)
+
+    def _load_zo_state(self, zo: dict) -> None:
+        super()._load_zo_state(zo)
+        self._m_period = zo.get("momentum_period")

@@ -1,0 +1,207 @@
+"""Triton kernel of the low-rank pass (zo_kernels.lowrank is the reference; DESIGN.md §7).
+
+    θ ← round(gamma·θ0 + Σ_k W[i, k]·V[j, k]),   W = Σ_j alphas[j]·U_j (+ beta·dense)
+
+The host generates the factors of each tensor into scratch — U_j and V with the full-rank kernel's
+`noise` on streams 3 and 4, W (and Wu for the undo coefficients) summed in fp32 from +0 in key order,
+(m + n)·r floats in all — then one launch per tensor walks θ in whole quads, as the full-rank kernel
+does, so residue-plane words and stochastic-rounding quads belong to one program.  Each element
+gathers its row of W and its row of V (both cached: a tile touches a few rows of W and BLOCK·4
+consecutive rows of V) and sums the r products in registers.  Exact restore (inverting the carried
+perturbation's rounding, the residue plane) reuses the full-rank kernel's integer helpers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .noise_axpy import (_TL, _interleave, _ordered, _from_ordered, _quad_words,
+                         _round_nearest, _stochastic_round, _try_candidate)
+from .noise_axpy import noise as _noise
+
+U_STREAM, V_STREAM = 3, 4
+_PLANE_TORCH = {2: torch.uint8, 4: torch.int16, 8: torch.int32}
+
+
+@triton.jit
+def _lowrank_sum(w, v, row, col, mask, R: tl.constexpr):
+    """s = Σ_k W[row, k]·V[col, k], k in order, from the first product."""
+    s = tl.load(w + row * R, mask=mask, other=0.0) * tl.load(v + col * R, mask=mask, other=0.0)
+    for k in tl.static_range(1, R):
+        s += tl.load(w + row * R + k, mask=mask, other=0.0) * tl.load(v + col * R + k, mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
+def _tile(p, w, wu, v, pp, meta, idx, mask, gq, lq, n, tid, gamma, R: tl.constexpr, SR: tl.constexpr,
+          OUT: tl.constexpr, INVERT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr):
+    lane = tl.arange(0, 4)
+    RMASK: tl.constexpr = (1 << PBITS) - 1
+    if OUT == tl.float32:
+        LIM: tl.constexpr = 2147483647
+    else:
+        LIM: tl.constexpr = 32768
+    row = idx // n
+    col = idx - row * n
+    s_new = _lowrank_sum(w, v, row, col, mask, R)
+    y = tl.load(p + idx, mask=mask)
+    qmask = tl.max(mask.to(tl.int32), axis=1) > 0
+    theta0 = y
+    if INVERT:
+        s_undo = _lowrank_sum(wu, v, row, col, mask, R)
+        y_ord = _ordered(y, OUT)
+        est = _ordered(_round_nearest(y.to(tl.float32) - s_undo, OUT), OUT)
+        best = est
+        best_dist = tl.full(idx.shape, 2147483647, tl.int32)
+        hits = tl.zeros(idx.shape, tl.int32)
+        if PLANE == 2:
+            word = tl.load(pp + lq, mask=qmask, other=0).to(tl.int32)
+            if PBITS < 8:
+                word = word & ((1 << (4 * PBITS)) - 1)  # int16 words sign-extend
+            res = (word[:, None] >> (lane[None, :] * PBITS)) & RMASK
+            base = est - ((est - res) & RMASK)
+            best, best_dist, hits = _try_candidate(base, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(base + (1 << PBITS), est, y_ord, s_undo, best, best_dist,
+                                                   hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(base - (1 << PBITS), est, y_ord, s_undo, best, best_dist,
+                                                   hits, LIM, OUT)
+        else:
+            best, best_dist, hits = _try_candidate(est, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(est - 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+            best, best_dist, hits = _try_candidate(est + 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+        yf = y.to(tl.float32)
+        finite = (yf == yf) & (tl.abs(yf) < float("inf"))
+        theta0 = tl.where(finite, _from_ordered(best, OUT), y)
+    if PLANE == 1:
+        # Outside the tensor theta0 counts as +0 (residue 0), as restore.pack_residues writes it.
+        res = _ordered(tl.where(mask, theta0, 0.0).to(OUT), OUT) & RMASK
+        word = tl.sum(res << (lane[None, :] * PBITS), axis=1)
+        tl.store(pp + lq, word.to(pp.dtype.element_ty), mask=qmask)
+    acc = theta0.to(tl.float32) * gamma + s_new
+    if SR:
+        w0, w1, w2, w3 = _quad_words(tl.load(meta + 4), gq, tid, 2)
+        out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
+    else:
+        out = _round_nearest(acc, OUT)
+    tl.store(p + idx, out, mask=mask)
+
+
+@triton.jit
+def _lowrank_kernel(p, w, wu, v, pp, meta, gamma, R: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr,
+                    INVERT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    # meta: numel, row length n, global offset, tensor id, rounding key (int64: a value never changes
+    # the argument types Triton specialises on)
+    numel = tl.load(meta)
+    n = tl.load(meta + 1)
+    off = tl.load(meta + 2)
+    tid = tl.load(meta + 3)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lane = tl.arange(0, 4)
+    q0 = off // 4
+    if ALIGNED:
+        # Host checked: θ 16-byte aligned and off % 4 == 0, so a quad-granular mask keeps θ's loads and
+        # stores vectorised; the ≤ 3-element tail goes through the element mask.
+        p = tl.multiple_of(p, 16)
+        full = numel // 4
+        for b in range(pid, tl.cdiv(full, BLOCK), nprog):
+            lq = b * BLOCK + tl.arange(0, BLOCK)
+            idx = lq[:, None] * 4 + lane[None, :]
+            mask = (lq < full)[:, None]
+            _tile(p, w, wu, v, pp, meta, idx, mask, lq + q0, lq, n, tid, gamma, R, SR, OUT, INVERT, PLANE, PBITS)
+        if (numel % 4 != 0) & (pid == 0):
+            lq = full + tl.arange(0, 2)
+            idx = lq[:, None] * 4 + lane[None, :]
+            _tile(p, w, wu, v, pp, meta, idx, idx < numel, lq + q0, lq, n, tid, gamma, R, SR, OUT, INVERT, PLANE,
+                  PBITS)
+    else:
+        nq = (off + numel + 3) // 4 - q0
+        for b in range(pid, tl.cdiv(nq, BLOCK), nprog):
+            lq = b * BLOCK + tl.arange(0, BLOCK)
+            gq = q0 + lq
+            idx = gq[:, None] * 4 + lane[None, :] - off
+            _tile(p, w, wu, v, pp, meta, idx, (idx >= 0) & (idx < numel), gq, lq, n, tid, gamma, R, SR, OUT,
+                  INVERT, PLANE, PBITS)
+
+
+AOT_CASES = [
+    ("lowrank_r2_fp32", dict(R=2, SR=False, OUT="float32", PP="float32")),
+    ("lowrank_r8_bf16_sr", dict(R=8, SR=True, OUT="bfloat16", PP="float32")),
+    ("lowrank_r4_bf16_write_plane2", dict(R=4, SR=False, OUT="bfloat16", PP="uint8", PLANE=1, PBITS=2)),
+    ("lowrank_r4_bf16_invert_plane8", dict(R=4, SR=False, OUT="bfloat16", PP="int32", INVERT=True, PLANE=2,
+                                           PBITS=8)),
+    ("lowrank_r2_fp32_unaligned", dict(R=2, SR=False, OUT="float32", PP="float32", ALIGNED=False)),
+]
+
+
+def compile_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
+    """PTX of the kernel for sm_<cc> without a GPU (run without TRITON_INTERPRET; see aot.py)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    const = dict(dict(ALIGNED=True, BLOCK=block, INVERT=False, PLANE=0, PBITS=2), **const)
+    ptrs = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "uint8": "*u8", "int32": "*i32"}
+    sig = {"p": ptrs[const["OUT"]], "w": "*fp32", "wu": "*fp32", "v": "*fp32", "pp": ptrs[const.pop("PP")],
+           "meta": "*i64", "gamma": "fp32"}
+    const["OUT"] = getattr(tl, const["OUT"])
+    sig.update({c: "constexpr" for c in ("R", "SR", "OUT", "INVERT", "PLANE", "PBITS", "ALIGNED", "BLOCK")})
+    src = ASTSource(_lowrank_kernel, sig, constexprs=const,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(6)})
+    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                       options={"num_warps": num_warps, "enable_fp_fusion": True})
+    return k.asm["ptx"]
+
+
+# --------------------------------------------------------------------- host
+def _normals(count, key, tid, offset, stream, device):
+    out = torch.empty(count, dtype=torch.float32, device=device)
+    if count:
+        _noise(out, key, tid, offset, stream)
+    return out
+
+
+def factors(p, keys_u, key_v, alphas, undo, dense, beta, rank, tid, row0):
+    """(W, Wu or None, V) of one tensor, flat fp32: the kernels' order (from +0, keys in order)."""
+    m, n = p.shape[0], p.numel() // p.shape[0]
+    w = torch.zeros(m * rank, dtype=torch.float32, device=p.device)
+    wu = torch.zeros_like(w) if undo is not None and any(c != 0.0 for c in undo) else None
+    for j, k in enumerate(keys_u):
+        u = _normals(m * rank, k, tid, row0 * rank, U_STREAM, p.device)
+        w = w + torch.mul(u, alphas[j])
+        if wu is not None:
+            wu = wu + torch.mul(u, undo[j])
+    if dense is not None:
+        w = w + torch.mul(dense.reshape(-1), beta)
+    return w, wu, _normals(n * rank, key_v, tid, 0, V_STREAM, p.device)
+
+
+def _config(device):
+    if device.type == "cuda":
+        return 256, 4, torch.cuda.get_device_properties(device).multi_processor_count * 8
+    return 1024, 1, 2
+
+
+def lowrank_axpy(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,
+                 tensor_ids, offsets, rounding_key, block=None):
+    inverting = undo is not None and any(c != 0.0 for c in undo)
+    for i, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        n = p.numel() // p.shape[0]
+        off, tid = offsets[i], tensor_ids[i]
+        w, wu, v = factors(p, keys_u, key_v, alphas, undo if inverting else None,
+                           dense[i] if dense else None, beta, rank, tid, off // n)
+        plane = planes[i] if planes else None
+        meta = torch.tensor([p.numel(), n, off, tid, rounding_key], dtype=torch.int64).to(p.device, non_blocking=True)
+        if plane is not None:
+            plane = plane.view(_PLANE_TORCH[plane_bits])   # one word per quad
+        default_block, warps, max_prog = _config(p.device)
+        BLOCK = block or default_block
+        nq = (off + p.numel() + 3) // 4 - off // 4
+        grid = (max(1, min(max_prog, triton.cdiv(nq, BLOCK))),)
+        _lowrank_kernel[grid](
+            p, w, wu if wu is not None else w, v, plane if plane is not None else w, meta, float(gamma), R=rank, SR=rounding == "stochastic" and p.dtype != torch.float32, OUT=_TL[p.dtype],
+            INVERT=inverting, PLANE=0 if plane is None else (2 if inverting else 1), PBITS=plane_bits,
+            ALIGNED=p.data_ptr() % 16 == 0 and off % 4 == 0, BLOCK=BLOCK, num_warps=warps)
