@@ -66,7 +66,7 @@ class LOZO(ZOOptimizer):
         params: parameters or parameter groups (groups may set lr, eps, weight_decay).
         lr: η.  eps: μ.  rank: r, the rank of each matrix's perturbation U Vᵀ (1..64).
         nu: ν, steps per V (lazy subspace sampling).  weight_decay: λ.  seed: base seed.
-        record, rounding, backend, nan_policy, restore, plane_bits, distributed, process_group:
+        record, rounding, backend, nan_policy, restore, plane_bits, snapshot, distributed, process_group:
             as in MeZO (exact restore applies to bf16/fp16 weights by default).
 
     Returns from step: (l+ + l−)/2.
@@ -74,7 +74,7 @@ class LOZO(ZOOptimizer):
 
     def __init__(self, params, lr: float, eps: float = 1e-3, rank: int = 2, nu: int = 50, weight_decay: float = 0.0,
                  seed: int = 0, *, record: bool = False, rounding: str = "nearest", backend: Optional[str] = None,
-                 nan_policy: str = "raise", restore: str = "auto", plane_bits: int = 2,
+                 nan_policy: str = "raise", restore: str = "auto", plane_bits: int = 2, snapshot: bool = False,
                  distributed: Optional[bool] = None, process_group=None):
         self.rank = _check_int(rank, "rank", 1, MAX_RANK)
         self.nu = _check_int(nu, "nu", 1, 1 << 62)
@@ -82,7 +82,8 @@ class LOZO(ZOOptimizer):
         self._dense: dict = {}      # LOZO-M: tensor id -> the U-space term of the update pass
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
                          rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
-                         plane_bits=plane_bits, distributed=distributed, process_group=process_group)
+                         plane_bits=plane_bits, snapshot=snapshot, distributed=distributed,
+                         process_group=process_group)
 
     def period_key(self, t: Optional[int] = None) -> int:
         """key_v of step t (default: the next step): the key of the first step of its period."""
@@ -151,6 +152,7 @@ class LOZO(ZOOptimizer):
         k = step_key(self.seed, t)
         self._key_v = self.period_key(t)
         self._begin_step()
+        self._take_snapshot(tensors)
         theta = [Lin() for _ in groups]
         cur = list(theta)
         try:
@@ -160,7 +162,7 @@ class LOZO(ZOOptimizer):
             lm = self._eval(closure)
             lp, lm = self._sync_losses(lp, lm)
             if not (math.isfinite(lp) and math.isfinite(lm)):
-                cur = self._goto(tensors, tids, cur, theta)
+                cur = self._restore_failed(tensors, tids, cur, theta)
                 return self._non_finite({"loss+": lp, "loss-": lm})
             d = (lp - lm) / 2.0
             tgt = [Lin(self._decay(g["lr"], g["weight_decay"]), self._update_terms(g, layout[i], k, d / mu))
@@ -170,10 +172,11 @@ class LOZO(ZOOptimizer):
             self._t += 1
             return (lp + lm) / 2.0
         except BaseException:
-            if self._t == t:
-                self._goto(tensors, tids, cur, theta)
+            if self._t == t:          # failed before the update: back to where step found the weights
+                self._restore_failed(tensors, tids, cur, theta)
             raise
         finally:
+            self._snap = None
             self._dense = {}
             self._in_step = False
 
