@@ -1,5 +1,5 @@
-"""Shared pieces of the native-kernel tests (test_native_cpu.py, test_native_exact.py,
-test_cuda_native.py): seeded inputs, the 16-bit grid position, the comparison with the
+"""Shared pieces of the kernel tests (test_backend_conformance.py and the per-backend files):
+seeded inputs, the 16-bit grid position, a call on a named backend, the comparison with the
 reference, and the peak-RSS check for temporaries."""
 import os
 import subprocess
@@ -7,7 +7,9 @@ import sys
 
 import torch
 
-from helpers import z_bound
+import zo_kernels
+
+from helpers import exact_axpy, z_bound
 
 
 def make_tensor(shape, dtype, seed):
@@ -37,6 +39,27 @@ def assert_close_to_reference(i, param, f, r, e, kw):
     else:
         dist = (ordered(f) - ordered(r)).abs().max().item()
         assert dist <= 1, f"tensor {i}: {dist} ulps from the reference"
+
+
+def run(backend, params, **kw):
+    """noise_axpy_ on clones of `params`, asserting that `backend` ran it."""
+    params = [p.clone() for p in params]
+    zo_kernels.noise_axpy_(params, backend=backend, **kw)
+    assert zo_kernels.last_backend() == backend
+    return params
+
+
+def check_against_reference(backend, params, **kw):
+    """One call on `backend` against the reference and the float64 evaluation (assert_close_to_reference)."""
+    got = run(backend, params, **kw)
+    ref = run("reference", params, **kw)
+    cpu = [p.cpu() for p in params]
+    dense = None if kw.get("dense") is None else [d.cpu() for d in kw["dense"]]
+    exact = exact_axpy(cpu, kw["keys"], kw["alphas"], kw.get("gamma", 1.0), dense, kw.get("beta", 0.0),
+                       kw.get("tensor_ids"), kw.get("offsets"))
+    for i, (f, r, e) in enumerate(zip(got, ref, exact)):
+        assert f.shape == params[i].shape and f.dtype == params[i].dtype
+        assert_close_to_reference(i, cpu[i], f.cpu(), r.cpu(), e, kw)
 
 
 # hwm(): the process's peak resident set (VmHWM) in bytes, for the scripts below

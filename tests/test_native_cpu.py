@@ -1,4 +1,6 @@
-"""The C++ CPU kernel (backend "cpu", zo_kernels._C) against the spec vectors and the reference."""
+"""What is specific to the C++ CPU kernel (backend "cpu", zo_kernels._C): its internal ops, the
+instruction sets, thread counts, its precision claim and no temporaries.  The backend contract it
+shares with the others is tests/test_backend_conformance.py."""
 import math
 import textwrap
 
@@ -9,8 +11,8 @@ import zo_kernels
 from zo_kernels import native
 from zo_kernels import noise as N
 
-from helpers import exact_axpy, spec_vectors
-from native_helpers import assert_close_to_reference, assert_no_temporaries, make_tensor
+from helpers import spec_vectors
+from native_helpers import assert_no_temporaries, make_tensor, run
 
 # The extension is built by scripts/setup_env.sh (pip install -e .): its absence is a failure here.
 _REASON = zo_kernels.backend_status().get("cpu")
@@ -24,7 +26,6 @@ def _needs_extension():
 
 OPS = torch.ops.zo_kernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SIZES = [1, 3, 4, 5, 1023, 4097, (3, 5, 7)]
 KEYS = [N.step_key(5, s) for s in range(4)]
 ALPHAS = [1e-3, -2e-3, 0.5, -0.75]
 ISAS = ["base", "avx2", "avx512"]
@@ -41,25 +42,6 @@ def isa_restore():
     before = native.cpu_isa()
     yield
     native.cpu_isa(before)
-
-
-def _run(backend, params, **kw):
-    params = [p.clone() for p in params]
-    zo_kernels.noise_axpy_(params, backend=backend, **kw)
-    assert zo_kernels.last_backend() == backend
-    return params
-
-
-def _check_against_reference(params, **kw):
-    """fp32: error vs float64 within 2x the reference's plus the spec's z bound.  bf16/fp16: at most
-    one ulp from the reference (the two fp32 sums may fall on either side of a rounding tie)."""
-    fused = _run("cpu", params, **kw)
-    ref = _run("reference", params, **kw)
-    exact = exact_axpy(params, kw["keys"], kw["alphas"], kw.get("gamma", 1.0), kw.get("dense"),
-                       kw.get("beta", 0.0), kw.get("tensor_ids"), kw.get("offsets"))
-    for i, (f, r, e) in enumerate(zip(fused, ref, exact)):
-        assert f.shape == params[i].shape and f.dtype == params[i].dtype
-        assert_close_to_reference(i, params[i], f, r, e, kw)
 
 
 # ------------------------------------------------------------------------------- the integer layer
@@ -85,13 +67,6 @@ def test_words_bit_exact_every_isa(offset, isa_restore):
                                N.random_words(key, tid, n, offset=offset, stream=stream)), (isa, tid, n)
 
 
-def test_spec_z_vectors():
-    for v in spec_vectors()["z"]:
-        out = torch.empty(1)
-        zo_kernels.noise_(out, v["key"], v["tensor_id"], v["index"], stream=v["stream"], backend="cpu")
-        assert abs(out.item() - v["z"]) <= 1e-6 * max(1.0, abs(v["z"])), v
-
-
 # ---------------------------------------------------------------------------------------- noise_
 @pytest.mark.parametrize("offset", [0, 3, 2**40 + 1])
 def test_noise_close_to_float64(offset):
@@ -104,107 +79,8 @@ def test_noise_close_to_float64(offset):
     assert ((z.double() - zr.double()).abs() <= 1e-5 * z64.abs().clamp_min(1.0)).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_noise_half_is_rounded_float32_noise(dtype):
-    n, key = 5000, KEYS[0]
-    z32 = zo_kernels.noise_(torch.empty(n), key, 1, 7, backend="cpu")
-    zh = zo_kernels.noise_(torch.empty(n, dtype=dtype), key, 1, 7, backend="cpu")
-    assert torch.equal(zh, z32.to(dtype))
-
-
-def test_slice_at_offset_is_slice_of_noise():
-    n, key = 10_000, KEYS[3]
-    full = zo_kernels.noise_(torch.empty(n), key, 2, backend="cpu")
-    for a, b in ((0, 1), (1, 2), (3, 9), (5, 4100), (4097, 10_000), (9_999, 10_000)):
-        part = zo_kernels.noise_(torch.empty(b - a), key, 2, a, backend="cpu")
-        assert torch.equal(part, full[a:b]), (a, b)
-
-
 # ------------------------------------------------------------------------------------ noise_axpy_
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", SIZES)
-def test_single_tensor_all_sizes(size, dtype):
-    _check_against_reference([make_tensor(size, dtype, 0)], keys=KEYS[:1], alphas=ALPHAS[:1])
-
-
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_multi_key_gamma(k, dtype):
-    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
-    _check_against_reference(params, keys=KEYS[:k], alphas=ALPHAS[:k], gamma=0.999)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dense_term_mixed_dtypes(dtype):
-    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
-    dense = [make_tensor(s, DTYPES[i % 3], 100 + i) for i, s in enumerate(SIZES)]
-    _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], gamma=0.98, dense=dense, beta=-0.03)
-
-
-def test_mixed_param_dtypes_one_call():
-    params = [make_tensor(s, DTYPES[i % 3], i) for i, s in enumerate(SIZES)]
-    _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], gamma=1.01)
-
-
-def test_offsets_and_tensor_ids():
-    params = [make_tensor(s, torch.float32, i) for i, s in enumerate(SIZES)]
-    tids = [9, 0, 2**32 - 1, 5, 77, 3, 12]
-    offsets = [0, 1, 2, 3, 2**33 + 1, 4 * (2**32 - 40) + 3, 6]
-    _check_against_reference(params, keys=KEYS[:2], alphas=ALPHAS[:2], tensor_ids=tids, offsets=offsets)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_shards_equal_whole(dtype):
-    """A tensor updated whole equals its shards updated with offsets (any cut, not only at quads)."""
-    whole = make_tensor(6001, dtype, 3)
-    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.9, tensor_ids=[4], rounding="stochastic", rounding_key=77)
-    ref = whole.clone()
-    zo_kernels.noise_axpy_([ref], backend="cpu", **kw)
-    cuts = [0, 1, 6, 7, 64, 1001, 4096, 4097, 6001]
-    shards = [whole[a:b].clone() for a, b in zip(cuts, cuts[1:])]
-    kw_s = dict(kw, tensor_ids=[4] * len(shards), offsets=cuts[:-1])
-    zo_kernels.noise_axpy_(shards, backend="cpu", **kw_s)
-    assert torch.equal(torch.cat(shards), ref)
-
-
-def test_no_keys_only_gamma_and_empty_tensors():
-    params = [make_tensor(100, torch.float32, 0), torch.empty(0), make_tensor(5, torch.bfloat16, 1)]
-    out = _run("cpu", params, keys=[], alphas=[], gamma=0.5)
-    assert torch.equal(out[0], params[0] * 0.5) and out[1].numel() == 0
-    assert torch.equal(out[2], (params[2].float() * 0.5).bfloat16())
-
-
-def test_dense_may_be_the_param_itself():
-    p = make_tensor(1000, torch.float32, 0)
-    expect = p.clone()
-    zo_kernels.noise_axpy_([expect], [KEYS[0]], [0.1], gamma=0.5, dense=[p.clone()], beta=0.25, backend="cpu")
-    zo_kernels.noise_axpy_([p], [KEYS[0]], [0.1], gamma=0.5, dense=[p], beta=0.25, backend="cpu")
-    assert torch.equal(p, expect)
-
-
 # ----------------------------------------------------------------------------------- rounding
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_nearest_is_torch_rounding_of_the_float32_result(dtype):
-    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
-    dense = [make_tensor(s, dtype, 50 + i) for i, s in enumerate(SIZES)]
-    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.97, beta=0.1)
-    half = _run("cpu", params, dense=dense, **kw)
-    full = _run("cpu", [p.float() for p in params], dense=[d.float() for d in dense], **kw)
-    for h, f in zip(half, full):
-        assert torch.equal(h, f.to(dtype))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_stochastic_matches_reference_bits_without_noise(dtype):
-    """With the noise term zero the fp32 sums agree exactly, so the stream-2 rounding must too."""
-    params = [make_tensor(s, dtype, i) for i, s in enumerate(SIZES)]
-    dense = [make_tensor(s, torch.float32, 9 + i) * 1e-3 for i, s in enumerate(SIZES)]
-    kw = dict(keys=[KEYS[0]], alphas=[0.0], gamma=1.0, dense=dense, beta=0.37, rounding="stochastic",
-              rounding_key=N.step_key(3, 3), offsets=[0, 5, 2, 3, 1, 0, 2**35 + 1])
-    for a, b in zip(_run("cpu", params, **kw), _run("reference", params, **kw)):
-        assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("dtype,value", [(torch.bfloat16, 1.0), (torch.bfloat16, -3.0),
                                          (torch.float16, 1.0), (torch.float16, -2.0 ** -20)])
 def test_stochastic_rounding_unbiased(dtype, value):
@@ -232,12 +108,6 @@ def test_stochastic_rounding_unbiased(dtype, value):
     assert torch.equal(q[0], x)
 
 
-def test_stochastic_rounding_fp32_is_nearest():
-    p = [make_tensor(1000, torch.float32, 0)]
-    kw = dict(keys=KEYS[:1], alphas=[0.1])
-    assert torch.equal(_run("cpu", p, rounding="stochastic", **kw)[0], _run("cpu", p, **kw)[0])
-
-
 # ------------------------------------------------------------------------ reproducibility
 def _workload():
     sizes = [1 << 20, 4097, 3, (64, 333)]
@@ -255,7 +125,7 @@ def test_bit_identical_with_1_and_2_threads():
         outs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            outs.append(_run("cpu", params, **kw))
+            outs.append(run("cpu", params, **kw))
             z = zo_kernels.noise_(torch.empty(1 << 20), KEYS[0], 1, 3, backend="cpu")
             outs[-1].append(z)
     finally:
@@ -270,7 +140,7 @@ def test_every_instruction_set_gives_the_same_bits(isa_restore):
     results = {}
     for isa in _isas():
         native.cpu_isa(isa)
-        results[isa] = _run("cpu", params, **kw) + _run("cpu", sub, keys=[KEYS[0]], alphas=[1e-6],
+        results[isa] = run("cpu", params, **kw) + run("cpu", sub, keys=[KEYS[0]], alphas=[1e-6],
                                                          rounding="stochastic", rounding_key=5)
     first = results[_isas()[0]]
     for isa, res in results.items():
@@ -286,22 +156,6 @@ def test_is_the_default_cpu_backend():
 
 
 # ------------------------------------------------------------------------------ bad input
-def test_bad_input_errors_before_dispatch():
-    p = make_tensor(10, torch.float32, 0)
-    keep = p.clone()
-    with pytest.raises(ValueError, match="contiguous"):
-        zo_kernels.noise_axpy_([p, torch.zeros(4, 4).t()], [1], [1.0], backend="cpu")
-    with pytest.raises(TypeError):
-        zo_kernels.noise_axpy_([p, torch.zeros(4, dtype=torch.int32)], [1], [1.0], backend="cpu")
-    with pytest.raises(ValueError, match="alphas"):
-        zo_kernels.noise_axpy_([p], [1, 2], [1.0], backend="cpu")
-    with pytest.raises(ValueError, match="dense"):
-        zo_kernels.noise_axpy_([p], [1], [1.0], dense=[torch.zeros(3)], backend="cpu")
-    with pytest.raises(TypeError, match="float64"):
-        zo_kernels.noise_axpy_([p.double()], [1], [1.0], backend="cpu")
-    assert torch.equal(p, keep)
-
-
 def test_internal_op_checks_its_arguments():
     p = torch.zeros(8)
     with pytest.raises(RuntimeError, match="tensor_ids"):

@@ -1,0 +1,327 @@
+"""The backend contract (docs/spec.md §1-§3), once, for every backend that runs here.
+
+Each backend is checked against the PyTorch reference and a float64 evaluation of the same call;
+CUDA backends join when a GPU is present.  What is specific to one backend (instruction sets,
+thread counts, PTX, alignment paths, allocation) stays in its own file.
+
+To add an op or a case: add a row to CASES (a call of noise_axpy_), NOISE_CASES or OPCHECKS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+import zo_kernels
+from zo_kernels import backends
+from zo_kernels import noise as N
+from zo_kernels import restore as R
+
+from helpers import assert_verbose_allclose, spec_vectors, z_bound
+from native_helpers import check_against_reference, make_tensor, run
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (backend, device) for every backend that can run on this machine, the reference included.
+TARGETS = [(b, d) for d in DEVICES for b in zo_kernels.available_backends() if d in backends.get(b).devices]
+KERNELS = [t for t in TARGETS if t[0] != "reference"]
+_ids = [f"{b}-{d}" for b, d in TARGETS]
+_kernel_ids = [f"{b}-{d}" for b, d in KERNELS]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HALF = [torch.bfloat16, torch.float16]
+SIZES = [1, 3, 4, 5, 1023, 4097, (3, 5, 7)]
+KEYS = [N.step_key(5, s) for s in range(4)]
+ALPHAS = [1e-3, -2e-3, 0.5, -0.75]
+# |z - z_float64| / max(1, |z|) on the spec vectors: the spec's bound, tighter where a backend claims it.
+VECTOR_TOL = {"cpu": 1e-6, "cuda": 1e-6}
+
+
+# ------------------------------------------------------------------------------ the case table
+@dataclass(frozen=True)
+class Case:
+    """One noise_axpy_ call: tensors of `sizes` (dtype from the test, or cycling DTYPES when
+    mixed_dtypes), `k` keys, and the scalar and index arguments."""
+
+    name: str
+    sizes: tuple
+    k: int = 1
+    gamma: float = 1.0
+    dense: Optional[str] = None             # None, "fp32", or "mixed" (cycling DTYPES)
+    beta: float = 0.0
+    mixed_dtypes: bool = False
+    tensor_ids: Optional[tuple] = None
+    offsets: Optional[tuple] = None
+    extra: dict = field(default_factory=dict)
+
+    def build(self, dtype, device):
+        params = [make_tensor(s, DTYPES[i % 3] if self.mixed_dtypes else dtype, i).to(device)
+                  for i, s in enumerate(self.sizes)]
+        kw = dict(keys=KEYS[:self.k], alphas=ALPHAS[:self.k], gamma=self.gamma, beta=self.beta, **self.extra)
+        if self.dense is not None:
+            kw["dense"] = [make_tensor(s, torch.float32 if self.dense == "fp32" else DTYPES[i % 3], 100 + i)
+                           .to(device) for i, s in enumerate(self.sizes)]
+        if self.tensor_ids is not None:
+            kw["tensor_ids"] = list(self.tensor_ids)
+        if self.offsets is not None:
+            kw["offsets"] = list(self.offsets)
+        return params, kw
+
+
+IDS = (9, 0, 2**32 - 1, 5, 77, 3, 12)
+OFFSETS = (0, 1, 2, 3, 2**33 + 1, 4 * (2**32 - 40) + 3, 6)
+CASES = [Case(f"size{s}", (s,)) for s in SIZES] + [
+    *[Case(f"{k}keys-gamma", tuple(SIZES), k=k, gamma=0.999) for k in (1, 2, 3, 4)],
+    *[Case(f"{k}keys-dense", (1023,), k=k, gamma=0.97, dense="fp32", beta=-0.3) for k in (1, 2, 3, 4)],
+    Case("dense-mixed-dtypes", tuple(SIZES), k=2, gamma=0.98, dense="mixed", beta=-0.03),
+    Case("ids-offsets", tuple(SIZES), k=2, tensor_ids=IDS, offsets=OFFSETS),
+    Case("stochastic", tuple(SIZES), k=2, extra=dict(rounding="stochastic", rounding_key=N.step_key(1, 2))),
+]
+MIXED = [Case("mixed-param-dtypes", tuple(SIZES), k=2, gamma=1.01, mixed_dtypes=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_matches_reference(backend, device, case, dtype):
+    params, kw = case.build(dtype, device)
+    check_against_reference(backend, params, **kw)
+
+
+@pytest.mark.parametrize("case", MIXED, ids=[c.name for c in MIXED])
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_mixed_param_dtypes_one_call(backend, device, case):
+    params, kw = case.build(None, device)
+    check_against_reference(backend, params, **kw)
+
+
+GPU_KERNELS = [t for t in KERNELS if t[1] == "cuda"]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 1023, 4097, 1 << 20, (3, 5, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", GPU_KERNELS, ids=[f"{b}-{d}" for b, d in GPU_KERNELS])
+def test_gpu_sizes_keys_dense(backend, device, dtype, size, k):
+    """On a GPU (sizes are cheap there): one tensor, dense term, 1 or 4 keys, up to 2^20 elements."""
+    p = make_tensor(size, dtype, 0).to(device)
+    d = make_tensor(size, torch.float32, 1).to(device)
+    check_against_reference(backend, [p], keys=KEYS[:k], alphas=ALPHAS[:k], gamma=0.99, dense=[d], beta=0.2)
+
+
+@pytest.mark.parametrize("backend,device", GPU_KERNELS, ids=[f"{b}-{d}" for b, d in GPU_KERNELS])
+def test_gpu_many_tensors_one_call(backend, device):
+    params = [torch.randn(s, device=device) for s in (1, 7, 4096, 333, 65537)]
+    got = run(backend, params, keys=KEYS[:2], alphas=ALPHAS[:2])
+    ref = run("reference", params, keys=KEYS[:2], alphas=ALPHAS[:2])
+    for i, (a, b) in enumerate(zip(got, ref)):
+        bound = z_bound(KEYS[:2], ALPHAS[:2], i, a.numel()).max().item()
+        assert (a - b).abs().max().item() <= bound + 1e-6
+
+
+# --------------------------------------------------------------------------- shards and slices
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_shards_equal_whole(backend, device, dtype):
+    """A tensor updated whole equals its shards updated with offsets (any cut, not only at quads)."""
+    whole = make_tensor(6001, dtype, 3).to(device)
+    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.9, tensor_ids=[4], rounding="stochastic", rounding_key=77)
+    ref = whole.clone()
+    zo_kernels.noise_axpy_([ref], backend=backend, **kw)
+    cuts = [0, 1, 4, 5, 6, 7, 64, 517, 1001, 4096, 4097, 6001]
+    shards = [whole[a:b].clone() for a, b in zip(cuts, cuts[1:])]
+    zo_kernels.noise_axpy_(shards, backend=backend, **dict(kw, tensor_ids=[4] * len(shards), offsets=cuts[:-1]))
+    assert torch.equal(torch.cat(shards), ref)
+
+
+@pytest.mark.parametrize("split", [1, 4, 5, 517])
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_two_slices_in_place_equal_whole(backend, device, split):
+    """Two views of one tensor at their offsets, in one call, equal the whole tensor updated at once."""
+    whole = make_tensor(1031, torch.float32, 4).to(device)
+    a = whole.clone()
+    zo_kernels.noise_axpy_([a], KEYS[:2], ALPHAS[:2], tensor_ids=[6], backend=backend)
+    b = whole.clone()
+    zo_kernels.noise_axpy_([b[:split], b[split:]], KEYS[:2], ALPHAS[:2], tensor_ids=[6, 6], offsets=[0, split],
+                           backend=backend)
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- special calls
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_no_keys_only_gamma_and_empty_tensors(backend, device):
+    params = [make_tensor(100, torch.float32, 0).to(device), torch.empty(0, device=device),
+              make_tensor(5, torch.bfloat16, 1).to(device)]
+    out = run(backend, params, keys=[], alphas=[], gamma=0.5)
+    assert torch.equal(out[0], params[0] * 0.5) and out[1].numel() == 0
+    assert torch.equal(out[2], (params[2].float() * 0.5).bfloat16())
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_dense_may_be_the_param_itself(backend, device):
+    p = make_tensor(1000, torch.float32, 0).to(device)
+    expect = p.clone()
+    zo_kernels.noise_axpy_([expect], [KEYS[0]], [0.1], gamma=0.5, dense=[p.clone()], beta=0.25, backend=backend)
+    zo_kernels.noise_axpy_([p], [KEYS[0]], [0.1], gamma=0.5, dense=[p], beta=0.25, backend=backend)
+    assert torch.equal(p, expect)
+
+
+# ------------------------------------------------------------------------------------ rounding
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_nearest_is_torch_rounding_of_the_float32_result(backend, device, dtype):
+    params = [make_tensor(s, dtype, i).to(device) for i, s in enumerate(SIZES)]
+    dense = [make_tensor(s, dtype, 50 + i).to(device) for i, s in enumerate(SIZES)]
+    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.97, beta=0.1)
+    half = run(backend, params, dense=dense, **kw)
+    full = run(backend, [p.float() for p in params], dense=[d.float() for d in dense], **kw)
+    for h, f in zip(half, full):
+        assert torch.equal(h, f.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_stochastic_matches_reference_bits_without_noise(backend, device, dtype):
+    """With the noise term zero the fp32 sums agree exactly, so the stream-2 rounding must too."""
+    params = [make_tensor(s, dtype, i).to(device) for i, s in enumerate(SIZES)]
+    dense = [make_tensor(s, torch.float32, 9 + i).to(device) * 1e-3 for i, s in enumerate(SIZES)]
+    kw = dict(keys=[KEYS[0]], alphas=[0.0], gamma=1.0, dense=dense, beta=0.37, rounding="stochastic",
+              rounding_key=N.step_key(3, 3), offsets=[0, 5, 2, 3, 1, 0, 2**35 + 1])
+    for a, b in zip(run(backend, params, **kw), run("reference", params, **kw)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_stochastic_rounding_fp32_is_nearest(backend, device):
+    p = [make_tensor(1000, torch.float32, 0).to(device)]
+    kw = dict(keys=KEYS[:1], alphas=[0.1])
+    assert torch.equal(run(backend, p, rounding="stochastic", **kw)[0], run(backend, p, **kw)[0])
+
+
+# --------------------------------------------------------------------------------------- noise_
+@pytest.mark.parametrize("backend,device", TARGETS, ids=_ids)
+def test_spec_z_vectors(backend, device):
+    tol = VECTOR_TOL.get(backend, 1e-5)
+    for v in spec_vectors()["z"]:
+        out = torch.empty(1, device=device)
+        zo_kernels.noise_(out, v["key"], v["tensor_id"], v["index"], stream=v["stream"], backend=backend)
+        assert abs(out.item() - v["z"]) <= tol * max(1.0, abs(v["z"])), v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_noise_matches_float64_and_half_is_rounded_float32(backend, device, dtype):
+    n, key, off = 4097, KEYS[0], 6
+    z32 = zo_kernels.noise_(torch.empty(n, device=device), key, 3, off, backend=backend)
+    assert_verbose_allclose(z32.cpu(), N.normal(key, 3, n, offset=off, dtype=torch.float64), atol=1e-5, rtol=1e-5,
+                            what=f"noise_ {backend}")
+    out = zo_kernels.noise_(torch.empty(n, dtype=dtype, device=device), key, 3, off, backend=backend)
+    assert torch.equal(out, z32.to(dtype))
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_noise_slice_at_offset_is_slice_of_noise(backend, device):
+    n, key = 10_000, KEYS[3]
+    full = zo_kernels.noise_(torch.empty(n, device=device), key, 2, backend=backend)
+    for a, b in ((0, 1), (1, 2), (3, 9), (5, 4100), (4097, 10_000), (9_999, 10_000)):
+        part = zo_kernels.noise_(torch.empty(b - a, device=device), key, 2, a, backend=backend)
+        assert torch.equal(part, full[a:b]), (a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_noise_stream_two_differs_from_stream_zero(backend, device):
+    a = zo_kernels.noise_(torch.empty(64, device=device), KEYS[0], 0, backend=backend)
+    b = zo_kernels.noise_(torch.empty(64, device=device), KEYS[0], 0, stream=2, backend=backend)
+    assert_verbose_allclose(b.cpu(), N.normal(KEYS[0], 0, 64, stream=2), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, b)
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("backend,device", KERNELS, ids=_kernel_ids)
+def test_bad_input_errors_before_dispatch(backend, device):
+    p = make_tensor(10, torch.float32, 0).to(device)
+    keep = p.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        zo_kernels.noise_axpy_([p, torch.zeros(4, 4, device=device).t()], [1], [1.0], backend=backend)
+    with pytest.raises(TypeError):
+        zo_kernels.noise_axpy_([p, torch.zeros(4, dtype=torch.int32, device=device)], [1], [1.0], backend=backend)
+    with pytest.raises(ValueError, match="alphas"):
+        zo_kernels.noise_axpy_([p], [1, 2], [1.0], backend=backend)
+    with pytest.raises(ValueError, match="dense"):
+        zo_kernels.noise_axpy_([p], [1], [1.0], dense=[torch.zeros(3, device=device)], backend=backend)
+    with pytest.raises(TypeError, match="float64"):
+        zo_kernels.noise_axpy_([p.double()], [1], [1.0], backend=backend)
+    assert torch.equal(p, keep)
+
+
+# ------------------------------------------------------------------------------------ opcheck
+@dataclass(frozen=True)
+class OpCall:
+    """One call of a registered op for torch.library.opcheck: args(backend, device) -> the op's arguments."""
+
+    name: str
+    op: Callable
+    args: Callable
+
+
+def _key(s=2):
+    return N.to_signed64(N.step_key(1, s))
+
+
+def _axpy_args(backend, device):
+    p = [make_tensor(37, torch.float32, 0).to(device), make_tensor((3, 5), torch.bfloat16, 1).to(device)]
+    return (p, [_key()], [0.5], 0.9, [], 0.0, "stochastic", [0, 1], [0, 3], 7, backend)
+
+
+def _axpy_dense_args(backend, device):
+    p = [make_tensor(10, torch.float32, 0).to(device), make_tensor((3, 5), torch.float32, 1).to(device)]
+    d = [make_tensor(10, torch.float32, 2).to(device), make_tensor((3, 5), torch.bfloat16, 3).to(device)]
+    return (p, [_key(), _key(3)], [0.5, -0.1], 1.0, d, 0.25, "nearest", [0, 1], [0, 0], 0, backend)
+
+
+def _exact_args(backend, device):
+    q = [make_tensor(37, torch.bfloat16, 4).to(device)]
+    return (q, [_key()], [1e-3], [0.0], 1.0, R.make_planes(q, 2), 2, "nearest", [0], [0], 7, backend)
+
+
+def _noise_args(backend, device):
+    return (torch.empty(9, device=device), _key(), 3, 2, 0, backend)
+
+
+OPS = torch.ops.zo_kernels
+OPCHECKS = [
+    OpCall("noise_axpy_", lambda: OPS.noise_axpy_.default, _axpy_args),
+    OpCall("noise_axpy_-dense", lambda: OPS.noise_axpy_.default, _axpy_dense_args),
+    OpCall("noise_axpy_exact_", lambda: OPS.noise_axpy_exact_.default, _exact_args),
+    OpCall("noise_", lambda: OPS.noise_.default, _noise_args),
+]
+# The native backends' internal ops (registered by zo_kernels._C) are ops too.
+NATIVE_OPCHECKS = [
+    OpCall("_noise_axpy_native", lambda: OPS._noise_axpy_native.default,
+           lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0)),
+    OpCall("_noise_native", lambda: OPS._noise_native.default,
+           lambda d: (torch.empty(9, device=d), _key(), 0, 0, 0)),
+    OpCall("_noise_axpy_exact_native", lambda: OPS._noise_axpy_exact_native.default,
+           lambda d: (lambda q: (q, [_key()], [1e-3], [0.0], 1.0, R.make_planes(q, 2), 2, 0, [0], [0], 7))(
+               [make_tensor(37, torch.bfloat16, 4).to(d)])),
+]
+
+
+def _exact_capable(backend):
+    return backends.get(backend).axpy_exact is not None
+
+
+@pytest.mark.parametrize("call", OPCHECKS, ids=[c.name for c in OPCHECKS])
+@pytest.mark.parametrize("backend,device", TARGETS, ids=_ids)
+def test_opcheck(backend, device, call):
+    if call.name.startswith("noise_axpy_exact") and not _exact_capable(backend):
+        pytest.skip(f"{backend} has no exact-restore form")
+    torch.library.opcheck(call.op(), call.args(backend, device))
+
+
+@pytest.mark.parametrize("call", NATIVE_OPCHECKS, ids=[c.name for c in NATIVE_OPCHECKS])
+@pytest.mark.parametrize("device", [d for d in DEVICES if ("cpu" if d == "cpu" else "cuda")
+                                    in zo_kernels.available_backends()])
+def test_opcheck_native_ops(device, call):
+    torch.library.opcheck(call.op(), call.args(device))
