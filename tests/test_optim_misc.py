@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zo_kernels.optim import LossRatioAnnealing, MeZO, MeZOSVRG
-from zo_kernels.optim.base import Lin, move_args
+from zo_kernels.optim.points import Move, Point, plan_move
 
 
 def alg4_lrs(losses, w, kappa, alpha, lr0):
@@ -100,10 +100,10 @@ def test_move_args_algebra():
     base = torch.randn(5, generator=g, dtype=torch.float64)
     z = {k: torch.randn(5, generator=g, dtype=torch.float64) for k in (11, 22, 33)}
     val = lambda lin: lin.a * base + sum((v * z[k] for k, v in lin.c.items()), torch.zeros(5, dtype=torch.float64))
-    cur = Lin(0.97, [(11, 0.3), (22, -1e-3)])
-    tgt = Lin(0.95, [(22, 2e-3), (33, 0.7)])
-    gamma, pairs = move_args(cur, tgt)
-    moved = gamma * val(cur) + sum(a * z[k] for k, a in pairs)
+    cur = Point(0.97, [(11, 0.3), (22, -1e-3)])
+    tgt = Point(0.95, [(22, 2e-3), (33, 0.7)])
+    move = plan_move(cur, tgt)
+    moved = move.gamma * val(cur) + sum(a * z[k] for k, a in move.pairs)
     assert torch.allclose(moved, val(tgt), rtol=0, atol=1e-14)
-    assert move_args(tgt, tgt) == (1.0, [])
-    assert move_args(Lin(1.0, [(1, 0.5)]), Lin(1.0, [(1, -0.5)])) == (1.0, [(1, -1.0)])
+    assert plan_move(tgt, tgt) == Move(1.0, ())
+    assert plan_move(Point(1.0, [(1, 0.5)]), Point(1.0, [(1, -0.5)])) == Move(1.0, ((1, -1.0),))

@@ -192,7 +192,7 @@ class ZOTrainer(Trainer):
             loss = opt.step(None, full_closure=self._full_closure(model))
         else:
             loss = opt.step(lambda: self._mean_loss(model, micro))
-        opt._closure_free_steps = 1     # the Trainer's optimizer.step() that follows is this step
+        opt.skip_next_empty_step()      # the Trainer's optimizer.step() that follows is this step
         return torch.tensor(float(loss), device=self.args.device)
 
     # --------------------------------------------------- settle before use

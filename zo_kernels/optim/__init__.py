@@ -12,7 +12,7 @@ ZO-Bench's family (Zhang et al. 2024) on the same primitive: ZOSGDSign, MeZO(n_d
 ZOSGDCons, ZOSGDMomentum(state="dense" | "seeded"), ZOAdam (the fused noise_adam_ pass), ForwardGrad.
 """
 from .annealing import LossRatioAnnealing
-from .base import NonFiniteLossError, ZOOptimizer, replay
+from .base import NonFiniteLossError, ZOOptimizer
 from .cons import ZOSGDCons
 from .forward_grad import ForwardGrad
 from .lozo import LOZO, LOZOM
@@ -21,6 +21,7 @@ from .momentum import ZOSGDMomentum
 from .sign import ZOSGDSign
 from .spsa import SPSAOptimizer
 from .svrg import MeZOSVRG
+from .trajectory import replay
 from .zo_adam import ZOAdam
 
 __all__ = ["MeZO", "MeZOSVRG", "LOZO", "LOZOM", "ZOSGDSign", "ZOSGDCons", "ZOSGDMomentum", "ZOAdam", "ForwardGrad",

@@ -1,22 +1,39 @@
-"""Shared step machinery of the ZO optimizers: parameter layout, the one noise path, bookkeeping.
+"""The optimizer core: parameter layout, the one noise path, closures, failure, state (docs/spec.md §5-§6).
 
-Every change a ZO optimizer makes to the weights goes through `ZOOptimizer._noise_axpy`, the
-only place that calls `zo_kernels.noise_axpy_`; the algorithms describe *where the weights
-should be* and `_goto` works out the fused call that gets them there.
-
-Bookkeeping (`Lin`): a weight storage holds, in exact arithmetic,
-
-    x = a · base + Σ_k c[k] · z(k)
-
-for a base point (θ_t for MeZO, the anchor θ̄ for MeZO-SVRG) and a few seeded noise keys k.
-Moving from one such point to another is a single noise_axpy_ with
-gamma = a'/a and alphas α_k = c'[k] − gamma · c[k].  Perturb, restore, update, the
-lookahead perturbation, and the multi-key jump from θ to θ̄ ± μz in replay mode are all
-this one move; weight decay (gamma ≠ 1) is carried exactly.
-
-Tensor ids: a parameter's id in the noise counter is its position in the optimizer's
-flattened parameter list (group 0's params in order, then group 1's, ...), frozen ones
+Every change a ZO optimizer makes to the weights is a move between bookkept points
+(`zo_kernels.optim.points`): the algorithm says *where the weights should be* and `_goto` works out
+the fused call that gets them there; `_noise_axpy` is the only place that calls
+`zo_kernels.noise_axpy_`.  Tensor ids: a parameter's id in the noise counter is its position in the
+optimizer's flattened parameter list (group 0's params in order, then group 1's, ...), frozen ones
 included, so freezing or unfreezing a tensor never changes the noise of the others.
+
+How to add an optimizer (ZO-SGD-Sign, say: θ ← γθ − η·sign(l+ − l−)·z) -- one small file:
+
+    class ZOSGDSign(ZOOptimizer):
+        def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, **options):
+            super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, **options)
+
+        def step(self, closure=None):
+            if closure is None and self._closure_free_call():
+                return None
+            closure = self._require_closure(closure)
+            w = self._start_step()                          # layout, rank check, snapshot
+            k = step_key(self.seed, self._t)
+            entry = list(w.at)                              # where step found the weights
+            with self._failing_back(w, entry):              # an exception restores `entry`
+                lp, lm = self._sync_losses(*self._two_point(w, entry, k, closure))
+                if not (math.isfinite(lp) and math.isfinite(lm)):
+                    return self._failed_step(w, entry, {"loss+": lp, "loss-": lm})
+                s = math.copysign(1.0, lp - lm) if lp != lm else 0.0
+                self._goto(w, [Point(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * s)])
+                               for g in self.param_groups], final=True)
+                self._t += 1
+                return (lp + lm) / 2.0
+
+Options of the subclass that every rank must share go in `_options()`; `_exact_restore_allowed()`
+says whether the weights may use exact restore (not while they stay perturbed between steps);
+extra state goes through `_zo_state` / `_load_zo_state`.  The test for a new optimizer compares it
+step by step with a float64 transcription in `zo_kernels.optim.naive`.
 """
 from __future__ import annotations
 
@@ -31,6 +48,7 @@ from .. import distributed as _zdist
 from ..noise import M64, mix_keys, step_key
 from ..ops import ROUNDINGS, noise_axpy_
 from ..restore import PLANE_BITS, make_planes
+from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
 
 NAN_POLICIES = ("raise", "skip")
 RESTORES = ("auto", "exact", "fused")
@@ -42,53 +60,19 @@ class NonFiniteLossError(FloatingPointError):
     """A closure returned NaN/inf; the weights were restored to θ before the step."""
 
 
-# ----------------------------------------------------------------- bookkeeping
-class Lin:
-    """x = a·base + Σ c[k]·z(k), in exact arithmetic (Python floats).  Key order is kept:
-    it is the order of the terms in the fused call, which fixes its rounding."""
+class _Batch:
+    """The groups that share one call: their tensors, ids, residue planes and shard offsets."""
 
-    __slots__ = ("a", "c")
+    __slots__ = ("tensors", "tids", "planes", "offsets")
 
-    def __init__(self, a: float = 1.0, c: Optional[Sequence[Tuple[int, float]]] = None):
-        self.a = float(a)
-        self.c: Dict[int, float] = {}
-        for k, v in (c.items() if isinstance(c, dict) else (c or ())):
-            self.c[int(k)] = self.c.get(int(k), 0.0) + float(v)
+    def __init__(self):
+        self.tensors, self.tids, self.planes, self.offsets = [], [], [], []
 
-    def plus(self, terms: Sequence[Tuple[int, float]]) -> "Lin":
-        out = Lin(self.a, self.c)
-        for k, v in terms:
-            out.c[k] = out.c.get(k, 0.0) + float(v)
-        return out
-
-    def scaled(self, gamma: float) -> "Lin":
-        return Lin(self.a * gamma, [(k, v * gamma) for k, v in self.c.items()])
-
-    def to_state(self) -> list:
-        return [self.a, [[k, v] for k, v in self.c.items()]]
-
-    @classmethod
-    def from_state(cls, s) -> "Lin":
-        return cls(s[0], [(int(k), float(v)) for k, v in s[1]])
-
-    def __repr__(self):
-        return f"Lin(a={self.a!r}, c={self.c!r})"
-
-
-def _lin_eq(x: Lin, y: Lin) -> bool:
-    keys = set(x.c) | set(y.c)
-    return x.a == y.a and all(x.c.get(k, 0.0) == y.c.get(k, 0.0) for k in keys)
-
-
-def move_args(cur: Lin, tgt: Lin) -> Tuple[float, List[Tuple[int, float]]]:
-    """(gamma, [(key, alpha)]) of the one noise_axpy_ that takes a storage from `cur` to `tgt`."""
-    gamma = tgt.a / cur.a
-    pairs = []
-    for k in list(cur.c) + [k for k in tgt.c if k not in cur.c]:
-        alpha = tgt.c.get(k, 0.0) - gamma * cur.c.get(k, 0.0)
-        if alpha != 0.0:
-            pairs.append((k, alpha))
-    return gamma, pairs
+    def add(self, ts, ids, planes, offs) -> None:
+        self.tensors.extend(ts)
+        self.tids.extend(ids)
+        self.planes.extend(planes or [])
+        self.offsets.extend(offs if offs is not None else [0] * len(ts))
 
 
 # ------------------------------------------------------------------ validation
@@ -123,14 +107,43 @@ def _flatten_params(params) -> list:
 
 # ----------------------------------------------------------------------- base
 class ZOOptimizer(torch.optim.Optimizer):
-    """Base class: layout, the one noise_axpy_ path, trajectory log, NaN policy, HF hooks.
+    """Base class: layout, the one noise_axpy_ path, two-point evaluation, failure handling,
+    trajectory log, NaN policy, HF hooks.  Subclasses implement `step` (see the module docstring).
 
-    Subclasses implement `step`; they move weights only with `_goto` (which calls
-    `_noise_axpy`).  `_reduce_loss` is the hook a data-parallel wrapper overrides to
-    all-reduce the scalar losses.
+    Options of every ZO optimizer (keyword arguments of MeZO, MeZOSVRG, ...):
+        record: keep `opt.trajectory`, a list of every noise_axpy_ call on the weights (see `replay`).
+        rounding: "nearest" | "stochastic" rounding of the update pass of bf16/fp16 weights (the
+            perturbation passes always round to nearest).  backend: noise_axpy_ backend.
+        restore: "auto" (exact for bf16/fp16 weights, fused for fp32), "exact" or "fused".  Exact
+            restore undoes a perturbation by inverting its rounding (zo_kernels.restore) instead of
+            subtracting μz again, so half-precision weights do not drift.
+        plane_bits: residue-plane width for exact restore (0, 2, 4, 8 bits per element, allocated
+            for the duration of a perturbation only); wider planes resolve more ambiguous elements.
+        nan_policy: "raise" (default) or "skip" on a NaN/inf loss; either way θ is restored
+            and the step counter is not advanced.
+        snapshot: keep a copy of the trainable weights while a step runs, so that a failed step leaves
+            them bit-identical for every dtype and restore mode, and a retried run is bit-identical to
+            one that never failed (see "A failed step" below).  Cost: one more read+write pass per step
+            (the copy) and the trainable weights' memory once more, kept between steps.
+        distributed: data parallel over torch.distributed (see zo_kernels.distributed): each rank's
+            closure returns the mean loss over its part of the batch, or (mean loss, count); one
+            all-reduce of a few scalars per step makes every rank apply the same update.  None (the
+            default) turns it on only for DTensor (FSDP2-sharded) parameters.  process_group: the
+            ranks to reduce over (default: the world).
+
+    A failed step -- the closure raises (any exception, KeyboardInterrupt too) or returns NaN/inf
+    before the update -- does not advance the step counter and brings the weights back to where
+    `step` found them.  With snapshot=True they are bit-identical.  Without it the way back is one
+    more pass of the step's own kind (no extra memory), which is exact up to these limits:
+      * exact restore (bf16/fp16 with restore="auto", or restore="exact"): bit-identical except
+        elements where θ ± μz lies more than plane_bits binades above θ (above the grid just below
+        θ, for a power of two), where its rounding cannot be inverted uniquely -- for plane_bits >= 2
+        only where |θ| < μ|z|/(2^plane_bits − 1); those come back within one ulp of θ ± μz.
+      * fused restore (fp32 with restore="auto", restore="fused", MeZO's lookahead): each element
+        comes back as round(round(round(θ + μz) − 2μz) + μz), within 1.5 ulp of |θ| + 2μ|z| of θ.
 
     Distributed (zo_kernels.distributed): with `distributed=True` (or DTensor parameters) a step
-    calls `_check_ranks(layout)` first, its closures' results stay rank-local until
+    checks the ranks first (`_start_step`), its closures' results stay rank-local until
     `_sync_losses(...)` all-reduces them (once per step), and `_goto` runs on DTensors' local
     shards with their global element offsets.
     """
@@ -154,9 +167,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"plane_bits must be 0 (no residue plane) or one of {PLANE_BITS}, got {plane_bits!r}")
         self.restore = restore
         self.plane_bits = plane_bits
-        # Exact restore, per storage group: [materialised point M, open excursion E (key -> coeff) or None,
-        # residue planes or None].  The weights hold round(M + Σ E·z) from one exact-form call.
-        self._xs: Dict[tuple, list] = {}
+        # Exact restore: the open excursion of each storage group, keyed by its storages and ids.
+        self._excursions: Dict[tuple, Excursion] = {}
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         if nan_policy not in NAN_POLICIES:
@@ -172,9 +184,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._t = 0                 # steps taken (the step counter of the noise keys)
         self._call_idx = 0          # noise_axpy_ calls issued within the current step
         self._in_step = False
-        self._closure_free_steps = 0  # steps the HF Trainer may call without a closure (ZOTrainer)
+        self._closure_free_steps = 0  # step() calls without a closure to ignore (skip_next_empty_step)
         super().__init__(params, defaults)
         self._comm = _zdist.make_comm(_flatten_params(self.param_groups), distributed, process_group)
+
+    # ------------------------------------------------------------ subclass hooks
+    def _options(self) -> dict:
+        """The subclass's own options that every rank must share (fingerprinted by the distributed guard)."""
+        return {}
+
+    def _exact_restore_allowed(self) -> bool:
+        """Whether exact restore may apply: not when the weights stay perturbed between steps."""
+        return True
 
     # -------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
@@ -194,15 +215,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Steps taken so far; step t uses the noise key step_key(seed, t)."""
         return self._t
 
-    def _layout(self) -> List[List[Tuple[torch.Tensor, int]]]:
-        """Per group: [(tensor, tensor id)] of the trainable tensors, tied tensors once.
+    def _mus(self) -> List[float]:
+        return [g["eps"] for g in self.param_groups]
+
+    def _layout(self, at: Optional[List[Point]] = None) -> Tracked:
+        """The trainable tensors per group with their tensor ids, tied tensors once, at `at` (default:
+        every group at its base point).
 
         Frozen tensors (requires_grad=False) are skipped but keep their id; a tensor whose
         storage an earlier trainable tensor already covers (tied weights) is skipped."""
-        seen: Dict[int, torch.Tensor] = {}
-        out, tid = [], 0
+        seen: Dict[object, torch.Tensor] = {}
+        tensors, tids, tid = [], [], 0
         for g in self.param_groups:
-            entries = []
+            ts, ids = [], []
             for p in g["params"]:
                 if p.requires_grad and p.numel() > 0:
                     # A DTensor's data_ptr() is 0: key it by identity (FSDP2 keeps tied weights as one).
@@ -213,28 +238,25 @@ class ZOOptimizer(torch.optim.Optimizer):
                                              "shapes; tied weights must be the same tensor")
                     else:
                         seen[ptr] = p
-                        entries.append((p, tid))
+                        ts.append(p)
+                        ids.append(tid)
                 tid += 1
-            out.append(entries)
-        if not any(out):
+            tensors.append(ts)
+            tids.append(ids)
+        if not any(tensors):
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
-        return out
-
-    @staticmethod
-    def _tids(layout) -> List[List[int]]:
-        return [[tid for _, tid in entries] for entries in layout]
+        return Tracked(tensors, tids, list(at) if at is not None else origin(len(tensors)))
 
     # -------------------------------------------------------- the noise path
-    def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], keys: List[int],
-                    alphas: List[float], gamma: float, *, log: bool = True, rounding: Optional[str] = None,
-                    undo: Optional[List[float]] = None, planes: Optional[list] = None,
-                    offsets: Optional[List[int]] = None) -> None:
+    def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], call: Call, *, log: bool = True,
+                    planes: Optional[list] = None, offsets: Optional[List[int]] = None) -> None:
         """The only call of zo_kernels.noise_axpy_ in the optimizers (and its trajectory record).
 
         offsets: global element offsets of shards (DTensor local tensors); empty shards are dropped
         here, after the call index (and so every later rounding key) advanced as on every rank."""
-        keys = [k & M64 for k in keys]
-        rounding = rounding or self.rounding
+        keys = [k & M64 for k in call.keys]
+        alphas = list(call.alphas)
+        undo = None if call.undo is None else list(call.undo)
         rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
         self._call_idx += 1
         run_ts, run_ids, run_planes = tensors, tids, planes
@@ -245,11 +267,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                 offsets = [offsets[i] for i in keep]
                 run_planes = None if planes is None else [planes[i] for i in keep]
         if run_ts:
-            noise_axpy_(run_ts, keys, alphas, gamma=gamma, rounding=rounding, tensor_ids=run_ids, offsets=offsets,
-                        rounding_key=rkey, backend=self.backend, undo=undo, planes=run_planes)
+            noise_axpy_(run_ts, keys, alphas, gamma=call.gamma, rounding=call.rounding, tensor_ids=run_ids,
+                        offsets=offsets, rounding_key=rkey, backend=self.backend, undo=undo, planes=run_planes)
         if log and self.trajectory is not None:
             rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
-                   "gamma": float(gamma), "tensor_ids": list(tids), "rounding": rounding, "rounding_key": rkey}
+                   "gamma": float(call.gamma), "tensor_ids": list(tids), "rounding": call.rounding,
+                   "rounding_key": rkey}
             if undo is not None:
                 rec["undo"] = [float(u) for u in undo]
                 rec["plane"] = None if planes is None else ("read" if any(undo) else "write")
@@ -258,93 +281,83 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _exact_active(self, tensors: List[torch.Tensor]) -> bool:
         """Exact restore applies to half-precision weights by default (restore="auto")."""
-        if self.restore == "fused" or getattr(self, "lookahead", False):
+        if self.restore == "fused" or not self._exact_restore_allowed():
             return False
         return self.restore == "exact" or any(t.dtype in _HALF for t in tensors)
 
-    def _exact_move(self, ts, ids, cur: Lin, tgt: Lin, final: bool, offs: Optional[List[int]] = None):
-        """Plan one group's move in exact-restore form: (signature, planes) or None when nothing moves.
+    def _exact_call(self, ts, ids, cur: Point, tgt: Point, final: bool,
+                    offs: Optional[List[int]] = None) -> Optional[Tuple[Call, Optional[list]]]:
+        """One group's move in exact-restore form (docs/spec.md §4): the call and the residue planes it
+        writes or reads, or None when nothing moves.
 
-        A non-final move with gamma = 1 is an excursion from the materialised point M (perturbation,
+        A non-final move with gamma = 1 is an excursion from the materialised point (perturbation,
         or a jump to θ̄ ± μz): it rounds to nearest so the next move can invert it.  A final move
         (an update) or one with gamma != 1 materialises its target, rounding with self.rounding."""
         skey = tuple(t.data_ptr() for t in ts) + tuple(ids)     # ids: empty shards may share data_ptr 0
-        st = self._xs.get(skey)
-        if st is None or not _lin_eq(st[0].plus(list((st[1] or {}).items())), cur):
-            st = [cur, None, None]          # the weights are exactly what the bookkeeping says
-        m, exc, planes = st
-        exc = exc or {}
-        gamma, pairs = move_args(m, tgt)
-        excursion = gamma == 1.0 and not final
-        pd = dict(pairs)
-        keys = list(exc) + [k for k in pd if k not in exc]
-        if not keys and gamma == 1.0:
+        exc = self._excursions.get(skey)
+        if exc is None or not exc.point().same_as(cur):
+            exc = Excursion(cur)            # the weights are exactly what the bookkeeping says
+        undo = exc.open or {}
+        move = plan_move(exc.base, tgt)
+        excursion = move.gamma == 1.0 and not final
+        new = dict(move.pairs)
+        keys = list(undo) + [k for k in new if k not in undo]
+        if not keys and move.gamma == 1.0:
             return None
+        planes = exc.planes
         if not self.plane_bits:
             planes = None
-        elif exc:
+        elif undo:
             pass                            # read the planes written when this excursion began
-        elif excursion and pd:
+        elif excursion and new:
             planes = make_planes(ts, self.plane_bits, offs)
         else:
             planes = None
-        new_exc = pd if excursion and pd else None
-        self._xs[skey] = [m if new_exc else tgt, new_exc, planes if new_exc else None]
-        sig = ("exact", gamma, tuple(keys), tuple(exc.get(k, 0.0) for k in keys), tuple(pd.get(k, 0.0) for k in keys),
-               "nearest" if excursion else self.rounding, planes is not None)
-        return sig, planes
+        opened = excursion and bool(new)
+        self._excursions[skey] = Excursion(exc.base, new, planes) if opened else Excursion(tgt)
+        call = Call(move.gamma, tuple(keys), tuple(new.get(k, 0.0) for k in keys),
+                    "nearest" if excursion else self.rounding,
+                    undo=tuple(undo.get(k, 0.0) for k in keys), with_planes=planes is not None)
+        return call, planes
 
-    def _goto(self, storages: List[List[torch.Tensor]], tids: List[List[int]], cur: List[Optional[Lin]],
-              tgt: List[Optional[Lin]], *, log: bool = True, final: bool = False) -> List[Optional[Lin]]:
-        """Move each group's storage from cur[g] to tgt[g]; groups needing identical calls share one.
+    def _goto(self, w: Tracked, tgt: List[Optional[Point]], *, log: bool = True, final: bool = False) -> None:
+        """Move each group's storage from w.at[g] to tgt[g] (None: stays); groups needing identical
+        calls share one.  Updates w.at.
 
         `final` marks the update of a step: only it rounds with self.rounding (stochastic rounding
-        of a perturbation would only add noise that the restore cannot remove).  Returns tgt."""
+        of a perturbation would only add noise that the restore cannot remove)."""
+        storages = w.tensors
         offsets: List[Optional[List[int]]] = [None] * len(storages)
         owners: list = []
         if self._comm is not None:      # DTensors -> their local shards and global element offsets
             storages, offsets, owners = self._comm.local_views(storages)
-        calls: Dict[tuple, Tuple[list, list, list, list]] = {}
-        for g, (ts, ids, offs) in enumerate(zip(storages, tids, offsets)):
+        calls: Dict[Call, _Batch] = {}
+        for g, (ts, ids, offs) in enumerate(zip(storages, w.tids, offsets)):
             if not ts or tgt[g] is None:
                 continue
             planes = None
             if self._exact_active(ts):
-                plan = self._exact_move(ts, ids, cur[g], tgt[g], final, offs)
-                if plan is None:
+                planned = self._exact_call(ts, ids, w.at[g], tgt[g], final, offs)
+                if planned is None:
                     continue
-                sig, planes = plan
+                call, planes = planned
             else:
-                gamma, pairs = move_args(cur[g], tgt[g])
-                if gamma == 1.0 and not pairs:
+                move = plan_move(w.at[g], tgt[g])
+                if move.is_identity:
                     continue
-                sig = ("fused", gamma, tuple(pairs), self.rounding if final else "nearest")
-            bucket = calls.setdefault(sig, ([], [], [], []))
-            bucket[0].extend(ts)
-            bucket[1].extend(ids)
-            bucket[2].extend(planes or [])
-            bucket[3].extend(offs if offs is not None else [0] * len(ts))
+                call = Call(move.gamma, tuple(k for k, _ in move.pairs), tuple(a for _, a in move.pairs),
+                            self.rounding if final else "nearest")
+            calls.setdefault(call, _Batch()).add(ts, ids, planes, offs)
         sharded = any(o is not None for o in offsets)
-        for sig, (ts, ids, planes, offs) in calls.items():
-            offs = offs if sharded else None
-            if sig[0] == "exact":
-                _, gamma, keys, undo, alphas, rounding, _ = sig
-                self._noise_axpy(ts, ids, list(keys), list(alphas), gamma, log=log, rounding=rounding,
-                                 undo=list(undo), planes=planes or None, offsets=offs)
-            else:
-                _, gamma, pairs, rounding = sig
-                self._noise_axpy(ts, ids, [k for k, _ in pairs], [a for _, a in pairs], gamma, log=log,
-                                 rounding=rounding, offsets=offs)
+        for call, batch in calls.items():
+            self._noise_axpy(batch.tensors, batch.tids, call, log=log, planes=batch.planes or None,
+                             offsets=batch.offsets if sharded else None)
         if calls and owners:
             self._comm.refresh(owners)  # FSDP2: the next forward must all-gather the new shards
-        return [t if t is not None else c for c, t in zip(cur, tgt)]
+        w.at = [t if t is not None else c for c, t in zip(w.at, tgt)]
 
     # ------------------------------------------------------------- closures
-    def _reduce_loss(self, loss):
-        """Hook: reduce a closure's scalar loss across workers (identity here)."""
-        return loss
-
-    def _eval(self, closure: Callable):
+    def _closure_loss(self, closure: Callable):
         """Run a closure: its loss as a float, or (distributed) a rank-local value for `_sync_losses`.
 
         A closure returns the mean loss, or (mean loss, count) -- the count weighs this rank's mean
@@ -356,7 +369,6 @@ class ZOOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 out = closure()
             loss, count = _zdist.split_loss(out)
-            loss = self._reduce_loss(loss)
             if isinstance(loss, torch.Tensor):
                 if loss.numel() != 1:
                     raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
@@ -370,23 +382,35 @@ class ZOOptimizer(torch.optim.Optimizer):
             return _zdist.LocalLoss(float("nan"), 0.0)
         return value if comm is None else _zdist.LocalLoss(value, count)
 
+    def _two_point(self, w: Tracked, centers: List[Point], key: int, closure: Callable, *,
+                   log: bool = True) -> tuple:
+        """The two evaluations of an SPSA estimate: move w to center_g + μ_g·z(key), run the closure,
+        move to center_g − μ_g·z(key), run it again.  Returns the two rank-local losses (l+, l−) for
+        `_sync_losses`; the weights are left at center − μz (w.at says so)."""
+        plus, minus = spsa_pair(centers, key, self._mus())
+        self._goto(w, plus, log=log)
+        lp = self._closure_loss(closure)
+        self._goto(w, minus, log=log)
+        lm = self._closure_loss(closure)
+        return lp, lm
+
     def _sync_losses(self, *vals) -> List[float]:
         """The step's closure results as global floats: one all-reduce when distributed."""
         if self._comm is None:
             return list(vals)
         return self._comm.reduce(vals, lambda: self._rank_desc(self._layout()))
 
-    def _rank_desc(self, layout) -> dict:
+    def _rank_desc(self, layout: Tracked) -> dict:
         """What every rank must agree on (fingerprinted by the distributed guard)."""
         return {"optimizer": type(self).__name__, "seed": self.seed, "step": self._t,
                 "rounding": self.rounding, "restore": self.restore, "plane_bits": self.plane_bits,
-                "options": {k: getattr(self, k) for k in ("lookahead", "q", "anchor") if hasattr(self, k)},
+                "options": self._options(),
                 "groups": [{k: g[k] for k in sorted(self._group_checks)} for g in self.param_groups],
                 "layout": [(tid, tuple(p.shape), str(p.dtype), str(getattr(p, "placements", "")))
-                           for entries in layout for p, tid in entries],
+                           for ts, ids in zip(layout.tensors, layout.tids) for p, tid in zip(ts, ids)],
                 "world": self._comm.world if self._comm is not None else 1}
 
-    def _check_ranks(self, layout) -> None:
+    def _check_ranks(self, layout: Tracked) -> None:
         """Start of a distributed step: the first one verifies that all ranks agree (fingerprint
         and replicated-weight checksum, raising RankMismatchError on every rank if not)."""
         if self._comm is None:
@@ -402,14 +426,50 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{what} must be callable, got {type(closure).__name__}")
         return closure
 
+    def skip_next_empty_step(self) -> None:
+        """Make the next `step()` called without a closure a no-op.  For trainers that step the
+        optimizer themselves (ZOTrainer: the HF Trainer calls optimizer.step() after training_step)."""
+        self._closure_free_steps += 1
+
     def _closure_free_call(self):
-        """The HF Trainer calls optimizer.step() after training_step; ZOTrainer has already stepped."""
+        """Consume one skip_next_empty_step(): True when this closure-free step() is to be ignored."""
         if self._closure_free_steps > 0:
             self._closure_free_steps -= 1
             return True
         return False
 
-    def _non_finite(self, losses: dict) -> float:
+    # ------------------------------------------------------------- a step
+    def _start_step(self, layout: Optional[Tracked] = None, extra: Sequence[torch.Tensor] = (),
+                    first_call: int = 0) -> Tracked:
+        """Begin a step on `layout` (default: the current layout at the base point): check the
+        ranks, reset the call counter, and take the snapshot (snapshot=True) of the weights and of
+        `extra` state the step writes."""
+        w = self._layout() if layout is None else layout
+        self._check_ranks(w)        # distributed: all ranks agree (first step), step fingerprint
+        self._begin_step(first_call)
+        self._take_snapshot(w.tensors, extra)
+        return w
+
+    @contextlib.contextmanager
+    def _failing_back(self, w: Tracked, entry: List[Point], on_fail: Optional[Callable[[], None]] = None):
+        """The body of a step: if it raises before the update (the step counter did not advance), the
+        weights go back to `entry`, where step found them (`on_fail` first puts back any other state)."""
+        t = self._t
+        try:
+            yield
+        except BaseException:
+            if self._t == t:
+                self._restore_failed(w, entry, on_fail)
+            raise
+        finally:
+            self._snap = None
+            self._in_step = False
+
+    def _failed_step(self, w: Tracked, entry: List[Point], losses: dict,
+                     on_fail: Optional[Callable[[], None]] = None) -> float:
+        """A non-finite loss: restore `entry`, then raise NonFiniteLossError or (nan_policy="skip")
+        count the skip and return NaN."""
+        self._restore_failed(w, entry, on_fail)
         desc = ", ".join(f"{k}={v}" for k, v in losses.items())
         if self.nan_policy == "raise":
             raise NonFiniteLossError(f"{type(self).__name__} step {self._t}: non-finite loss ({desc}); the "
@@ -436,26 +496,29 @@ class ZOOptimizer(torch.optim.Optimizer):
                 b.copy_(t)
         self._snap = list(zip(targets, keep))
 
-    def _restore_failed(self, tensors, tids, cur: List[Lin], entry: List[Lin]) -> List[Lin]:
+    def _restore_failed(self, w: Tracked, entry: List[Point], on_fail: Optional[Callable[[], None]] = None) -> None:
         """A step failed before its update: bring the weights back to `entry`, where step found them.
 
         With snapshot=True the copy taken by `_take_snapshot` is written back: bit-identical for every
         dtype and restore mode.  Otherwise the restore is one more move of the step's own kind (fused:
-        a third rounding; exact: the rounding is inverted), whose precision the MeZO docstring states."""
+        a third rounding; exact: the rounding is inverted), whose precision the class docstring states."""
+        if on_fail is not None:
+            on_fail()
         snap, self._snap = self._snap, None
         if snap is None:
-            return self._goto(tensors, tids, cur, entry)
+            self._goto(w, entry)
+            return
         with torch.no_grad():
             for t, copy in snap:
                 t.copy_(copy)
         if self._comm is not None:
-            self._comm.refresh(self._comm.local_views(tensors)[2])   # FSDP2: re-gather the restored shards
-        self._xs.clear()                # the weights are exactly `entry` again
-        return list(entry)
+            self._comm.refresh(self._comm.local_views(w.tensors)[2])   # FSDP2: re-gather the restored shards
+        self._excursions.clear()        # the weights are exactly `entry` again
+        w.at = list(entry)
 
     def _begin_step(self, first_call: int = 0):
         self._call_idx = first_call
-        self._xs.clear()            # between steps the weights are exactly what they hold
+        self._excursions.clear()    # between steps the weights are exactly what they hold
         self._in_step = True
 
     @staticmethod
@@ -540,36 +603,3 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._load_zo_state(zo)
         if self._comm is not None:
             self._comm.verified = False     # check the ranks again at the next step
-
-
-def replay(params, log, *, backend: Optional[str] = None) -> None:
-    """Re-issue a recorded trajectory (opt.trajectory) on `params`, in place.
-
-    params: the optimizer's parameters in the same order (a list, the param groups, or an
-    nn.Module whose .parameters() the optimizer was built from), holding the initial
-    weights.  Every noise_axpy_ call that touched the weights is repeated with the same
-    keys, coefficients, gamma, tensor ids and rounding key, so on the same backend the
-    result is bit-identical to the recorded run.
-    """
-    flat = _flatten_params(params)
-    planes: Dict[tuple, list] = {}  # exact-restore residue planes, by the tensor ids they cover
-    for i, rec in enumerate(log):
-        ids = [int(t) for t in rec["tensor_ids"]]
-        if ids and max(ids) >= len(flat):
-            raise ValueError(f"log entry {i} refers to tensor id {max(ids)} but only {len(flat)} params were given")
-        ts = [flat[t] for t in ids]
-        pl = None
-        if rec.get("plane") == "write":
-            pl = planes[tuple(ids)] = make_planes(ts, int(rec["plane_bits"]))
-        elif rec.get("plane") == "read":
-            if tuple(ids) not in planes:
-                raise ValueError(f"log entry {i} reads residue planes that no earlier entry wrote")
-            pl = planes[tuple(ids)]
-        kw = dict(gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
-                  rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl)
-        keys, alphas = [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]]
-        if rec.get("key_v") is not None:    # a low-rank pass (LOZO)
-            from ..lowrank import lowrank_noise_axpy_
-            lowrank_noise_axpy_(ts, keys, int(rec["key_v"]), alphas, rank=int(rec["rank"]), **kw)
-        else:
-            noise_axpy_(ts, keys, alphas, **kw)

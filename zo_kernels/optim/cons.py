@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Callable, List
 
-from .base import Lin
+from .points import Point, Tracked, origin
 from .spsa import SPSAOptimizer
 
 CHOICES = ("theta", "minus", "plus")
@@ -37,24 +37,22 @@ class ZOSGDCons(SPSAOptimizer):
         return 2 * self.n_directions + 3
 
     def _before_perturb(self, closure: Callable) -> List[float]:
-        return [self._eval(closure)]
+        return [self._closure_loss(closure)]
 
-    def _update(self, tensors, tids, cur: List[Lin], keys: List[int], ds: List[float], closure: Callable):
+    def _update(self, w: Tracked, keys: List[int], ds: List[float], closure: Callable) -> None:
         minus, plus = [], []
         for g in self.param_groups:
             gamma = self._decay(g["lr"], g["weight_decay"])
             step = [(k, g["lr"] * c) for k, c in zip(keys, self._coefficients(ds, g))]
-            minus.append(Lin(gamma, [(k, -a) for k, a in step]))
-            plus.append(Lin(gamma, step))
-        cur = self._goto(tensors, tids, cur, minus)
-        l1 = self._eval(closure)
-        cur = self._goto(tensors, tids, cur, plus)
-        l2 = self._eval(closure)
+            minus.append(Point(gamma, [(k, -a) for k, a in step]))
+            plus.append(Point(gamma, step))
+        self._goto(w, minus)
+        l1 = self._closure_loss(closure)
+        self._goto(w, plus)
+        l2 = self._closure_loss(closure)
         l1, l2 = self._sync_losses(l1, l2)
         losses = [self._pre_losses[0], l1, l2]
-        best = min(range(3), key=lambda i: (not math.isfinite(losses[i]), losses[i] if math.isfinite(losses[i]) else 0.0, i))
+        best = min(range(3), key=lambda i: (not math.isfinite(losses[i]),
+                                            losses[i] if math.isfinite(losses[i]) else 0.0, i))
         self.last_choice = CHOICES[best]
-        final = ([Lin() for _ in self.param_groups], minus, plus)[best]
-        self._goto(tensors, tids, cur, final, final=True)
-        # The new iterate is the base point of the next step.
-        return [Lin() for _ in self.param_groups]
+        self._goto(w, (origin(len(plus)), minus, plus)[best], final=True)   # the next step's base point

@@ -27,7 +27,8 @@ from torch.func import functional_call, jvp
 from .. import distributed as _zdist
 from ..noise import step_key
 from ..ops import noise_
-from .base import Lin, ZOOptimizer
+from .base import ZOOptimizer
+from .points import Point
 
 
 class _ClosureModule(torch.nn.Module):
@@ -66,12 +67,10 @@ class ForwardGrad(ZOOptimizer):
         if closure is None and self._closure_free_call():
             return None
         closure = self._require_closure(closure)
-        layout = self._layout()
-        tids = self._tids(layout)
-        self._check_ranks(layout)
-        tensors = [[p for p, _ in e] for e in layout]
+        w = self._layout()
+        self._check_ranks(w)
         names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
-        entries = [(p, tid) for e in layout for p, tid in e]
+        entries = [(p, tid) for ts, ids in zip(w.tensors, w.tids) for p, tid in zip(ts, ids)]
         missing = [tid for p, tid in entries if id(p) not in names]
         if missing:
             raise ValueError(f"parameters with tensor ids {missing} do not belong to the module")
@@ -94,9 +93,9 @@ class ForwardGrad(ZOOptimizer):
             if self._comm is not None:
                 loss, dd = self._sync_losses(_zdist.LocalLoss(loss, count[0]), _zdist.LocalLoss(dd, count[0]))
             if not (math.isfinite(loss) and math.isfinite(dd)):
-                return self._non_finite({"loss": loss, "jvp": dd})
-            tgt = [Lin(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * dd)]) for g in self.param_groups]
-            self._goto(tensors, tids, [Lin() for _ in tgt], tgt, final=True)
+                return self._failed_step(w, list(w.at), {"loss": loss, "jvp": dd})   # nothing moved yet
+            self._goto(w, [Point(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * dd)])
+                           for g in self.param_groups], final=True)
             self._t += 1
             return loss
         finally:

@@ -44,7 +44,8 @@ import torch
 from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, lowrank_noise_axpy_
 from ..noise import M64, mix_keys, step_key
 from ..ops import noise_, noise_axpy_
-from .base import _ROUNDING_TAG, Lin, ZOOptimizer
+from .base import _ROUNDING_TAG, ZOOptimizer
+from .points import Call, Point
 
 # Pseudo-key of LOZO-M's momentum in the bookkeeping: the U-space term of the update pass.  Real keys
 # are splitmix64 outputs; this one is reserved (a collision has probability 2^-64 per step).
@@ -66,24 +67,20 @@ class LOZO(ZOOptimizer):
         params: parameters or parameter groups (groups may set lr, eps, weight_decay).
         lr: η.  eps: μ.  rank: r, the rank of each matrix's perturbation U Vᵀ (1..64).
         nu: ν, steps per V (lazy subspace sampling).  weight_decay: λ.  seed: base seed.
-        record, rounding, backend, nan_policy, restore, plane_bits, snapshot, distributed, process_group:
-            as in MeZO (exact restore applies to bf16/fp16 weights by default).
+        **options: record, rounding, backend, nan_policy, restore, plane_bits, snapshot, distributed,
+            process_group -- as for every ZO optimizer (see ZOOptimizer; exact restore applies to
+            bf16/fp16 weights by default).
 
     Returns from step: (l+ + l−)/2.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, rank: int = 2, nu: int = 50, weight_decay: float = 0.0,
-                 seed: int = 0, *, record: bool = False, rounding: str = "nearest", backend: Optional[str] = None,
-                 nan_policy: str = "raise", restore: str = "auto", plane_bits: int = 2, snapshot: bool = False,
-                 distributed: Optional[bool] = None, process_group=None):
+                 seed: int = 0, **options):
         self.rank = _check_int(rank, "rank", 1, MAX_RANK)
         self.nu = _check_int(nu, "nu", 1, 1 << 62)
         self._key_v: Optional[int] = None
         self._dense: dict = {}      # LOZO-M: tensor id -> the U-space term of the update pass
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
-                         rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
-                         plane_bits=plane_bits, snapshot=snapshot, distributed=distributed,
-                         process_group=process_group)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, **options)
 
     def period_key(self, t: Optional[int] = None) -> int:
         """key_v of step t (default: the next step): the key of the first step of its period."""
@@ -91,11 +88,11 @@ class LOZO(ZOOptimizer):
         return step_key(self.seed, self.nu * (t // self.nu))
 
     # ------------------------------------------------------------- the noise path
-    def _noise_axpy(self, tensors, tids, keys, alphas, gamma, *, log=True, rounding=None, undo=None, planes=None,
-                    offsets=None):
+    def _noise_axpy(self, tensors, tids, call: Call, *, log=True, planes=None, offsets=None):
         """Every weight move of the step goes through the low-rank op under the period's key_v."""
-        keys = [k & M64 for k in keys]
-        rounding = rounding or self.rounding
+        keys = [k & M64 for k in call.keys]
+        alphas, gamma, rounding = list(call.alphas), call.gamma, call.rounding
+        undo = None if call.undo is None else list(call.undo)
         rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
         self._call_idx += 1
         dense, beta = None, 0.0
@@ -142,43 +139,26 @@ class LOZO(ZOOptimizer):
         if closure is None and self._closure_free_call():
             return None
         closure = self._require_closure(closure)
-        layout = self._layout()
-        tids = self._tids(layout)
-        self._check_ranks(layout)
-        tensors = [[p for p, _ in e] for e in layout]
-        groups = self.param_groups
-        mus = [g["eps"] for g in groups]
         t = self._t
-        k = step_key(self.seed, t)
         self._key_v = self.period_key(t)
-        self._begin_step()
-        self._take_snapshot(tensors)
-        theta = [Lin() for _ in groups]
-        cur = list(theta)
+        w = self._start_step()
+        k = step_key(self.seed, t)
+        theta = list(w.at)
         try:
-            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, mu)]) for mu in mus])
-            lp = self._eval(closure)
-            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, -mu)]) for mu in mus])
-            lm = self._eval(closure)
-            lp, lm = self._sync_losses(lp, lm)
-            if not (math.isfinite(lp) and math.isfinite(lm)):
-                cur = self._restore_failed(tensors, tids, cur, theta)
-                return self._non_finite({"loss+": lp, "loss-": lm})
-            d = (lp - lm) / 2.0
-            tgt = [Lin(self._decay(g["lr"], g["weight_decay"]), self._update_terms(g, layout[i], k, d / mu))
-                   for i, (g, mu) in enumerate(zip(groups, mus))]
-            cur = self._goto(tensors, tids, cur, tgt, final=True)
-            self._after_update(layout, k, [d / mu for mu in mus])
-            self._t += 1
-            return (lp + lm) / 2.0
-        except BaseException:
-            if self._t == t:          # failed before the update: back to where step found the weights
-                self._restore_failed(tensors, tids, cur, theta)
-            raise
+            with self._failing_back(w, theta):
+                lp, lm = self._sync_losses(*self._two_point(w, theta, k, closure))
+                if not (math.isfinite(lp) and math.isfinite(lm)):
+                    return self._failed_step(w, theta, {"loss+": lp, "loss-": lm})
+                d = (lp - lm) / 2.0
+                cs = [d / g["eps"] for g in self.param_groups]
+                entries = [list(zip(ts, ids)) for ts, ids in zip(w.tensors, w.tids)]
+                self._goto(w, [Point(self._decay(g["lr"], g["weight_decay"]), self._update_terms(g, e, k, c))
+                               for g, e, c in zip(self.param_groups, entries, cs)], final=True)
+                self._after_update(entries, k, cs)
+                self._t += 1
+                return (lp + lm) / 2.0
         finally:
-            self._snap = None
             self._dense = {}
-            self._in_step = False
 
     def _update_terms(self, group: dict, entries, k: int, c: float) -> List[tuple]:
         """The noise terms of θ_{t+1} = γθ_t + Σ terms (LOZO: −ηc Z_t)."""
@@ -187,10 +167,8 @@ class LOZO(ZOOptimizer):
     def _after_update(self, layout, k: int, cs: List[float]) -> None:
         """Hook after the update pass (LOZO-M: store the new momentum)."""
 
-    def _rank_desc(self, layout) -> dict:
-        desc = super()._rank_desc(layout)
-        desc["options"] = dict(desc["options"], rank=self.rank, nu=self.nu)
-        return desc
+    def _options(self) -> dict:
+        return {**super()._options(), "rank": self.rank, "nu": self.nu}
 
     # ----------------------------------------------------------------- state
     def _zo_state(self) -> dict:
@@ -261,10 +239,8 @@ class LOZOM(LOZO):
                 self.state[p]["momentum"] = new
         self._m_period = self._t // self.nu
 
-    def _rank_desc(self, layout) -> dict:
-        desc = super()._rank_desc(layout)
-        desc["options"] = dict(desc["options"], beta=self.beta)
-        return desc
+    def _options(self) -> dict:
+        return {**super()._options(), "beta": self.beta}
 
     def _zo_state(self) -> dict:
         return dict(super()._zo_state(), beta=self.beta, momentum_period=self._m_period)

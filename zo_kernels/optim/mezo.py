@@ -17,8 +17,21 @@ import math
 from typing import Callable, Optional
 
 from ..noise import step_key
-from .base import Lin
+from .points import Point, Tracked, origin
 from .spsa import SPSAOptimizer
+
+
+def mezo_update(groups, d: float, key: int, next_key: Optional[int], decay) -> list:
+    """θ_{t+1} of each group as a point over θ_t: γθ_t − η·(d/μ)·z_t, plus μ·z_{t+1} with lookahead
+    (next_key).  d = (l+ − l−)/2, shared by the groups; decay(η, λ) = γ."""
+    out = []
+    for g in groups:
+        lr, mu = g["lr"], g["eps"]
+        terms = [(key, -lr * (d / mu))]
+        if next_key is not None:
+            terms.append((next_key, mu))
+        out.append(Point(decay(lr, g["weight_decay"]), terms))
+    return out
 
 
 class MeZO(SPSAOptimizer):
@@ -28,66 +41,41 @@ class MeZO(SPSAOptimizer):
         params: parameters or parameter groups (groups may set lr, eps, weight_decay).
         lr: η.  eps: μ, the perturbation scale.  weight_decay: λ (θ ← θ − η(ĝ + λθ)).
         seed: base seed of the noise keys, an int in [0, 2**64); step t uses step_key(seed, t).
-        lookahead: fuse the next step's +μz into the update pass (2 instead of 3 passes/step).
+        lookahead: fuse the next step's +μz into the update pass (2 instead of 3 passes/step); the
+            weights then stay perturbed between steps, so exact restore does not apply.
         n_directions: q ≥ 1 directions per step (n-SPSA, ZO-Bench's q): θ ← (1 − ηλ)θ − η·(1/q)Σ_j c_j z_j
             with c_j = (l+_j − l−_j)/2μ, applied in one multi-key pass (see spsa.py); 2q queries per step.
-        record: keep `opt.trajectory`, a list of every noise_axpy_ call on the weights (see `replay`).
-        rounding: "nearest" | "stochastic" rounding of the update pass of bf16/fp16 weights (the
-            perturbation passes always round to nearest).  backend: noise_axpy_ backend.
-        restore: "auto" (exact for bf16/fp16 weights, fused for fp32), "exact" or "fused".  Exact
-            restore undoes a perturbation by inverting its rounding (zo_kernels.restore) instead of
-            subtracting μz again, so half-precision weights do not drift; not with lookahead.
-        plane_bits: residue-plane width for exact restore (0, 2, 4, 8 bits per element, allocated
-            for the duration of a perturbation only); wider planes resolve more ambiguous elements.
-        nan_policy: "raise" (default) or "skip" on a NaN/inf loss; either way θ is restored
-            and the step counter is not advanced.
-        snapshot: keep a copy of the trainable weights while a step runs, so that a failed step leaves
-            them bit-identical for every dtype and restore mode, and a retried run is bit-identical to
-            one that never failed (see "A failed step" below).  Cost: one more read+write pass per step
-            (the copy) and the trainable weights' memory once more, kept between steps.
-        distributed: data parallel over torch.distributed (see zo_kernels.distributed): each rank's
-            closure returns the mean loss over its part of the batch, or (mean loss, count); one
-            all-reduce of a few scalars per step makes every rank apply the same update.  None (the
-            default) turns it on only for DTensor (FSDP2-sharded) parameters.  process_group: the
-            ranks to reduce over (default: the world).
+        **options: record, rounding, backend, nan_policy, restore, plane_bits, snapshot, distributed,
+            process_group -- the options of every ZO optimizer (see ZOOptimizer).
 
-    Returns from step: (l+ + l−)/2, the two-point estimate of the loss at θ_t on this batch.
-
-    A failed step -- the closure raises (any exception, KeyboardInterrupt too) or returns NaN/inf
-    before the update -- does not advance the step counter and brings the weights back to where
-    `step` found them: θ_t, or with lookahead θ_t + μz_t with the perturbation still pending.
-    With snapshot=True they are bit-identical.  Without it the way back is one more pass of the
-    step's own kind (no extra memory), which is exact up to these limits:
-      * exact restore (bf16/fp16 with restore="auto", or restore="exact"): bit-identical except
-        elements where θ ± μz lies more than plane_bits binades above θ (above the grid just below
-        θ, for a power of two), where its rounding cannot be inverted uniquely -- for plane_bits >= 2
-        only where |θ| < μ|z|/(2^plane_bits − 1); those come back within one ulp of θ ± μz.
-      * fused restore (fp32 with restore="auto", restore="fused", lookahead): each element comes
-        back as round(round(round(θ + μz) − 2μz) + μz), within 1.5 ulp of |θ| + 2μ|z| of θ.
+    Returns from step: (l+ + l−)/2, the two-point estimate of the loss at θ_t on this batch.  A failed
+    step brings the weights back to where `step` found them (ZOOptimizer, "A failed step"): θ_t, or
+    with lookahead θ_t + μz_t with the perturbation still pending.
 
     Groups with different eps: the shared scalar is d = (l+ − l−)/2 and group g uses
     c_g = d/μ_g, an unbiased estimate of its gradient part (E[(Σ_h μ_h ∇_h·z_h) z_g]/μ_g = ∇_g).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-                 lookahead: bool = False, *, record: bool = False, rounding: str = "nearest",
-                 backend: Optional[str] = None, nan_policy: str = "raise", restore: str = "auto",
-                 plane_bits: int = 2, snapshot: bool = False, distributed: Optional[bool] = None,
-                 process_group=None, n_directions: int = 1):
+                 lookahead: bool = False, *, n_directions: int = 1, **options):
         if not isinstance(lookahead, bool):
             raise TypeError(f"lookahead must be a bool, got {type(lookahead).__name__}")
-        if lookahead and restore == "exact":
+        if lookahead and options.get("restore") == "exact":
             raise ValueError("lookahead=True keeps the weights perturbed across steps, which exact restore "
                              "cannot invert; use restore='fused' (or 'auto') with lookahead")
         if lookahead and n_directions != 1:
             raise ValueError("lookahead=True fuses one direction into the update; use n_directions=1 with it")
         self.lookahead = lookahead
-        # Pending lookahead perturbation: {"key", "tids", "tensors", "offsets": [Lin or None]}.
-        self._pending = None
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, record=record,
-                         rounding=rounding, backend=backend, nan_policy=nan_policy, restore=restore,
-                         plane_bits=plane_bits, snapshot=snapshot, distributed=distributed,
-                         process_group=process_group, n_directions=n_directions)
+        # The lookahead perturbation the weights carry between steps: the storages and where they are.
+        self._pending: Optional[Tracked] = None
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
+                         n_directions=n_directions, **options)
+
+    def _options(self) -> dict:
+        return {"lookahead": self.lookahead, **super()._options()}
+
+    def _exact_restore_allowed(self) -> bool:
+        return not self.lookahead     # the weights stay perturbed between steps
 
     # ------------------------------------------------------------ lookahead
     @property
@@ -101,7 +89,7 @@ class MeZO(SPSAOptimizer):
         pend = self._pending
         self._begin_step(first_call=1 << 20)   # its own stochastic-rounding keys, apart from the steps' calls
         try:
-            self._goto(pend["tensors"], pend["tids"], pend["offsets"], [Lin() for _ in pend["offsets"]])
+            self._goto(pend, origin(len(pend.at)))
         finally:
             self._pending = None
             self._in_step = False
@@ -113,58 +101,31 @@ class MeZO(SPSAOptimizer):
         closure = self._require_closure(closure)
         if self.n_directions > 1:
             return super().step(closure)        # n-SPSA: spsa.py, one multi-key update pass
-        layout = self._layout()
-        tids = self._tids(layout)
-        if self._pending is not None and self._pending["tids"] != tids:
+        w = self._layout()
+        if self._pending is not None and self._pending.tids != w.tids:
             self.settle()           # the set of trainable tensors changed since the last step
-        self._check_ranks(layout)   # distributed: all ranks agree (first step), step fingerprint
-        tensors = [[p for p, _ in e] for e in layout]
-        groups = self.param_groups
-        mus = [g["eps"] for g in groups]
+        pend = self._pending
+        entry = list(pend.at) if pend is not None else list(w.at)     # where step found the weights
+        w.at = list(entry)
+        self._start_step(w)
+        self._pending = None
         t = self._t
         k = step_key(self.seed, t)
-        pend = self._pending
-        entry = pend["offsets"] if pend is not None else [Lin() for _ in groups]   # where step found them
-        cur = entry
-        self._pending = None
-        self._begin_step()
-        self._take_snapshot(tensors)
-        theta = [Lin() for _ in groups]          # θ_t, the base point
-        try:
-            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, mu)]) for mu in mus])
-            lp = self._eval(closure)
-            cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, -mu)]) for mu in mus])
-            lm = self._eval(closure)
-            lp, lm = self._sync_losses(lp, lm)       # distributed: one all-reduce, global means
+
+        def put_back():
+            self._pending = pend
+
+        with self._failing_back(w, entry, put_back):
+            lp, lm = self._sync_losses(*self._two_point(w, origin(len(entry)), k, closure))   # one all-reduce
             if not (math.isfinite(lp) and math.isfinite(lm)):
-                cur = self._restore_failed(tensors, tids, cur, entry)
-                self._pending = pend
-                return self._non_finite({"loss+": lp, "loss-": lm})
-            d = (lp - lm) / 2.0
+                return self._failed_step(w, entry, {"loss+": lp, "loss-": lm}, put_back)
             k1 = step_key(self.seed, t + 1) if self.lookahead else None
-            tgt = []
-            for g, mu in zip(groups, mus):
-                lr, wd = g["lr"], g["weight_decay"]
-                gamma = self._decay(lr, wd)
-                terms = [(k, -lr * (d / mu))]
-                if self.lookahead:
-                    terms.append((k1, mu))
-                tgt.append(Lin(gamma, terms))
-            cur = self._goto(tensors, tids, cur, tgt, final=True)
+            self._goto(w, mezo_update(self.param_groups, (lp - lm) / 2.0, k, k1, self._decay), final=True)
             self._t += 1
             if self.lookahead:
                 # Rebase on θ_{t+1}: the weights are θ_{t+1} + μ z_{t+1}.
-                self._pending = {"key": k1, "tids": tids, "tensors": tensors,
-                                 "offsets": [Lin(1.0, [(k1, mu)]) for mu in mus]}
+                self._pending = Tracked(w.tensors, w.tids, [Point(1.0, [(k1, g["eps"])]) for g in self.param_groups])
             return (lp + lm) / 2.0
-        except BaseException:
-            if self._t == t:          # failed before the update: the weights go back to where step found them
-                self._restore_failed(tensors, tids, cur, entry)
-                self._pending = pend
-            raise
-        finally:
-            self._snap = None
-            self._in_step = False
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -31,7 +31,7 @@ import torch
 from .. import distributed as _zdist
 from ..noise import mix_keys, step_key
 from ..ops import noise_axpy_
-from .base import Lin
+from .points import Point, Tracked
 from .spsa import SPSAOptimizer
 
 STATES = ("dense", "seeded")
@@ -68,7 +68,7 @@ class ZOSGDMomentum(SPSAOptimizer):
         """β^K: the relative size of the momentum the window drops (see the module doc)."""
         return self.param_groups[group]["momentum"] ** self.window
 
-    def _update(self, tensors, tids, cur: List[Lin], keys: List[int], ds: List[float], closure: Callable):
+    def _update(self, w: Tracked, keys: List[int], ds: List[float], closure: Callable) -> None:
         coeffs = [self._coefficients(ds, g) for g in self.param_groups]
         if self.state_mode == "seeded":
             self._history.append((list(keys), coeffs))
@@ -77,21 +77,20 @@ class ZOSGDMomentum(SPSAOptimizer):
                 beta, n = g["momentum"], len(self._history)
                 terms = [(k, -g["lr"] * beta ** (n - 1 - s) * c)
                          for s, (ks, cs) in enumerate(self._history) for k, c in zip(ks, cs[gi])]
-                tgt.append(Lin(self._decay(g["lr"], g["weight_decay"]), terms))
-            self._goto(tensors, tids, cur, tgt, final=True)
-            return [Lin() for _ in tgt]
+                tgt.append(Point(self._decay(g["lr"], g["weight_decay"]), terms))
+            self._goto(w, tgt, final=True)
+            return
         # dense: θ ← γθ − η ĝ (with the restore), θ ← θ − ηβ m, m ← β m + ĝ
-        tgt = [Lin(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * c) for k, c in zip(keys, cs)])
+        tgt = [Point(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * c) for k, c in zip(keys, cs)])
                for g, cs in zip(self.param_groups, coeffs)]
-        self._goto(tensors, tids, cur, tgt, final=True)
-        for gi, (g, ts, ids) in enumerate(zip(self.param_groups, tensors, tids)):
+        self._goto(w, tgt, final=True)
+        for gi, (g, ts, ids) in enumerate(zip(self.param_groups, w.tensors, w.tids)):
             if not ts:
                 continue
             bufs = [self._buffer(p) for p in ts]
             noise_axpy_(ts, [], [], dense=bufs, beta=-g["lr"] * g["momentum"], rounding=self.rounding,
                         tensor_ids=ids, rounding_key=self._dense_rounding_key(), backend=self.backend)
             noise_axpy_(bufs, keys, coeffs[gi], gamma=g["momentum"], tensor_ids=ids, backend=self.backend)
-        return [Lin() for _ in tgt]
 
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
@@ -118,8 +117,6 @@ class ZOSGDMomentum(SPSAOptimizer):
         self._history = deque((([int(k) for k in ks], [[float(c) for c in cg] for cg in cs])
                                for ks, cs in zo.get("history", [])), maxlen=self.window)
 
-    def _rank_desc(self, layout) -> dict:
-        desc = super()._rank_desc(layout)
-        desc["options"].update(state=self.state_mode, window=self.window)
-        return desc
+    def _options(self) -> dict:
+        return {**super()._options(), "state": self.state_mode, "window": self.window}
 

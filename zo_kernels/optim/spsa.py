@@ -17,7 +17,8 @@ import math
 from typing import Callable, List, Optional
 
 from ..noise import mix_keys, step_key
-from .base import Lin, ZOOptimizer
+from .base import ZOOptimizer
+from .points import Point, Tracked
 
 _DIRECTION_TAG = 0x444952  # "DIR": keys of directions j >= 1 of a step
 
@@ -52,15 +53,14 @@ class SPSAOptimizer(ZOOptimizer):
         q, mu = len(ds), group["eps"]
         return [d / (q * mu) for d in ds]
 
-    def _update(self, tensors, tids, cur: List[Lin], keys: List[int], ds: List[float],
-                closure: Callable) -> List[Lin]:
-        """Apply the update from `cur` (θ − μz_{q−1}); return where the weights end (θ_{t+1} = Lin())."""
+    def _update(self, w: Tracked, keys: List[int], ds: List[float], closure: Callable) -> None:
+        """Apply the update from where the evaluations left the weights (θ − μz_{q−1}, w.at); the
+        weights end at θ_{t+1}, the base point of the next step (w.at says where they are)."""
         tgt = []
         for g in self.param_groups:
             gamma = self._decay(g["lr"], g["weight_decay"])
-            tgt.append(Lin(gamma, [(k, -g["lr"] * c) for k, c in zip(keys, self._coefficients(ds, g))]))
-        self._goto(tensors, tids, cur, tgt, final=True)
-        return [Lin() for _ in tgt]
+            tgt.append(Point(gamma, [(k, -g["lr"] * c) for k, c in zip(keys, self._coefficients(ds, g))]))
+        self._goto(w, tgt, final=True)
 
     def _before_perturb(self, closure: Callable) -> List[float]:
         """Hook: evaluations at θ_t before the first perturbation (ZO-SGD-Cons); their losses."""
@@ -71,55 +71,31 @@ class SPSAOptimizer(ZOOptimizer):
         if closure is None and self._closure_free_call():
             return None
         closure = self._require_closure(closure)
-        layout = self._layout()
-        tids = self._tids(layout)
-        self._check_ranks(layout)
-        tensors = [[p for p, _ in e] for e in layout]
-        groups = self.param_groups
-        mus = [g["eps"] for g in groups]
-        t = self._t
-        keys = [direction_key(self.seed, t, j) for j in range(self.n_directions)]
-        entry = [Lin() for _ in groups]
-        cur = entry
-        self._begin_step()
-        self._take_snapshot(tensors, self._snapshot_extra())
-        updated = False
-        try:
+        w = self._start_step(extra=self._snapshot_extra())
+        keys = [direction_key(self.seed, self._t, j) for j in range(self.n_directions)]
+        entry = list(w.at)
+        with self._failing_back(w, entry):
             pre = self._before_perturb(closure)
             evals = []
             for k in keys:
-                cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, mu)]) for mu in mus])
-                evals.append(self._eval(closure))
-                cur = self._goto(tensors, tids, cur, [Lin(1.0, [(k, -mu)]) for mu in mus])
-                evals.append(self._eval(closure))
+                evals.extend(self._two_point(w, entry, k, closure))
             synced = self._sync_losses(*pre, *evals)     # distributed: one all-reduce, global means
             pre, evals = synced[:len(pre)], synced[len(pre):]
             self._pre_losses = pre
             if not all(math.isfinite(x) for x in pre + evals):
-                cur = self._restore_failed(tensors, tids, cur, entry)
-                return self._non_finite({f"loss{'+-'[i % 2]}[{i // 2}]": x for i, x in enumerate(evals)})
+                return self._failed_step(w, entry, {f"loss{'+-'[i % 2]}[{i // 2}]": x for i, x in enumerate(evals)})
             ds = [(evals[2 * j] - evals[2 * j + 1]) / 2.0 for j in range(len(keys))]
-            updated = True
-            self._update(tensors, tids, cur, keys, ds, closure)
+            self._update(w, keys, ds, closure)
             self._t += 1
             return sum(evals) / len(evals)
-        except BaseException:
-            if self._t == t and not updated:   # failed before the update: back to where step found them
-                self._restore_failed(tensors, tids, cur, entry)
-            raise
-        finally:
-            self._snap = None
-            self._in_step = False
 
     def _snapshot_extra(self):
         """Hook: further tensors the update writes (dense state), for snapshot=True."""
         return ()
 
     # ------------------------------------------------------------- state
-    def _rank_desc(self, layout) -> dict:
-        desc = super()._rank_desc(layout)
-        desc["options"]["n_directions"] = self.n_directions
-        return desc
+    def _options(self) -> dict:
+        return {"n_directions": self.n_directions}
 
     def _zo_state(self) -> dict:
         zo = super()._zo_state()

@@ -22,15 +22,41 @@ Passes per step: full 3 (+ a copy in dense mode), minibatch 5 (both modes).
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional
 
 import torch
 
 from .. import distributed as _zdist
 from ..noise import step_key
-from .base import Lin, ZOOptimizer
+from .base import ZOOptimizer
+from .points import Point, Tracked, origin
 
 ANCHORS = ("dense", "replay")
+
+
+@dataclass
+class Anchor:
+    """The last full step: z_a's key, each group's c_a (g = c_a·z_a: two numbers instead of a
+    weight-sized tensor), the tensor ids it covers, and its step."""
+
+    key: int
+    c: List[float]
+    tids: List[List[int]]
+    step: int
+
+
+def full_update(groups, d: float, key: int, decay) -> List[Point]:
+    """θ_{t+1} of each group as a point over the new anchor θ̄ = θ_t: γ1·θ̄ − η1·c_a·z_a, c_a = d/μ."""
+    return [Point(decay(g["lr_full"], g["weight_decay"]), [(key, -g["lr_full"] * (d / g["eps"]))]) for g in groups]
+
+
+def minibatch_update(groups, theta: List[Point], d1: float, d2: float, key: int, anchor: Anchor,
+                     decay) -> List[Point]:
+    """θ_{t+1} = γ2·θ_t − η2·((c1 − c2)·z_t + c_a·z_a), c_i = d_i/μ, from θ_t's point `theta`."""
+    return [th.scaled(decay(g["lr"], g["weight_decay"])).plus([(key, -g["lr"] * ((d1 - d2) / g["eps"])),
+                                                               (anchor.key, -g["lr"] * ca)])
+            for g, th, ca in zip(groups, theta, anchor.c)]
 
 
 class MeZOSVRG(ZOOptimizer):
@@ -46,14 +72,12 @@ class MeZOSVRG(ZOOptimizer):
         eps: μ.  q: a full step every q steps (q=1: every step is a full step).
         seed: base seed, int in [0, 2**64).  anchor: "dense" or "replay" (see the module doc).
         weight_decay: λ, applied as θ ← θ − η(ĝ + λθ) on both kinds of step.
-        record, rounding, backend, nan_policy, restore, plane_bits: as for MeZO.
-        snapshot: as for MeZO; with anchor="dense" the copy covers the anchor buffers too (the weights'
-            memory twice more), so a retried step rounds exactly as one that never failed.  Without
-            it a failed step restores by the step's own passes: exact restore as for MeZO; the fused
-            passes (fp32) within their roundings, a few ulp of the largest intermediate |θ|, |θ̄ ± μz|.
-        distributed, process_group: as for MeZO; full_closure too returns this rank's mean (or
-            (mean, count)) over its part of the full / large batch.  DTensor (sharded) parameters
-            need anchor="replay".
+        **options: as for every ZO optimizer (see ZOOptimizer).  snapshot=True with anchor="dense"
+            covers the anchor buffers too (the weights' memory twice more), so a retried step rounds
+            exactly as one that never failed; without it the fused passes (fp32) restore a failed step
+            within their roundings, a few ulp of the largest intermediate |θ|, |θ̄ ± μz|.  With
+            distributed=True, full_closure too returns this rank's mean (or (mean, count)) over its
+            part of the full / large batch; DTensor (sharded) parameters need anchor="replay".
 
     Returns from step: (l+ + l−)/2 at θ_t -- of full_closure on full steps, of closure otherwise.
     """
@@ -61,10 +85,7 @@ class MeZOSVRG(ZOOptimizer):
     _group_checks = {"lr": False, "lr_full": False, "eps": True, "weight_decay": False}
 
     def __init__(self, params, lr: float, lr_full: float, eps: float = 1e-3, q: int = 2, seed: int = 0,
-                 anchor: str = "dense", weight_decay: float = 0.0, *, record: bool = False,
-                 rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
-                 restore: str = "auto", plane_bits: int = 2, snapshot: bool = False,
-                 distributed: Optional[bool] = None, process_group=None):
+                 anchor: str = "dense", weight_decay: float = 0.0, **options):
         if isinstance(q, bool) or not isinstance(q, int):
             raise TypeError(f"q must be an int >= 1, got {type(q).__name__}")
         if q < 1:
@@ -73,18 +94,17 @@ class MeZOSVRG(ZOOptimizer):
             raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
         self.q = q
         self.anchor = anchor
-        # Anchor: key_a, per-group c_a, the tids it covers; replay: θ_t as a Lin over θ̄ per group;
-        # dense: where each anchor buffer is (Lin over θ̄).
-        self._anchor = None
-        self._theta: Optional[List[Lin]] = None
-        self._buf_at: Optional[List[Lin]] = None
+        self._anchor: Optional[Anchor] = None
+        self._theta: Optional[List[Point]] = None     # replay: θ_t per group, a point over θ̄
+        self._buf_at: Optional[List[Point]] = None    # dense: where each group's anchor buffer is, over θ̄
         super().__init__(params, dict(lr=lr, lr_full=lr_full, eps=eps, weight_decay=weight_decay), seed=seed,
-                         record=record, rounding=rounding, backend=backend, nan_policy=nan_policy,
-                         restore=restore, plane_bits=plane_bits, snapshot=snapshot, distributed=distributed,
-                         process_group=process_group)
+                         **options)
         if anchor == "dense" and any(_zdist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
             raise ValueError("MeZOSVRG anchor='dense' swaps parameter storages, which sharded (DTensor / FSDP2) "
                              "parameters do not allow; use anchor='replay' (no weight-sized buffer at all)")
+
+    def _options(self) -> dict:
+        return {"q": self.q, "anchor": self.anchor}
 
     @property
     def is_full_step(self) -> bool:
@@ -92,11 +112,11 @@ class MeZOSVRG(ZOOptimizer):
         return self._t % self.q == 0
 
     # ---------------------------------------------------------- dense buffers
-    def _buffers(self, layout, create: bool) -> List[List[torch.Tensor]]:
+    def _buffers(self, layout: Tracked, create: bool) -> List[List[torch.Tensor]]:
         out = []
-        for entries in layout:
+        for ts in layout.tensors:
             bufs = []
-            for p, _ in entries:
+            for p in ts:
                 st = self.state[p]
                 if "anchor" not in st:
                     if not create:
@@ -118,7 +138,7 @@ class MeZOSVRG(ZOOptimizer):
             for p in g["params"]:
                 if p.numel() > 0:
                     by_ptr.setdefault(p.data_ptr(), []).append(p)
-        return [[by_ptr[p.data_ptr()] for p, _ in entries] for entries in layout]
+        return [[by_ptr[p.data_ptr()] for p in ts] for ts in layout.tensors]
 
     @staticmethod
     def _swap(aliases, new_data):
@@ -135,150 +155,101 @@ class MeZOSVRG(ZOOptimizer):
         if closure is None and full_closure is None and self._closure_free_call():
             return None
         layout = self._layout()
-        tids = self._tids(layout)
         if self.is_full_step:
             if full_closure is None:
                 raise ValueError(f"MeZOSVRG step {self._t} is a full-batch step (step % q == 0, q={self.q}): "
                                  f"pass full_closure=..., a closure returning the loss on the full training "
                                  f"set or a large batch; check opt.is_full_step before building the batch")
             full_closure = self._require_closure(full_closure, "full_closure")
-            return self._full_step(layout, tids, full_closure)
+            return self._full_step(layout, full_closure)
         closure = self._require_closure(closure)
         if self._anchor is None:
             raise RuntimeError("MeZOSVRG: no anchor (the last full step failed); the next step must be a full step")
-        if self._anchor["tids"] != tids:
+        if self._anchor.tids != layout.tids:
             raise RuntimeError("MeZOSVRG: the set of trainable tensors changed since the last full step; "
                                "change it only right before a full step (opt.is_full_step)")
-        return self._minibatch_step(layout, tids, closure)
+        return self._minibatch_step(layout, closure)
 
-    def _full_step(self, layout, tids, full_closure) -> float:
-        groups = self.param_groups
-        mus = [g["eps"] for g in groups]
-        tensors = [[p for p, _ in e] for e in layout]
+    def _full_step(self, w: Tracked, full_closure) -> float:
         t = self._t
         a = step_key(self.seed, t)
-        self._check_ranks(layout)   # distributed: all ranks agree (first step), step fingerprint
-        self._begin_step()
-        self._take_snapshot(tensors)
+        self._start_step(w)
         # The weights hold θ_t and θ_t becomes the new anchor: θ_t is the base point from here on.
-        theta = [Lin() for _ in groups]
-        cur = theta
-        try:
+        theta = list(w.at)
+        with self._failing_back(w, theta):
             if self.anchor == "dense":
-                bufs = self._buffers(layout, create=True)
                 with torch.no_grad():
-                    for bs, ts in zip(bufs, tensors):
-                        for b, p in zip(bs, ts):
-                            b.copy_(p)
+                    for b, p in zip([b for bs in self._buffers(w, create=True) for b in bs], w.flat()):
+                        b.copy_(p)
                 self._anchor = None             # the buffer now holds θ_t; valid again after the update
-                self._buf_at = [Lin() for _ in groups]
-            cur = self._goto(tensors, tids, cur, [th.plus([(a, mu)]) for th, mu in zip(theta, mus)])
-            lp = self._eval(full_closure)
-            cur = self._goto(tensors, tids, cur, [th.plus([(a, -mu)]) for th, mu in zip(theta, mus)])
-            lm = self._eval(full_closure)
-            lp, lm = self._sync_losses(lp, lm)       # distributed: one all-reduce, global means
+                self._buf_at = origin(len(theta))
+            lp, lm = self._sync_losses(*self._two_point(w, theta, a, full_closure))   # one all-reduce
             if not (math.isfinite(lp) and math.isfinite(lm)):
-                cur = self._restore_failed(tensors, tids, cur, theta)
-                return self._non_finite({"full loss+": lp, "full loss-": lm})
+                return self._failed_step(w, theta, {"full loss+": lp, "full loss-": lm})
             d = (lp - lm) / 2.0
-            cs = [d / mu for mu in mus]
-            # The new anchor θ̄ = θ_t: rebase the bookkeeping on it.
-            rel = [Lin(1.0, [(a, -mu)]) for mu in mus]
-            new_theta = [Lin(self._decay(g["lr_full"], g["weight_decay"]), [(a, -g["lr_full"] * c)])
-                         for g, c in zip(groups, cs)]
-            self._goto(tensors, tids, rel, new_theta, final=True)
+            new_theta = full_update(self.param_groups, d, a, self._decay)
+            self._goto(w, new_theta, final=True)
             self._theta = new_theta if self.anchor == "replay" else None
-            self._anchor = {"key": a, "c": cs, "tids": tids, "step": t}
+            self._anchor = Anchor(a, [d / mu for mu in self._mus()], w.tids, t)
             self._t += 1
             return (lp + lm) / 2.0
-        except BaseException:
-            if self._t == t:    # failed before the update: the weights go back to θ_t, where step found them
-                self._restore_failed(tensors, tids, cur, theta)
-            raise
-        finally:
-            self._snap = None
-            self._in_step = False
 
-    def _minibatch_step(self, layout, tids, closure) -> float:
-        groups = self.param_groups
-        mus = [g["eps"] for g in groups]
-        tensors = [[p for p, _ in e] for e in layout]
+    def _minibatch_step(self, w: Tracked, closure) -> float:
         t = self._t
         k = step_key(self.seed, t)
-        a, cas = self._anchor["key"], self._anchor["c"]
-        self._check_ranks(layout)   # distributed: all ranks agree (first step), step fingerprint
-        self._begin_step()
         replay = self.anchor == "replay"
-        theta = self._theta if replay else [Lin() for _ in groups]
-        cur = theta
-        swapped = None
+        if replay:
+            w.at = list(self._theta)
+        theta = list(w.at)
         buf_at = self._buf_at
         # snapshot=True covers the anchor buffers too, so a retried step rounds exactly as an unfailed one
-        self._take_snapshot(tensors, [] if replay else [b for bs in self._buffers(layout, create=False) for b in bs])
-        try:
-            cur = self._goto(tensors, tids, cur, [th.plus([(k, mu)]) for th, mu in zip(theta, mus)])
-            l1p = self._eval(closure)
-            cur = self._goto(tensors, tids, cur, [th.plus([(k, -mu)]) for th, mu in zip(theta, mus)])
-            l1m = self._eval(closure)
-            at_bar_p = [Lin(1.0, [(k, mu)]) for mu in mus]
-            at_bar_m = [Lin(1.0, [(k, -mu)]) for mu in mus]
+        self._start_step(w, [] if replay else [b for bs in self._buffers(w, create=False) for b in bs])
+
+        def put_back():
+            if self._snap is not None:
+                self._buf_at = buf_at
+
+        with self._failing_back(w, theta, put_back):
+            l1p, l1m = self._two_point(w, theta, k, closure)                       # at θ_t
             if replay:
-                cur = self._goto(tensors, tids, cur, at_bar_p)
-                l2p = self._eval(closure)
-                cur = self._goto(tensors, tids, cur, at_bar_m)
-                l2m = self._eval(closure)
+                l2p, l2m = self._two_point(w, origin(len(theta)), k, closure)      # at θ̄: one multi-key jump each
             else:
-                bufs = self._buffers(layout, create=False)
-                aliases = self._aliases(layout)
-                flat_al = [x for e in aliases for x in e]
-                swapped = self._swap(flat_al, [b for bs in bufs for b in bs])
-                try:
-                    self._buf_at = self._goto(bufs, tids, self._buf_at, at_bar_p, log=False)
-                    l2p = self._eval(closure)
-                    self._buf_at = self._goto(bufs, tids, self._buf_at, at_bar_m, log=False)
-                    l2m = self._eval(closure)
-                    if self._exact_active([b for bs in bufs for b in bs]):
-                        # Exact restore cannot carry an excursion across steps: bring θ̄ back now
-                        # (one more pass) instead of moving it straight to θ̄ + μz_{t+1} next step.
-                        self._buf_at = self._goto(bufs, tids, self._buf_at, [Lin() for _ in groups], log=False)
-                finally:
-                    self._swap(flat_al, swapped)
-                    swapped = None
+                l2p, l2m = self._at_dense_anchor(w, k, closure)
             l1p, l1m, l2p, l2m = self._sync_losses(l1p, l1m, l2p, l2m)   # distributed: one all-reduce
             losses = {"loss+": l1p, "loss-": l1m, "anchor loss+": l2p, "anchor loss-": l2m}
             if not all(math.isfinite(v) for v in losses.values()):
-                if self._snap is not None:
-                    self._buf_at = buf_at
-                cur = self._restore_failed(tensors, tids, cur, theta)
-                return self._non_finite(losses)
-            d1, d2 = (l1p - l1m) / 2.0, (l2p - l2m) / 2.0
-            new_theta = []
-            for g, mu, th, ca in zip(groups, mus, theta, cas):
-                lr, wd = g["lr"], g["weight_decay"]
-                new_theta.append(th.scaled(self._decay(lr, wd)).plus([(k, -lr * ((d1 - d2) / mu)), (a, -lr * ca)]))
+                return self._failed_step(w, theta, losses, put_back)
+            new_theta = minibatch_update(self.param_groups, theta, (l1p - l1m) / 2.0, (l2p - l2m) / 2.0, k,
+                                         self._anchor, self._decay)
+            # Replay keeps θ_{t+1} over θ̄; dense bookkeeping is relative to θ_t and restarts at θ_{t+1}.
+            self._goto(w, new_theta, final=True)
             if replay:
-                self._goto(tensors, tids, cur, new_theta, final=True)
                 self._theta = new_theta
-            else:
-                # Dense bookkeeping is relative to θ_t: rebase on θ_{t+1} right away.
-                self._goto(tensors, tids, cur, new_theta, final=True)
             self._t += 1
             return (l1p + l1m) / 2.0
-        except BaseException:
-            if self._t == t:    # failed before the update: the weights go back to θ_t, where step found them
-                if self._snap is not None:
-                    self._buf_at = buf_at
-                self._restore_failed(tensors, tids, cur, theta)
-            raise
+
+    def _at_dense_anchor(self, w: Tracked, key: int, closure):
+        """The two evaluations at θ̄ ± μz(key) with the parameters' storages swapped for the anchor
+        buffers (tied aliases too), so the closure runs unchanged."""
+        bufs = Tracked(self._buffers(w, create=False), w.tids, self._buf_at)
+        aliases = [x for e in self._aliases(w) for x in e]
+        swapped = self._swap(aliases, bufs.flat())
+        try:
+            losses = self._two_point(bufs, origin(len(w.at)), key, closure, log=False)
+            if self._exact_active(bufs.flat()):
+                # Exact restore cannot carry an excursion across steps: bring θ̄ back now
+                # (one more pass) instead of moving it straight to θ̄ + μz_{t+1} next step.
+                self._goto(bufs, origin(len(w.at)), log=False)
+            return losses
         finally:
-            self._snap = None
-            self._in_step = False
+            self._buf_at = bufs.at          # where the buffers are, whatever happened
+            self._swap(aliases, swapped)
 
     # ---------------------------------------------------------------- state
     def _zo_state(self) -> dict:
         zo = super()._zo_state()
         zo.update(q=self.q, anchor_mode=self.anchor,
-                  anchor=None if self._anchor is None else dict(self._anchor),
+                  anchor=None if self._anchor is None else asdict(self._anchor),
                   theta=None if self._theta is None else [x.to_state() for x in self._theta],
                   buf_at=None if self._buf_at is None else [x.to_state() for x in self._buf_at])
         return zo
@@ -290,8 +261,7 @@ class MeZOSVRG(ZOOptimizer):
         super()._load_zo_state(zo)
         self.q = int(zo["q"])
         anc = zo.get("anchor")
-        self._anchor = None if anc is None else {"key": int(anc["key"]), "c": [float(c) for c in anc["c"]],
-                                                 "tids": [list(map(int, x)) for x in anc["tids"]],
-                                                 "step": int(anc["step"])}
-        self._theta = None if zo.get("theta") is None else [Lin.from_state(s) for s in zo["theta"]]
-        self._buf_at = None if zo.get("buf_at") is None else [Lin.from_state(s) for s in zo["buf_at"]]
+        self._anchor = None if anc is None else Anchor(int(anc["key"]), [float(c) for c in anc["c"]],
+                                                       [list(map(int, x)) for x in anc["tids"]], int(anc["step"]))
+        self._theta = None if zo.get("theta") is None else [Point.from_state(s) for s in zo["theta"]]
+        self._buf_at = None if zo.get("buf_at") is None else [Point.from_state(s) for s in zo["buf_at"]]

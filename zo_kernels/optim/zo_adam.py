@@ -23,7 +23,7 @@ import torch
 from .. import distributed as _zdist
 from ..adam import noise_adam_
 from ..noise import mix_keys, step_key
-from .base import Lin
+from .points import Tracked, origin
 from .spsa import SPSAOptimizer
 
 _ADAM_TAG = 0x4144414D  # "ADAM": rounding keys of the Adam pass
@@ -61,10 +61,9 @@ class ZOAdam(SPSAOptimizer):
             st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         return st["exp_avg"], st["exp_avg_sq"]
 
-    def _update(self, tensors, tids, cur: List[Lin], keys: List[int], ds: List[float], closure: Callable):
-        theta = [Lin() for _ in self.param_groups]
-        self._goto(tensors, tids, cur, theta)          # remove the last perturbation (exact for bf16/fp16)
-        for g, ts, ids in zip(self.param_groups, tensors, tids):
+    def _update(self, w: Tracked, keys: List[int], ds: List[float], closure: Callable) -> None:
+        self._goto(w, origin(len(w.at)))          # remove the last perturbation (exact for bf16/fp16)
+        for g, ts, ids in zip(self.param_groups, w.tensors, w.tids):
             if not ts:
                 continue
             ms, vs = zip(*(self._states(p) for p in ts))
@@ -74,9 +73,6 @@ class ZOAdam(SPSAOptimizer):
                         betas=g["betas"], eps=g["adam_eps"], weight_decay=g["weight_decay"],
                         decoupled=self.decoupled, rounding=self.rounding, tensor_ids=ids, rounding_key=rkey,
                         backend=self.backend)
-        return theta
 
-    def _rank_desc(self, layout) -> dict:
-        desc = super()._rank_desc(layout)
-        desc["options"].update(decoupled=self.decoupled)
-        return desc
+    def _options(self) -> dict:
+        return {**super()._options(), "decoupled": self.decoupled}

@@ -1,0 +1,41 @@
+"""Trajectory replay: a run is (θ0, seed, the list of calls); re-issuing the calls reproduces θ_T."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from ..ops import noise_axpy_
+from ..restore import make_planes
+from .base import _flatten_params
+
+
+def replay(params, log, *, backend: Optional[str] = None) -> None:
+    """Re-issue a recorded trajectory (opt.trajectory) on `params`, in place.
+
+    params: the optimizer's parameters in the same order (a list, the param groups, or an
+    nn.Module whose .parameters() the optimizer was built from), holding the initial
+    weights.  Every noise_axpy_ call that touched the weights is repeated with the same
+    keys, coefficients, gamma, tensor ids and rounding key, so on the same backend the
+    result is bit-identical to the recorded run.
+    """
+    flat = _flatten_params(params)
+    planes: Dict[tuple, list] = {}  # exact-restore residue planes, by the tensor ids they cover
+    for i, rec in enumerate(log):
+        ids = [int(t) for t in rec["tensor_ids"]]
+        if ids and max(ids) >= len(flat):
+            raise ValueError(f"log entry {i} refers to tensor id {max(ids)} but only {len(flat)} params were given")
+        ts = [flat[t] for t in ids]
+        pl = None
+        if rec.get("plane") == "write":
+            pl = planes[tuple(ids)] = make_planes(ts, int(rec["plane_bits"]))
+        elif rec.get("plane") == "read":
+            if tuple(ids) not in planes:
+                raise ValueError(f"log entry {i} reads residue planes that no earlier entry wrote")
+            pl = planes[tuple(ids)]
+        kw = dict(gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
+                  rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl)
+        keys, alphas = [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]]
+        if rec.get("key_v") is not None:    # a low-rank pass (LOZO)
+            from ..lowrank import lowrank_noise_axpy_
+            lowrank_noise_axpy_(ts, keys, int(rec["key_v"]), alphas, rank=int(rec["rank"]), **kw)
+        else:
+            noise_axpy_(ts, keys, alphas, **kw)
