@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zo_kernels.optim import MeZO, NonFiniteLossError, replay
+from zo_kernels.optim import MeZO, NonFiniteLossError, naive, replay
 import zo_kernels.optim.base as zo_base
 
 from optim_helpers import Net, _one_thread, data, make_net, mlp, rel, z_of  # noqa: F401 (_one_thread: autouse)
@@ -31,44 +31,25 @@ def run_opt(opt, net, x, y, batches, steps=STEPS):
     return losses
 
 
-# ------------------------------------------------------------------ transcriptions
-def mezo_algorithm1(theta, x, y, batches, lr, mu, wd, seed, steps=STEPS, lrs=None, mus=None, wds=None, ids=None):
-    """MeZO paper, Algorithm 1 (functional): g = (L(θ+μz) − L(θ−μz)) / 2μ;  θ ← θ − η(g z + λθ).
+# ------------------------------------------------------------------ transcriptions (zo_kernels.optim.naive)
+def loss_of(x, y):
+    return lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()
 
-    Per-tensor lrs / mus / wds give the per-group variant: perturb each tensor by μ_i z_i and use
-    g_i = (L+ − L−) / (2 μ_i) for it; a tensor with lr None is frozen (neither perturbed nor updated)."""
-    n = len(theta)
-    lrs, mus, wds = lrs or [lr] * n, mus or [mu] * n, wds or [wd] * n
-    losses = []
-    for t in range(steps):
-        idx = batches[t]
-        z = z_of(seed, t, [p.shape for p in theta], ids)
-        z = [zi if e is not None else torch.zeros_like(zi) for zi, e in zip(z, lrs)]
-        lp = F.cross_entropy(mlp([p + m * zi for p, zi, m in zip(theta, z, mus)], x[idx]), y[idx]).item()
-        lm = F.cross_entropy(mlp([p - m * zi for p, zi, m in zip(theta, z, mus)], x[idx]), y[idx]).item()
-        theta = [p if e is None else p - e * ((lp - lm) / (2 * m) * zi + w * p)
-                 for p, zi, e, m, w in zip(theta, z, lrs, mus, wds)]
-        losses.append((lp + lm) / 2)
-    return theta, losses
+
+def mezo_algorithm1(theta, x, y, batches, lr, mu, wd, seed, steps=STEPS, lrs=None, mus=None, wds=None, ids=None):
+    """naive.mezo on the test MLP (MeZO paper, Algorithm 1; per-tensor lrs / mus / wds, None = frozen)."""
+    return naive.mezo(theta, loss_of(x, y), batches, lr=lr, mu=mu, wd=wd, steps=steps, lrs=lrs, mus=mus, wds=wds,
+                      noise=naive.noise_of(seed, [p.shape for p in theta], ids))
 
 
 def mezo_code_style(theta, x, y, batches, lr, mu, wd, seed, steps=STEPS):
-    """MeZO's published step: perturb(+1), loss1; perturb(−2), loss2; perturb(+1); θ ← θ − η(g z + λθ)."""
+    """naive.mezo_published_step, MeZO's published step (perturb +1, −2, +1; θ ← θ − η(g z + λθ)), on fp32 clones."""
     theta = [p.clone() for p in theta]
+    noise = naive.noise_of(seed, [p.shape for p in theta])
     for t in range(steps):
         idx = batches[t]
-        z = z_of(seed, t, [p.shape for p in theta])
-        for p, zi in zip(theta, z):
-            p.add_(mu * zi)
-        l1 = F.cross_entropy(mlp(theta, x[idx]), y[idx]).item()
-        for p, zi in zip(theta, z):
-            p.add_(-2 * mu * zi)
-        l2 = F.cross_entropy(mlp(theta, x[idx]), y[idx]).item()
-        for p, zi in zip(theta, z):
-            p.add_(mu * zi)
-        g = (l1 - l2) / (2 * mu)
-        for p, zi in zip(theta, z):
-            p.sub_(lr * (g * zi + wd * p))
+        naive.mezo_published_step(theta, noise(t), lambda: F.cross_entropy(mlp(theta, x[idx]), y[idx]).item(),
+                                  lr=lr, mu=mu, wd=wd)
     return theta
 
 

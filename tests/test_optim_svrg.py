@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zo_kernels.noise import normal, step_key
-from zo_kernels.optim import MeZOSVRG, NonFiniteLossError, replay
+from zo_kernels.optim import MeZOSVRG, NonFiniteLossError, naive, replay
 
 from optim_helpers import _one_thread, data, make_net, mlp, rel, z_of  # noqa: F401 (_one_thread: autouse)
 
@@ -32,28 +32,13 @@ def run_opt(opt, net, x, y, batches, steps):
 
 
 def svrg_algorithm1(theta, x, y, batches, lr1, lr2, mu, q, wd, seed, steps):
-    """Algorithm 1: every q steps g = ∇̂f(θ) over the full batch, θ̄ ← θ, θ ← θ − η1 g;
-    otherwise θ ← θ − η2 (∇̂f_I(θ) − ∇̂f_I(θ̄) + g), both minibatch estimates with the same z.
-    ∇̂f_I(θ) = (f_I(θ+μz) − f_I(θ−μz)) / 2μ · z.  Weight decay: + λθ in the bracket."""
-    def c(ps, z, idx):
+    """naive.mezo_svrg (Algorithm 1) on the test MLP; batch None is the full batch."""
+    def loss(ps, idx):
         xs, ys = (x, y) if idx is None else (x[idx], y[idx])
-        lp = F.cross_entropy(mlp([p + mu * zi for p, zi in zip(ps, z)], xs), ys).item()
-        lm = F.cross_entropy(mlp([p - mu * zi for p, zi in zip(ps, z)], xs), ys).item()
-        return (lp - lm) / (2 * mu), (lp + lm) / 2
+        return F.cross_entropy(mlp(ps, xs), ys).item()
 
-    losses = []
-    for t in range(steps):
-        z = z_of(seed, t, [p.shape for p in theta])
-        if t % q == 0:
-            ca, l = c(theta, z, None)
-            za, bar = z, theta
-            theta = [p - lr1 * (ca * zi + wd * p) for p, zi in zip(theta, za)]
-        else:
-            c1, l = c(theta, z, batches[t])
-            c2, _ = c(bar, z, batches[t])
-            theta = [p - lr2 * ((c1 - c2) * zi + ca * zai + wd * p) for p, zi, zai in zip(theta, z, za)]
-        losses.append(l)
-    return theta, losses
+    return naive.mezo_svrg(theta, loss, batches, lr1=lr1, lr2=lr2, mu=mu, q=q, wd=wd, steps=steps,
+                           noise=naive.noise_of(seed, [p.shape for p in theta]))
 
 
 # ------------------------------------------------------------------------ tests

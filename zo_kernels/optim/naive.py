@@ -1,0 +1,135 @@
+"""The algorithms as the papers write them, without the fused primitive or the bookkeeping: the oracle
+the optimizers are tested against (like flash-linear-attention's `naive.py`), and the baselines the
+benchmarks time.
+
+Two kinds of function:
+* `mezo`, `mezo_svrg`: functional transcriptions of the papers' algorithms.  Weights are lists of
+  tensors (pass float64 for a float64 truth); `loss(theta, batch) -> float` evaluates a point, with
+  batch None meaning the full batch; `noise(t) -> [z_i]` gives step t's noise tensors (materialise
+  zo-noise v1 with `zo_kernels.noise.normal`, or use `noise_of`).  Each returns (θ_T, per-step losses).
+* `mezo_published_step`, `mezo_svrg_published_step`: one step as the published code performs it,
+  in place in the weights' dtype — every noise touch a separate out-of-place op on a temporary z —
+  for comparisons of precision (bf16 drift) and speed.
+
+Nothing here calls `zo_kernels.noise_axpy_`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from ..noise import normal, step_key
+
+Loss = Callable[[List[torch.Tensor], object], float]
+Noise = Callable[[int], List[torch.Tensor]]
+
+
+def noise_of(seed: int, shapes: Sequence, ids: Optional[Sequence[int]] = None,
+             dtype: torch.dtype = torch.float32) -> Noise:
+    """noise(t): zo-noise v1 tensors of step t (key step_key(seed, t); tensor i has id ids[i], default i)."""
+    def noise(t: int) -> List[torch.Tensor]:
+        k = step_key(seed, t)
+        tids = range(len(shapes)) if ids is None else ids
+        return [normal(k, i, math.prod(s), dtype=dtype).view(s) for i, s in zip(tids, shapes)]
+    return noise
+
+
+def spsa(theta, z, mu, loss: Loss, batch, mus=None):
+    """Two-point estimate at theta along z: ((l+ − l−)/2, (l+ + l−)/2), tensor i perturbed by μ_i z_i."""
+    mus = mus or [mu] * len(theta)
+    lp = loss([p + m * zi for p, zi, m in zip(theta, z, mus)], batch)
+    lm = loss([p - m * zi for p, zi, m in zip(theta, z, mus)], batch)
+    return (lp - lm) / 2, (lp + lm) / 2
+
+
+# ---------------------------------------------------------------------------------------- MeZO
+def mezo(theta, loss: Loss, batches, *, lr, mu, noise: Noise, wd=0.0, steps=None, lrs=None, mus=None, wds=None):
+    """MeZO (Malladi et al. 2023), Algorithm 1: g = (L(θ+μz) − L(θ−μz)) / 2μ;  θ ← θ − η(g z + λθ).
+
+    Per-tensor lrs / mus / wds give the per-group variant: perturb tensor i by μ_i z_i and use
+    g_i = (L+ − L−) / (2 μ_i) for it; a tensor with lr None is frozen (neither perturbed nor updated)."""
+    n = len(theta)
+    lrs, mus, wds = lrs or [lr] * n, mus or [mu] * n, wds or [wd] * n
+    losses = []
+    for t in range(len(batches) if steps is None else steps):
+        z = [zi if e is not None else torch.zeros_like(zi) for zi, e in zip(noise(t), lrs)]
+        d, mean = spsa(theta, z, mu, loss, batches[t], mus)
+        theta = [p if e is None else p - e * (d / m * zi + w * p) for p, zi, e, m, w in zip(theta, z, lrs, mus, wds)]
+        losses.append(mean)
+    return theta, losses
+
+
+def mezo_published_step(params, z, closure: Callable[[], float], *, lr, mu, wd=0.0) -> float:
+    """One step as MeZO's code does it, in place: perturb(+1), loss1; perturb(−2), loss2; perturb(+1);
+    θ ← θ − η(g z + λθ).  Each touch is `p.data = p.data + c·z` in p's dtype (z cast to it)."""
+    def touch(c):
+        for p, zi in zip(params, z):
+            p.data = p.data + c * zi.to(p.dtype)
+
+    touch(mu)
+    lp = float(closure())
+    touch(-2 * mu)
+    lm = float(closure())
+    touch(mu)
+    g = (lp - lm) / (2 * mu)
+    for p, zi in zip(params, z):    # MeZO's code leaves the weight-decay term out when λ = 0 (and for biases)
+        p.data = p.data - lr * (g * zi.to(p.dtype) + wd * p.data) if wd else p.data - lr * (g * zi.to(p.dtype))
+    return (lp + lm) / 2
+
+
+# ----------------------------------------------------------------------------------- MeZO-SVRG
+def mezo_svrg(theta, loss: Loss, batches, *, lr1, lr2, mu, q, noise: Noise, wd=0.0, steps=None):
+    """MeZO-SVRG (Gautam et al., ICML 2024), Algorithm 1: every q steps g = ∇̂f(θ) over the full
+    batch, θ̄ ← θ, θ ← θ − η1 g; otherwise θ ← θ − η2 (∇̂f_I(θ) − ∇̂f_I(θ̄) + g), both minibatch
+    estimates with the same z.  ∇̂f_I(θ) = (f_I(θ+μz) − f_I(θ−μz)) / 2μ · z.  Weight decay: + λθ in
+    the bracket.  Returns (θ_T, losses): (l+ + l−)/2 of the full batch on full steps, else of the minibatch."""
+    losses = []
+    for t in range(len(batches) if steps is None else steps):
+        z = noise(t)
+        if t % q == 0:
+            d, mean = spsa(theta, z, mu, loss, None)
+            ca, za, bar = d / mu, z, theta
+            theta = [p - lr1 * (ca * zi + wd * p) for p, zi in zip(theta, za)]
+        else:
+            d1, mean = spsa(theta, z, mu, loss, batches[t])
+            d2, _ = spsa(bar, z, mu, loss, batches[t])
+            theta = [p - lr2 * ((d1 - d2) / mu * zi + ca * zai + wd * p) for p, zi, zai in zip(theta, z, za)]
+        losses.append(mean)
+    return theta, losses
+
+
+def mezo_svrg_published_step(params, t: int, z, closure, full_closure, state: dict, *, lr, lr_full, mu, q,
+                             za_of: Callable[[], List[torch.Tensor]]) -> float:
+    """One MeZO-SVRG step as the published code does it, in place: a dense anchor copy, every touch a
+    separate op.  `state` carries the anchor and c_a between calls; za_of() gives z_a again."""
+    def touch(c, zs):
+        for p, zi in zip(params, zs):
+            p.data = p.data + c * zi.to(p.dtype)
+
+    def two_point(f):
+        touch(mu, z)
+        lp = float(f())
+        touch(-2 * mu, z)
+        lm = float(f())
+        touch(mu, z)
+        return lp, lm
+
+    if t % q == 0:
+        state["anchor"] = [p.data.clone() for p in params]
+        lp, lm = two_point(full_closure)
+        state["ca"] = (lp - lm) / (2 * mu)
+        touch(-lr_full * state["ca"], z)
+        return (lp + lm) / 2
+    l1p, l1m = two_point(closure)
+    cur = [p.data for p in params]
+    for p, a in zip(params, state["anchor"]):
+        p.data = a
+    l2p, l2m = two_point(closure)
+    state["anchor"] = [p.data for p in params]
+    for p, c in zip(params, cur):
+        p.data = c
+    touch(-lr * ((l1p - l1m) - (l2p - l2m)) / (2 * mu), z)
+    touch(-lr * state["ca"], za_of())
+    return (l1p + l1m) / 2
