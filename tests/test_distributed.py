@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import zo_kernels.distributed as zdist
+from zo_kernels import _fsdp
 from zo_kernels.optim import MeZO, MeZOSVRG
 
 WORLD = 2
@@ -172,7 +173,7 @@ def _padding_views(net):
     for m in net.modules():
         if not isinstance(m, FSDPModule):
             continue
-        for pg in zdist._param_groups_of(m._get_fsdp_state()):
+        for pg in _fsdp.param_groups_of(_fsdp.state_of(m)):
             for fp in pg.fsdp_params:
                 out.append((fp.sharded_param.to_local().numel(), fp._sharded_param_data))
     return out

@@ -45,9 +45,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import distributed as _zdist
+from .._comm import ZOComm, make_comm
 from ..noise import M64, mix_keys, step_key
 from ..ops import ROUNDINGS, noise_axpy_
 from ..restore import PLANE_BITS, make_planes
+from .closure import LocalLoss, split_loss
 from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
 
 NAN_POLICIES = ("raise", "skip")
@@ -160,7 +162,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.snapshot = snapshot
         self._snap: Optional[list] = None   # snapshot=True: (tensor, copy) pairs of what the step writes
         self._snap_bufs: Optional[List[torch.Tensor]] = None
-        self._comm: Optional[_zdist.ZOComm] = None
+        self._comm: Optional[ZOComm] = None
         if restore not in RESTORES:
             raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
         if plane_bits not in (0,) + PLANE_BITS:
@@ -186,7 +188,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._in_step = False
         self._closure_free_steps = 0  # step() calls without a closure to ignore (skip_next_empty_step)
         super().__init__(params, defaults)
-        self._comm = _zdist.make_comm(_flatten_params(self.param_groups), distributed, process_group)
+        self._comm = make_comm(_flatten_params(self.param_groups), distributed, process_group)
 
     # ------------------------------------------------------------ subclass hooks
     def _options(self) -> dict:
@@ -364,11 +366,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         in the all-reduce and is ignored by a single-process optimizer."""
         comm = self._comm
         if comm is not None and comm.failed is not None:
-            return _zdist.LocalLoss(float("nan"), 0.0)     # this rank already failed this step
+            return LocalLoss(float("nan"), 0.0)     # this rank already failed this step
         try:
             with torch.no_grad():
                 out = closure()
-            loss, count = _zdist.split_loss(out)
+            loss, count = split_loss(out)
             if isinstance(loss, torch.Tensor):
                 if loss.numel() != 1:
                     raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
@@ -379,8 +381,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             if comm is None:
                 raise
             comm.failed = e             # raised on every rank at _sync_losses, so no rank hangs
-            return _zdist.LocalLoss(float("nan"), 0.0)
-        return value if comm is None else _zdist.LocalLoss(value, count)
+            return LocalLoss(float("nan"), 0.0)
+        return value if comm is None else LocalLoss(value, count)
 
     def _two_point(self, w: Tracked, centers: List[Point], key: int, closure: Callable, *,
                    log: bool = True) -> tuple:

@@ -28,6 +28,7 @@ from .. import distributed as _zdist
 from ..noise import step_key
 from ..ops import noise_
 from .base import ZOOptimizer
+from .closure import LocalLoss, split_loss
 from .points import Point
 
 
@@ -83,7 +84,7 @@ class ForwardGrad(ZOOptimizer):
             def f(*ps):
                 out = functional_call(_ClosureModule(self.module, closure),
                                       {"m." + names[id(p)]: q for (p, _), q in zip(entries, ps)}, ())
-                loss, count[0] = _zdist.split_loss(out)
+                loss, count[0] = split_loss(out)
                 return loss
 
             tangents = tuple(noise_(torch.empty_like(p), k, tid, backend=self.backend) for p, tid in entries)
@@ -91,7 +92,7 @@ class ForwardGrad(ZOOptimizer):
             del tangents
             loss, dd = float(loss.detach().double()), float(dd.detach().double())
             if self._comm is not None:
-                loss, dd = self._sync_losses(_zdist.LocalLoss(loss, count[0]), _zdist.LocalLoss(dd, count[0]))
+                loss, dd = self._sync_losses(LocalLoss(loss, count[0]), LocalLoss(dd, count[0]))
             if not (math.isfinite(loss) and math.isfinite(dd)):
                 return self._failed_step(w, list(w.at), {"loss": loss, "jvp": dd})   # nothing moved yet
             self._goto(w, [Point(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * dd)])
