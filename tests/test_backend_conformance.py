@@ -258,11 +258,13 @@ def test_bad_input_errors_before_dispatch(backend, device):
 # ------------------------------------------------------------------------------------ opcheck
 @dataclass(frozen=True)
 class OpCall:
-    """One call of a registered op for torch.library.opcheck: args(backend, device) -> the op's arguments."""
+    """One call of a registered op for torch.library.opcheck: args(backend, device) -> the op's arguments
+    (internal native ops: args(device)).  `needs`: the Backend field the op needs (None: every backend)."""
 
     name: str
     op: Callable
     args: Callable
+    needs: Optional[str] = None
 
 
 def _key(s=2):
@@ -289,34 +291,50 @@ def _noise_args(backend, device):
     return (torch.empty(9, device=device), _key(), 3, 2, 0, backend)
 
 
+def _adam_args(backend, device):
+    from zo_kernels.adam import AdamScalars
+
+    p = [make_tensor(10, torch.float32, 0).to(device), make_tensor((3, 5), torch.bfloat16, 1).to(device)]
+    m = [torch.zeros(t.shape, device=device) for t in p]
+    v = [torch.ones(t.shape, device=device) for t in p]
+    scal = AdamScalars.make(1e-3, 0.9, 0.999, 1e-8, 1).as_list()
+    return (p, m, v, [_key()], [0.5], scal, "nearest", [0, 1], [0, 0], 0, backend)
+
+
+def _lowrank_args(backend, device):
+    p = [make_tensor((6, 5), torch.float32, 0).to(device), make_tensor(7, torch.float32, 1).to(device)]
+    return (p, [_key()], _key(3), [0.5], [], 0.9, [], 0.0, [], 2, 2, "nearest", [0, 1], [0, 0], 0, backend)
+
+
 OPS = torch.ops.zo_kernels
 OPCHECKS = [
     OpCall("noise_axpy_", lambda: OPS.noise_axpy_.default, _axpy_args),
     OpCall("noise_axpy_-dense", lambda: OPS.noise_axpy_.default, _axpy_dense_args),
-    OpCall("noise_axpy_exact_", lambda: OPS.noise_axpy_exact_.default, _exact_args),
+    OpCall("noise_axpy_exact_", lambda: OPS.noise_axpy_exact_.default, _exact_args, "axpy_exact"),
     OpCall("noise_", lambda: OPS.noise_.default, _noise_args),
+    OpCall("noise_adam_", lambda: OPS.noise_adam_.default, _adam_args, "adam"),
+    OpCall("lowrank_noise_axpy_", lambda: OPS.lowrank_noise_axpy_.default, _lowrank_args, "lowrank"),
 ]
-# The native backends' internal ops (registered by zo_kernels._C) are ops too.
+# The native backends' internal ops (registered by zo_kernels._C) are ops too: args(backend, device)
+# without the trailing backend name.
 NATIVE_OPCHECKS = [
     OpCall("_noise_axpy_native", lambda: OPS._noise_axpy_native.default,
            lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0)),
-    OpCall("_noise_native", lambda: OPS._noise_native.default,
-           lambda d: (torch.empty(9, device=d), _key(), 0, 0, 0)),
+    OpCall("_noise_native", lambda: OPS._noise_native.default, lambda d: _noise_args(None, d)[:-1]),
     OpCall("_noise_axpy_exact_native", lambda: OPS._noise_axpy_exact_native.default,
-           lambda d: (lambda q: (q, [_key()], [1e-3], [0.0], 1.0, R.make_planes(q, 2), 2, 0, [0], [0], 7))(
-               [make_tensor(37, torch.bfloat16, 4).to(d)])),
+           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-1]),
+    OpCall("_noise_adam_native", lambda: OPS._noise_adam_native.default,
+           lambda d: _adam_args(None, d)[:6] + (0,) + _adam_args(None, d)[7:-1]),
+    OpCall("_lowrank_axpy_native", lambda: OPS._lowrank_axpy_native.default,
+           lambda d: (lambda a: ([a[0][0]],) + a[1:8] + (a[8], a[9], a[10], 0, [0], [0], 0))(_lowrank_args(None, d))),
 ]
-
-
-def _exact_capable(backend):
-    return backends.get(backend).axpy_exact is not None
 
 
 @pytest.mark.parametrize("call", OPCHECKS, ids=[c.name for c in OPCHECKS])
 @pytest.mark.parametrize("backend,device", TARGETS, ids=_ids)
 def test_opcheck(backend, device, call):
-    if call.name.startswith("noise_axpy_exact") and not _exact_capable(backend):
-        pytest.skip(f"{backend} has no exact-restore form")
+    if call.needs is not None and getattr(backends.get(backend), call.needs) is None:
+        pytest.skip(f"{backend} does not implement {call.needs}")
     torch.library.opcheck(call.op(), call.args(backend, device))
 
 
@@ -324,4 +342,6 @@ def test_opcheck(backend, device, call):
 @pytest.mark.parametrize("device", [d for d in DEVICES if ("cpu" if d == "cpu" else "cuda")
                                     in zo_kernels.available_backends()])
 def test_opcheck_native_ops(device, call):
+    if not hasattr(OPS, call.name):
+        pytest.skip(f"zo_kernels._C has no {call.name} (built without it on {device})")
     torch.library.opcheck(call.op(), call.args(device))
