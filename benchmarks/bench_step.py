@@ -26,8 +26,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
-from zo_kernels.finetune.cli import _cpu_name  # noqa: E402
-from zo_kernels.finetune.model import _quiet  # noqa: E402
+from zo_kernels.machine import cpu_name, quiet_transformers  # noqa: E402
 
 OPT_SIZES = {  # facebook/opt-* shapes (transformers OPTConfig), built with random weights: no download
     "opt-tiny": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4, vocab_size=50272),
@@ -43,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_model(name: str, device: str, dtype: torch.dtype):
     """(model, vocab_size, kind): a classifier for MiniLM / a local dir, a causal LM for OPT configs."""
-    _quiet()
+    quiet_transformers()
     if name in OPT_SIZES:
         from transformers import OPTConfig, OPTForCausalLM
 
@@ -272,7 +271,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     os.makedirs(args.out, exist_ok=True)
     machine = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-               else f"{_cpu_name()}, {torch.get_num_threads()} threads")
+               else f"{cpu_name()}, {torch.get_num_threads()} threads")
     print(f"bench_step: {machine}; batch {args.batch} x {args.seq} tokens, {args.dtype}, median of "
           f"{args.repeats} steps", flush=True)
     rows = []

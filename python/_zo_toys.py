@@ -6,7 +6,9 @@ steps and 4·batch otherwise, FO-SGD batch per step (backward not counted).
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import os
 
 import torch
 
@@ -87,3 +89,44 @@ def plot_runs(ax, rows, xkey: int, ykey: int, max_steps: int) -> None:
                    (r[3] > 0 if xkey == 3 else r[2] <= max_steps)]
             ax.plot([p[xkey] for p in pts], [p[ykey] for p in pts], color=COLORS[m], alpha=0.8, lw=1.2,
                     label=LABELS[m] if i == 0 else None)
+
+
+def common_args(description: str, name: str, *, steps: int, seeds: int, lr_mezo: float, lr1: float, lr2: float,
+                lr_sgd: float, full_help: str) -> argparse.ArgumentParser:
+    """The options every toy has: step budget, seeds, batch, μ, each method's rates, q, the full batch,
+    the anchor mode, equal steps, the backend and the output folder (runs/<name>)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--steps", type=int, default=steps, help="MeZO-SVRG steps")
+    ap.add_argument("--seeds", type=int, default=seeds)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--mu", type=float, default=1e-3)
+    ap.add_argument("--lr-mezo", type=float, default=lr_mezo)
+    ap.add_argument("--lr1", type=float, default=lr1, help="MeZO-SVRG η1 (full steps)")
+    ap.add_argument("--lr2", type=float, default=lr2, help="MeZO-SVRG η2 (minibatch steps)")
+    ap.add_argument("--q", type=int, default=2)
+    ap.add_argument("--lr-sgd", type=float, default=lr_sgd)
+    ap.add_argument("--full-batch", type=int, default=0, help=full_help)
+    ap.add_argument("--anchor", choices=("dense", "replay"), default="dense")
+    ap.add_argument("--equal-steps", action="store_true",
+                    help="run every method for --steps steps (default: MeZO / FO-SGD match SVRG's queries)")
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--out", default=os.path.join("runs", name))
+    return ap
+
+
+def figure(ncols: int, width: float):
+    """A row of `ncols` panels (matplotlib without a display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, 4.2))
+
+
+def save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

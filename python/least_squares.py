@@ -11,28 +11,21 @@ Cost axis: a query is one forward pass of one example.  MeZO: 2·batch per step;
 ≈2 forwards of compute, is not counted).  By default MeZO and FO-SGD run until they have used
 as many queries as MeZO-SVRG used in --steps steps, so both axes can be compared.
 
-    python python/least_squares.py                 # 10k SVRG steps, 3 seeds -> runs/least_squares/
-    python python/least_squares.py --steps 2000 --seeds 1 --out /tmp/ls
+    python -m python.least_squares                 # 10k SVRG steps, 3 seeds -> runs/least_squares/
+    python -m python.least_squares --steps 2000 --seeds 1 --out /tmp/ls
 
 Writes <out>/least_squares.csv (method, seed, step, queries, loss, loss_over_opt) and
 <out>/least_squares.png (loss / f* against steps and against queries).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 import warnings
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _zo_toys import (LABELS, METHODS, make_optimizer, method_steps, plot_runs,  # noqa: E402,F401
-                      svrg_queries, train, write_csv)
+from . import _zo_toys as toys
 
 
 def make_problem(seed: int, d: int = 100, n: int = 1000, w_scale: float = 1.0, noise: float = 1.0):
@@ -58,7 +51,7 @@ def run(method: str, prob: dict, steps: int, *, batch: int = 32, mu: float = 1e-
     f = lambda idx: ((X[idx] @ w - y[idx]) ** 2).mean()
     f_all = lambda: ((X @ w - y) ** 2).mean()
     full = full_batch if 0 < full_batch < n else n
-    opt = make_optimizer(method, [w], mu=mu, lr_mezo=lr_mezo, lr1=lr1, lr2=lr2, q=q, lr_sgd=lr_sgd, seed=seed,
+    opt = toys.make_optimizer(method, [w], mu=mu, lr_mezo=lr_mezo, lr1=lr1, lr2=lr2, q=q, lr_sgd=lr_sgd, seed=seed,
                          anchor=anchor, backend=backend)
     out = {"step": [], "queries": [], "loss": []}
 
@@ -68,79 +61,61 @@ def run(method: str, prob: dict, steps: int, *, batch: int = 32, mu: float = 1e-
             out["queries"].append(queries)
             out["loss"].append(float(((X64 @ w.detach().double() - y64) ** 2).mean()))
 
-    train(method, opt, f, n, steps, batch=batch, full=full, gen=gen, record=record, eval_every=eval_every,
+    toys.train(method, opt, f, n, steps, batch=batch, full=full, gen=gen, record=record, eval_every=eval_every,
           log_evals=log_evals, f_all=f_all)
     return out
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=10_000, help="MeZO-SVRG steps")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap = toys.common_args(__doc__.split("\n\n")[0], "least_squares", steps=10_000, seeds=3, lr_mezo=1e-3, lr1=1e-3,
+                     lr2=1e-4, lr_sgd=1e-3, full_help="examples per full step (0: all n)")
     ap.add_argument("--d", type=int, default=100)
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--mu", type=float, default=1e-3)
-    ap.add_argument("--lr-mezo", type=float, default=1e-3)
-    ap.add_argument("--lr1", type=float, default=1e-3, help="MeZO-SVRG η1 (full steps)")
-    ap.add_argument("--lr2", type=float, default=1e-4, help="MeZO-SVRG η2 (minibatch steps)")
-    ap.add_argument("--q", type=int, default=2)
-    ap.add_argument("--lr-sgd", type=float, default=1e-3)
-    ap.add_argument("--full-batch", type=int, default=0, help="examples per full step (0: all n)")
     ap.add_argument("--w-scale", type=float, default=1.0, help="w* ~ N(0, w_scale^2)")
     ap.add_argument("--noise", type=float, default=1.0)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--anchor", choices=("dense", "replay"), default="dense")
-    ap.add_argument("--equal-steps", action="store_true",
-                    help="run every method for --steps steps (default: MeZO / FO-SGD match SVRG's queries)")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between loss evaluations (0: auto)")
-    ap.add_argument("--backend", default=None)
-    ap.add_argument("--out", default=os.path.join("runs", "least_squares"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*falling back.*")
     os.makedirs(args.out, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     n_full = args.full_batch if 0 < args.full_batch < args.n else args.n
-    total_q = svrg_queries(args.steps, args.q, n_full, args.batch)
-    rows, finals = [], {m: [] for m in METHODS}
+    total_q = toys.svrg_queries(args.steps, args.q, n_full, args.batch)
+    rows, finals = [], {m: [] for m in toys.METHODS}
     for s in range(args.seeds):
         prob = make_problem(s, args.d, args.n, args.w_scale, args.noise)
-        for m in METHODS:
-            steps = method_steps(m, args.steps, total_q, args.batch, args.equal_steps)
+        for m in toys.METHODS:
+            steps = toys.method_steps(m, args.steps, total_q, args.batch, args.equal_steps)
             every = args.eval_every or max(1, steps // 400)
             t0 = time.time()
             res = run(m, prob, steps, batch=args.batch, mu=args.mu, lr_mezo=args.lr_mezo, lr1=args.lr1,
                       lr2=args.lr2, q=args.q, lr_sgd=args.lr_sgd, full_batch=args.full_batch, dtype=dtype,
                       eval_every=every, log_evals=60, anchor=args.anchor, backend=args.backend, seed=s)
-            for st, qq, l in zip(res["step"], res["queries"], res["loss"]):
-                rows.append([m, s, st, qq, l, l / prob["f_opt"]])
+            for st, qq, loss in zip(res["step"], res["queries"], res["loss"]):
+                rows.append([m, s, st, qq, loss, loss / prob["f_opt"]])
             # the loss at SVRG's step budget and at the end (equal queries)
-            at_steps = [l for st, l in zip(res["step"], res["loss"]) if st <= args.steps][-1]
+            at_steps = [loss for st, loss in zip(res["step"], res["loss"]) if st <= args.steps][-1]
             finals[m].append((prob["f_opt"], at_steps, res["loss"][-1]))
-            print(f"seed {s} {LABELS[m]:10s} steps {steps:7d} queries {res['queries'][-1]:10d}  "
+            print(f"seed {s} {toys.LABELS[m]:10s} steps {steps:7d} queries {res['queries'][-1]:10d}  "
                   f"f/f* at {args.steps} steps {at_steps / prob['f_opt']:.4f}  at the end "
                   f"{res['loss'][-1] / prob['f_opt']:.4f}   ({time.time() - t0:.1f}s)", flush=True)
     csv_path = os.path.join(args.out, "least_squares.csv")
-    write_csv(csv_path, ["method", "seed", "step", "queries", "loss", "loss_over_opt"], rows)
+    toys.write_csv(csv_path, ["method", "seed", "step", "queries", "loss", "loss_over_opt"], rows)
     png = plot(rows, args, os.path.join(args.out, "least_squares.png"))
     print("\nmean f/f* over seeds (at the SVRG step budget | at equal queries):")
-    for m in METHODS:
+    for m in toys.METHODS:
         a = sum(x[1] / x[0] for x in finals[m]) / len(finals[m])
         b = sum(x[2] / x[0] for x in finals[m]) / len(finals[m])
-        print(f"  {LABELS[m]:10s} {a:.4f} | {b:.4f}")
+        print(f"  {toys.LABELS[m]:10s} {a:.4f} | {b:.4f}")
     print(f"wrote {csv_path} and {png}")
     return finals
 
 
 def plot(rows, args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = toys.figure(2, 11)
     for ax, xkey, xlabel in ((axes[0], 2, "steps"), (axes[1], 3, "queries (forward passes of one example)")):
-        plot_runs(ax, rows, xkey, 5, args.steps)
+        toys.plot_runs(ax, rows, xkey, 5, args.steps)
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="optimum f*")
         ax.set_yscale("log")
         ax.set_xscale("log" if xkey == 3 else "linear")
@@ -152,10 +127,7 @@ def plot(rows, args, path):
     axes[0].legend()
     fig.suptitle(f"μ={args.mu}, batch {args.batch}; MeZO lr {args.lr_mezo}; MeZO-SVRG η1={args.lr1} "
                  f"η2={args.lr2} q={args.q}; FO-SGD lr {args.lr_sgd}; {args.seeds} seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return toys.save(fig, path)
 
 
 if __name__ == "__main__":

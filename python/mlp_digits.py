@@ -8,28 +8,21 @@ Queries: one forward pass of one example.  MeZO 2·batch per step, MeZO-SVRG 2·
 steps and 4·batch otherwise, FO-SGD batch per step (backward not counted).  By default MeZO
 and FO-SGD run as many queries as MeZO-SVRG uses in --steps steps.
 
-    python python/mlp_digits.py --out runs/mlp_digits
+    python -m python.mlp_digits --out runs/mlp_digits
 
 Writes <out>/mlp_digits.csv (method, seed, step, queries, train_loss, test_acc) and
 <out>/mlp_digits.png (training loss against steps and against queries; test accuracy).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _zo_toys import (LABELS, METHODS, make_optimizer, method_steps, plot_runs,  # noqa: E402
-                      svrg_queries, train, write_csv)
+from . import _zo_toys as toys
 
 
 def load_data(seed: int = 0, test_frac: float = 0.2):
@@ -56,7 +49,7 @@ def run(method: str, data: dict, steps: int, *, seed: int = 0, hidden: int = 32,
     n = len(Xtr)
     full = full_batch if 0 < full_batch < n else n
     gen = torch.Generator().manual_seed(10_000 + seed)
-    opt = make_optimizer(method, net.parameters(), mu=mu, lr_mezo=lr_mezo, lr1=lr1, lr2=lr2, q=q, lr_sgd=lr_sgd,
+    opt = toys.make_optimizer(method, net.parameters(), mu=mu, lr_mezo=lr_mezo, lr1=lr1, lr2=lr2, q=q, lr_sgd=lr_sgd,
                          seed=seed, anchor=anchor, backend=backend)
     f = lambda idx: F.cross_entropy(net(Xtr[idx]), ytr[idx])
     out = {"step": [], "queries": [], "train_loss": [], "test_acc": []}
@@ -68,29 +61,15 @@ def run(method: str, data: dict, steps: int, *, seed: int = 0, hidden: int = 32,
             out["train_loss"].append(float(F.cross_entropy(net(Xtr), ytr)))
             out["test_acc"].append(float((net(Xte).argmax(1) == yte).float().mean()))
 
-    train(method, opt, f, n, steps, batch=batch, full=full, gen=gen, record=record, eval_every=eval_every,
+    toys.train(method, opt, f, n, steps, batch=batch, full=full, gen=gen, record=record, eval_every=eval_every,
           log_evals=log_evals)
     return out
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=4000, help="MeZO-SVRG steps")
-    ap.add_argument("--seeds", type=int, default=2)
+    ap = toys.common_args(__doc__.split("\n\n")[0], "mlp_digits", steps=4000, seeds=2, lr_mezo=1e-2, lr1=3e-2,
+                     lr2=1e-2, lr_sgd=0.1, full_help="examples per full step (0: the toys.train set)")
     ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--mu", type=float, default=1e-3)
-    ap.add_argument("--lr-mezo", type=float, default=1e-2)
-    ap.add_argument("--lr1", type=float, default=3e-2, help="MeZO-SVRG η1 (full steps)")
-    ap.add_argument("--lr2", type=float, default=1e-2, help="MeZO-SVRG η2 (minibatch steps)")
-    ap.add_argument("--q", type=int, default=2)
-    ap.add_argument("--lr-sgd", type=float, default=0.1)
-    ap.add_argument("--full-batch", type=int, default=0, help="examples per full step (0: the train set)")
-    ap.add_argument("--anchor", choices=("dense", "replay"), default="dense")
-    ap.add_argument("--equal-steps", action="store_true",
-                    help="run every method for --steps steps (default: MeZO / FO-SGD match SVRG's queries)")
-    ap.add_argument("--backend", default=None)
-    ap.add_argument("--out", default=os.path.join("runs", "mlp_digits"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*falling back.*")
@@ -98,41 +77,37 @@ def main(argv=None):
     data = load_data(0)
     n = len(data["Xtr"])
     n_full = args.full_batch if 0 < args.full_batch < n else n
-    total_q = svrg_queries(args.steps, args.q, n_full, args.batch)
+    total_q = toys.svrg_queries(args.steps, args.q, n_full, args.batch)
     rows = []
     for s in range(args.seeds):
-        for m in METHODS:
-            steps = method_steps(m, args.steps, total_q, args.batch, args.equal_steps)
+        for m in toys.METHODS:
+            steps = toys.method_steps(m, args.steps, total_q, args.batch, args.equal_steps)
             t0 = time.time()
             res = run(m, data, steps, seed=s, hidden=args.hidden, batch=args.batch, mu=args.mu,
                       lr_mezo=args.lr_mezo, lr1=args.lr1, lr2=args.lr2, q=args.q, lr_sgd=args.lr_sgd,
                       full_batch=args.full_batch, eval_every=max(1, steps // 200), log_evals=40, anchor=args.anchor,
                       backend=args.backend)
-            for st, qq, l, a in zip(res["step"], res["queries"], res["train_loss"], res["test_acc"]):
-                rows.append([m, s, st, qq, l, a])
+            for st, qq, loss, acc in zip(res["step"], res["queries"], res["train_loss"], res["test_acc"]):
+                rows.append([m, s, st, qq, loss, acc])
             at = [i for i, st in enumerate(res["step"]) if st <= args.steps][-1]
-            print(f"seed {s} {LABELS[m]:10s} steps {steps:7d} queries {res['queries'][-1]:9d}  "
+            print(f"seed {s} {toys.LABELS[m]:10s} steps {steps:7d} queries {res['queries'][-1]:9d}  "
                   f"at {args.steps} steps: loss {res['train_loss'][at]:.4f} acc {res['test_acc'][at]:.3f}  "
                   f"end: loss {res['train_loss'][-1]:.4f} acc {res['test_acc'][-1]:.3f}  ({time.time() - t0:.1f}s)",
                   flush=True)
     csv_path = os.path.join(args.out, "mlp_digits.csv")
-    write_csv(csv_path, ["method", "seed", "step", "queries", "train_loss", "test_acc"], rows)
+    toys.write_csv(csv_path, ["method", "seed", "step", "queries", "train_loss", "test_acc"], rows)
     png = plot(rows, args, os.path.join(args.out, "mlp_digits.png"))
     print(f"wrote {csv_path} and {png}")
     return rows
 
 
 def plot(rows, args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = toys.figure(3, 15)
     panels = ((axes[0], 2, 4, "steps", "full training loss"),
               (axes[1], 3, 4, "queries (forward passes of one example)", "full training loss"),
               (axes[2], 3, 5, "queries (forward passes of one example)", "test accuracy"))
     for ax, xkey, ykey, xlabel, ylabel in panels:
-        plot_runs(ax, rows, xkey, ykey, args.steps)
+        toys.plot_runs(ax, rows, xkey, ykey, args.steps)
         ax.set_xscale("log" if xkey == 3 else "linear")
         if ykey == 4:
             ax.set_yscale("log")
@@ -145,10 +120,7 @@ def plot(rows, args, path):
     axes[0].legend()
     fig.suptitle(f"μ={args.mu}, batch {args.batch}, hidden {args.hidden}; MeZO lr {args.lr_mezo}; MeZO-SVRG "
                  f"η1={args.lr1} η2={args.lr2} q={args.q}; FO-SGD lr {args.lr_sgd}; {args.seeds} seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return toys.save(fig, path)
 
 
 if __name__ == "__main__":

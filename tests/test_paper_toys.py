@@ -7,8 +7,7 @@ starts closer to its optimum than the script's default (w* ~ N(0, 0.1²) instead
 so f(w0) ≈ 2 f* instead of ≈ 100 f*); 2500 steps per run, 3 seeds.  The optimum f* comes from
 torch.linalg.lstsq, independently of the optimizers.
 """
-import importlib.util
-import os
+import importlib
 import warnings
 
 import pytest
@@ -16,14 +15,9 @@ import torch
 
 from optim_helpers import _one_thread  # noqa: F401 (autouse)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_toy_{name}", os.path.join(ROOT, "python", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The example as its users run it (python -m python.<name>, from the repository root)."""
+    return importlib.import_module(f"python.{name}")
 
 
 STEPS = 2500

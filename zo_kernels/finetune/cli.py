@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from typing import List, Optional
 
+from ..machine import cpu_name as _cpu_name
 from .errors import FinetuneError
 
 DEFAULT_METHODS = "mezo,mezo-svrg,fo-sgd"
@@ -90,17 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-steps", type=int, default=3)
     g.add_argument("--no-progress", action="store_true")
     return p
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _usable_cores() -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
-import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
+from ..machine import quiet_transformers as _quiet
 from .errors import FinetuneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,18 +39,6 @@ def resolve_model(model: Optional[str]) -> str:
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FinetuneError(f"--model {model}: no such directory")
     return model  # a hub name: transformers resolves it (HF_HUB_OFFLINE=1 makes that fail fast offline)
-
-
-def _quiet():
-    """Silence transformers' load reports and progress bars (the fresh head is expected)."""
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
-    warnings.filterwarnings("ignore", module="transformers")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def _first_line(e: BaseException) -> str:
