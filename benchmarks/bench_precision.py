@@ -154,60 +154,14 @@ def _loss(params, x, y):
     return torch.nn.functional.cross_entropy(h @ w2.T + b2, y)
 
 
-def _naive_step(params, key, coeff):
-    """The published code's touch: z drawn into a temporary in the weights' dtype, out-of-place add."""
-    for tid, p in enumerate(params):
-        z = N.normal(key, tid, p.numel(), device=p.device).view_as(p).to(p.dtype)
-        p.data = p.data + coeff * z
-
-
-def _naive_mezo(params, closure, seed, t, lr, mu):
+def _z(params, seed, t):
+    """z of step t for each parameter (tensor id = position), as the optimizers regenerate it."""
     k = N.step_key(seed, t)
-    _naive_step(params, k, mu)
-    lp = float(closure())
-    _naive_step(params, k, -2 * mu)
-    lm = float(closure())
-    _naive_step(params, k, mu)
-    _naive_step(params, k, -lr * (lp - lm) / (2 * mu))
-    return (lp + lm) / 2
-
-
-def _naive_svrg(params, closure, full, seed, t, state, lr, lr_full, mu, q):
-    """MeZO-SVRG as the published code does it: a dense anchor copy, every touch a separate op."""
-    k = N.step_key(seed, t)
-    if t % q == 0:
-        state["anchor"] = [p.data.clone() for p in params]
-        _naive_step(params, k, mu)
-        lp = float(full())
-        _naive_step(params, k, -2 * mu)
-        lm = float(full())
-        _naive_step(params, k, mu)
-        state["ca"], state["ka"] = (lp - lm) / (2 * mu), k
-        _naive_step(params, k, -lr_full * state["ca"])
-        return (lp + lm) / 2
-    _naive_step(params, k, mu)
-    l1p = float(closure())
-    _naive_step(params, k, -2 * mu)
-    l1m = float(closure())
-    _naive_step(params, k, mu)
-    cur = [p.data for p in params]
-    for p, a in zip(params, state["anchor"]):
-        p.data = a
-    _naive_step(params, k, mu)
-    l2p = float(closure())
-    _naive_step(params, k, -2 * mu)
-    l2m = float(closure())
-    _naive_step(params, k, mu)
-    state["anchor"] = [p.data for p in params]
-    for p, c in zip(params, cur):
-        p.data = c
-    _naive_step(params, k, -lr * ((l1p - l1m) - (l2p - l2m)) / (2 * mu))
-    _naive_step(params, state["ka"], -lr * state["ca"])
-    return (l1p + l1m) / 2
+    return [N.normal(k, tid, p.numel(), device=p.device).view_as(p) for tid, p in enumerate(params)]
 
 
 def run_train(args):
-    from zo_kernels.optim import MeZO, MeZOSVRG
+    from zo_kernels.optim import MeZO, MeZOSVRG, naive
 
     device = torch.device(args.device)
     x, y = _digits(device)
@@ -237,9 +191,16 @@ def run_train(args):
             t0 = time.perf_counter()
             for t in range(args.steps):
                 batch["i"] = torch.randint(0, n_train, (64,), generator=g).to(device)
-                if variant == "naive":
-                    loss = (_naive_mezo(params, closure, args.seed, t, args.lr, MU) if algo == "mezo" else
-                            _naive_svrg(params, closure, full, args.seed, t, state, args.lr / 2, args.lr, MU, args.q))
+                if variant == "naive":      # the published code's steps (zo_kernels.optim.naive), in bf16
+                    z = _z(params, args.seed, t)
+                    if algo == "mezo":
+                        loss = naive.mezo_published_step(params, z, closure, lr=args.lr, mu=MU)
+                    else:
+                        if t % args.q == 0:
+                            state["t_a"] = t
+                        loss = naive.mezo_svrg_published_step(
+                            params, t, z, closure, full, state, lr=args.lr / 2, lr_full=args.lr, mu=MU, q=args.q,
+                            za_of=lambda: _z(params, args.seed, state["t_a"]))
                 else:
                     loss = opt.step(closure) if algo == "mezo" else opt.step(closure, full)
                 curve.append(loss)
