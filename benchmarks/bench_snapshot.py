@@ -39,7 +39,7 @@ def time_steps(dtype, numel, repeats, backend):
     runs = [_setup(dtype, numel, snap, backend) for snap in (False, True)]
     times = ([], [])
     for _ in range(repeats):
-        for (ps, opt, closure), out in zip(runs, times):
+        for (_, opt, closure), out in zip(runs, times):
             t0 = time.perf_counter()
             opt.step(closure)
             out.append(time.perf_counter() - t0)

@@ -1,7 +1,6 @@
 """ZOTrainer (transformers.Trainer + MeZO / MeZO-SVRG) on a tiny BERT built from a config."""
 import math
 import os
-import warnings
 
 import pytest
 import torch

@@ -77,7 +77,7 @@ def test_compiles_for_sm80_and_sm90(resource_usage):
     usage = resource_usage
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", usage)
     assert spills, usage
-    assert all(s == "0" and l == "0" for s, l in spills), f"register spills:\n{usage}"
+    assert all(st == "0" and ld == "0" for st, ld in spills), f"register spills:\n{usage}"
     frames = re.findall(r"(\d+) bytes stack frame", usage)
     assert all(f == "0" for f in frames), f"stack frames:\n{usage}"
 

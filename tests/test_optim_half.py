@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from zo_kernels import noise as N
 from zo_kernels.optim import MeZO, MeZOSVRG, replay
 
 torch.set_num_threads(1)

@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zo_kernels.optim import MeZO, NonFiniteLossError, naive, replay
 import zo_kernels.optim.base as zo_base
+from zo_kernels.optim import MeZO, NonFiniteLossError, naive, replay
 
 from optim_helpers import Net, _one_thread, data, make_net, mlp, rel, z_of  # noqa: F401 (_one_thread: autouse)
-
 
 BACKEND = "reference"       # the transcription uses the reference's z: compare the algorithm, not backends
 LR, WD, MU, SEED, STEPS = 2.0 ** -7, 2.0 ** -3, 1e-2, 7, 50

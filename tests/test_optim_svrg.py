@@ -17,7 +17,6 @@ from zo_kernels.optim import MeZOSVRG, NonFiniteLossError, naive, replay
 
 from optim_helpers import _one_thread, data, make_net, mlp, rel, z_of  # noqa: F401 (_one_thread: autouse)
 
-
 BACKEND = "reference"
 LR1, LR2, WD, MU, SEED, STEPS = 2.0 ** -6, 2.0 ** -7, 2.0 ** -3, 1e-2, 11, 50
 

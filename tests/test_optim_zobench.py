@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import zo_kernels
-from zo_kernels.optim import (ForwardGrad, MeZO, NonFiniteLossError, ZOAdam, ZOSGDCons, ZOSGDMomentum,
-                              ZOSGDSign, replay)
+from zo_kernels.optim import ForwardGrad, MeZO, NonFiniteLossError, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign, replay
 from zo_kernels.optim.spsa import direction_key
 
 from optim_helpers import _one_thread, data, make_net, mlp, rel  # noqa: F401 (_one_thread: autouse)

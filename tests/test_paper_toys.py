@@ -15,6 +15,7 @@ import torch
 
 from optim_helpers import _one_thread  # noqa: F401 (autouse)
 
+
 def _load(name):
     """The example as its users run it (python -m python.<name>, from the repository root)."""
     return importlib.import_module(f"python.{name}")
@@ -39,7 +40,7 @@ def test_least_squares_svrg_reaches_optimum_mezo_stalls(seed):
     assert svrg["loss"][-1] / f_star < 1.05              # MeZO-SVRG: within 5% of the optimum
     assert mezo["loss"][-1] / f_star > 1.2               # MeZO: above it ...
     # ... and it is a floor, not slowness: MeZO's last 1000 steps do not get it closer
-    tail = [l / f_star for s, l in zip(mezo["step"], mezo["loss"]) if s >= STEPS - 1000]
+    tail = [loss / f_star for s, loss in zip(mezo["step"], mezo["loss"]) if s >= STEPS - 1000]
     assert min(tail) > 1.2
     # queries: MeZO 2·32 per step; MeZO-SVRG 2·1000 on full steps, 4·32 otherwise
     assert mezo["queries"][-1] == STEPS * 64

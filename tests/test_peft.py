@@ -15,8 +15,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model  # noqa: E402
-from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig,  # noqa: E402
-                          LlamaForCausalLM, TrainingArguments)
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 from zo_kernels.integrations.hf import ZOArguments, ZOTrainer  # noqa: E402
 from zo_kernels.optim import MeZO, MeZOSVRG  # noqa: E402

@@ -7,11 +7,11 @@
     zo_kernels.available_backends()                          # what runs here
 """
 from . import noise
-from .backends import available_backends, backend_status, last_backend
-from .adam import noise_adam_
-from .ops import noise_, noise_axpy_
-from .lowrank import lowrank_noise_axpy_
 from ._register import register_all as _register_all
+from .adam import noise_adam_
+from .backends import available_backends, backend_status, last_backend
+from .lowrank import lowrank_noise_axpy_
+from .ops import noise_, noise_axpy_
 
 __version__ = "0.1.0"
 __all__ = ["noise", "noise_", "noise_axpy_", "noise_adam_", "lowrank_noise_axpy_", "available_backends",

@@ -13,8 +13,18 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from . import _fsdp
-from .distributed import (_M62, _STEP_BITS, RankFailedError, RankMismatchError, _dist, fingerprint,
-                          fsdp_modules_of, is_dtensor, is_initialized, local_shard)
+from .distributed import (
+    _M62,
+    _STEP_BITS,
+    RankFailedError,
+    RankMismatchError,
+    _dist,
+    fingerprint,
+    fsdp_modules_of,
+    is_dtensor,
+    is_initialized,
+    local_shard,
+)
 
 if TYPE_CHECKING:
     from .optim.closure import LocalLoss

@@ -6,9 +6,9 @@ import os
 import torch
 
 from . import backends
-from .noise import noise_axpy_reference, noise_reference
 from .adam import noise_adam_reference
 from .lowrank import lowrank_axpy_reference
+from .noise import noise_axpy_reference, noise_reference
 from .restore import noise_axpy_exact_reference
 
 _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})

@@ -27,8 +27,15 @@ import torch
 
 from . import backends as _backends
 from .noise import DROPPED_BITS, normal, random_words, stochastic_round
-from .ops import (ROUNDINGS, _check_index_list, _check_key, _check_params, _check_scalar, _pick_backend,
-                  default_rounding_key)
+from .ops import (
+    ROUNDINGS,
+    _check_index_list,
+    _check_key,
+    _check_params,
+    _check_scalar,
+    _pick_backend,
+    default_rounding_key,
+)
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,17 @@ from typing import List, Optional
 import torch
 
 from . import backends as _backends
-from .noise import M64, DROPPED_BITS, float_bits, mix_keys, normal, random_words, stochastic_round
-from .ops import (ROUNDINGS, _check_index_list, _check_key, _check_params, _check_scalar, _check_tensor,
-                  _pick_backend, check_exact_args)
+from .noise import DROPPED_BITS, M64, float_bits, mix_keys, normal, random_words, stochastic_round
+from .ops import (
+    ROUNDINGS,
+    _check_index_list,
+    _check_key,
+    _check_params,
+    _check_scalar,
+    _check_tensor,
+    _pick_backend,
+    check_exact_args,
+)
 
 U_STREAM, V_STREAM = 3, 4
 MAX_RANK = 64

@@ -175,16 +175,14 @@ def run(argv: Optional[List[str]] = None) -> dict:
     methods = _check_args(a)
     t_start = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import numpy as np
     import torch
 
+    from .. import distributed as zdist
     from . import data as data_mod
     from . import memory as mem_mod
     from . import report
     from .methods import LABELS, TrainConfig, evaluate, mean_loss, run_method
     from .model import Encoded, load_model_and_tokenizer, model_summary, resolve_model, select_trainable
-
-    from .. import distributed as zdist
 
     d = TrainConfig()
     device = _device(a)

@@ -102,8 +102,9 @@ def _child(spec: dict) -> dict:
     if kind == "runtime":
         # Everything but the weights and the work: the imports, the config, the tokenizer, and the model's
         # code (instantiated on the meta device, which allocates no storage).
-        import zo_kernels  # noqa: F401
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        import zo_kernels  # noqa: F401
 
         from .model import _quiet
 
@@ -118,7 +119,7 @@ def _child(spec: dict) -> dict:
         out["peak_anon_mb"] = (_status_kb("RssAnon") or 0) / 1024.0
         return out
 
-    from .methods import TrainConfig, batch_loss, make_zo_optimizer, _is_full_step
+    from .methods import TrainConfig, _is_full_step, batch_loss, make_zo_optimizer
     from .model import load_model_and_tokenizer, select_trainable
 
     net, _ = load_model_and_tokenizer(spec["model"], spec["num_labels"], spec.get("dtype", "float32"), device,

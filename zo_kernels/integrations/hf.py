@@ -166,8 +166,8 @@ class ZOTrainer(Trainer):
         def full_closure():
             acc = None
             for n, inputs in batches:
-                l = self._zo_loss(model, inputs).double() * (n / total)
-                acc = l if acc is None else acc + l
+                part = self._zo_loss(model, inputs).double() * (n / total)
+                acc = part if acc is None else acc + part
             return acc
 
         return full_closure

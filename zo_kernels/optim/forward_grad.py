@@ -24,7 +24,6 @@ from typing import Callable, Optional
 import torch
 from torch.func import functional_call, jvp
 
-from .. import distributed as _zdist
 from ..noise import step_key
 from ..ops import noise_
 from .base import ZOOptimizer

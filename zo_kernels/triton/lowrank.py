@@ -16,8 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpy import (_TL, _interleave, _ordered, _from_ordered, _quad_words,
-                         _round_nearest, _stochastic_round, _try_candidate)
+from .noise_axpy import (
+    _TL,
+    _from_ordered,
+    _interleave,
+    _ordered,
+    _quad_words,
+    _round_nearest,
+    _stochastic_round,
+    _try_candidate,
+)
 from .noise_axpy import noise as _noise
 
 U_STREAM, V_STREAM = 3, 4

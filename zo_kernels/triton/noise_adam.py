@@ -14,8 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpy import (DTYPES, INTERPRET, _TL, _aligned, _config, _interleave, _normals, _quad_words,
-                         _round_nearest, _stochastic_round)
+from .noise_axpy import (
+    _TL,
+    DTYPES,
+    INTERPRET,
+    _aligned,
+    _config,
+    _interleave,
+    _normals,
+    _quad_words,
+    _round_nearest,
+    _stochastic_round,
+)
 
 __all__ = ["DTYPES", "noise_adam"]
 
