@@ -22,6 +22,8 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "csrc/cuda/noise_kernel.cu",   # the kernels: philox.h and CUDA headers only
     "csrc/cuda/noise_cuda.cpp",    # torch glue and the CUDA dispatch-key registration
+    "csrc/cuda/adam_kernel.cu",    # the fused ZO-Adam pass (csrc/adam.h)
+    "csrc/cuda/adam_cuda.cpp",
 ]
 # -ffp-contract=off: no fused multiply-adds, so every instruction set (and the CUDA kernel,
 # which uses __fmul_rn / __fadd_rn) computes the same bits; -fno-math-errno lets sqrt vectorise.

@@ -10,7 +10,11 @@ Variants (each does the same two forward passes on the same batch):
              (+mu, -2mu, +mu restore, update p.data - lr*c*z).
   fused      zo_kernels.noise_axpy_: +mu, -2mu, then restore+update fused in one pass (3 passes).
   lookahead  fused, with the next step's +mu folded into the update pass (2 passes per step).
-Forward time = the two forward passes; noise time = everything else in the step.
+ZO-Bench's family through the optimizers' public API (`--variants zo-bench` adds them all):
+  opt-mezo, opt-nspsa4 (MeZO n_directions=4), opt-sign, opt-cons, opt-mmt-dense,
+  opt-mmt-seeded8 / opt-mmt-seeded32 (window K), opt-adam, opt-fwdgrad (ForwardGrad: its
+  "forward" is the jvp, its noise the tangents and the update).
+Forward time = the step's forward passes; noise time = everything else in the step.
 Writes CSV and PNG to benchmarks/results/ (git-ignored) unless --out says otherwise.
 """
 from __future__ import annotations
@@ -37,6 +41,26 @@ OPT_SIZES = {  # facebook/opt-* shapes (transformers OPTConfig), built with rand
 }
 VARIANTS = ("paper", "fused", "lookahead")
 PASSES = {"paper": 4, "fused": 3, "lookahead": 2}
+# Optimizer variants: (factory(params, module), passes over the weights or state per step, forward passes).
+ZO_BENCH = {
+    "opt-mezo": (lambda ps, m, kw: _optim().MeZO(ps, **kw), 3, 2),
+    "opt-nspsa4": (lambda ps, m, kw: _optim().MeZO(ps, n_directions=4, **kw), 9, 8),
+    "opt-sign": (lambda ps, m, kw: _optim().ZOSGDSign(ps, **kw), 3, 2),
+    "opt-cons": (lambda ps, m, kw: _optim().ZOSGDCons(ps, **kw), 5, 5),
+    "opt-mmt-dense": (lambda ps, m, kw: _optim().ZOSGDMomentum(ps, state="dense", **kw), 5, 2),
+    "opt-mmt-seeded8": (lambda ps, m, kw: _optim().ZOSGDMomentum(ps, state="seeded", window=8, **kw), 3, 2),
+    "opt-mmt-seeded32": (lambda ps, m, kw: _optim().ZOSGDMomentum(ps, state="seeded", window=32, **kw), 3, 2),
+    "opt-adam": (lambda ps, m, kw: _optim().ZOAdam(ps, **kw), 4, 2),
+    "opt-fwdgrad": (lambda ps, m, kw: _optim().ForwardGrad(m, **{k: v for k, v in kw.items() if k != "eps"}), 2, 1),
+}
+PASSES.update({k: v[1] for k, v in ZO_BENCH.items()})
+FORWARDS = dict({k: v[2] for k, v in ZO_BENCH.items()}, paper=2, fused=2, lookahead=2)
+
+
+def _optim():
+    import zo_kernels.optim as optim
+
+    return optim
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,6 +103,7 @@ class Stepper:
         self.t = 0
         self.pending = None  # lookahead: key of the +mu z already in the weights
         self.fwd = 0.0
+        self.opts = {}       # optimizer variants, built on first use
 
     def loss(self):
         _sync(self.device)
@@ -145,8 +170,29 @@ class Stepper:
         self.pending = k1
         self.t += 1
 
+    # (d) an optimizer of zo_kernels.optim (ZO-Bench's family): closure = the timed forward
+    def step_opt(self, variant):
+        opt = self.opts.get(variant)
+        if opt is None:
+            kw = dict(lr=self.lr, eps=self.eps, seed=1234)
+            if self.backend:
+                kw["backend"] = self.backend
+            opt = self.opts[variant] = ZO_BENCH[variant][0](self.params, self.net, kw)
+
+        def closure():
+            _sync(self.device)
+            t0 = time.perf_counter()
+            out = self.net(**self.batch).loss
+            _sync(self.device)
+            self.fwd += time.perf_counter() - t0
+            return out
+
+        with torch.no_grad():
+            opt.step(closure)
+        self.t += 1
+
     def timed(self, variant):
-        step = getattr(self, "step_" + variant)
+        step = (lambda: self.step_opt(variant)) if variant in ZO_BENCH else getattr(self, "step_" + variant)
         self.fwd = 0.0
         _sync(self.device)
         t0 = time.perf_counter()
@@ -194,6 +240,7 @@ def bench_model(name, args, device, dtype):
         f_ms, n_ms = 1e3 * statistics.median(fw), 1e3 * statistics.median(nz)
         rows.append({"model": name, "params": n_params, "device": device, "dtype": args.dtype,
                      "batch": args.batch, "seq": args.seq, "variant": variant, "noise_passes": PASSES[variant],
+                     "forward_passes": FORWARDS[variant],
                      "forward_ms": round(f_ms, 3), "noise_ms": round(n_ms, 3), "step_ms": round(f_ms + n_ms, 3),
                      "noise_to_forward": round(n_ms / f_ms, 4) if f_ms > 0 else None,
                      "noise_ms_per_pass": round(n_ms / PASSES[variant], 3),
@@ -201,6 +248,9 @@ def bench_model(name, args, device, dtype):
                      "backend": backend or "torch ops", "repeats": args.repeats})
         print(f"{name:9s} {variant:9s} forward {f_ms:9.1f} ms  noise {n_ms:9.1f} ms  "
               f"noise/forward {n_ms / f_ms:6.3f}  ({PASSES[variant]} passes, {backend or 'torch ops'})", flush=True)
+    base = next((r for v in ("opt-mezo", "fused") for r in rows if r["variant"] == v), None)
+    for r in rows:   # noise work relative to fused MeZO's, measured in this process
+        r["noise_vs_mezo"] = round(r["noise_ms"] / base["noise_ms"], 3) if base and base["noise_ms"] > 0 else None
     if device.startswith("cuda"):
         del net
         torch.cuda.empty_cache()
@@ -220,7 +270,7 @@ def plot(rows, path, title):
         x = range(len(rs))
         fwd = [r["forward_ms"] for r in rs]
         nz = [r["noise_ms"] for r in rs]
-        ax.bar(x, fwd, color="tab:gray", label="2 forward passes")
+        ax.bar(x, fwd, color="tab:gray", label="forward passes")
         ax.bar(x, nz, bottom=fwd, color="tab:orange", label="noise work")
         for i, r in enumerate(rs):
             ax.text(i, fwd[i] + nz[i], f"noise/fwd\n{r['noise_to_forward']:.2f}", ha="center", va="bottom",
@@ -256,10 +306,12 @@ def main(argv=None):
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.exit(2, "bench_step: --device cuda but no CUDA GPU is available\n")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.variants = [w for v in names for w in (list(ZO_BENCH) if v == "zo-bench" else [v])]
     for v in args.variants:
-        if v not in VARIANTS:
-            p.exit(2, f"bench_step: unknown variant {v!r}; choose from {', '.join(VARIANTS)}\n")
+        if v not in VARIANTS and v not in ZO_BENCH:
+            p.exit(2, f"bench_step: unknown variant {v!r}; choose from {', '.join(VARIANTS + tuple(ZO_BENCH))} "
+                      f"or zo-bench\n")
     models = args.models.split(",") if args.models else (
         ["opt-125m", "opt-1.3b"] if device.startswith("cuda") else ["minilm", "opt-tiny"])
     if not device.startswith("cuda"):

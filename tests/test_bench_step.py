@@ -74,3 +74,15 @@ def test_opt_tiny_config_builds():
     net, vocab, kind = bs.build_model("opt-tiny", "cpu", torch.float32)
     assert kind == "causal-lm" and vocab == 50272
     assert sum(p.numel() for p in net.parameters()) > 1e6
+
+
+def test_bench_step_zo_bench_variants(tiny_bert, tmp_path):
+    """Every ZO-Bench optimizer variant runs one timed step through the public optimizers and reports
+    its forward-pass count and noise work relative to fused MeZO."""
+    bs = _load()
+    rows = bs.main(["--device", "cpu", "--models", tiny_bert, "--batch", "2", "--seq", "8", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--variants", "zo-bench"])
+    assert [r["variant"] for r in rows] == list(bs.ZO_BENCH)
+    assert {r["variant"]: r["forward_passes"] for r in rows}["opt-cons"] == 5
+    assert all(r["noise_ms"] > 0 and r["noise_vs_mezo"] is not None for r in rows)
+    assert {r["variant"]: r["noise_vs_mezo"] for r in rows}["opt-mezo"] == 1.0

@@ -12,7 +12,17 @@ from zo_kernels import noise as N
 from helpers import z_bound
 from native_helpers import assert_no_temporaries, make_tensor, ordered
 
-BACKENDS = [b for b in ("reference", "cpu", "triton") if b in zo_kernels.available_backends()]
+BACKENDS = [b for b in ("reference", "cpu", "triton", "cuda") if b in zo_kernels.available_backends()]
+
+
+def _on(backend, *tensors):
+    """The tensors on the device the backend runs on (Triton: CUDA unless interpreted), as a list."""
+    dev = zo_kernels.backends.get(backend).devices[0]
+    return [t.to(dev, copy=True) for t in tensors]
+
+
+def _cpu(ts):
+    return [t.cpu() for t in ts]
 KEYS = [N.step_key(3, s) for s in range(3)]
 COEFFS = [0.7, -1.3, 0.4]
 SHAPES = [1, 5, 1023, (3, 5, 7)]
@@ -74,9 +84,10 @@ def _grad64(keys, coeffs, tid, numel, offset=0):
 def test_fp32_matches_float64_transcription(backend, decoupled):
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, step=4, weight_decay=0.05, decoupled=decoupled)
     params, ms, vs = zip(*(_inputs(s, torch.float32, 10 * i) for i, s in enumerate(SHAPES)))
-    p1, m1, v1 = ([t.clone() for t in ts] for ts in (params, ms, vs))
+    p1, m1, v1 = (_on(backend, *ts) for ts in (params, ms, vs))
     zo_kernels.noise_adam_(p1, m1, v1, KEYS, COEFFS, backend=backend, **kw)
     assert zo_kernels.last_backend() == backend
+    p1, m1, v1 = _cpu(p1), _cpu(m1), _cpu(v1)
     for i, p in enumerate(params):
         n = p.numel()
         g = _grad64(KEYS, COEFFS, i, n)
@@ -100,9 +111,9 @@ def test_backend_matches_reference(backend, dtype, rounding):
     params, ms, vs = zip(*(_inputs(s, dtype, 7 * i) for i, s in enumerate(SHAPES)))
     runs = {}
     for b in ("reference", backend):
-        ts = [[t.clone() for t in x] for x in (params, ms, vs)]
+        ts = [_on(b, *x) for x in (params, ms, vs)]
         zo_kernels.noise_adam_(*ts, KEYS[:2], COEFFS[:2], backend=b, **kw)
-        runs[b] = ts
+        runs[b] = [_cpu(x) for x in ts]
     for i in range(len(params)):
         pr, pb = runs["reference"][0][i], runs[backend][0][i]
         if dtype == torch.float32:
@@ -117,23 +128,23 @@ def test_backend_matches_reference(backend, dtype, rounding):
 def test_three_steps_bf16_params_track_float64(backend):
     """bf16 θ with fp32 m, v over three steps: each step's θ is within one bf16 ulp of the float64
     transcription started from the same bf16 θ (rounding to nearest)."""
-    p, m, v = _inputs(1000, torch.bfloat16, 3)
+    p, m, v = _on(backend, *_inputs(1000, torch.bfloat16, 3))
     m.zero_(), v.zero_()
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     for step in (1, 2, 3):
         keys = [N.step_key(9, step)]
         g = _grad64(keys, [0.5], 0, p.numel())
-        th, m64, v64 = adam64(p.reshape(-1), m, v, g, step=step, **kw)
+        th, m64, v64 = adam64(p.cpu().reshape(-1), m.cpu(), v.cpu(), g, step=step, **kw)
         zo_kernels.noise_adam_([p], [m], [v], keys, [0.5], step=step, backend=backend, **kw)
-        dist = (ordered(p) - ordered(th.to(torch.bfloat16))).abs().max().item()
+        dist = (ordered(p.cpu()) - ordered(th.to(torch.bfloat16))).abs().max().item()
         assert dist <= 1
-        torch.testing.assert_close(m.double(), m64, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.cpu().double(), m64, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shards_with_offsets_equal_the_whole(backend):
     """z depends on the global index: updating two halves (offsets) equals updating the whole."""
-    p, m, v = _inputs(1001, torch.float32, 5)
+    p, m, v = _on(backend, *_inputs(1001, torch.float32, 5))
     whole = [t.clone() for t in (p, m, v)]
     zo_kernels.noise_adam_([whole[0]], [whole[1]], [whole[2]], KEYS, COEFFS, lr=1e-3, step=7, backend=backend)
     halves = [t.clone() for t in (p, m, v)]
@@ -180,6 +191,19 @@ def test_bad_input_raises_before_writing(bad, match):
         zo_kernels.noise_adam_(p, args["exp_avgs"], args["exp_avg_sqs"], **kw)
     for b, a in zip(before, p + m + v):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="needs the CUDA C++ backend (a GPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_and_cpu_kernels_give_the_same_bits(dtype):
+    """csrc/adam.h on host and device, the same z (philox.h), no FMA: identical results."""
+    params, ms, vs = zip(*(_inputs(s, dtype, 5 * i) for i, s in enumerate(SHAPES)))
+    out = {}
+    for b in ("cpu", "cuda"):
+        ts = [_on(b, *x) for x in (params, ms, vs)]
+        zo_kernels.noise_adam_(*ts, KEYS, COEFFS, lr=1e-3, step=3, weight_decay=0.1, rounding="stochastic", backend=b)
+        out[b] = [t.cpu() for x in ts for t in x]
+    assert all(torch.equal(a, b) for a, b in zip(out["cpu"], out["cuda"]))
 
 
 def test_opcheck_schema_and_fake_kernel():

@@ -14,7 +14,7 @@ Both are the ops of the extension zo_kernels._C, built from source by setup.py:
 
 The third is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
 csrc/restore.h, shared by both kernels); the last is the fused ZO-Adam pass (zo_kernels.adam is its
-reference, csrc/adam.h the per-element rule; CPU only so far); _lowrank_axpy_native is the low-rank
+reference, csrc/adam.h the per-element rule); _lowrank_axpy_native is the low-rank
 pass (zo_kernels.lowrank is its reference; csrc/cpu/lowrank_cpu.cpp, CPU only so far).
 
 The dispatcher sends CPU tensors to the CPU kernel and CUDA tensors to the CUDA kernel, so one pair

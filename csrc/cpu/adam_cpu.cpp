@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "../adam.h"
-#include "../native_args.h"
+#include "../adam_args.h"
 #include "../philox.h"
 
 namespace zo {
@@ -100,29 +100,16 @@ void run(const AdamArgs& a, int64_t b0, int64_t b1) {
   }
 }
 
-void check_state(const at::Tensor& s, const at::Tensor& p, const char* what, size_t i) {
-  TORCH_CHECK(s.device() == p.device(), what, "[", i, "] is on ", s.device(), " but params[", i, "] on ", p.device());
-  TORCH_CHECK(s.scalar_type() == at::kFloat, what, "[", i, "] has dtype ", s.scalar_type(),
-              "; the native Adam pass keeps float32 states");
-  TORCH_CHECK(s.is_contiguous(), what, "[", i, "] is not contiguous");
-  TORCH_CHECK(s.numel() == p.numel(), what, "[", i, "] has ", s.numel(), " elements, params[", i, "] ", p.numel());
-}
-
 void noise_adam_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::IntArrayRef keys,
                     at::ArrayRef<double> coeffs, at::ArrayRef<double> scalars, int64_t stochastic,
                     at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key) {
-  check_axpy_args(params, keys, coeffs, {}, stochastic, tensor_ids, offsets, c10::DeviceType::CPU);
+  const AdamCoef coef = check_adam_args(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic,
+                                       tensor_ids, offsets, c10::DeviceType::CPU);
   const size_t n = params.size();
-  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n, "_noise_adam_native: ", n, " params but ",
-              exp_avgs.size(), " exp_avgs and ", exp_avg_sqs.size(), " exp_avg_sqs");
-  TORCH_CHECK(scalars.size() == 7, "_noise_adam_native: scalars are (beta1, beta2, eps, step_size, bc2_sqrt, l2, "
-              "gamma), got ", scalars.size());
   std::vector<AdamTask> tasks;
   tasks.reserve(n);
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
-    check_state(exp_avgs[i], params[i], "exp_avgs", i);
-    check_state(exp_avg_sqs[i], params[i], "exp_avg_sqs", i);
     AdamTask t;
     t.p = params[i].data_ptr();
     t.m = exp_avgs[i].data_ptr<float>();
@@ -144,9 +131,7 @@ void noise_adam_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   a.keys = kt.words.data();
   a.coeffs = kt.alphas.data();
   a.K = (int)kt.alphas.size();
-  const double b1 = scalars[0], b2 = scalars[1];
-  a.c = AdamCoef{(float)b1, (float)(1.0 - b1), (float)b2, (float)(1.0 - b2), (float)scalars[2],
-                 (float)scalars[3], (float)scalars[4], (float)scalars[5], (float)scalars[6]};
+  a.c = coef;
   a.stochastic = stochastic != 0;
   split_key(rounding_key, a.rk0, a.rk1);
   at::parallel_for(0, total, ADAM_GRAIN, [&](int64_t b0, int64_t b1_) { run(a, b0, b1_); });

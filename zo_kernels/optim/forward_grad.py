@@ -11,7 +11,8 @@ E[(∇f·z) z] = ∇f: an unbiased gradient estimate with no μ and no finite-di
 Memory, honestly: jvp needs the tangent z as tensors, so z is materialised with `zo_kernels.noise_`
 (one tensor per trainable parameter, in its dtype: the trainable weights' size once more, freed after
 the jvp), and forward-mode AD carries a tangent beside every activation (about twice the activation
-memory of a plain forward).  No backward graph is kept.  The update itself is the fused primitive.
+memory of a plain forward), and attention runs PyTorch's math SDPA backend (fused attention kernels
+have no forward-mode derivative), which materialises the attention matrix.  No backward graph is kept.  The update itself is the fused primitive.
 
 The closure runs the forward pass of `module` and returns the loss (or (mean loss, count) when
 distributed); it is called inside torch.func.functional_call, so it must use `module` (not a copy).
@@ -23,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..noise import step_key
 from ..ops import noise_
@@ -87,7 +89,9 @@ class ForwardGrad(ZOOptimizer):
                 return loss
 
             tangents = tuple(noise_(torch.empty_like(p), k, tid, backend=self.backend) for p, tid in entries)
-            loss, dd = jvp(f, tuple(p.detach() for p, _ in entries), tangents)
+            # Fused attention kernels have no forward-mode derivative (torch 2.13): SDPA's math backend.
+            with sdpa_kernel([SDPBackend.MATH]):
+                loss, dd = jvp(f, tuple(p.detach() for p, _ in entries), tangents)
             del tangents
             loss, dd = float(loss.detach().double()), float(dd.detach().double())
             if self._comm is not None:

@@ -1,0 +1,88 @@
+// CUDA glue of the fused ZO-Adam pass: checks (../adam_args.h), the device table, one launch per param
+// dtype on the current stream; registered for the CUDA dispatch key. Built only when torch has CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "../adam_args.h"
+#include "adam_kernel.h"
+
+namespace zo {
+namespace cuda {
+namespace {
+
+bool aligned16(const void* ptr) { return ((uintptr_t)ptr % 16) == 0; }
+
+void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::IntArrayRef keys, at::ArrayRef<double> coeffs, at::ArrayRef<double> scalars,
+                     int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key) {
+  const AdamCoef coef = check_adam_args(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic, tensor_ids,
+                                        offsets, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  for (size_t i = 1; i < params.size(); ++i)
+    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
+                " but params[0] on ", params[0].device());
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const KeyTable kt = key_table(keys, coeffs);
+  std::map<int, std::vector<size_t>> groups;
+  for (size_t i = 0; i < params.size(); ++i) groups[dtype_code(params[i].scalar_type())].push_back(i);
+  for (const auto& kv : groups) {
+    const std::vector<size_t>& idx = kv.second;
+    const size_t T = idx.size();
+    const size_t entry_bytes = T * sizeof(AdamEntry);
+    const size_t key_bytes = kt.words.size() * sizeof(uint32_t);
+    const size_t coeff_bytes = kt.alphas.size() * sizeof(float);
+    at::Tensor host = at::empty({(int64_t)(entry_bytes + key_bytes + coeff_bytes)},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    auto* base = host.data_ptr<uint8_t>();
+    auto* entries = reinterpret_cast<AdamEntry*>(base);
+    int64_t quads = 0;
+    for (size_t r = 0; r < T; ++r) {
+      const size_t i = idx[r];
+      AdamEntry e;
+      e.p = params[i].data_ptr();
+      e.m = exp_avgs[i].data_ptr<float>();
+      e.v = exp_avg_sqs[i].data_ptr<float>();
+      e.n = params[i].numel();
+      e.off = offsets[i];
+      e.quad_start = quads;
+      e.tid = (uint32_t)tensor_ids[i];
+      e.aligned = (e.off % 4 == 0) && ((uintptr_t)e.p % (4 * params[i].element_size()) == 0) && aligned16(e.m) &&
+                  aligned16(e.v);
+      entries[r] = e;
+      quads += e.n ? (e.off + e.n + 3) / 4 - e.off / 4 : 0;
+    }
+    if (quads == 0) continue;
+    std::memcpy(base + entry_bytes, kt.words.data(), key_bytes);
+    std::memcpy(base + entry_bytes + key_bytes, kt.alphas.data(), coeff_bytes);
+    const at::Tensor dev = host.to(params[idx[0]].device(), /*non_blocking=*/true);
+    const auto* dbase = dev.data_ptr<uint8_t>();
+    AdamLaunch a{};
+    a.table = reinterpret_cast<const AdamEntry*>(dbase);
+    a.T = (int)T;
+    a.keys = reinterpret_cast<const uint32_t*>(dbase + entry_bytes);
+    a.coeffs = reinterpret_cast<const float*>(dbase + entry_bytes + key_bytes);
+    a.K = (int)keys.size();
+    a.c = coef;
+    a.pdt = kv.first;
+    a.stochastic = (int)stochastic;
+    split_key(rounding_key, a.rk0, a.rk1);
+    a.total_quads = quads;
+    C10_CUDA_CHECK(launch_adam(a, c10::cuda::getCurrentCUDAStream().stream()));
+    // `dev` returns to the caching allocator here; its reuse is ordered after the kernel on this stream.
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace zo
+
+TORCH_LIBRARY_IMPL(zo_kernels, CUDA, m) {
+  m.impl("_noise_adam_native", &zo::cuda::noise_adam_cuda);
+}
