@@ -232,6 +232,10 @@ def bench_model(name, args, device, dtype):
             nz.append(n)
         if device.startswith("cuda"):
             extra_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        opt = st.opts.get(variant)
+        state_mb = None if opt is None else sum(
+            t.numel() * t.element_size() for ps in opt.state.values() for t in ps.values()
+            if isinstance(t, torch.Tensor)) / 2**20
         backend = None
         if variant != "paper":
             import zo_kernels
@@ -245,6 +249,7 @@ def bench_model(name, args, device, dtype):
                      "noise_to_forward": round(n_ms / f_ms, 4) if f_ms > 0 else None,
                      "noise_ms_per_pass": round(n_ms / PASSES[variant], 3),
                      "step_peak_extra_mb": None if extra_mb is None else round(extra_mb, 1),
+                     "state_mb": None if state_mb is None else round(state_mb, 1),   # optimizer state kept
                      "backend": backend or "torch ops", "repeats": args.repeats})
         print(f"{name:9s} {variant:9s} forward {f_ms:9.1f} ms  noise {n_ms:9.1f} ms  "
               f"noise/forward {n_ms / f_ms:6.3f}  ({PASSES[variant]} passes, {backend or 'torch ops'})", flush=True)
