@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import STEPS, WORLD, _batch, _closure, _data, _free_port, _net, _split
 
 from zo_kernels.optim import ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
-
-from test_distributed import STEPS, WORLD, _batch, _closure, _data, _free_port, _net, _split
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 KINDS = ["sign", "cons", "mmt-seeded", "mmt-dense", "adam"]

@@ -9,7 +9,6 @@ import subprocess
 import sysconfig
 
 import pytest
-
 from test_nvcc_compile import ARCHS, FLAGS, NVCC, _cuda_include, _kernels, _torch_include
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
