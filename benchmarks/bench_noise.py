@@ -1,6 +1,7 @@
 """Kernel microbenchmark of the primitive: fused noise_axpy_ per backend vs the PyTorch baselines.
 
     python benchmarks/bench_noise.py [--sizes 1e5,1e6,1e7] [--keys 1,2,4] [--dtypes float32,bfloat16]
+    python benchmarks/bench_noise.py --lowrank [--shapes 2048x2048] [--ranks 1,2,4,8,16]
 
 Per (size, dtype, k keys) it times, in one process:
   mezo_randn   MeZO's way: per key, z = torch.randn_like(θ) (a full temporary), θ.add_(z, alpha)
@@ -10,6 +11,13 @@ Per (size, dtype, k keys) it times, in one process:
   copy_        (CUDA) θ.copy_(other): one read + one write, the roofline of an in-place op
 and prints ns/element, GB/s (θ read + written once) and ratios against the
 baselines measured in the same run.  Writes CSV and PNG to --out.
+
+--lowrank times LOZO's perturbation pass θ ← θ + a·U Vᵀ of one (m, n) matrix per rank r, in one process:
+  lowrank_<backend>  the fused low-rank pass (lowrank_noise_axpy_: U, V regenerated from their keys)
+  fullrank_<backend> the fused full-rank pass noise_axpy_ on the same matrix (MeZO's perturbation)
+  lozo_uvt           the authors' way: u = torch.randn(m, r) after torch.manual_seed, V kept in memory,
+                     param.data = param.data + a * (u @ v.t())  (out of place, θ-sized temporaries)
+and writes bench_noise_lowrank.csv / .png.
 """
 from __future__ import annotations
 
@@ -141,6 +149,95 @@ def write(rows, out: pathlib.Path):
     print(f"wrote {out / 'bench_noise.csv'} and {out / 'bench_noise.png'}")
 
 
+def lowrank_methods(p, r, device):
+    m = p.shape[0]
+    ku, kv = step_key(1, 2), step_key(1, 0)
+    v = torch.randn(p.shape[1], r, device=device, dtype=p.dtype)   # LOZO keeps V in memory
+    out = {}
+
+    def lozo_uvt():
+        torch.manual_seed(3)
+        u = torch.randn(m, r, device=device, dtype=p.dtype)
+        p.data = p.data + 1e-3 * (u @ v.t())
+
+    out["lozo_uvt"] = lozo_uvt
+    for name in backends.available_backends():
+        b = backends.get(name)
+        if device.type not in b.devices or p.dtype not in b.dtypes or name == "reference":
+            continue
+        if name == "triton" and b.notes.get("interpreter"):
+            continue
+        if b.lowrank is not None:
+            out[f"lowrank_{name}"] = (lambda n=name: zo_kernels.lowrank_noise_axpy_([p], [ku], kv, [1e-3], rank=r,
+                                                                                    backend=n))
+        out[f"fullrank_{name}"] = (lambda n=name: zo_kernels.noise_axpy_([p], [ku], [1e-3], backend=n))
+    return out
+
+
+def run_lowrank(args):
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for dname in args.dtypes.split(","):
+        dtype = DTYPES[dname]
+        for shape in args.shapes.split(","):
+            m, n = (int(x) for x in shape.lower().split("x"))
+            full = {}
+            for r in [int(x) for x in args.ranks.split(",")]:
+                p = torch.randn(m, n, device=device).to(dtype)
+                times = {}
+                for name, fn in lowrank_methods(p, r, device).items():
+                    if name.startswith("fullrank_") and name in full:
+                        times[name] = full[name]      # rank-independent: timed once per shape
+                        continue
+                    times[name] = time_fn(fn, device)
+                    if name.startswith("fullrank_"):
+                        full[name] = times[name]
+                for name, t in times.items():
+                    fused_full = [v for k, v in times.items() if k.startswith("fullrank_")]
+                    row = dict(device=str(device), threads=torch.get_num_threads(), dtype=dname, shape=f"{m}x{n}",
+                               rank=r, method=name, seconds=t, ns_per_element=t / (m * n) * 1e9,
+                               speedup_vs_lozo_uvt=times["lozo_uvt"] / t,
+                               speedup_vs_fullrank=min(fused_full) / t if fused_full else "")
+                    rows.append(row)
+                    print(f"{dname:9s} {m}x{n} r={r:<2d} {name:16s} {row['ns_per_element']:8.3f} ns/el  "
+                          f"x{row['speedup_vs_lozo_uvt']:6.2f} vs u@v.t()"
+                          + (f"  x{row['speedup_vs_fullrank']:6.2f} vs full-rank fused" if fused_full else ""),
+                          flush=True)
+    return rows
+
+
+def write_lowrank(rows, out: pathlib.Path):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_noise_lowrank.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: CSV only")
+        return
+    panels = sorted({(r["dtype"], r["shape"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (dt, sh) in zip(axes[0], panels):
+        for meth in sorted({r["method"] for r in rows}):
+            pts = [(r["rank"], r["ns_per_element"]) for r in rows if (r["dtype"], r["shape"], r["method"]) == (dt, sh, meth)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=meth)
+        ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="ns / element", title=f"{dt}, {sh}")
+        ax.set_xticks(sorted({r["rank"] for r in rows}), [str(x) for x in sorted({r["rank"] for r in rows})])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"low-rank perturbation pass on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
+    fig.tight_layout()
+    fig.savefig(out / "bench_noise_lowrank.png", dpi=120)
+    print(f"wrote {out / 'bench_noise_lowrank.csv'} and {out / 'bench_noise_lowrank.png'}")
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,10 +248,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--max-reference", type=float, default=1e7, help="skip the slow reference above this size")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lowrank", action="store_true", help="time the low-rank (LOZO) pass instead")
+    ap.add_argument("--shapes", default="4096x4096" if cuda else "2048x2048", help="--lowrank: matrices m x n")
+    ap.add_argument("--ranks", default="1,2,4,8,16", help="--lowrank: ranks")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     args.max_reference = int(args.max_reference)
     print(f"backends available: {backends.available_backends()}")
+    if args.lowrank:
+        write_lowrank(run_lowrank(args), pathlib.Path(args.out))
+        return
     write(run(args), pathlib.Path(args.out))
 
 
