@@ -200,7 +200,7 @@ def test_backend_matches_reference(backend, dtype, rounding):
     kw = dict(rank=3, gamma=0.99, rounding=rounding, tensor_ids=[2, 0, 5, 1, 4, 3], offsets=[0, 13 * 5, 0, 3, 0, 0],
               rounding_key=99)
     ps = [_w(s, dtype, seed=i) for i, s in enumerate(shapes)]
-    dense = [torch.randn(s[0], 3) if len(s) >= 2 else None for s in shapes]
+    dense = [_w((s[0], 3), seed=50 + i) if len(s) >= 2 else None for i, s in enumerate(shapes)]
     if rounding == "nearest":   # the dense U-space term once
         kw.update(dense=[d if d is not None else torch.zeros(s) for d, s in zip(dense, shapes)], beta=0.5)
     qs = [p.clone() for p in ps]
@@ -211,7 +211,9 @@ def test_backend_matches_reference(backend, dtype, rounding):
         if dtype == torch.float32:
             assert (p - q).abs().max() <= 1e-5 * q.abs().clamp_min(1).max(), i
         else:
-            assert (ordered(p) - ordered(q)).abs().max() <= 1, i
+            # one ulp, or (near zero, where ulps are tiny) the fp32 sums' own difference
+            off = (ordered(p) - ordered(q)).abs() > 1
+            assert ((p.float() - q.float()).abs()[off] <= 1e-5).all(), i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
