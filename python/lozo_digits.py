@@ -5,8 +5,8 @@ split): its two weight matrices get LOZO's low-rank U Vᵀ perturbations, its bi
 Every method gets the same query budget (one query: a forward pass of one example; MeZO, LOZO and
 LOZO-M 2·batch per step; MeZO-SVRG 2·N on full steps and 4·batch otherwise).
 
-    python python/lozo_digits.py --out runs/lozo_digits                 # the comparison
-    python python/lozo_digits.py --tune --out runs/lozo_tune            # LOZO / LOZO-M lr × rank × ν sweep
+    python -m python.lozo_digits --out runs/lozo_digits                 # the comparison
+    python -m python.lozo_digits --tune --out runs/lozo_tune            # LOZO / LOZO-M lr, rank, ν sweep
 
 Writes <out>/lozo_digits.csv (method, seed, step, queries, train_loss, test_acc) and a plot.
 """
@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from zo_kernels.optim import LOZO, LOZOM
 
-from _zo_toys import make_optimizer, train, write_csv  # noqa: E402
-from mlp_digits import load_data, make_mlp  # noqa: E402
-
-from zo_kernels.optim import LOZO, LOZOM  # noqa: E402
+from ._zo_toys import make_optimizer, train, write_csv
+from .mlp_digits import load_data, make_mlp
 
 LABELS = {"lozo": "LOZO", "lozo-m": "LOZO-M", "mezo": "MeZO", "mezo-svrg": "MeZO-SVRG"}
 COLORS = {"lozo": "tab:green", "lozo-m": "tab:olive", "mezo": "tab:blue", "mezo-svrg": "tab:red"}
