@@ -56,3 +56,12 @@ def rel(a_list, b_list):
     a = torch.cat([a.detach().flatten().double() for a in a_list])
     b = torch.cat([b.detach().flatten().double() for b in b_list])
     return ((a - b).norm() / b.norm()).item()
+
+
+def run_steps(opt, net, x, y, batches, steps, start=0):
+    """opt.step on the cross-entropy of batches[start], ..., batches[start + steps - 1]; the returned losses."""
+    losses = []
+    for t in range(start, start + steps):
+        idx = batches[t]
+        losses.append(opt.step(lambda: torch.nn.functional.cross_entropy(net(x[idx]), y[idx])))
+    return losses

@@ -8,70 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zo_kernels import lowrank as L
 from zo_kernels.noise import step_key
-from zo_kernels.optim import LOZO, LOZOM, NonFiniteLossError, replay
+from zo_kernels.optim import LOZO, LOZOM, NonFiniteLossError, naive, replay
 
-from optim_helpers import _one_thread, data, make_net, mlp, rel  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
 
 BACKEND = "reference"
 LR, WD, MU, SEED, STEPS, RANK, NU = 2.0 ** -7, 2.0 ** -3, 1e-2, 7, 30, 2, 4
 
 
 def run_opt(opt, net, x, y, batches, steps=STEPS, start=0):
-    losses = []
-    for t in range(start, start + steps):
-        idx = batches[t]
-        losses.append(opt.step(lambda: F.cross_entropy(net(x[idx]), y[idx])))
-    return losses
-
-
-def _u(seed, t, shape, tid, r):
-    return L.lowrank_u(step_key(seed, t), tid, shape[0], r, dtype=torch.float64)
-
-
-def _v(seed, t, shape, tid, r, nu):
-    return L.lowrank_v(step_key(seed, nu * (t // nu)), tid, L.cols_of(shape), r, dtype=torch.float64)
-
-
-def _z(seed, t, shape, tid, r, nu):
-    """The step's perturbation direction: U Vᵀ for matrices, z for vectors (float64)."""
-    if len(shape) >= 2:
-        return (_u(seed, t, shape, tid, r) @ _v(seed, t, shape, tid, r, nu).T).view(shape)
-    return L.lowrank_noise(step_key(seed, t), 0, tid, shape, r)
+    return run_steps(opt, net, x, y, batches, steps, start)
 
 
 def lozo_transcription(theta, x, y, batches, beta=None, steps=STEPS, seed=SEED, r=RANK, nu=NU):
-    """The authors' loop in float64: perturb +μZ, −2μZ, +μZ; c = (l1 − l2)/2μ; then
-    LOZO:   θ ← θ − η(c Z + λθ)
-    LOZO-M: matrices: at t % ν == 0, M ← β M V_oldᵀ V / n + (1−β) c U (M = c U at t = 0); else
-            M ← β M + (1−β) c U;  θ ← θ − η(M Vᵀ + λθ).  Vectors: m ← β m + (1−β) c z (m = c z at t = 0)."""
-    theta = [p.double().clone() for p in theta]
-    mom = [None] * len(theta)
-    for t in range(steps):
-        idx = batches[t]
-        zs = [_z(seed, t, p.shape, i, r, nu) for i, p in enumerate(theta)]
-        l1 = F.cross_entropy(mlp([p + MU * z for p, z in zip(theta, zs)], x[idx]), y[idx]).item()
-        l2 = F.cross_entropy(mlp([p - MU * z for p, z in zip(theta, zs)], x[idx]), y[idx]).item()
-        c = (l1 - l2) / (2 * MU)
-        for i, p in enumerate(theta):
-            if beta is None:
-                step = c * zs[i]
-            elif p.dim() >= 2:
-                u, v = _u(seed, t, p.shape, i, r), _v(seed, t, p.shape, i, r, nu)
-                if t == 0:
-                    mom[i] = c * u
-                elif t % nu == 0:
-                    v_old = _v(seed, t - 1, p.shape, i, r, nu)
-                    mom[i] = beta * mom[i] @ v_old.T @ v / v.shape[0] + (1 - beta) * c * u
-                else:
-                    mom[i] = beta * mom[i] + (1 - beta) * c * u
-                step = (mom[i] @ v.T).view(p.shape)
-            else:
-                mom[i] = c * zs[i] if t == 0 else beta * mom[i] + (1 - beta) * c * zs[i]
-                step = mom[i]
-            theta[i] = p - LR * (step + WD * p)
-    return theta
+    """naive.lozo, the authors' loop in float64 (LOZO, or LOZO-M with beta), on the test MLP."""
+    return naive.lozo(theta, lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item(), batches, lr=LR, mu=MU,
+                      wd=WD, seed=seed, rank=r, nu=nu, beta=beta, steps=steps)
 
 
 @pytest.mark.parametrize("beta", [None, 0.9])

@@ -16,18 +16,14 @@ import torch.nn.functional as F
 import zo_kernels.optim.base as zo_base
 from zo_kernels.optim import MeZO, NonFiniteLossError, naive, replay
 
-from optim_helpers import Net, _one_thread, data, make_net, mlp, rel, z_of  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import Net, _one_thread, data, make_net, mlp, rel, run_steps, z_of  # noqa: F401 (_one_thread: autouse)
 
 BACKEND = "reference"       # the transcription uses the reference's z: compare the algorithm, not backends
 LR, WD, MU, SEED, STEPS = 2.0 ** -7, 2.0 ** -3, 1e-2, 7, 50
 
 
 def run_opt(opt, net, x, y, batches, steps=STEPS):
-    losses = []
-    for t in range(steps):
-        idx = batches[t]
-        losses.append(opt.step(lambda: F.cross_entropy(net(x[idx]), y[idx])))
-    return losses
+    return run_steps(opt, net, x, y, batches, steps)
 
 
 # ------------------------------------------------------------------ transcriptions (zo_kernels.optim.naive)

@@ -13,10 +13,20 @@ import torch
 import torch.nn.functional as F
 
 import zo_kernels
-from zo_kernels.optim import ForwardGrad, MeZO, NonFiniteLossError, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign, replay
+from zo_kernels.optim import (
+    ForwardGrad,
+    MeZO,
+    NonFiniteLossError,
+    ZOAdam,
+    ZOSGDCons,
+    ZOSGDMomentum,
+    ZOSGDSign,
+    naive,
+    replay,
+)
 from zo_kernels.optim.spsa import direction_key
 
-from optim_helpers import _one_thread, data, make_net, mlp, rel  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
 
 BACKEND = "reference"
 LR, MU, SEED, STEPS = 2.0 ** -7, 1e-2, 11, 20
@@ -34,21 +44,12 @@ def loss64(theta, x, y, idx):
 
 def spsa64(theta, x, y, idx, t, q, mu=MU, seed=SEED):
     """The q two-point differences d_j and the z_j of step t (float64)."""
-    out = []
-    for j in range(q):
-        z = zs(seed, t, j, [p.shape for p in theta])
-        lp = loss64([p + mu * zi for p, zi in zip(theta, z)], x, y, idx)
-        lm = loss64([p - mu * zi for p, zi in zip(theta, z)], x, y, idx)
-        out.append(((lp - lm) / 2, z, (lp + lm) / 2))
-    return out
+    return naive.spsa_directions(theta, lambda ps, i: loss64(ps, x, y, i), idx, t, q, mu,
+                                 lambda t_, j: zs(seed, t_, j, [p.shape for p in theta]))
 
 
 def run(opt, net, x, y, batches, steps=STEPS, t0=0):
-    losses = []
-    for t in range(t0, t0 + steps):
-        idx = batches[t]
-        losses.append(opt.step(lambda: F.cross_entropy(net(x[idx]), y[idx])))
-    return losses
+    return run_steps(opt, net, x, y, batches, steps, t0)
 
 
 def setup(seed=0):
@@ -58,78 +59,41 @@ def setup(seed=0):
     return net, theta0, x, y, batches
 
 
-def axpy(theta, coef_z, wd=0.0, lr=LR):
-    return [(1 - lr * wd) * p + sum(c * z[i] for c, z in coef_z) for i, p in enumerate(theta)]
+# ---------------------------------------------- transcriptions of the updates (zo_kernels.optim.naive)
+def _loss_noise(theta, x, y):
+    return (lambda ps, idx: loss64(ps, x, y, idx)), (lambda t, j: zs(SEED, t, j, [p.shape for p in theta]))
 
 
-# ------------------------------------------------------------------ transcriptions of the updates
 def sign_sgd64(theta, x, y, batches, q, steps=STEPS, wd=0.0):
-    """ZO-Bench zo_sign_opt: grad = sign(projected_grad)·z (averaged over q); θ ← θ − η(grad + λθ)."""
-    for t in range(steps):
-        dz = spsa64(theta, x, y, batches[t], t, q)
-        theta = axpy(theta, [(-LR * math.copysign(1.0, d) / q if d else 0.0, z) for d, z, _ in dz], wd)
-    return theta
+    loss, noise = _loss_noise(theta, x, y)
+    return naive.sign_sgd(theta, loss, batches, lr=LR, mu=MU, q=q, noise=noise, wd=wd, steps=steps)
 
 
 def nspsa64(theta, x, y, batches, q, steps=STEPS, wd=0.0):
-    """ZO-Bench zo_step_v2 (q > 1): ĝ = (1/q) Σ_j (l+_j − l−_j)/(2μ) z_j;  θ ← θ − η(ĝ + λθ)."""
-    for t in range(steps):
-        dz = spsa64(theta, x, y, batches[t], t, q)
-        theta = axpy(theta, [(-LR * d / (MU * q), z) for d, z, _ in dz], wd)
-    return theta
+    loss, noise = _loss_noise(theta, x, y)
+    return naive.n_spsa(theta, loss, batches, lr=LR, mu=MU, q=q, noise=noise, wd=wd, steps=steps)
 
 
 def momentum64(theta, x, y, batches, beta, q=1, steps=STEPS, window=None):
-    """torch.optim.SGD(momentum=β) with p.grad = ĝ (ZO-Bench zo_sgd + momentum): m ← βm + ĝ; θ ← θ − ηm.
-    window=K: the momentum truncated to the last K estimates (the seeded mode's definition)."""
-    hist = []
-    for t in range(steps):
-        dz = spsa64(theta, x, y, batches[t], t, q)
-        hist.append([(d / (MU * q), z) for d, z, _ in dz])
-        recent = hist if window is None else hist[-window:]
-        n = len(recent)
-        theta = axpy(theta, [(-LR * beta ** (n - 1 - s) * c, z) for s, h in enumerate(recent) for c, z in h])
-    return theta
+    loss, noise = _loss_noise(theta, x, y)
+    return naive.momentum_sgd(theta, loss, batches, lr=LR, mu=MU, beta=beta, noise=noise, q=q, steps=steps,
+                              window=window)
 
 
 def adam64(theta, x, y, batches, q=1, steps=STEPS, betas=(0.9, 0.999), eps=1e-8, wd=0.0):
-    """ZO-Bench zo_adam: torch.optim.Adam in float64 with p.grad = ĝ."""
-    ps = [p.clone().requires_grad_(False) for p in theta]
-    opt = torch.optim.Adam(ps, lr=LR, betas=betas, eps=eps, weight_decay=wd)
-    for t in range(steps):
-        dz = spsa64(ps, x, y, batches[t], t, q)
-        for i, p in enumerate(ps):
-            p.grad = sum(d / (MU * q) * z[i] for d, z, _ in dz)
-        opt.step()
-    return ps
+    loss, noise = _loss_noise(theta, x, y)
+    return naive.adam(theta, loss, batches, lr=LR, mu=MU, noise=noise, q=q, steps=steps, betas=betas, eps=eps, wd=wd)
 
 
 def cons64(theta, x, y, batches, q=1, steps=STEPS, lr=LR):
-    """ZO-Bench zo_conserv_step: l0 = f(θ); candidates θ ∓ ηĝ; keep the lowest of the three."""
-    choices = []
-    for t in range(steps):
-        idx = batches[t]
-        l0 = loss64(theta, x, y, idx)
-        dz = spsa64(theta, x, y, idx, t, q)
-        minus = axpy(theta, [(-lr * d / (MU * q), z) for d, z, _ in dz])
-        plus = axpy(theta, [(lr * d / (MU * q), z) for d, z, _ in dz])
-        ls = [l0, loss64(minus, x, y, idx), loss64(plus, x, y, idx)]
-        best = min(range(3), key=lambda i: (ls[i], i))
-        choices.append(best)
-        theta = [theta, minus, plus][best]
-    return theta, choices
+    loss, noise = _loss_noise(theta, x, y)
+    return naive.cons(theta, loss, batches, lr=lr, mu=MU, noise=noise, q=q, steps=steps)
 
 
 def forward_grad64(theta, x, y, batches, steps=STEPS, wd=0.0):
-    """Forward gradient with the directional derivative from backward-mode autograd: θ ← θ − η((∇f·z) z + λθ)."""
-    for t in range(steps):
-        idx = batches[t]
-        z = zs(SEED, t, 0, [p.shape for p in theta])
-        ps = [p.clone().requires_grad_(True) for p in theta]
-        F.cross_entropy(mlp(ps, x[idx]), y[idx]).backward()
-        dd = sum((p.grad * zi).sum() for p, zi in zip(ps, z)).item()
-        theta = axpy(theta, [(-LR * dd, z)], wd)
-    return theta
+    _, noise = _loss_noise(theta, x, y)
+    return naive.forward_grad(theta, lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]), batches, lr=LR,
+                              noise=noise, wd=wd, steps=steps)
 
 
 # -------------------------------------------------------------------------------- updates

@@ -133,3 +133,140 @@ def mezo_svrg_published_step(params, t: int, z, closure, full_closure, state: di
     touch(-lr * ((l1p - l1m) - (l2p - l2m)) / (2 * mu), z)
     touch(-lr * state["ca"], za_of())
     return (l1p + l1m) / 2
+
+
+# ------------------------------------------------------------------ ZO-Bench's family (Zhang et al. 2024)
+DirNoise = Callable[[int, int], List[torch.Tensor]]      # noise(t, j): z of direction j of step t
+
+
+def spsa_directions(theta, loss: Loss, batch, t: int, q: int, mu: float, noise: DirNoise):
+    """The q two-point estimates of step t: [(d_j, z_j, (l+_j + l−_j)/2)], d_j = (l+_j − l−_j)/2."""
+    out = []
+    for j in range(q):
+        z = noise(t, j)
+        d, mean = spsa(theta, z, mu, loss, batch)
+        out.append((d, z, mean))
+    return out
+
+
+def _axpy(theta, coef_z, lr: float, wd: float = 0.0):
+    """(1 − ηλ)θ + Σ c·z over (c, z) pairs."""
+    return [(1 - lr * wd) * p + sum(c * z[i] for c, z in coef_z) for i, p in enumerate(theta)]
+
+
+def sign_sgd(theta, loss: Loss, batches, *, lr, mu, q, noise: DirNoise, wd=0.0, steps=None):
+    """ZO-Bench zo_sign_opt: grad = sign(projected_grad)·z (averaged over q); θ ← θ − η(grad + λθ)."""
+    for t in range(len(batches) if steps is None else steps):
+        dz = spsa_directions(theta, loss, batches[t], t, q, mu, noise)
+        theta = _axpy(theta, [(-lr * math.copysign(1.0, d) / q if d else 0.0, z) for d, z, _ in dz], lr, wd)
+    return theta
+
+
+def n_spsa(theta, loss: Loss, batches, *, lr, mu, q, noise: DirNoise, wd=0.0, steps=None):
+    """ZO-Bench zo_step_v2 (q > 1): ĝ = (1/q) Σ_j (l+_j − l−_j)/(2μ) z_j;  θ ← θ − η(ĝ + λθ)."""
+    for t in range(len(batches) if steps is None else steps):
+        dz = spsa_directions(theta, loss, batches[t], t, q, mu, noise)
+        theta = _axpy(theta, [(-lr * d / (mu * q), z) for d, z, _ in dz], lr, wd)
+    return theta
+
+
+def momentum_sgd(theta, loss: Loss, batches, *, lr, mu, beta, noise: DirNoise, q=1, steps=None, window=None):
+    """torch.optim.SGD(momentum=β) with p.grad = ĝ (ZO-Bench zo_sgd + momentum): m ← βm + ĝ; θ ← θ − ηm.
+    window=K: the momentum truncated to the last K estimates (the seeded mode's definition)."""
+    hist = []
+    for t in range(len(batches) if steps is None else steps):
+        dz = spsa_directions(theta, loss, batches[t], t, q, mu, noise)
+        hist.append([(d / (mu * q), z) for d, z, _ in dz])
+        recent = hist if window is None else hist[-window:]
+        n = len(recent)
+        theta = _axpy(theta, [(-lr * beta ** (n - 1 - s) * c, z) for s, h in enumerate(recent) for c, z in h], lr)
+    return theta
+
+
+def adam(theta, loss: Loss, batches, *, lr, mu, noise: DirNoise, q=1, steps=None, betas=(0.9, 0.999), eps=1e-8,
+         wd=0.0):
+    """ZO-Bench zo_adam: torch.optim.Adam (in theta's dtype) with p.grad = ĝ."""
+    ps = [p.clone().requires_grad_(False) for p in theta]
+    opt = torch.optim.Adam(ps, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    for t in range(len(batches) if steps is None else steps):
+        dz = spsa_directions(ps, loss, batches[t], t, q, mu, noise)
+        for i, p in enumerate(ps):
+            p.grad = sum(d / (mu * q) * z[i] for d, z, _ in dz)
+        opt.step()
+    return ps
+
+
+def cons(theta, loss: Loss, batches, *, lr, mu, noise: DirNoise, q=1, steps=None):
+    """ZO-Bench zo_conserv_step: l0 = f(θ); candidates θ ∓ ηĝ; keep the lowest of the three.
+    Returns (θ_T, the index kept at each step: 0 θ, 1 θ − ηĝ, 2 θ + ηĝ)."""
+    choices = []
+    for t in range(len(batches) if steps is None else steps):
+        batch = batches[t]
+        l0 = loss(theta, batch)
+        dz = spsa_directions(theta, loss, batch, t, q, mu, noise)
+        minus = _axpy(theta, [(-lr * d / (mu * q), z) for d, z, _ in dz], lr)
+        plus = _axpy(theta, [(lr * d / (mu * q), z) for d, z, _ in dz], lr)
+        ls = [l0, loss(minus, batch), loss(plus, batch)]
+        best = min(range(3), key=lambda i: (ls[i], i))
+        choices.append(best)
+        theta = [theta, minus, plus][best]
+    return theta, choices
+
+
+def forward_grad(theta, loss_tensor: Callable, batches, *, lr, noise: DirNoise, wd=0.0, steps=None):
+    """Forward gradient with the directional derivative from backward-mode autograd (an independent
+    route): θ ← θ − η((∇f·z) z + λθ).  loss_tensor(theta, batch) returns the loss as a tensor."""
+    for t in range(len(batches) if steps is None else steps):
+        z = noise(t, 0)
+        ps = [p.clone().requires_grad_(True) for p in theta]
+        loss_tensor(ps, batches[t]).backward()
+        dd = sum((p.grad * zi).sum() for p, zi in zip(ps, z)).item()
+        theta = _axpy(theta, [(-lr * dd, z)], lr, wd)
+    return theta
+
+
+# ------------------------------------------------------------------------------ LOZO (Chen et al. 2025)
+def lozo(theta, loss: Loss, batches, *, lr, mu, wd=0.0, seed: int, rank: int, nu: int, beta=None, steps=None):
+    """The authors' loop (optsuite/LOZO, LOZOtrainer) in theta's dtype, U and V materialised from the
+    spec's low-rank noise: perturb +μZ, −2μZ, +μZ; c = (l1 − l2)/2μ; then
+    LOZO:   θ ← θ − η(c Z + λθ)
+    LOZO-M: matrices: at t % ν == 0, M ← β M V_oldᵀ V / n + (1−β) c U (M = c U at t = 0); else
+            M ← β M + (1−β) c U;  θ ← θ − η(M Vᵀ + λθ).  Vectors: m ← β m + (1−β) c z (m = c z at t = 0).
+    Z = U Vᵀ for tensors with ndim ≥ 2 (U from step_key(seed, t), V from step_key(seed, ν⌊t/ν⌋)), z otherwise."""
+    from .. import lowrank as L
+
+    def u_of(t, shape, tid):
+        return L.lowrank_u(step_key(seed, t), tid, shape[0], rank, dtype=torch.float64)
+
+    def v_of(t, shape, tid):
+        return L.lowrank_v(step_key(seed, nu * (t // nu)), tid, L.cols_of(shape), rank, dtype=torch.float64)
+
+    def z_of(t, shape, tid):
+        if len(shape) >= 2:
+            return (u_of(t, shape, tid) @ v_of(t, shape, tid).T).view(shape)
+        return L.lowrank_noise(step_key(seed, t), 0, tid, shape, rank)
+
+    theta = [p.double().clone() for p in theta]
+    mom = [None] * len(theta)
+    for t in range(len(batches) if steps is None else steps):
+        zs = [z_of(t, p.shape, i) for i, p in enumerate(theta)]
+        d, _ = spsa(theta, zs, mu, loss, batches[t])
+        c = d / mu
+        for i, p in enumerate(theta):
+            if beta is None:
+                step = c * zs[i]
+            elif p.dim() >= 2:
+                u, v = u_of(t, p.shape, i), v_of(t, p.shape, i)
+                if t == 0:
+                    mom[i] = c * u
+                elif t % nu == 0:
+                    v_old = v_of(t - 1, p.shape, i)
+                    mom[i] = beta * mom[i] @ v_old.T @ v / v.shape[0] + (1 - beta) * c * u
+                else:
+                    mom[i] = beta * mom[i] + (1 - beta) * c * u
+                step = (mom[i] @ v.T).view(p.shape)
+            else:
+                mom[i] = c * zs[i] if t == 0 else beta * mom[i] + (1 - beta) * c * zs[i]
+                step = mom[i]
+            theta[i] = p - lr * (step + wd * p)
+    return theta
