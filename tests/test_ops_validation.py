@@ -126,3 +126,97 @@ def test_empty_tensor_in_list_is_fine():
     p = [torch.zeros(0), torch.zeros(5)]
     zo_kernels.noise_axpy_(p, [1], [1.0])
     assert p[1].abs().sum() > 0
+
+
+# ------------------------------------------------ issue 12: overlap, inference tensors, strict types
+def _untouched(call, exc, match, *tensors):
+    before = [t.clone() for t in tensors]
+    with pytest.raises(exc, match=match):
+        call()
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b)
+
+
+def test_overlapping_views_are_refused_naming_both():
+    base = torch.randn(24)
+    _untouched(lambda: zo_kernels.noise_axpy_([base[0:12], base[6:18]], [1], [1.0]), ValueError,
+               r"params\[0\] and params\[1\] share memory", base)
+    _untouched(lambda: zo_kernels.noise_axpy_([base, base[3:7]], [1], [1.0]), ValueError,
+               r"params\[0\] and params\[1\] share memory", base)
+    # a view of another dtype over the same bytes overlaps too
+    _untouched(lambda: zo_kernels.noise_axpy_([base[12:], base[6:18].view(torch.bfloat16)], [1], [1.0]),
+               ValueError, r"params\[1\] and params\[0\] share memory", base)
+    zo_kernels.noise_axpy_([base[0:12], base[12:24]], [1], [1.0])      # adjacent views are fine
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_dense_overlapping_a_param_is_refused(backend):
+    if backend not in backends.available_backends():
+        pytest.skip(f"{backend} not available")
+    base = torch.randn(65)
+    p, d = base[:64], base[1:]
+    _untouched(lambda: zo_kernels.noise_axpy_([p], [1], [1.0], dense=[d], beta=0.5, backend=backend), ValueError,
+               r"params\[0\] and dense\[0\] share memory", base)
+    other = torch.randn(64)
+    # dense[i] may be params[i] itself, not params[j]
+    a, b = torch.randn(64), torch.randn(64)
+    _untouched(lambda: zo_kernels.noise_axpy_([a, b], [1], [1.0], dense=[b, a], beta=0.5, backend=backend),
+               ValueError, "share memory", a, b)
+    zo_kernels.noise_axpy_([a, b], [1], [1.0], dense=[a, b], beta=0.5, backend=backend)
+    # dense terms may overlap each other: they are only read
+    q = torch.randn(64)
+    zo_kernels.noise_axpy_([other, q], [1], [1.0], dense=[base[:64], base[1:]], beta=0.5, backend=backend)
+
+
+def test_planes_overlapping_a_param_are_refused():
+    p = torch.randn(16).bfloat16()
+    _untouched(lambda: zo_kernels.noise_axpy_([p], [1], [0.5], undo=[0.0], planes=[p.view(torch.uint8)[:4]],
+                                              backend="reference"),
+               ValueError, r"params\[0\] and planes\[0\] share memory", p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_tensor_refused_before_anything_is_written(dtype):
+    p = torch.randn(8, dtype=dtype)
+    with torch.inference_mode():
+        q = torch.randn(8, dtype=dtype)
+    _untouched(lambda: zo_kernels.noise_axpy_([p, q], [1], [1.0]), RuntimeError, r"params\[1\] is an inference tensor",
+               p, q)
+    with torch.inference_mode():       # inside inference mode torch allows it, and so do we
+        zo_kernels.noise_axpy_([q], [1], [1.0])
+
+
+def test_sparse_tensor_named_as_sparse():
+    s = torch.zeros(6)
+    s[1] = 1.0
+    with pytest.raises(TypeError, match=r"params\[0\] is a torch.sparse_coo tensor"):
+        zo_kernels.noise_axpy_([s.to_sparse()], [1], [1.0])
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"tensor_ids": [0.5, 1.7]}, TypeError, r"tensor_ids\[0\] must be an int"),
+    ({"offsets": [0, 2.0]}, TypeError, r"offsets\[1\] must be an int"),
+    ({"tensor_ids": [True, 1]}, TypeError, r"tensor_ids\[0\] must be an int"),
+    ({"gamma": 1e39}, ValueError, "gamma=1e\\+39 exceeds the float32 range"),
+    ({"beta": -1e39}, ValueError, "beta=-1e\\+39 exceeds"),
+    ({"gamma": "1.0"}, TypeError, "gamma must be a real number"),
+])
+def test_strict_scalars_and_ids(kw, exc, match):
+    p = _params()
+    _untouched(lambda: zo_kernels.noise_axpy_(p, [1], [1.0], **kw), exc, match, *p)
+
+
+@pytest.mark.parametrize("alphas,match", [(["0.5"], "alphas\\[0\\] must be a real number, got str"),
+                                          ([True], "alphas\\[0\\] must be a real number, got bool"),
+                                          ([1e39], "alphas\\[0\\]=1e\\+39 exceeds")])
+def test_alphas_must_be_real_numbers(alphas, match):
+    p = _params()
+    _untouched(lambda: zo_kernels.noise_axpy_(p, [1], alphas), (TypeError, ValueError), match, *p)
+
+
+def test_float64_keeps_its_range_and_refuses_the_exact_form():
+    p = torch.randn(8, dtype=torch.float64)
+    zo_kernels.noise_axpy_([p], [1], [1e39])               # computed in float64: representable
+    assert torch.isfinite(p).all()
+    _untouched(lambda: zo_kernels.noise_axpy_([p], [1], [1.0], undo=[0.0], backend="reference"), TypeError,
+               "exact-restore form.*float64", p)

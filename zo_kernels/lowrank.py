@@ -51,6 +51,7 @@ from .ops import (
     _pick_backend,
     check_exact_args,
 )
+from .validate import check_no_overlap, named_tensors
 
 U_STREAM, V_STREAM = 3, 4
 MAX_RANK = 64
@@ -161,6 +162,7 @@ def _lowrank_op(params: List[torch.Tensor], keys_u: List[int], key_v: int, alpha
                 planes: List[torch.Tensor], plane_bits: int, rank: int, rounding: str, tensor_ids: List[int],
                 offsets: List[int], rounding_key: int, backend: str) -> None:
     # Empty lists stand for "none" (the schema has no optional tensor lists); `undo` empty: plain form.
+    check_no_overlap(named_tensors(params, dense, planes))     # real tensors here, also under torch.compile
     b = _backends.get(backend)
     exact = len(undo) > 0
     matrices = [i for i, p in enumerate(params) if p.dim() >= 2]

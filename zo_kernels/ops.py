@@ -14,10 +14,12 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import backends as _backends
-from .noise import M64, STREAM_NOISE, float_bits, mix_keys, to_signed64
+from .noise import STREAM_NOISE, float_bits, mix_keys
+from .validate import (FP32_MAX, PARAM_DTYPES, check_index_list, check_key, check_no_overlap, check_scalar,
+                       check_tensor, check_tensor_list, check_tensors, named_tensors)
 
 ROUNDINGS = ("nearest", "stochastic")
-PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+__all__ = ["noise_axpy_", "noise_", "ROUNDINGS", "PARAM_DTYPES", "default_rounding_key"]
 
 
 @torch.library.custom_op("zo_kernels::noise_axpy_", mutates_args=("params",))
@@ -25,6 +27,7 @@ def _noise_axpy_op(params: List[torch.Tensor], keys: List[int], alphas: List[flo
                    dense: List[torch.Tensor], beta: float, rounding: str, tensor_ids: List[int],
                    offsets: List[int], rounding_key: int, backend: str) -> None:
     # An empty `dense` list means no dense term (the schema has no optional tensor lists).
+    check_no_overlap(named_tensors(params, dense))     # here, not in the wrapper: real tensors under compile too
     _backends.get(backend).axpy(params, list(keys), list(alphas), gamma, list(dense) or None, beta, rounding,
                                 list(tensor_ids), list(offsets), rounding_key)
     _backends._set_last(backend)
@@ -39,6 +42,7 @@ def _(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, r
 def _noise_axpy_exact_op(params: List[torch.Tensor], keys: List[int], alphas: List[float], undo: List[float],
                          gamma: float, planes: List[torch.Tensor], plane_bits: int, rounding: str,
                          tensor_ids: List[int], offsets: List[int], rounding_key: int, backend: str) -> None:
+    check_no_overlap(named_tensors(params, planes=planes))
     _backends.get(backend).axpy_exact(params, list(keys), list(alphas), list(undo), gamma, list(planes) or None,
                                       plane_bits, rounding, list(tensor_ids), list(offsets), rounding_key)
     _backends._set_last(backend)
@@ -61,78 +65,18 @@ def _(out, key, tensor_id, offset, stream, backend):
 
 
 # ------------------------------------------------------------------ validation
-def _check_key(k, name: str) -> int:
-    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
-        k = int(k)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int (a 64-bit key), got {type(k).__name__}")
-    if not -(1 << 63) <= k <= M64:
-        raise ValueError(f"{name}={k} does not fit in 64 bits")
-    return to_signed64(k & M64)
+# The checks live in zo_kernels.validate, shared by every op; these names are the ones the other
+# ops' modules (adam.py, lowrank.py) import from here.
+_check_key, _check_scalar, _check_tensor, _check_index_list = check_key, check_scalar, check_tensor, check_index_list
 
 
-def _check_scalar(x, name: str) -> float:
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(x.shape)}")
-        x = x.item()
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from None
-    if not math.isfinite(x):
-        raise ValueError(f"{name} is {x}: coefficients must be finite")
-    return x
-
-
-def _check_tensor(t, name: str, device=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} has dtype {t.dtype}; only floating-point tensors can be perturbed")
-    if t.dtype not in PARAM_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16, float64")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
-                         f"call .contiguous() on the parameter first")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but params[0] is on {device}: all tensors must share a device")
-    if t.requires_grad and not t.is_leaf:
-        raise ValueError(f"{name} is a non-leaf tensor that requires grad; in-place noise would corrupt "
-                         f"the autograd graph. Pass the leaf parameters.")
-    return t
-
-
-def _check_params(params, name="params") -> list:
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    params = list(params)
-    if not params:
-        raise ValueError(f"{name} is empty: nothing to perturb")
-    device = None
-    seen = {}
-    for i, p in enumerate(params):
-        _check_tensor(p, f"{name}[{i}]", device)
-        device = p.device
-        if p.numel():
-            ptr = p.data_ptr()
-            if ptr in seen:
-                raise ValueError(f"{name}[{i}] and {name}[{seen[ptr]}] share memory; pass each tensor once "
-                                 f"(tied weights are perturbed once)")
-            seen[ptr] = i
+def _check_params(params, name: str = "params") -> list:
+    """A list of tensors an op writes: validate.check_tensor_list, and no two share a byte (eager; the
+    custom op's body checks again with real tensors under torch.compile)."""
+    params = check_tensor_list(params, name)
+    if not torch.compiler.is_compiling():
+        check_no_overlap([(f"{name}[{i}]", p, True) for i, p in enumerate(params)])
     return params
-
-
-def _check_index_list(values, n: int, name: str, default, lo: int, hi: int) -> list:
-    if values is None:
-        return list(default)
-    values = [int(v) for v in values]
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries for {n} params")
-    for i, v in enumerate(values):
-        if not lo <= v < hi:
-            raise ValueError(f"{name}[{i}]={v} is outside [{lo}, {hi})")
-    return values
 
 
 def _pick_backend(params, backend: Optional[str]):
@@ -169,35 +113,27 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     the new alphas apply to it.  `planes` (restore.make_planes) are written when undo is absent and
     read to resolve ambiguous elements when it is given.  No dense term in this form.
     """
-    params = _check_params(params)
+    params, dense = check_tensors(params, dense=dense)
+    # float64 params are computed by the reference in float64; everything else applies coefficients in fp32
+    limit = math.inf if all(p.dtype == torch.float64 for p in params) else FP32_MAX
     if isinstance(keys, int) or (isinstance(keys, torch.Tensor) and keys.dim() == 0):
         keys = [keys]
     if isinstance(alphas, (int, float)) or (isinstance(alphas, torch.Tensor) and alphas.dim() == 0):
         alphas = [alphas]
-    keys = [_check_key(k, f"keys[{j}]") for j, k in enumerate(keys)]
-    alphas = [_check_scalar(a, f"alphas[{j}]") for j, a in enumerate(alphas)]
+    keys = [check_key(k, f"keys[{j}]") for j, k in enumerate(keys)]
+    alphas = [check_scalar(a, f"alphas[{j}]", limit) for j, a in enumerate(alphas)]
     if len(keys) != len(alphas):
         raise ValueError(f"len(keys)={len(keys)} but len(alphas)={len(alphas)}: one coefficient per key")
-    gamma = _check_scalar(gamma, "gamma")
-    beta = _check_scalar(beta, "beta")
-    if rounding not in ROUNDINGS:
+    gamma = check_scalar(gamma, "gamma", limit)
+    beta = check_scalar(beta, "beta", limit)
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    if dense is not None:
-        if isinstance(dense, torch.Tensor):
-            dense = [dense]
-        dense = list(dense)
-        if len(dense) != len(params):
-            raise ValueError(f"dense has {len(dense)} tensors for {len(params)} params")
-        for i, (d, p) in enumerate(zip(dense, params)):
-            _check_tensor(d, f"dense[{i}]", p.device)
-            if d.shape != p.shape:
-                raise ValueError(f"dense[{i}] has shape {tuple(d.shape)} but params[{i}] has {tuple(p.shape)}")
     n = len(params)
-    tensor_ids = _check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
-    offsets = _check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
+    tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
+    offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
     if rounding_key is None:
         rounding_key = default_rounding_key(keys, alphas, gamma, beta)
-    rounding_key = _check_key(rounding_key, "rounding_key")
+    rounding_key = check_key(rounding_key, "rounding_key")
     chosen = _pick_backend(params, backend)
     if undo is not None or planes is not None:
         _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen)
@@ -209,12 +145,18 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
 
 def check_exact_args(params, keys, undo, planes, offsets, chosen):
     """The exact-restore arguments of noise_axpy_ / lowrank_noise_axpy_: (undo, planes, plane bits)."""
-    from .restore import PLANE_BITS, plane_numel_bytes
+    from .restore import PLANE_BITS, PLANE_DTYPES, plane_numel_bytes
 
+    wide = [p.dtype for p in params if p.dtype not in PLANE_DTYPES]
+    if wide:
+        raise TypeError(f"the exact-restore form (undo/planes) inverts float32/bfloat16/float16 rounding; got "
+                        f"{wide[0]} params (float64 is computed exactly enough: use the plain form)")
     if chosen.axpy_exact is None:
         raise NotImplementedError(f"backend {chosen.name!r} does not implement exact restore (undo/planes); "
                                   f"backends that do: {[n for n in _backends.available_backends() if _backends.get(n).axpy_exact]}")
-    undo = [0.0] * len(keys) if undo is None else [_check_scalar(u, f"undo[{j}]") for j, u in enumerate(undo)]
+    if undo is not None and (isinstance(undo, (str, bytes)) or not hasattr(undo, "__len__")):
+        raise TypeError(f"undo must be a list of coefficients, one per key, got {type(undo).__name__}")
+    undo = [0.0] * len(keys) if undo is None else [check_scalar(u, f"undo[{j}]") for j, u in enumerate(undo)]
     if len(undo) != len(keys):
         raise ValueError(f"undo has {len(undo)} coefficients for {len(keys)} keys")
     bits = 2
@@ -249,11 +191,11 @@ def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_id
 def noise_(out: torch.Tensor, key: int, tensor_id: int = 0, offset: int = 0, *, stream: int = STREAM_NOISE,
            backend: Optional[str] = None) -> torch.Tensor:
     """Fill `out` with z(key, tensor_id) for its elements offset .. offset+numel-1; returns out."""
-    _check_tensor(out, "out")
-    key = _check_key(key, "key")
-    tensor_id = _check_index_list([tensor_id], 1, "tensor_id", None, 0, 1 << 32)[0]
-    offset = _check_index_list([offset], 1, "offset", None, 0, 1 << 62)[0]
-    stream = _check_index_list([stream], 1, "stream", None, 0, 1 << 32)[0]
+    check_tensor(out, "out")
+    key = check_key(key, "key")
+    tensor_id = check_index_list([tensor_id], 1, "tensor_id", None, 0, 1 << 32)[0]
+    offset = check_index_list([offset], 1, "offset", None, 0, 1 << 62)[0]
+    stream = check_index_list([stream], 1, "stream", None, 0, 1 << 32)[0]
     chosen = _backends.resolve(out.device, out.dtype, backend)
     with torch.no_grad():
         _noise_op(out, key, tensor_id, offset, stream, chosen.name)

@@ -24,6 +24,7 @@ from .noise import DROPPED_BITS, normal
 
 PLANE_BITS = (2, 4, 8)
 _WIDTH = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
+PLANE_DTYPES = tuple(_WIDTH)      # dtypes whose rounding the exact form inverts
 _INT_VIEW = {16: torch.int16, 32: torch.int32}
 
 
