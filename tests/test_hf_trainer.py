@@ -151,3 +151,52 @@ def test_wrong_optimizer_kind_rejected():
         ZOArguments(optimizer="adam")
     with pytest.raises(ValueError, match="lookahead"):
         ZOArguments(optimizer="mezo-svrg", lookahead=True)
+
+
+@pytest.mark.parametrize("optimizer", ["mezo", "mezo-svrg"])
+def test_step_hooks_fire_once_per_training_step(tmp_path, optimizer):
+    """The Trainer calls optimizer.step() after ZOTrainer's training_step already stepped: that call
+    used to fire the step hooks a second time."""
+    trainer = ZOTrainer(model=tiny_bert(), args=targs(tmp_path, max_steps=3), train_dataset=dataset(8),
+                        zo_args=ZOArguments(optimizer=optimizer, full_batch_size=4))
+    trainer.create_optimizer()
+    opt = trainer.zo_optimizer
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o.step_count)))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o.step_count)))
+    trainer.train()
+    assert opt.step_count == 3
+    assert seen == [("pre", 0), ("post", 1), ("pre", 1), ("post", 2), ("pre", 2), ("post", 3)]
+
+
+def test_subclass_step_calling_super_fires_hooks_once():
+    class Counting(MeZO):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = Counting([p], lr=1e-3)
+    n = []
+    opt.register_step_post_hook(lambda o, a, k: n.append(1))
+    opt.step(lambda: (p.double() ** 2).sum())
+    assert len(n) == 1 and opt.step_count == 1
+
+
+@pytest.mark.parametrize("anchor", ["dense", "replay"])
+def test_svrg_resume_with_large_batch_sample_is_bit_identical(tmp_path, anchor):
+    """full_batch_size < the train set: the large-batch sample of a full step must not depend on how
+    many full steps this process ran (it used to: the counter was not in the checkpoint)."""
+    zo = ZOArguments(optimizer="mezo-svrg", q=2, full_batch_size=4, lr_full=2e-3, anchor=anchor)
+    data = dataset(16)
+
+    def trainer(out, model, **kw):
+        return ZOTrainer(model=model, args=targs(out, max_steps=6, save_strategy="steps", save_steps=3, **kw),
+                         train_dataset=data, zo_args=zo)
+
+    full = tiny_bert()
+    trainer(tmp_path / "a", full).train()
+    resumed = tiny_bert()
+    trainer(tmp_path / "b", tiny_bert()).train()            # writes checkpoint-3 (and -6)
+    trainer(tmp_path / "b", resumed).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n

@@ -16,7 +16,10 @@ already done (one closure-free call is allowed per training_step) -- steps the L
   settings (the Trainer's default is linear decay).
 - MeZO-SVRG full steps (every q steps) evaluate a large batch of `full_batch_size` examples drawn
   from the train set (all of it when None), in micro-batches of `full_micro_batch_size`; the
-  Trainer's own batch of that step is not used.
+  Trainer's own batch of that step is not used.  The draw of step t is seeded by (args.seed, t),
+  so resuming from a checkpoint draws the same batches as an uninterrupted run.
+- Step hooks (`register_step_pre_hook` / `register_step_post_hook`) fire once per training step,
+  around the ZO step; the Trainer's closure-free `optimizer.step()` that follows fires none.
 - Dropout: the ZO forward passes run with model.eval() (as MeZO does) unless train_mode=True;
   two-point estimates with different dropout masks are mostly noise.
 - gradient_accumulation_steps = n > 1: the n micro-batches of one optimizer step are one ZO step.
@@ -84,7 +87,6 @@ class ZOTrainer(Trainer):
         self._micro_batches: list = []   # gradient accumulation: inputs of this ZO step so far
         self.zo_optimizer: Optional[ZOOptimizer] = None
         self._watch_handle = None
-        self._full_step_count = 0
 
     # ------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -148,9 +150,11 @@ class ZOTrainer(Trainer):
         if size == n:
             idx = list(range(n))
         else:
-            g = torch.Generator().manual_seed((self.args.seed * 1_000_003 + self._full_step_count) % (2 ** 63))
+            # Seeded by the optimizer's step count, which its state_dict carries: a resumed run draws
+            # the same large batches as an uninterrupted one (and a retried full step the same one).
+            t = self.zo_optimizer.step_count
+            g = torch.Generator().manual_seed((self.args.seed * 1_000_003 + t) % (2 ** 63))
             idx = torch.randperm(n, generator=g)[:size].tolist()
-        self._full_step_count += 1
         micro = z.full_micro_batch_size or self.args.per_device_train_batch_size
         batches = []
         for s in range(0, len(idx), micro):

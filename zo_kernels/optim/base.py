@@ -38,6 +38,7 @@ step by step with a float64 transcription in `zo_kernels.optim.naive`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,7 +49,8 @@ from .. import distributed as _zdist
 from .._comm import ZOComm, make_comm
 from ..noise import M64, mix_keys, step_key
 from ..ops import ROUNDINGS, noise_axpy_
-from ..restore import PLANE_BITS, make_planes
+from ..restore import PLANE_BITS, PLANE_DTYPES, make_planes
+from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
 from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
 
@@ -107,6 +109,27 @@ def _flatten_params(params) -> list:
     return params
 
 
+def _hooked_step(step):
+    """torch.optim's step-hook wrapper, except for the closure-free call the HF Trainer makes after
+    ZOTrainer already stepped (`_closure_free_call`): that call is no step, so it fires no hooks."""
+    hooked = torch.optim.Optimizer.profile_hook_step(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if self.__dict__.get("_hooks_running"):     # a subclass's step calling super().step(): hooks fired once
+            return step(self, *args, **kwargs)
+        if all(a is None for a in args) and all(v is None for v in kwargs.values()) and self._closure_free_call():
+            return None
+        self._hooks_running = True
+        try:
+            return hooked(self, *args, **kwargs)
+        finally:
+            self._hooks_running = False
+
+    wrapper.hooked = True       # torch.optim.Optimizer._patch_step_function: already wrapped
+    return wrapper
+
+
 # ----------------------------------------------------------------------- base
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: layout, the one noise_axpy_ path, two-point evaluation, failure handling,
@@ -151,6 +174,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     _group_checks = {"lr": False, "eps": True, "weight_decay": False}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = _hooked_step(cls.__dict__["step"])
 
     def __init__(self, params, defaults: dict, *, seed: int = 0, record: bool = False,
                  rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
@@ -205,12 +233,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         for name, strict in self._group_checks.items():
             group[name] = _check_nonneg(group[name], name, strict)
-        for p in group["params"]:
-            if not p.is_floating_point():
-                raise TypeError(f"ZO optimizers perturb floating-point tensors; got a {p.dtype} parameter")
-            if not p.is_contiguous():
-                raise ValueError(f"parameter of shape {tuple(p.shape)} is not contiguous; noise_axpy_ "
-                                 f"needs contiguous tensors")
+        gi = len(self.param_groups) - 1
+        for i, p in enumerate(group["params"]):
+            name = f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
+            check_tensor(p, name, written=False)      # dtype, sparse/strided, contiguous: as noise_axpy_ would
+            if self.restore == "exact" and p.dtype not in PLANE_DTYPES:
+                raise ValueError(f"{name} is {p.dtype}: restore='exact' inverts float32/bfloat16/float16 "
+                                 f"rounding; use restore='auto' or 'fused' (float64 is computed in float64)")
 
     @property
     def step_count(self) -> int:
@@ -285,6 +314,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Exact restore applies to half-precision weights by default (restore="auto")."""
         if self.restore == "fused" or not self._exact_restore_allowed():
             return False
+        if any(t.dtype not in PLANE_DTYPES for t in tensors):
+            return False        # float64 beside half precision in one group (restore="auto"): fused
         return self.restore == "exact" or any(t.dtype in _HALF for t in tensors)
 
     def _exact_call(self, ts, ids, cur: Point, tgt: Point, final: bool,

@@ -74,8 +74,10 @@ class MeZOSVRG(ZOOptimizer):
         weight_decay: λ, applied as θ ← θ − η(ĝ + λθ) on both kinds of step.
         **options: as for every ZO optimizer (see ZOOptimizer).  snapshot=True with anchor="dense"
             covers the anchor buffers too (the weights' memory twice more), so a retried step rounds
-            exactly as one that never failed; without it the fused passes (fp32) restore a failed step
-            within their roundings, a few ulp of the largest intermediate |θ|, |θ̄ ± μz|.  With
+            exactly as one that never failed.  Without it a failed step restores by the step's own
+            passes: anchor="dense" moves the weights only by ±μz as MeZO does and has its guarantee;
+            anchor="replay" comes back from θ̄ ± μz by a multi-key jump, exact only up to the
+            roundings of its jumps (not bounded here: use snapshot).  With
             distributed=True, full_closure too returns this rank's mean (or (mean, count)) over its
             part of the full / large batch; DTensor (sharded) parameters need anchor="replay".
 
@@ -202,6 +204,8 @@ class MeZOSVRG(ZOOptimizer):
             w.at = list(self._theta)
         theta = list(w.at)
         buf_at = self._buf_at
+        # Tied aliases now, before any closure runs: a closure that edits param_groups changes the next step
+        aliases = None if replay else [x for e in self._aliases(w) for x in e]
         # snapshot=True covers the anchor buffers too, so a retried step rounds exactly as an unfailed one
         self._start_step(w, [] if replay else [b for bs in self._buffers(w, create=False) for b in bs])
 
@@ -214,7 +218,7 @@ class MeZOSVRG(ZOOptimizer):
             if replay:
                 l2p, l2m = self._two_point(w, origin(len(theta)), k, closure)      # at θ̄: one multi-key jump each
             else:
-                l2p, l2m = self._at_dense_anchor(w, k, closure)
+                l2p, l2m = self._at_dense_anchor(w, k, closure, aliases)
             l1p, l1m, l2p, l2m = self._sync_losses(l1p, l1m, l2p, l2m)   # distributed: one all-reduce
             losses = {"loss+": l1p, "loss-": l1m, "anchor loss+": l2p, "anchor loss-": l2m}
             if not all(math.isfinite(v) for v in losses.values()):
@@ -228,11 +232,11 @@ class MeZOSVRG(ZOOptimizer):
             self._t += 1
             return (l1p + l1m) / 2.0
 
-    def _at_dense_anchor(self, w: Tracked, key: int, closure):
+    def _at_dense_anchor(self, w: Tracked, key: int, closure, aliases: list):
         """The two evaluations at θ̄ ± μz(key) with the parameters' storages swapped for the anchor
-        buffers (tied aliases too), so the closure runs unchanged."""
+        buffers (`aliases`: every parameter object of each trainable tensor, tied ones too, collected
+        before the step's first closure), so the closure runs unchanged."""
         bufs = Tracked(self._buffers(w, create=False), w.tids, self._buf_at)
-        aliases = [x for e in self._aliases(w) for x in e]
         swapped = self._swap(aliases, bufs.flat())
         try:
             losses = self._two_point(bufs, origin(len(w.at)), key, closure, log=False)
