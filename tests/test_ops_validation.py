@@ -220,3 +220,14 @@ def test_float64_keeps_its_range_and_refuses_the_exact_form():
     assert torch.isfinite(p).all()
     _untouched(lambda: zo_kernels.noise_axpy_([p], [1], [1.0], undo=[0.0], backend="reference"), TypeError,
                "exact-restore form.*float64", p)
+
+
+def test_adam_states_overlapping_each_other_are_refused():
+    """noise_adam_ writes θ, m and v: a partial overlap between them (not just the same data_ptr) is refused."""
+    from zo_kernels.adam import noise_adam_
+
+    p = torch.randn(16)
+    buf = torch.zeros(33)
+    m, v = buf[:16], buf[8:24]
+    _untouched(lambda: noise_adam_([p], [m], [v], [1], [1.0], lr=1e-3, step=1, backend="reference"), ValueError,
+               r"exp_avgs\[0\] and exp_avg_sqs\[0\] share memory", p, buf)

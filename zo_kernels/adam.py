@@ -36,6 +36,7 @@ from .ops import (
     _pick_backend,
     default_rounding_key,
 )
+from .validate import check_no_overlap, named_tensors
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class AdamScalars:
 def _noise_adam_op(params: List[torch.Tensor], exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
                    keys: List[int], coeffs: List[float], scalars: List[float], rounding: str,
                    tensor_ids: List[int], offsets: List[int], rounding_key: int, backend: str) -> None:
+    # any shared byte between θ, m and v (by byte range; real tensors here, also under torch.compile)
+    check_no_overlap(named_tensors(params, written=[("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]))
     _backends.get(backend).adam(params, exp_avgs, exp_avg_sqs, list(keys), list(coeffs), AdamScalars(*scalars),
                                 rounding, list(tensor_ids), list(offsets), rounding_key)
     _backends._set_last(backend)

@@ -147,14 +147,17 @@ def check_no_overlap(named: Sequence[Tuple[str, torch.Tensor, bool]]) -> None:
             last_written = cur
 
 
-def named_tensors(params, dense=None, planes=None) -> List[Tuple[str, torch.Tensor, bool]]:
-    """The (name, tensor, written) triples of an op's tensor arguments, for `check_no_overlap`."""
+def named_tensors(params, dense=None, planes=None, written=()) -> List[Tuple[str, torch.Tensor, bool]]:
+    """The (name, tensor, written) triples of an op's tensor arguments, for `check_no_overlap`;
+    `written`: more (name, tensor list) pairs the op writes (e.g. Adam's exp_avgs, exp_avg_sqs)."""
     named = [(f"params[{i}]", p, True) for i, p in enumerate(params)]
     # dense[i] may be params[i] itself (same bytes, same dtype): each element is read before it is
     # written, by the same thread.  Its bytes are checked as params[i]'s.
     named += [(f"dense[{i}]", d, False) for i, (d, p) in enumerate(zip(dense or [], params))
               if not (d.dtype == p.dtype and d.numel() == p.numel() and _span(d) == _span(p))]
     named += [(f"planes[{i}]", t, True) for i, t in enumerate(planes or [])]
+    for name, ts in written:
+        named += [(f"{name}[{i}]", t, True) for i, t in enumerate(ts)]
     return named
 
 
