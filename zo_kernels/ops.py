@@ -15,8 +15,18 @@ import torch
 
 from . import backends as _backends
 from .noise import STREAM_NOISE, float_bits, mix_keys
-from .validate import (FP32_MAX, PARAM_DTYPES, check_index_list, check_key, check_no_overlap, check_scalar,
-                       check_tensor, check_tensor_list, check_tensors, named_tensors)
+from .validate import (
+    FP32_MAX,
+    PARAM_DTYPES,
+    check_index_list,
+    check_key,
+    check_no_overlap,
+    check_scalar,
+    check_tensor,
+    check_tensor_list,
+    check_tensors,
+    named_tensors,
+)
 
 ROUNDINGS = ("nearest", "stochastic")
 __all__ = ["noise_axpy_", "noise_", "ROUNDINGS", "PARAM_DTYPES", "default_rounding_key"]
