@@ -1,7 +1,10 @@
 """zo-finetune: zeroth-order fine-tuning of a Hugging Face classifier, with step-time and memory numbers.
 
-    zo-finetune                                # MiniLM-L6 + fresh 2-class head, Rotten Tomatoes, 512/256/256
-    zo-finetune --methods mezo,mezo-svrg --queries 20000 --out runs/x
+    zo-finetune                                # MiniLM-L6 + label-description head, Rotten Tomatoes 2048/256/512
+    zo-finetune --seeds 0,1,2                  # mean ± std per method (table and plot)
+    zo-finetune --head fresh                   # the MeZO-SVRG paper's setting: a random head, starts at chance
+    zo-finetune --objective accuracy           # ZO methods maximise minibatch accuracy (not differentiable)
+    zo-finetune --checkpoint-every 50 --out runs/x ; zo-finetune --resume runs/x
     python -m zo_kernels.finetune --help
 
 Writes DIR/results.json, DIR/curves.png and prints a table.  Bad input gives one line
@@ -22,7 +25,7 @@ from typing import List, Optional
 from ..machine import cpu_name as _cpu_name
 from .errors import FinetuneError
 
-DEFAULT_METHODS = "mezo,mezo-svrg,fo-sgd"
+DEFAULT_METHODS = "mezo,mezo-svrg"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS, TrainConfig
+    from .heads import DEFAULT_TEMPERATURE, HEADS
+    from .methods import METHODS, OBJECTIVES, TrainConfig
 
     d = TrainConfig()
     p = _Parser(prog="zo-finetune", description=__doc__.split("\n\n")[0],
@@ -46,17 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-column", default=None)
     g.add_argument("--label-column", default=None)
     g.add_argument("--labels", default=None, help="comma list of label values to keep, in class order")
-    g.add_argument("--n-train", type=int, default=512)
+    g.add_argument("--n-train", type=int, default=2048)
     g.add_argument("--n-val", type=int, default=256)
-    g.add_argument("--n-test", type=int, default=256)
+    g.add_argument("--n-test", type=int, default=512)
     g.add_argument("--max-length", type=int, default=64, help="truncate sentences to this many tokens")
     g.add_argument("--partial", type=int, nargs="?", const=1, default=None, metavar="K",
                    help="partial fine-tuning: last K transformer blocks + pooler/head (K=1 without a value)")
+    g.add_argument("--head", choices=HEADS, default="description",
+                   help="description: mean pooling + cosine head initialised from label descriptions (a "
+                        "zero-shot start); fresh: AutoModelForSequenceClassification's random head (the "
+                        "MeZO-SVRG paper's setting, starts at chance)")
+    g.add_argument("--label-descriptions", default=None, metavar="TEXT|TEXT|...",
+                   help="description head: one text per label, '|'-separated, in class order (default: "
+                        "'This is a negative review.|This is a positive review.' for sentiment labels, "
+                        "else 'This is <label>.')")
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="description head: logits = cosine similarity / temperature")
     g = p.add_argument_group("methods and budget")
     g.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list from {', '.join(METHODS)}")
     g.add_argument("--queries", type=int, default=None,
                    help=f"query budget of each ZO method (a query = one example's forward pass); default "
-                        f"{d.queries} (= 150 MeZO steps at batch 64)")
+                        f"{d.queries} (= {d.queries // (2 * d.batch_size)} MeZO steps at batch {d.batch_size})")
     g.add_argument("--steps", type=int, default=None,
                    help="budget as MeZO steps: queries = steps * 2 * batch-size (instead of --queries)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -79,17 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-fo-adam", type=float, default=d.lr_fo_adam)
     g.add_argument("--evals", type=int, default=d.evals,
                    help="evaluation points per method (test accuracy + whole-train-set loss)")
+    g.add_argument("--eval-train", type=int, default=d.eval_train, metavar="N",
+                   help="the eval points' training loss is over the first N training examples (a random "
+                        "subset; 0: the whole training set)")
+    g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="what the ZO methods minimise: loss (cross-entropy) or accuracy (the minibatch error "
+                        "rate, not differentiable; first-order methods keep cross-entropy)")
     g.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest")
     g.add_argument("--backend", default=None, help="zo_kernels backend (default: the best available)")
     g = p.add_argument_group("machine and output")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="one seed (data split, head, noise, data order); default 0")
+    g.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="several seeds, e.g. 0,1,2: the whole run per seed; table and plot give mean ± std")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
     g.add_argument("--out", default="runs/finetune", help="output directory")
     g.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory processes")
     g.add_argument("--memory-steps", type=int, default=3)
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--save-weights", action="store_true",
+                   help="write each method's final weights to OUT/weights/seed<S>_<method>.pt")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="write OUT/checkpoint.pt (atomically) every N steps and after every method; 0: never")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose checkpoint is in DIR (its own settings; ends bit-identical to "
+                        "an uninterrupted run); pass no other options but --no-progress")
     return p
 
 
@@ -114,7 +143,7 @@ def _check_numbers(a) -> None:
         if getattr(a, name) * a.weight_decay >= 1:
             raise FinetuneError(f"--{name.replace('_', '-')} {getattr(a, name)} times --weight-decay "
                                 f"{a.weight_decay} must be < 1 (the ZO update scales θ by 1 - lr*weight_decay)")
-    if not 0 <= a.seed < 1 << 64:
+    if a.seed is not None and not 0 <= a.seed < 1 << 64:
         raise FinetuneError(f"--seed must be in [0, 2**64), got {a.seed}")
     if a.threads is not None and a.threads < 1:
         raise FinetuneError(f"--threads must be >= 1, got {a.threads}")
@@ -138,6 +167,8 @@ def _check_args(a) -> List[str]:
     for name in ("n_train", "n_val", "n_test", "batch_size", "max_length", "q", "large_batch", "memory_steps"):
         if getattr(a, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.eval_train < 0:
+        raise FinetuneError(f"--eval-train must be >= 0, got {a.eval_train}")
     if a.evals < 1:
         raise FinetuneError("--evals must be >= 1")
     if a.queries is not None and a.steps is not None:
@@ -154,7 +185,31 @@ def _check_args(a) -> List[str]:
         raise FinetuneError("--eps must be > 0")
     if a.partial is not None and a.partial < 1:
         raise FinetuneError("--partial must be >= 1")
+    if not (a.temperature > 0):
+        raise FinetuneError(f"--temperature must be > 0, got {a.temperature}")
+    if a.checkpoint_every < 0:
+        raise FinetuneError(f"--checkpoint-every must be >= 0, got {a.checkpoint_every}")
+    if a.label_descriptions is not None and a.head != "description":
+        raise FinetuneError("--label-descriptions needs --head description")
     return methods
+
+
+def _seeds(a) -> List[int]:
+    if a.seeds is not None and a.seed is not None:
+        raise FinetuneError("give --seed or --seeds, not both")
+    if a.seeds is None:
+        return [0 if a.seed is None else a.seed]
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise FinetuneError(f"--seeds {a.seeds}: expected a comma list of integers such as 0,1,2") from None
+    if not seeds:
+        raise FinetuneError("--seeds is empty")
+    if len(set(seeds)) != len(seeds):
+        raise FinetuneError(f"--seeds lists a seed twice: {a.seeds}")
+    if any(not 0 <= x < 1 << 64 for x in seeds):
+        raise FinetuneError(f"--seeds must be in [0, 2**64): {a.seeds}")
+    return seeds
 
 
 def _device(a) -> str:
@@ -170,18 +225,69 @@ def _device(a) -> str:
     return dev
 
 
+def _parse(argv: List[str]):
+    """(args, argv used, checkpoint state or None).  --resume DIR: the settings come from DIR's
+    checkpoint; other options (but --no-progress) are refused so a resumed run cannot silently
+    differ from the one it continues."""
+    from . import checkpoint as ck
+
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.resume is None:
+        return a, argv, None
+    defaults = vars(parser.parse_args([]))
+    extra = [k for k, v in vars(a).items() if k not in ("resume", "no_progress") and v != defaults[k]]
+    if extra:
+        raise FinetuneError(f"--resume takes the run's settings from its checkpoint; do not also pass "
+                            f"{', '.join('--' + k.replace('_', '-') for k in extra)}")
+    state = ck.load(a.resume)
+    saved = [str(x) for x in state["argv"]]
+    r = parser.parse_args(saved)
+    r.out = a.resume            # the directory may have moved since
+    r.no_progress = r.no_progress or a.no_progress
+    return r, saved, state
+
+
+def _record(m: str, r, label: str) -> dict:
+    """The per-method result entry of results.json."""
+    from .methods import is_zo
+
+    steps = max(r.steps, 1)
+    zo = is_zo(m)
+    ts = {"forward": 1e3 * r.forward_s / steps, "total": 1e3 * r.train_s / steps}
+    if zo:
+        ts["noise"] = 1e3 * r.other_s / steps
+    else:
+        ts["backward_update"] = 1e3 * r.other_s / steps
+        ts["backward"] = 1e3 * r.backward_s / steps
+        ts["update"] = 1e3 * r.update_s / steps
+    return {"label": label, "kind": "zo" if zo else "fo", "steps": r.steps, "full_steps": r.full_steps,
+            "queries": r.queries, "train_loss": r.final["train_loss"], "val_acc": r.final["val_acc"],
+            "test_acc": r.final["test_acc"], "val_loss": r.final["val_loss"], "test_loss": r.final["test_loss"],
+            "best_test_acc": max(p["test_acc"] for p in r.curve[1:]) if len(r.curve) > 1 else r.final["test_acc"],
+            "wall_s": r.train_s + r.eval_s, "train_s": r.train_s, "eval_s": r.eval_s,
+            "forward_s": r.forward_s, "noise_or_backward_s": r.other_s,
+            "noise_to_forward": (r.other_s / r.forward_s) if (zo and r.forward_s) else None,
+            "time_per_step_ms": ts, "diverged": r.diverged, "curve": r.curve,
+            "step_losses": r.step_losses, "lr_history": r.lr_history}
+
+
 def run(argv: Optional[List[str]] = None) -> dict:
-    a = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a, argv, state = _parse(argv)
     methods = _check_args(a)
+    seeds = _seeds(a)
     t_start = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     from .. import distributed as zdist
+    from . import checkpoint as ck
     from . import data as data_mod
     from . import memory as mem_mod
     from . import report
-    from .methods import LABELS, TrainConfig, evaluate, mean_loss, run_method
+    from .heads import default_descriptions
+    from .methods import LABELS, MethodRun, TrainConfig, eval_train_index, evaluate, is_zo, mean_loss
     from .model import Encoded, load_model_and_tokenizer, model_summary, resolve_model, select_trainable
 
     d = TrainConfig()
@@ -191,7 +297,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     if dist_on:
         device = zdist.local_device(device)
         world = zdist.get_world_size()
-        fo = [m for m in methods if m.startswith("fo-")]
+        fo = [m for m in methods if not is_zo(m)]
         if fo and world > 1:
             raise FinetuneError(f"--methods {','.join(fo)}: first-order baselines run in one process; "
                                 f"under torchrun use ZO methods only")
@@ -206,85 +312,153 @@ def run(argv: Optional[List[str]] = None) -> dict:
         os.makedirs(a.out, exist_ok=True)
     except OSError as e:
         raise FinetuneError(f"--out {a.out}: cannot create directory ({e.strerror})") from None
+    checkpointing = a.checkpoint_every > 0 or state is not None
+    every = a.checkpoint_every
+
+    if checkpointing and state is None:
+        state = {"argv": argv, "runs": [], "current": None}
+    if checkpointing and main_rank:
+        ck.remove_stale_temps(a.out)
+        ck.save(a.out, state)       # from here on, --resume DIR always finds a checkpoint
+
+    def save_state():
+        if main_rank:
+            ck.save(a.out, state)
 
     labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
-    data = data_mod.load_text_classification(a.dataset, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test,
-                                              seed=a.seed, text_column=a.text_column, label_column=a.label_column,
-                                              labels=labels)
     model_path = resolve_model(a.model)
-    net, tok = load_model_and_tokenizer(model_path, data.num_labels, a.dtype, device, a.seed)
-    trainable = select_trainable(net, a.partial)
-    summary = model_summary(net, trainable)
-    max_length = a.max_length
-    for limit in (getattr(net.config, "max_position_embeddings", None), getattr(tok, "model_max_length", None)):
-        if isinstance(limit, int) and 0 < limit < max_length:
-            max_length = limit  # the model cannot take longer inputs
-    a.max_length = max_length
-    enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, max_length, device)
-           for k in ("train", "val", "test")}
     queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
-    cfg = TrainConfig(batch_size=a.batch_size, queries=queries, eps=a.eps, lr_mezo=a.lr_mezo, lr_svrg=a.lr_svrg,
-                      lr_svrg_full=a.lr_svrg_full, q=a.q, large_batch=a.large_batch, anchor=a.anchor,
-                      lookahead=(a.dtype == "float32") if a.lookahead is None else a.lookahead, anneal=a.anneal, weight_decay=a.weight_decay, fo_epochs=a.fo_epochs,
-                      fo_batch_size=a.fo_batch_size, lr_fo_sgd=a.lr_fo_sgd, lr_fo_adam=a.lr_fo_adam,
-                      evals=a.evals, seed=a.seed, backend=a.backend, rounding=a.rounding, device=device,
-                      distributed=dist_on)
     progress = not a.no_progress
+    lookahead = (a.dtype == "float32") if a.lookahead is None else a.lookahead
 
     def say(*x):
         if main_rank:
             print(*x, flush=True)
-    say(f"zo-finetune: {summary['architecture']} ({summary['params_trainable']:,} of {summary['params_total']:,} "
-        f"params trained, {a.dtype}) on {data.name}: {a.n_train}/{a.n_val}/{a.n_test} examples, "
-        f"{data.num_labels} labels, max {a.max_length} tokens (mean {enc['train'].mean_tokens():.1f}); "
-        f"device {device}, {threads} threads; ZO budget {queries:,} queries each")
 
-    # The starting point is the same for every method (same weights, same fresh head): evaluate it once.
-    init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    t0 = time.perf_counter()
-    te0 = evaluate(net, enc["test"], cfg.micro_batch)
-    tr0 = float(mean_loss(net, enc["train"], range(len(enc["train"])), cfg.micro_batch))
-    start = {"step": 0, "queries": 0, "train_loss": tr0, "test_acc": te0["acc"], "test_loss": te0["loss"],
-             "train_s": 0.0}
-    start_eval_s = time.perf_counter() - t0
-    say(f"start: train loss {tr0:.4f}, test acc {te0['acc']:.3f}")
-
-    results = {}
-    for m in methods:
-        net.load_state_dict(init_state)
+    def prepare(seed):
+        """This seed's data split, model (with its head) and tokenised splits."""
+        data = data_mod.load_text_classification(a.dataset, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test,
+                                                  seed=seed, text_column=a.text_column,
+                                                  label_column=a.label_column, labels=labels)
+        descriptions = None
+        if a.head == "description":
+            descriptions = ([x.strip() for x in a.label_descriptions.split("|")] if a.label_descriptions
+                            else default_descriptions(data.label_names))
+        net, tok = load_model_and_tokenizer(model_path, data.num_labels, a.dtype, device, seed, head=a.head,
+                                            descriptions=descriptions, temperature=a.temperature)
         trainable = select_trainable(net, a.partial)
-        t_m = time.perf_counter()
-        r = run_method(m, net, trainable, enc, cfg, start, progress=progress)
-        wall = time.perf_counter() - t_m
-        steps = max(r.steps, 1)
-        ts = {"forward": 1e3 * r.forward_s / steps, "total": 1e3 * r.train_s / steps}
-        if m.startswith("mezo"):
-            ts["noise"] = 1e3 * r.other_s / steps
-        else:
-            ts["backward_update"] = 1e3 * r.other_s / steps
-            ts["backward"] = 1e3 * r.backward_s / steps
-            ts["update"] = 1e3 * r.update_s / steps
-        results[m] = {"label": LABELS[m], "steps": r.steps, "full_steps": r.full_steps, "queries": r.queries,
-                      "train_loss": r.final["train_loss"], "val_acc": r.final["val_acc"],
-                      "test_acc": r.final["test_acc"], "val_loss": r.final["val_loss"],
-                      "test_loss": r.final["test_loss"], "wall_s": wall, "train_s": r.train_s, "eval_s": r.eval_s,
-                      "forward_s": r.forward_s, "noise_or_backward_s": r.other_s,
-                      "noise_to_forward": (r.other_s / r.forward_s) if (m.startswith("mezo") and r.forward_s) else None,
-                      "time_per_step_ms": ts, "diverged": r.diverged, "curve": r.curve,
-                      "step_losses": r.step_losses, "lr_history": r.lr_history}
-        say(f"{LABELS[m]}: {r.steps} steps, {r.queries:,} queries, train loss {r.final['train_loss']:.4f}, "
-            f"val acc {r.final['val_acc']:.3f}, test acc {r.final['test_acc']:.3f}, {wall:.0f} s"
-            + ("  (DIVERGED: loss not finite)" if r.diverged else ""))
+        max_length = a.max_length
+        cfg_net = getattr(net, "config", None)
+        for limit in (getattr(cfg_net, "max_position_embeddings", None), getattr(tok, "model_max_length", None)):
+            if isinstance(limit, int) and 0 < limit < max_length:
+                max_length = limit  # the model cannot take longer inputs
+        a.max_length = max_length
+        enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, max_length, device)
+               for k in ("train", "val", "test")}
+        return {"data": data, "enc": enc, "descriptions": descriptions, "net": net,
+                "summary": model_summary(net, trainable)}
 
+    runs = list(state["runs"]) if state is not None else []
+    done_seeds = {r["seed"] for r in runs}
+    info = None
+    for seed in seeds:
+        if seed in done_seeds:
+            continue
+        t_seed = time.perf_counter()
+        info = prepare(seed)
+        data, enc, net, summary = info["data"], info["enc"], info["net"], info["summary"]
+        cfg = TrainConfig(batch_size=a.batch_size, queries=queries, eps=a.eps, lr_mezo=a.lr_mezo,
+                          lr_svrg=a.lr_svrg, lr_svrg_full=a.lr_svrg_full, q=a.q, large_batch=a.large_batch,
+                          anchor=a.anchor, lookahead=lookahead, anneal=a.anneal, weight_decay=a.weight_decay,
+                          fo_epochs=a.fo_epochs, fo_batch_size=a.fo_batch_size, lr_fo_sgd=a.lr_fo_sgd,
+                          lr_fo_adam=a.lr_fo_adam, evals=a.evals, eval_train=a.eval_train,
+                          objective=a.objective, seed=seed,
+                          backend=a.backend, rounding=a.rounding, device=device, distributed=dist_on)
+        say(f"zo-finetune: {summary['architecture']} ({a.head} head, {summary['params_trainable']:,} of "
+            f"{summary['params_total']:,} params trained, {a.dtype}) on {data.name}: {a.n_train}/{a.n_val}/"
+            f"{a.n_test} examples, {data.num_labels} labels, max {a.max_length} tokens (mean "
+            f"{enc['train'].mean_tokens():.1f}); device {device}, {threads} threads; seed {seed}; ZO budget "
+            f"{queries:,} queries each, objective {a.objective}")
+        if a.objective != "loss" and any(not is_zo(m) for m in methods):
+            say(f"note: --objective {a.objective} applies to the ZO methods; first-order methods "
+                f"({', '.join(m for m in methods if not is_zo(m))}) keep cross-entropy (they need a gradient)")
+
+        # The starting point is the same for every method (same weights, same head): evaluate it once.
+        cur = state["current"] if (state is not None and state.get("current") and
+                                   state["current"]["seed"] == seed) else None
+        init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if cur is None:
+            t0 = time.perf_counter()
+            te0 = evaluate(net, enc["test"], d.micro_batch)
+            tr0 = float(mean_loss(net, enc["train"], eval_train_index(enc["train"], cfg), d.micro_batch))
+            start = {"step": 0, "queries": 0, "train_loss": tr0, "test_acc": te0["acc"],
+                     "test_loss": te0["loss"], "train_s": 0.0}
+            cur = {"seed": seed, "start": start, "start_eval_s": time.perf_counter() - t0, "done": {},
+                   "active": None}
+            if checkpointing:
+                state["current"] = cur
+                save_state()
+        start = cur["start"]
+        say(f"start (zero-shot, {a.head} head): train loss {start['train_loss']:.4f}, "
+            f"test acc {start['test_acc']:.3f}")
+
+        results = {}
+        for m in methods:
+            if m in cur["done"]:
+                results[m] = cur["done"][m]
+                say(f"{LABELS[m]}: done before the resume")
+                continue
+            net.load_state_dict(init_state)
+            trainable = select_trainable(net, a.partial)
+            mr = MethodRun(m, net, trainable, enc, cfg, start, progress=progress)
+            if cur.get("active") is not None and cur["active"]["method"] == m:
+                mr.load_state_dict(cur["active"])
+                say(f"{LABELS[m]}: resumed at step {mr.step} ({mr.meter.queries:,} queries)")
+
+            def checkpoint_fn(run_, cur=cur):
+                cur["active"] = run_.state_dict()
+                save_state()
+
+            r = mr.run(checkpoint_fn if checkpointing else None, every)
+            if a.save_weights and main_rank:
+                wdir = os.path.join(a.out, "weights")
+                os.makedirs(wdir, exist_ok=True)
+                ck.save_file(os.path.join(wdir, f"seed{seed}_{m}.pt"),
+                             {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+            results[m] = _record(m, r, LABELS[m])
+            rm = results[m]
+            say(f"{LABELS[m]}: {r.steps} steps, {r.queries:,} queries, train loss {rm['train_loss']:.4f}, "
+                f"val acc {rm['val_acc']:.3f}, test acc {rm['test_acc']:.3f} (start {start['test_acc']:.3f}), "
+                f"{rm['wall_s']:.0f} s" + ("  (DIVERGED: loss not finite)" if r.diverged else ""))
+            if checkpointing:
+                cur["done"][m] = results[m]
+                cur["active"] = None
+                save_state()
+        # seed_wall_s: loading, start evaluation and every method of this seed (this process only)
+        runs.append({"seed": seed, "start": start, "start_eval_s": cur["start_eval_s"], "methods": results,
+                     "seed_wall_s": time.perf_counter() - t_seed})
+        if checkpointing:
+            state["runs"] = runs
+            state["current"] = None
+            save_state()
+
+    if info is None:            # every seed was done before the resume: only the report is left
+        info = prepare(seeds[0])
+    data, enc, summary = info["data"], info["enc"], info["summary"]
     memory = {}
     if not a.no_memory:
         # One process per kind, on the same fixed batch (the first training batch, padded to max length).
         batch_file = os.path.join(a.out, "memory_batch.pt")
         b = enc["train"].batch(range(min(a.batch_size, len(enc["train"]))), pad_to=a.max_length)
         torch.save({k: v.cpu() for k, v in b.items()}, batch_file)
+        cfg0 = TrainConfig(batch_size=a.batch_size, eps=a.eps, lr_mezo=a.lr_mezo, lr_svrg=a.lr_svrg,
+                           lr_svrg_full=a.lr_svrg_full, q=a.q, large_batch=a.large_batch, anchor=a.anchor,
+                           lookahead=lookahead, lr_fo_sgd=a.lr_fo_sgd, lr_fo_adam=a.lr_fo_adam, seed=seeds[0],
+                           backend=a.backend, rounding=a.rounding, device=device)
         spec = {"model": model_path, "num_labels": data.num_labels, "dtype": a.dtype, "device": device,
-                "seed": a.seed, "partial": a.partial, "batch_file": batch_file, "threads": threads,
-                "steps": max(a.memory_steps, a.q + 1), "cfg": {k: v for k, v in asdict(cfg).items()}}
+                "seed": seeds[0], "partial": a.partial, "batch_file": batch_file, "threads": threads,
+                "head": a.head, "descriptions": info["descriptions"], "temperature": a.temperature,
+                "steps": max(a.memory_steps, a.q + 1), "cfg": {k: v for k, v in asdict(cfg0).items()}}
         memory = mem_mod.measure_all(["runtime", "inference"] + methods, spec,
                                      workers=1 if device.startswith("cuda") else threads)
         try:
@@ -296,29 +470,36 @@ def run(argv: Optional[List[str]] = None) -> dict:
             say(f"memory measurement for {k} failed: {memory[k]['error']}")
 
     total = time.perf_counter() - t_start
-    tab = report.table(results, memory)
+    agg = report.aggregate(runs)
+    tab = report.table(agg, memory)
     machine = f"{_cpu_name()}, {threads} threads" if device == "cpu" else torch.cuda.get_device_name(device)
     model_name = "all-MiniLM-L6-v2" if a.model is None else os.path.basename(str(a.model).rstrip("/"))
-    title = (f"{model_name} on {data.name}, {a.n_train} train; batch {a.batch_size}, "
-             f"{'partial (last ' + str(a.partial) + ')' if a.partial else 'full'} FT; {machine}")
-    out = {"config": {**vars(a), "methods": methods, "queries": queries, "model_path": model_path,
-                      "model_name": model_name,
-                      "dataset_name": data.name, "labels": data.label_names, "threads": threads},
+    seeds_txt = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {','.join(map(str, seeds))}"
+    title = (f"{model_name}, {a.head} head, on {data.name}, {a.n_train} train / {a.n_test} test; batch "
+             f"{a.batch_size}, {'partial (last ' + str(a.partial) + ')' if a.partial else 'full'} FT, objective "
+             f"{a.objective}; {seeds_txt}; {machine}")
+    out = {"config": {**vars(a), "methods": methods, "seeds": seeds, "queries": queries, "model_path": model_path,
+                      "model_name": model_name, "dataset_name": data.name, "labels": data.label_names,
+                      "label_descriptions": info["descriptions"], "threads": threads, "argv": argv},
            "machine": {"cpu": _cpu_name(), "device": device, "threads": threads, "python": platform.python_version(),
                        "torch": torch.__version__, "platform": platform.platform(),
                        "zo_backend": _backend_name()},
            "model": summary, "data": {"n_available": data.n_available, **data.meta,
                                       "mean_train_tokens": enc["train"].mean_tokens()},
-           "start": start, "start_eval_s": start_eval_s, "methods": results, "memory": memory,
-           "total_wall_s": total, "table": tab}
+           # single-seed layout kept: "start" / "methods" are the first seed's; "runs" has every seed
+           "start": runs[0]["start"], "start_eval_s": runs[0]["start_eval_s"], "methods": runs[0]["methods"],
+           "runs": runs, "summary": agg, "memory": memory, "total_wall_s": total, "table": tab}
     out["config"]["world_size"] = zdist.get_world_size()
     if main_rank:
         with open(os.path.join(a.out, "results.json"), "w") as f:
             json.dump(out, f, indent=2, default=float)
-        report.plot(results, os.path.join(a.out, "curves.png"), title)
+        report.plot(agg, os.path.join(a.out, "curves.png"), title)
     say("")
     say(tab)
     say("")
+    say("to MeZO peak: the first eval point whose test accuracy reaches MeZO's best eval point (after the start) "
+        "of the same seed; training seconds exclude evaluation" + ("" if len(seeds) == 1 else
+                                                                   "; mean over the seeds that reach it"))
     say("memory: peak RSS of one process per method during a few steps on one batch of "
         f"{a.batch_size} x {a.max_length} tokens; 'x inf' = / inference process, 'x inf-rt' = the same "
         f"after subtracting the runtime baseline (imports, tokenizer, model code; no weights: "

@@ -102,7 +102,7 @@ def _child(spec: dict) -> dict:
     if kind == "runtime":
         # Everything but the weights and the work: the imports, the config, the tokenizer, and the model's
         # code (instantiated on the meta device, which allocates no storage).
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         import zo_kernels  # noqa: F401
 
@@ -111,19 +111,22 @@ def _child(spec: dict) -> dict:
         _quiet()
         cfg = AutoConfig.from_pretrained(spec["model"], num_labels=spec["num_labels"])
         AutoTokenizer.from_pretrained(spec["model"])
+        kind_cls = AutoModel if spec.get("head", "fresh") == "description" else AutoModelForSequenceClassification
         with torch.device("meta"):
-            AutoModelForSequenceClassification.from_config(cfg)
+            kind_cls.from_config(cfg)
         gc.collect()
         out["reset_peak"] = _reset_peak()
         out["peak_rss_mb"] = _peak_rss_mb()
         out["peak_anon_mb"] = (_status_kb("RssAnon") or 0) / 1024.0
         return out
 
-    from .methods import TrainConfig, _is_full_step, batch_loss, make_zo_optimizer
+    from .methods import METHODS, TrainConfig, _is_full_step, batch_loss
     from .model import load_model_and_tokenizer, select_trainable
 
     net, _ = load_model_and_tokenizer(spec["model"], spec["num_labels"], spec.get("dtype", "float32"), device,
-                                      spec.get("seed", 0))
+                                      spec.get("seed", 0), head=spec.get("head", "fresh"),
+                                      descriptions=spec.get("descriptions"),
+                                      temperature=spec.get("temperature", 0.05))
     trainable = select_trainable(net, spec.get("partial"))
     b = torch.load(spec["batch_file"])
     batch = {k: v.to(device) for k, v in b.items()}
@@ -138,12 +141,9 @@ def _child(spec: dict) -> dict:
         return (batch_loss(net, batch)[1] + batch_loss(net, batch)[1]) / 2
 
     opt = None
-    if kind in ("mezo", "mezo-svrg"):
-        opt = make_zo_optimizer(kind, trainable, cfg)
-    elif kind == "fo-sgd":
-        opt = torch.optim.SGD(trainable, lr=cfg.lr_fo_sgd)
-    elif kind == "fo-adam":
-        opt = torch.optim.Adam(trainable, lr=cfg.lr_fo_adam)
+    zo = kind in METHODS and METHODS[kind].kind == "zo"
+    if kind in METHODS:
+        opt = METHODS[kind].make_optimizer(trainable, cfg)
     elif kind != "inference":
         raise SystemExit(f"unknown kind {kind!r}")
     gc.collect()
@@ -158,12 +158,12 @@ def _child(spec: dict) -> dict:
         if kind == "inference":
             with torch.no_grad():
                 loss_fn()
-        elif kind == "mezo":
-            with torch.no_grad():
-                opt.step(loss_fn)
-        elif kind == "mezo-svrg":
+        elif zo and hasattr(opt, "is_full_step"):
             with torch.no_grad():
                 opt.step(loss_fn, full_closure=full_fn if _is_full_step(opt) else None)
+        elif zo:
+            with torch.no_grad():
+                opt.step(loss_fn)
         else:
             opt.zero_grad(set_to_none=True)
             loss_fn().backward()

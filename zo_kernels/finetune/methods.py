@@ -1,16 +1,26 @@
-"""Training loops: MeZO, MeZO-SVRG (zo_kernels.optim) and first-order SGD / Adam baselines.
+"""Training loops and the method registry: MeZO, MeZO-SVRG (zo_kernels.optim) and first-order
+SGD / Adam baselines.
 
 Cost is counted in queries: one query = one forward pass of one example.  Every call of a
 loss closure on n examples adds n queries (counted, not assumed), so a MeZO step costs
 2·batch, a MeZO-SVRG minibatch step 4·batch and a full (large-batch) step 2·large_batch.
 Time is split by wrapping the closures with a timer: forward = time inside closure calls,
 noise = the rest of opt.step (perturb, restore, update, anchor swaps).
+
+Adding a method: one `register(Method(...))` call at the bottom of this file (or in your own
+module, imported before the CLI parses --methods).  A ZO method gives a `make_optimizer(params,
+cfg)` whose optimizer has `step(closure)` (closure: forward only, returns (loss, n_local)) and
+a `step_cost(opt, cfg, large)` = the queries its next step will spend (checked against the
+budget before the step).  An optimizer with an `is_full_step` attribute/method gets a
+`full_closure` (the large-batch loss) on the steps where it is true, as MeZO-SVRG does.  It
+should have `state_dict()/load_state_dict()` that resume bit-identically (checkpoints).
+An FO method gives a torch.optim.Optimizer; the loop does forward + backward + step.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -19,35 +29,34 @@ import torch
 from .. import distributed as zdist
 from .errors import FinetuneError
 
-ZO_METHODS = ("mezo", "mezo-svrg")
-FO_METHODS = ("fo-sgd", "fo-adam")
-METHODS = ZO_METHODS + FO_METHODS
-LABELS = {"mezo": "MeZO", "mezo-svrg": "MeZO-SVRG", "fo-sgd": "FO-SGD", "fo-adam": "FO-Adam"}
+OBJECTIVES = ("loss", "accuracy")
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
+    batch_size: int = 16
     queries: int = 19200                 # budget per ZO method (one query = one example's forward pass)
     eps: float = 1e-3
-    lr_mezo: float = 2e-3
-    lr_svrg: float = 4e-3            # η2: minibatch steps
-    lr_svrg_full: float = 2e-2       # η1: full / large-batch steps
-    q: int = 2
-    large_batch: int = 512           # examples per full step (Remark 3.3: a large batch instead of all)
+    lr_mezo: float = 1e-4
+    lr_svrg: float = 1e-4            # η2: minibatch steps
+    lr_svrg_full: float = 5e-4       # η1: full / large-batch steps
+    q: int = 4
+    large_batch: int = 128           # examples per full step (Remark 3.3: a large batch instead of all)
     anchor: str = "dense"
     lookahead: bool = False
     anneal: bool = False
     kappa: float = 1.05
     alpha: float = 5.0
     weight_decay: float = 0.0
-    fo_epochs: float = 5.0
+    fo_epochs: float = 2.0
     fo_batch_size: int = 16          # 0: the ZO batch size
-    lr_fo_sgd: float = 3e-2
-    lr_fo_adam: float = 1e-4
-    evals: int = 4                   # evaluation points after the start (test acc + train loss)
+    lr_fo_sgd: float = 1e-2
+    lr_fo_adam: float = 1e-5
+    evals: int = 8                   # evaluation points after the start (test acc + train loss)
+    eval_train: int = 512            # training examples in the eval points' train loss (0: all)
     eval_batch: int = 64
-    micro_batch: int = 32            # micro-batch of the large-batch / evaluation forward passes
+    micro_batch: int = 64            # micro-batch of the large-batch / evaluation forward passes
+    objective: str = "loss"          # ZO methods: "loss" (cross-entropy) or "accuracy" (minibatch error rate)
     seed: int = 0
     backend: Optional[str] = None
     rounding: str = "nearest"
@@ -94,18 +103,28 @@ def batch_loss(net, batch: Dict[str, torch.Tensor]):
     return logits, torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
 
 
+def batch_objective(net, batch: Dict[str, torch.Tensor], objective: str) -> torch.Tensor:
+    """What a ZO method minimises on a batch: cross-entropy, or the error rate 1 - accuracy (not
+    differentiable, piecewise constant: MeZO's claim 4 is that ZO can optimise it directly)."""
+    logits, loss = batch_loss(net, batch)
+    if objective == "accuracy":
+        return 1.0 - (logits.argmax(-1) == batch["labels"]).float().mean()
+    return loss
+
+
 def length_sorted_chunks(enc, index, size: int) -> List[List[int]]:
     """Chunks of `index` sorted by length: less padding in micro-batched forward passes."""
     order = sorted(index, key=lambda i: len(enc.ids[i]))
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def mean_loss(net, enc, index, micro: int) -> torch.Tensor:
-    """Mean cross-entropy over `index` (no grad), in length-sorted micro-batches."""
+def mean_loss(net, enc, index, micro: int, objective: str = "loss") -> torch.Tensor:
+    """Mean objective (default cross-entropy) over `index` (no grad), in length-sorted micro-batches."""
     total = torch.zeros((), dtype=torch.float64)
+    index = list(index)
     with torch.no_grad():
         for chunk in length_sorted_chunks(enc, index, micro):
-            _, loss = batch_loss(net, enc.batch(chunk))
+            loss = batch_objective(net, enc.batch(chunk), objective)
             total += loss.double().cpu() * len(chunk)
     return (total / len(index)).float()
 
@@ -142,6 +161,27 @@ class Sampler:
             return list(range(self.n))
         return [int(i) for i in self.rng.choice(self.n, size=size, replace=False)]
 
+    # Checkpoints: the data order is the permutation, the position in it and the generator's state.
+    def state_dict(self) -> dict:
+        return {"perm": torch.as_tensor(self.perm, dtype=torch.int64), "pos": int(self.pos),
+                "rng": _rng_state_to_str(self.rng)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.perm, self.pos = sd["perm"].numpy().astype(np.int64), int(sd["pos"])
+        self.rng.bit_generator.state = _rng_state_from_str(sd["rng"])
+
+
+def _rng_state_to_str(rng) -> str:
+    import json
+
+    return json.dumps(rng.bit_generator.state)      # big ints as text: loads with weights_only=True
+
+
+def _rng_state_from_str(s: str) -> dict:
+    import json
+
+    return json.loads(s)
+
 
 def _import_optim():
     try:
@@ -151,22 +191,88 @@ def _import_optim():
     return optim
 
 
-def make_zo_optimizer(method: str, params, cfg: TrainConfig):
-    optim = _import_optim()
+def _zo_extra(cfg: TrainConfig) -> dict:
     extra = {"distributed": True} if cfg.distributed else {}
     if cfg.backend:
         extra["backend"] = cfg.backend
     if cfg.rounding != "nearest":
         extra["rounding"] = cfg.rounding
-    if method == "mezo":
-        if not hasattr(optim, "MeZO"):
-            raise FinetuneError("zo_kernels.optim has no MeZO")
-        return optim.MeZO(params, lr=cfg.lr_mezo, eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                          lookahead=cfg.lookahead, **extra)
-    if not hasattr(optim, "MeZOSVRG"):
-        raise FinetuneError("zo_kernels.optim has no MeZOSVRG")
+    return extra
+
+
+def _make_mezo(params, cfg: TrainConfig):
+    optim = _import_optim()
+    return optim.MeZO(params, lr=cfg.lr_mezo, eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                      lookahead=cfg.lookahead, **_zo_extra(cfg))
+
+
+def _make_mezo_svrg(params, cfg: TrainConfig):
+    optim = _import_optim()
     return optim.MeZOSVRG(params, lr=cfg.lr_svrg, lr_full=cfg.lr_svrg_full, eps=cfg.eps, q=cfg.q, seed=cfg.seed,
-                          anchor=cfg.anchor, weight_decay=cfg.weight_decay, **extra)
+                          anchor=cfg.anchor, weight_decay=cfg.weight_decay, **_zo_extra(cfg))
+
+
+def _is_full_step(opt) -> bool:
+    v = getattr(opt, "is_full_step", False)
+    return bool(v() if callable(v) else v)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry (see the module docstring)."""
+    name: str                        # the --methods name
+    label: str                       # table / plot label
+    kind: str                        # "zo" or "fo"
+    make_optimizer: Callable         # (params, cfg) -> optimizer
+    step_cost: Optional[Callable] = None   # ZO: (opt, cfg, large) -> queries of the next step
+    color: Optional[str] = None
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register(m: Method) -> Method:
+    if m.kind not in ("zo", "fo"):
+        raise ValueError(f"method {m.name}: kind must be 'zo' or 'fo', got {m.kind!r}")
+    if m.kind == "zo" and m.step_cost is None:
+        raise ValueError(f"method {m.name}: a ZO method needs step_cost")
+    METHODS[m.name] = m
+    return m
+
+
+register(Method("mezo", "MeZO", "zo", _make_mezo, lambda opt, cfg, large: 2 * cfg.batch_size, "tab:blue"))
+register(Method("mezo-svrg", "MeZO-SVRG", "zo", _make_mezo_svrg,
+                lambda opt, cfg, large: 2 * large if _is_full_step(opt) else 4 * cfg.batch_size, "tab:red"))
+register(Method("fo-sgd", "FO-SGD", "fo",
+                lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr_fo_sgd, weight_decay=cfg.weight_decay),
+                color="tab:green"))
+register(Method("fo-adam", "FO-Adam", "fo",
+                lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr_fo_adam, weight_decay=cfg.weight_decay),
+                color="tab:purple"))
+
+
+class _Labels(dict):
+    """LABELS[m] for any registered method (also those registered after import)."""
+
+    def __missing__(self, key):
+        return METHODS[key].label if key in METHODS else key
+
+    def __contains__(self, key):
+        return key in METHODS
+
+    def get(self, key, default=None):
+        return METHODS[key].label if key in METHODS else default
+
+
+LABELS = _Labels()
+
+
+def is_zo(method: str) -> bool:
+    return METHODS[method].kind == "zo"
+
+
+def make_zo_optimizer(method: str, params, cfg: TrainConfig):
+    return METHODS[method].make_optimizer(params, cfg)
 
 
 def make_annealer(opt, steps_per_epoch: int, cfg: TrainConfig):
@@ -174,11 +280,6 @@ def make_annealer(opt, steps_per_epoch: int, cfg: TrainConfig):
     if not hasattr(optim, "LossRatioAnnealing"):
         raise FinetuneError("--anneal: zo_kernels.optim has no LossRatioAnnealing")
     return optim.LossRatioAnnealing(opt, steps_per_epoch=steps_per_epoch, kappa=cfg.kappa, alpha=cfg.alpha)
-
-
-def _is_full_step(opt) -> bool:
-    v = getattr(opt, "is_full_step", False)
-    return bool(v() if callable(v) else v)
 
 
 def _as_float(loss) -> float:
@@ -199,7 +300,7 @@ class RunResult:
     backward_s: float = 0.0
     update_s: float = 0.0
     full_steps: int = 0
-    step_losses: List[list] = field(default_factory=list)    # [queries, step loss]
+    step_losses: List[list] = field(default_factory=list)    # [queries, step loss, full step]
     curve: List[dict] = field(default_factory=list)          # eval points
     final: dict = field(default_factory=dict)
     lr_history: List[list] = field(default_factory=list)
@@ -228,116 +329,161 @@ def _settle(opt) -> None:
         opt.settle()
 
 
+def eval_train_index(train, cfg: TrainConfig) -> range:
+    """The training examples whose mean loss the eval points report: the first `eval_train` of the
+    (randomly ordered) training split, or all of it."""
+    n = len(train)
+    return range(n if cfg.eval_train <= 0 else min(cfg.eval_train, n))
+
+
 def _eval_point(net, data_enc, cfg, res: RunResult, step: int, queries: int, t_train: float, opt=None):
     _settle(opt)
     t0 = time.perf_counter()
     te = evaluate(net, data_enc["test"], cfg.micro_batch)
-    tr = float(mean_loss(net, data_enc["train"], range(len(data_enc["train"])), cfg.micro_batch))
+    tr = float(mean_loss(net, data_enc["train"], eval_train_index(data_enc["train"], cfg), cfg.micro_batch))
     res.eval_s += time.perf_counter() - t0
     res.curve.append({"step": step, "queries": queries, "train_loss": tr, "test_acc": te["acc"],
                       "test_loss": te["loss"], "train_s": t_train})
     return tr, te
 
 
-def run_zo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point: dict, progress=True) -> RunResult:
-    from tqdm.auto import tqdm
+class MethodRun:
+    """One method's training run as a resumable state machine: `run()` steps until the budget is
+    spent; `state_dict()` / `load_state_dict()` capture everything the rest of the run depends on
+    (weights, optimizer state, data order, RNG states, counters, the eval history)."""
 
-    train = data_enc["train"]
-    res = RunResult(method)
-    res.curve.append(dict(start_point))
-    opt = make_zo_optimizer(method, trainable, cfg)
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)
-    annealer = make_annealer(opt, steps_per_epoch, cfg) if cfg.anneal else None
-    sampler = Sampler(len(train), cfg.batch_size, cfg.seed)
-    meter = Meter(cfg.device)
-    sched = EvalSchedule(cfg.queries, cfg.evals)
-    large = min(cfg.large_batch, len(train))
-    bar = tqdm(total=cfg.queries, desc=LABELS[method], unit="q", disable=not progress, dynamic_ncols=True,
-               leave=True, mininterval=1.0)
-    t_train, step = 0.0, 0
-    while True:
-        full = method == "mezo-svrg" and _is_full_step(opt)
-        if method == "mezo":
-            cost = 2 * cfg.batch_size
+    def __init__(self, method: str, net, trainable, data_enc, cfg: TrainConfig, start_point: dict,
+                 progress: bool = True):
+        self.method, self.spec = method, METHODS[method]
+        self.net, self.trainable, self.data, self.cfg, self.progress = net, trainable, data_enc, cfg, progress
+        train = data_enc["train"]
+        self.res = RunResult(method)
+        self.res.curve.append(dict(start_point))
+        self.opt = self.spec.make_optimizer(trainable, cfg)
+        self.meter = Meter(cfg.device)
+        self.step, self.t_train = 0, 0.0
+        if self.spec.kind == "zo":
+            self.batch = cfg.batch_size
+            self.total = cfg.queries
+            self.large = min(cfg.large_batch, len(train))
+            steps_per_epoch = max(1, len(train) // cfg.batch_size)
+            self.annealer = make_annealer(self.opt, steps_per_epoch, cfg) if cfg.anneal else None
         else:
-            cost = 2 * large if full else 4 * cfg.batch_size
-        if meter.queries + cost > cfg.queries:
-            break
-        idx = sampler.next()
+            self.batch = min(cfg.fo_batch_size or cfg.batch_size, len(train))
+            self.n_steps = max(1, int(round(cfg.fo_epochs * len(train) / self.batch)))
+            self.total = self.n_steps * self.batch
+            self.annealer = None
+        self.sampler = Sampler(len(train), self.batch, cfg.seed)
+        self.sched = EvalSchedule(self.total, cfg.evals)
+        self.done = False
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        # The optimizer first: MeZO settles a pending lookahead perturbation there, so the weights
+        # saved next are θ_t (the same settle happens in the uninterrupted run with this cadence).
+        opt_sd = self.opt.state_dict()
+        return {"method": self.method, "weights": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+                "optimizer": opt_sd, "sampler": self.sampler.state_dict(),
+                "annealer": self.annealer.state_dict() if self.annealer is not None else None,
+                "meter": asdict(self.meter), "step": self.step, "t_train": self.t_train,
+                "sched_i": self.sched.i, "res": asdict(self.res), "done": self.done,
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["method"] != self.method:
+            raise FinetuneError(f"checkpoint is for method {sd['method']}, not {self.method}")
+        with torch.no_grad():
+            self.net.load_state_dict(sd["weights"])
+        self.opt.load_state_dict(sd["optimizer"])
+        self.sampler.load_state_dict(sd["sampler"])
+        if self.annealer is not None and sd.get("annealer") is not None:
+            self.annealer.load_state_dict(sd["annealer"])
+        self.meter = Meter(**sd["meter"])
+        self.step, self.t_train, self.sched.i, self.done = int(sd["step"]), float(sd["t_train"]), \
+            int(sd["sched_i"]), bool(sd["done"])
+        self.res = RunResult(**sd["res"])
+        torch.set_rng_state(sd["torch_rng"])
+
+    # ------------------------------------------------------------------- loop
+    def run(self, checkpoint: Optional[Callable[["MethodRun"], None]] = None, every: int = 0) -> RunResult:
+        """Train to the end of the budget; call `checkpoint(self)` every `every` steps (0: never)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total, initial=self.meter.queries, desc=self.spec.label, unit="q",
+                   disable=not self.progress, dynamic_ncols=True, leave=True, mininterval=1.0)
+        one = self._zo_step if self.spec.kind == "zo" else self._fo_step
+        while not self.done:
+            q0 = self.meter.queries
+            loss = one()
+            if loss is None:          # the budget is spent
+                self.done = True
+                break
+            bar.update(self.meter.queries - q0)
+            bar.set_postfix_str(f"loss={loss:.4f} step={self.step}", refresh=False)
+            if not math.isfinite(loss):
+                self.res.diverged = True
+                self.done = True
+                break
+            if self.sched.due(self.meter.queries):
+                bar.clear()
+                tr, te = _eval_point(self.net, self.data, self.cfg, self.res, self.step, self.meter.queries,
+                                     self.t_train, self.opt)
+                bar.set_postfix_str(f"loss={loss:.4f} step={self.step} train={tr:.4f} test_acc={te['acc']:.3f}")
+            if checkpoint is not None and every and self.step % every == 0:
+                checkpoint(self)
+        bar.close()
+        return self.finish()
+
+    def _zo_step(self) -> Optional[float]:
+        cfg, net, meter, train = self.cfg, self.net, self.meter, self.data["train"]
+        full = _is_full_step(self.opt) and hasattr(self.opt, "is_full_step")
+        if meter.queries + self.spec.step_cost(self.opt, cfg, self.large) > self.total:
+            return None
+        idx = self.sampler.next()
         # Data parallel: this rank's share of the step's batch; queries count the whole batch.
         mine = zdist.shard_list(idx) if cfg.distributed else idx
         batch = train.batch(mine)
-        closure = TimedClosure(lambda: (batch_loss(net, batch)[1], len(mine)), len(idx), meter)
-        q0, f0 = meter.queries, meter.forward_s
+        closure = TimedClosure(lambda: (batch_objective(net, batch, cfg.objective), len(mine)), len(idx), meter)
+        f0 = meter.forward_s
         _sync(cfg.device)
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                if method == "mezo":
-                    loss = opt.step(closure)
+                if full:
+                    lidx = self.sampler.large(self.large)
+                    lmine = zdist.shard_list(lidx) if cfg.distributed else lidx
+                    full_closure = TimedClosure(
+                        lambda: (mean_loss(net, train, lmine, cfg.micro_batch, cfg.objective).to(cfg.device),
+                                 len(lmine)), len(lidx), meter)
+                    loss = self.opt.step(closure, full_closure=full_closure)
+                elif hasattr(self.opt, "is_full_step"):
+                    loss = self.opt.step(closure, full_closure=None)
                 else:
-                    full_closure = None
-                    if full:
-                        lidx = sampler.large(large)
-                        lmine = zdist.shard_list(lidx) if cfg.distributed else lidx
-                        full_closure = TimedClosure(
-                            lambda: (mean_loss(net, train, lmine, cfg.micro_batch).to(cfg.device), len(lmine)),
-                            len(lidx), meter)
-                    loss = opt.step(closure, full_closure=full_closure)
+                    loss = self.opt.step(closure)
         except FloatingPointError:  # zo_kernels.optim.NonFiniteLossError: θ restored, the run has diverged
             loss = float("nan")
         _sync(cfg.device)
         dt = time.perf_counter() - t0
-        t_train += dt
-        res.other_s += dt - (meter.forward_s - f0)
+        self.t_train += dt
+        self.res.other_s += dt - (meter.forward_s - f0)
         loss = _as_float(loss)
-        step += 1
-        res.full_steps += int(full)
-        res.step_losses.append([meter.queries, loss, int(full)])
-        if annealer is not None:
-            annealer.step(loss)
-            res.lr_history.append([step, float(opt.param_groups[0]["lr"])])
-        bar.update(meter.queries - q0)
-        bar.set_postfix_str(f"loss={loss:.4f} step={step}", refresh=False)
-        if not math.isfinite(loss):
-            res.diverged = True
-            break
-        if sched.due(meter.queries):
-            bar.clear()
-            tr, te = _eval_point(net, data_enc, cfg, res, step, meter.queries, t_train, opt)
-            bar.set_postfix_str(f"loss={loss:.4f} step={step} train={tr:.4f} test_acc={te['acc']:.3f}")
-    bar.close()
-    _settle(opt)
-    if not res.curve or res.curve[-1]["queries"] != meter.queries:
-        _eval_point(net, data_enc, cfg, res, step, meter.queries, t_train, opt)
-    res.steps, res.queries, res.train_s, res.forward_s = step, meter.queries, t_train, meter.forward_s
-    return res
+        self.step += 1
+        self.res.full_steps += int(full)
+        self.res.step_losses.append([meter.queries, loss, int(full)])
+        if self.annealer is not None:
+            self.annealer.step(loss)
+            self.res.lr_history.append([self.step, float(self.opt.param_groups[0]["lr"])])
+        return loss
 
-
-def run_fo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point: dict, progress=True) -> RunResult:
-    from tqdm.auto import tqdm
-
-    train = data_enc["train"]
-    res = RunResult(method)
-    res.curve.append(dict(start_point))
-    if method == "fo-sgd":
-        opt = torch.optim.SGD(trainable, lr=cfg.lr_fo_sgd, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(trainable, lr=cfg.lr_fo_adam, weight_decay=cfg.weight_decay)
-    bs = min(cfg.fo_batch_size or cfg.batch_size, len(train))
-    n_steps = max(1, int(round(cfg.fo_epochs * len(train) / bs)))
-    total_q = n_steps * bs
-    sampler = Sampler(len(train), bs, cfg.seed)
-    sched = EvalSchedule(total_q, cfg.evals)
-    bar = tqdm(total=total_q, desc=LABELS[method], unit="q", disable=not progress, dynamic_ncols=True,
-               leave=True, mininterval=1.0)
-    t_train, queries = 0.0, 0
-    for step in range(1, n_steps + 1):
-        batch = train.batch(sampler.next())
+    def _fo_step(self) -> Optional[float]:
+        cfg, net, opt = self.cfg, self.net, self.opt
+        if self.step >= self.n_steps:
+            return None
+        batch = self.data["train"].batch(self.sampler.next())
         _sync(cfg.device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = batch_loss(net, batch)[1]
+        loss = batch_loss(net, batch)[1]        # FO needs a differentiable loss: cross-entropy always
         _sync(cfg.device)
         t1 = time.perf_counter()
         loss.backward()
@@ -346,43 +492,39 @@ def run_fo(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point:
         opt.step()
         _sync(cfg.device)
         t3 = time.perf_counter()
-        res.forward_s += t1 - t0
-        res.backward_s += t2 - t1
-        res.update_s += t3 - t2
-        t_train += t3 - t0
-        queries += bs
+        self.res.forward_s += t1 - t0
+        self.res.backward_s += t2 - t1
+        self.res.update_s += t3 - t2
+        self.t_train += t3 - t0
+        self.meter.queries += self.batch
+        self.step += 1
         lv = float(loss.detach())
-        res.step_losses.append([queries, lv, 0])
-        bar.update(bs)
-        bar.set_postfix_str(f"loss={lv:.4f} step={step}", refresh=False)
-        if not math.isfinite(lv):
-            res.diverged = True
-            break
-        if sched.due(queries):
-            bar.clear()
-            tr, te = _eval_point(net, data_enc, cfg, res, step, queries, t_train)
-            bar.set_postfix_str(f"loss={lv:.4f} step={step} train={tr:.4f} test_acc={te['acc']:.3f}")
-    bar.close()
-    opt.zero_grad(set_to_none=True)
-    if res.curve[-1]["queries"] != queries:
-        _eval_point(net, data_enc, cfg, res, step, queries, t_train)
-    res.steps, res.queries, res.train_s = step, queries, t_train
-    res.other_s = res.backward_s + res.update_s
-    return res
+        self.res.step_losses.append([self.meter.queries, lv, 0])
+        return lv
+
+    def finish(self) -> RunResult:
+        res, cfg = self.res, self.cfg
+        _settle(self.opt)
+        if self.spec.kind == "fo":
+            self.opt.zero_grad(set_to_none=True)
+        if not res.curve or res.curve[-1]["queries"] != self.meter.queries or len(res.curve) == 1:
+            _eval_point(self.net, self.data, cfg, res, self.step, self.meter.queries, self.t_train, self.opt)
+        res.steps, res.queries, res.train_s = self.step, self.meter.queries, self.t_train
+        if self.spec.kind == "zo":
+            res.forward_s = self.meter.forward_s
+        else:
+            res.other_s = res.backward_s + res.update_s
+        t0 = time.perf_counter()
+        val = evaluate(self.net, self.data["val"], cfg.micro_batch)
+        res.eval_s += time.perf_counter() - t0
+        last = res.curve[-1]
+        res.final = {"train_loss": last["train_loss"], "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+                     "val_acc": val["acc"], "val_loss": val["loss"]}
+        return res
 
 
 def run_method(method: str, net, trainable, data_enc, cfg: TrainConfig, start_point: dict,
                progress: bool = True) -> RunResult:
-    if method in ZO_METHODS:
-        res = run_zo(method, net, trainable, data_enc, cfg, start_point, progress)
-    elif method in FO_METHODS:
-        res = run_fo(method, net, trainable, data_enc, cfg, start_point, progress)
-    else:
+    if method not in METHODS:
         raise FinetuneError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    t0 = time.perf_counter()
-    val = evaluate(net, data_enc["val"], cfg.micro_batch)
-    res.eval_s += time.perf_counter() - t0
-    last = res.curve[-1]
-    res.final = {"train_loss": last["train_loss"], "test_acc": last["test_acc"], "test_loss": last["test_loss"],
-                 "val_acc": val["acc"], "val_loss": val["loss"]}
-    return res
+    return MethodRun(method, net, trainable, data_enc, cfg, start_point, progress).run()

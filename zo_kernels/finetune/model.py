@@ -47,10 +47,23 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_model_and_tokenizer(model: str, num_labels: int, dtype: str = "float32", device: str = "cpu",
-                             seed: int = 0):
-    """AutoModelForSequenceClassification with a fresh `num_labels` head (initialised from `seed`)."""
+                             seed: int = 0, head: str = "fresh", descriptions: Optional[List[str]] = None,
+                             temperature: float = 0.05):
+    """The classifier and its tokenizer.
+
+    head="fresh": AutoModelForSequenceClassification with a fresh `num_labels` head (initialised from
+    `seed`).  head="description": AutoModel + mean pooling + a cosine head initialised from the pooled
+    embeddings of `descriptions` (one per label; see heads.py) -- a zero-shot start.
+    """
+    from .heads import HEADS, build_description_classifier
+
+    if head not in HEADS:
+        raise FinetuneError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+    if head == "description" and (descriptions is None or len(descriptions) != num_labels):
+        raise FinetuneError(f"the description head needs one description per label ({num_labels}), "
+                            f"got {0 if descriptions is None else len(descriptions)}")
     _quiet()
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(model, num_labels=num_labels)
@@ -67,12 +80,13 @@ def load_model_and_tokenizer(model: str, num_labels: int, dtype: str = "float32"
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tok.pad_token_id
     torch.manual_seed(seed)  # the fresh head: the same initial weights for every method
+    kind = AutoModel if head == "description" else AutoModelForSequenceClassification
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            net = AutoModelForSequenceClassification.from_pretrained(model, config=config, dtype=DTYPES[dtype])
+            net = kind.from_pretrained(model, config=config, dtype=DTYPES[dtype])
     except Exception as e:
-        raise FinetuneError(f"--model {model} could not be loaded as a sequence classifier: "
-                            f"{_first_line(e)}") from None
+        what = "an encoder" if head == "description" else "a sequence classifier"
+        raise FinetuneError(f"--model {model} could not be loaded as {what}: {_first_line(e)}") from None
     net.to(device)
     net.eval()  # no dropout: ZO's two evaluations must see the same function; FO runs the same way
     # transformers may leave the weights in a private mmap of the checkpoint file: pages that are read in
@@ -84,6 +98,9 @@ def load_model_and_tokenizer(model: str, num_labels: int, dtype: str = "float32"
             p.data = p.data.contiguous().clone()
     if getattr(net.config, "tie_word_embeddings", False) and hasattr(net, "tie_weights"):
         net.tie_weights()
+    if head == "description":
+        net = build_description_classifier(net, tok, descriptions, temperature, device)
+        net.eval()
     return net, tok
 
 
