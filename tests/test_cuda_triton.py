@@ -8,7 +8,8 @@ from zo_kernels import noise as N
 
 from helpers import assert_verbose_allclose
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 KEYS = [N.step_key(3, s) for s in range(4)]
 ALPHAS = [1e-3, -2e-3, 0.5, -0.75]
