@@ -23,9 +23,6 @@ if not INTERPRET:
     from triton.language.extra import libdevice
 else:  # pragma: no cover - the name only has to exist
     libdevice = None
-    from ._interpreter_compat import fix_scalar_index
-
-    fix_scalar_index()
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
