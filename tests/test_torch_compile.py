@@ -36,3 +36,18 @@ def test_lowrank_op_schema_and_fake_kernel():
     args = (p, [key], key, [0.5], [], 1.0, [], 0.0, [], 2, 2, "nearest", [0, 1], [0, 0], 0, "reference")
     torch.library.opcheck(torch.ops.zo_kernels.lowrank_noise_axpy_.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_call_still_rejects_aliased_params():
+    """The aliasing check runs inside the op, on the real tensors, so compiled code keeps it."""
+    def step(w, v):
+        zo_kernels.noise_axpy_([w, v], [1], [1e-2], backend="reference")
+        return w.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    w = torch.randn(4, 3)
+    before = w.clone()
+    with pytest.raises(ValueError, match="share memory"):
+        compiled(w, w)
+    assert torch.equal(w, before)
