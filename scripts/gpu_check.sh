@@ -5,8 +5,9 @@
 #   bash scripts/gpu_check.sh [OUTDIR]            # OUTDIR: default $OUT (the device tool's), else runs/gpu_check
 #   bash scripts/gpu_check.sh --dry-run [OUTDIR]  # on a CPU machine: every part up to its first CUDA call
 #
-# Parts, in order, each under its own time limit (`timeout`; GPU_CHECK_LIMIT_<PART>=seconds overrides one),
-# all inside GPU_CHECK_BUDGET seconds (default 480, i.e. 8 minutes; a part gets at most what is left).
+# Parts, in order, each under its own time limit (`timeout`; GPU_CHECK_LIMIT_<PART>=seconds overrides one,
+# GPU_CHECK_LIMIT_SCALE=x multiplies the defaults, e.g. for a dry run on a slow or busy CPU machine), all
+# inside GPU_CHECK_BUDGET seconds (default 480, i.e. 8 minutes; a part gets at most what is left).
 # A part that fails or times out does not stop the others.
 #   env          versions, GPU, compilers
 #   build        pip install --no-build-isolation --no-deps --no-index -e .  (ZO_KERNELS_REQUIRE_NATIVE=1)
@@ -57,7 +58,7 @@ part() {
     local name=$1 limit=$2
     shift 2
     local var="GPU_CHECK_LIMIT_${name^^}"
-    limit=${!var:-$limit}
+    limit=${!var:-$(calc "$limit * ${GPU_CHECK_LIMIT_SCALE:-1}")}
     local left
     left=$(calc "$BUDGET - $(elapsed) - 15")   # 15 s kept for the summary
     if [ "$(calc "$left < 5")" = 1 ]; then

