@@ -111,6 +111,9 @@ check_parts() {
         # setup.py's decisions (CUDA or not, the architectures) without compiling.
         DRY=0 part build 150 setup.py --name
     else
+        # torch takes CUDA_HOME from nvcc's location; a wrapper script on PATH (/usr/local/bin/nvcc) would
+        # point it at a folder without the CUDA headers.  /usr/local/cuda is torch's own last resort.
+        [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime_api.h ] && export CUDA_HOME=/usr/local/cuda
         MAX_JOBS=${MAX_JOBS:-$(nproc)} ZO_KERNELS_REQUIRE_NATIVE=1 \
             part build 150 -m pip install -v --no-build-isolation --no-deps --no-index -e .
     fi
@@ -132,7 +135,7 @@ check_parts() {
     # model and data packages are not on the lent machine.  LOZO is run once zo-finetune accepts it.
     shape=minilm
     [ "$DRY" = 1 ] && shape=tiny
-    part finetune 80 scripts/gpu_check_tools.py finetune "$WORK/task" --shape "$shape" \
+    part finetune 100 scripts/gpu_check_tools.py finetune "$WORK/task" --shape "$shape" \
         --want mezo,mezo-svrg,lozo,fo-sgd -- --device cuda --memory-steps 2 --no-progress --out "$OUTDIR/finetune"
 }
 

@@ -67,7 +67,8 @@ def env(path: str) -> int:
     info = {"python": platform.python_version(), "executable": sys.executable, "machine": platform.machine(),
             "python_h": os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
             "versions": {d: _version(d) for d in VERSIONED}, "torch_cuda": torch.version.cuda,
-            "nvcc": _first_line(["nvcc", "--version"]), "cxx": _first_line(["c++", "--version"]),
+            "nvcc": _first_line(["nvcc", "--version"]), "nvcc_path": shutil.which("nvcc"),
+            "cuda_home": os.environ.get("CUDA_HOME"), "cxx": _first_line(["c++", "--version"]),
             "nvidia_smi": _first_line(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                        "--format=csv,noheader"]),
             "cpus": os.cpu_count()}
