@@ -101,6 +101,7 @@ def finetune(argv: List[str]) -> int:
     rest = argv[cut + 1:]  # zo-finetune's arguments
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import synthetic_task
+
     from zo_kernels.finetune.cli import main as zo_finetune
     from zo_kernels.finetune.methods import METHODS
 

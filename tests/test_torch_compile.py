@@ -1,4 +1,5 @@
 """The custom op works inside torch.compile(fullgraph=True): schema and fake kernel are right."""
+import pytest
 import torch
 
 import zo_kernels
