@@ -251,6 +251,39 @@ register(Method("fo-adam", "FO-Adam", "fo",
                 color="tab:purple"))
 
 
+
+def _zo_bench(cls_name: str, lr: Callable, **kw) -> Callable:
+    """make_optimizer of one of ZO-Bench's family (zo_kernels.optim): lr(cfg), fixed options kw."""
+    def make(params, cfg: TrainConfig):
+        optim = _import_optim()
+        return getattr(optim, cls_name)(params, lr=lr(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                                        **kw, **_zo_extra(cfg))
+    return make
+
+
+def _queries_per_step(opt, cfg: TrainConfig, large: int) -> int:
+    return opt.queries_per_step * cfg.batch_size
+
+
+# ZO-Bench's family (untuned here): SGD-like methods at MeZO's lr; momentum at (1 − β)·lr, so its
+# steady-state step matches; ZO-Adam at FO-Adam's lr; n-SPSA with q = --q directions.
+register(Method("n-spsa", "n-SPSA", "zo", lambda params, cfg: _zo_bench("MeZO", lambda c: c.lr_mezo,
+                                                                        n_directions=cfg.q)(params, cfg),
+                _queries_per_step, "tab:cyan"))
+register(Method("zo-sgd-sign", "ZO-SGD-Sign", "zo", _zo_bench("ZOSGDSign", lambda c: c.lr_mezo), _queries_per_step,
+                "tab:olive"))
+register(Method("zo-sgd-cons", "ZO-SGD-Cons", "zo", _zo_bench("ZOSGDCons", lambda c: c.lr_mezo), _queries_per_step,
+                "tab:brown"))
+register(Method("zo-sgd-mmt", "ZO-SGD-MMT (seeded)", "zo",
+                _zo_bench("ZOSGDMomentum", lambda c: 0.1 * c.lr_mezo, momentum=0.9, state="seeded", window=32),
+                _queries_per_step, "tab:pink"))
+register(Method("zo-sgd-mmt-dense", "ZO-SGD-MMT (dense)", "zo",
+                _zo_bench("ZOSGDMomentum", lambda c: 0.1 * c.lr_mezo, momentum=0.9, state="dense"),
+                _queries_per_step, "tab:gray"))
+register(Method("zo-adam", "ZO-Adam", "zo", _zo_bench("ZOAdam", lambda c: c.lr_fo_adam), _queries_per_step,
+                "tab:orange"))
+
+
 class _Labels(dict):
     """LABELS[m] for any registered method (also those registered after import)."""
 
