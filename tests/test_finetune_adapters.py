@@ -4,8 +4,15 @@ import torch
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from transformers import BertConfig, BertForSequenceClassification, BertModel, GPT2Config  # noqa: E402
-from transformers import GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification  # noqa: E402
+from transformers import (  # noqa: E402  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 from zo_kernels.finetune.adapters import PeftSpec, apply_peft, default_lora_targets  # noqa: E402
 from zo_kernels.finetune.errors import FinetuneError  # noqa: E402

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from typing import List, Optional
 
 from ..machine import cpu_name as _cpu_name
+from .adapters import PEFT_KINDS
 from .errors import FinetuneError
 
 DEFAULT_METHODS = "mezo,mezo-svrg"
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=64, help="truncate sentences to this many tokens")
     g.add_argument("--partial", type=int, nargs="?", const=1, default=None, metavar="K",
                    help="partial fine-tuning: last K transformer blocks + pooler/head (K=1 without a value)")
+    g.add_argument("--peft", choices=PEFT_KINDS, default=None,
+                   help="parameter-efficient fine-tuning through peft: LoRA adapters or prefix tuning")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-targets", default=None, metavar="NAME,NAME",
+                   help="LoRA target modules (default by architecture: query,value / q_proj,v_proj / c_attn)")
+    g.add_argument("--prefix-tokens", type=int, default=16, help="prefix tuning: virtual tokens")
     g.add_argument("--head", choices=HEADS, default="description",
                    help="description: mean pooling + cosine head initialised from label descriptions (a "
                         "zero-shot start); fresh: AutoModelForSequenceClassification's random head (the "
@@ -185,6 +193,8 @@ def _check_args(a) -> List[str]:
         raise FinetuneError("--eps must be > 0")
     if a.partial is not None and a.partial < 1:
         raise FinetuneError("--partial must be >= 1")
+    if a.peft is not None and a.partial is not None:
+        raise FinetuneError("give --peft or --partial, not both")
     if not (a.temperature > 0):
         raise FinetuneError(f"--temperature must be > 0, got {a.temperature}")
     if a.checkpoint_every < 0:
@@ -192,6 +202,23 @@ def _check_args(a) -> List[str]:
     if a.label_descriptions is not None and a.head != "description":
         raise FinetuneError("--label-descriptions needs --head description")
     return methods
+
+
+def _peft_spec(a):
+    from .adapters import PeftSpec
+
+    if a.peft is None:
+        return None
+    targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()] if a.lora_targets else None
+    return PeftSpec(a.peft, rank=a.lora_rank, alpha=a.lora_alpha, targets=targets, virtual_tokens=a.prefix_tokens)
+
+
+def _tuning_name(a) -> str:
+    if a.peft == "lora":
+        return f"LoRA r={a.lora_rank}"
+    if a.peft == "prefix":
+        return f"prefix ({a.prefix_tokens} tokens)"
+    return f"partial (last {a.partial})" if a.partial else "full"
 
 
 def _seeds(a) -> List[int]:
@@ -286,6 +313,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from . import data as data_mod
     from . import memory as mem_mod
     from . import report
+    from .adapters import apply_peft, trainable_parameters
     from .heads import default_descriptions
     from .methods import LABELS, MethodRun, TrainConfig, eval_train_index, evaluate, is_zo, mean_loss
     from .model import Encoded, load_model_and_tokenizer, model_summary, resolve_model, select_trainable
@@ -331,6 +359,11 @@ def run(argv: Optional[List[str]] = None) -> dict:
     progress = not a.no_progress
     lookahead = (a.dtype == "float32") if a.lookahead is None else a.lookahead
 
+    peft_spec = _peft_spec(a)
+
+    def choose_trainable(net):
+        return trainable_parameters(net) if peft_spec is not None else select_trainable(net, a.partial)
+
     def say(*x):
         if main_rank:
             print(*x, flush=True)
@@ -346,7 +379,9 @@ def run(argv: Optional[List[str]] = None) -> dict:
                             else default_descriptions(data.label_names))
         net, tok = load_model_and_tokenizer(model_path, data.num_labels, a.dtype, device, seed, head=a.head,
                                             descriptions=descriptions, temperature=a.temperature)
-        trainable = select_trainable(net, a.partial)
+        base_name = type(net).__name__
+        net = apply_peft(net, peft_spec) if peft_spec is not None else net
+        trainable = choose_trainable(net)
         max_length = a.max_length
         cfg_net = getattr(net, "config", None)
         for limit in (getattr(cfg_net, "max_position_embeddings", None), getattr(tok, "model_max_length", None)):
@@ -356,7 +391,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
         enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, max_length, device)
                for k in ("train", "val", "test")}
         return {"data": data, "enc": enc, "descriptions": descriptions, "net": net,
-                "summary": model_summary(net, trainable)}
+                "summary": {**model_summary(net, trainable), "architecture": base_name, "tuning": _tuning_name(a)}}
 
     runs = list(state["runs"]) if state is not None else []
     done_seeds = {r["seed"] for r in runs}
@@ -374,8 +409,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
                           lr_fo_adam=a.lr_fo_adam, evals=a.evals, eval_train=a.eval_train,
                           objective=a.objective, seed=seed,
                           backend=a.backend, rounding=a.rounding, device=device, distributed=dist_on)
-        say(f"zo-finetune: {summary['architecture']} ({a.head} head, {summary['params_trainable']:,} of "
-            f"{summary['params_total']:,} params trained, {a.dtype}) on {data.name}: {a.n_train}/{a.n_val}/"
+        say(f"zo-finetune: {summary['architecture']} ({a.head} head, {summary['tuning']} FT: "
+            f"{summary['params_trainable']:,} of {summary['params_total']:,} params trained, {a.dtype}) on {data.name}: {a.n_train}/{a.n_val}/"
             f"{a.n_test} examples, {data.num_labels} labels, max {a.max_length} tokens (mean "
             f"{enc['train'].mean_tokens():.1f}); device {device}, {threads} threads; seed {seed}; ZO budget "
             f"{queries:,} queries each, objective {a.objective}")
@@ -409,7 +444,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
                 say(f"{LABELS[m]}: done before the resume")
                 continue
             net.load_state_dict(init_state)
-            trainable = select_trainable(net, a.partial)
+            trainable = choose_trainable(net)
             mr = MethodRun(m, net, trainable, enc, cfg, start, progress=progress)
             if cur.get("active") is not None and cur["active"]["method"] == m:
                 mr.load_state_dict(cur["active"])
@@ -456,7 +491,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
                            lookahead=lookahead, lr_fo_sgd=a.lr_fo_sgd, lr_fo_adam=a.lr_fo_adam, seed=seeds[0],
                            backend=a.backend, rounding=a.rounding, device=device)
         spec = {"model": model_path, "num_labels": data.num_labels, "dtype": a.dtype, "device": device,
-                "seed": seeds[0], "partial": a.partial, "batch_file": batch_file, "threads": threads,
+                "seed": seeds[0], "partial": a.partial, "peft": None if peft_spec is None else asdict(peft_spec),
+                "batch_file": batch_file, "threads": threads,
                 "head": a.head, "descriptions": info["descriptions"], "temperature": a.temperature,
                 "steps": max(a.memory_steps, a.q + 1), "cfg": {k: v for k, v in asdict(cfg0).items()}}
         memory = mem_mod.measure_all(["runtime", "inference"] + methods, spec,
@@ -476,7 +512,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     model_name = "all-MiniLM-L6-v2" if a.model is None else os.path.basename(str(a.model).rstrip("/"))
     seeds_txt = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {','.join(map(str, seeds))}"
     title = (f"{model_name}, {a.head} head, on {data.name}, {a.n_train} train / {a.n_test} test; batch "
-             f"{a.batch_size}, {'partial (last ' + str(a.partial) + ')' if a.partial else 'full'} FT, objective "
+             f"{a.batch_size}, {_tuning_name(a)} FT, objective "
              f"{a.objective}; {seeds_txt}; {machine}")
     out = {"config": {**vars(a), "methods": methods, "seeds": seeds, "queries": queries, "model_path": model_path,
                       "model_name": model_name, "dataset_name": data.name, "labels": data.label_names,

@@ -127,7 +127,13 @@ def _child(spec: dict) -> dict:
                                       spec.get("seed", 0), head=spec.get("head", "fresh"),
                                       descriptions=spec.get("descriptions"),
                                       temperature=spec.get("temperature", 0.05))
-    trainable = select_trainable(net, spec.get("partial"))
+    if spec.get("peft"):
+        from .adapters import PeftSpec, apply_peft, trainable_parameters
+
+        net = apply_peft(net, PeftSpec(**spec["peft"]))
+        trainable = trainable_parameters(net)
+    else:
+        trainable = select_trainable(net, spec.get("partial"))
     b = torch.load(spec["batch_file"])
     batch = {k: v.to(device) for k, v in b.items()}
     n = batch["input_ids"].shape[0]
