@@ -1,4 +1,4 @@
-"""zo-finetune's registry has ZO-Bench's family: each name builds its optimizer, and its step cost is
+"""zo-finetune's registry has ZO-Bench's family and LOZO / LOZO-M: each name builds its optimizer, and its step cost is
 the optimizer's own query count (so equal budgets stay equal)."""
 import pytest
 import torch
@@ -7,7 +7,8 @@ from zo_kernels import optim
 from zo_kernels.finetune.methods import METHODS, TrainConfig
 
 NEW = {"n-spsa": optim.MeZO, "zo-sgd-sign": optim.ZOSGDSign, "zo-sgd-cons": optim.ZOSGDCons,
-       "zo-sgd-mmt": optim.ZOSGDMomentum, "zo-sgd-mmt-dense": optim.ZOSGDMomentum, "zo-adam": optim.ZOAdam}
+       "zo-sgd-mmt": optim.ZOSGDMomentum, "zo-sgd-mmt-dense": optim.ZOSGDMomentum, "zo-adam": optim.ZOAdam,
+       "lozo": optim.LOZO, "lozo-m": optim.LOZOM}
 
 
 @pytest.mark.parametrize("name", sorted(NEW))

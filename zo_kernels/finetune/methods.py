@@ -284,6 +284,14 @@ register(Method("zo-adam", "ZO-Adam", "zo", _zo_bench("ZOAdam", lambda c: c.lr_f
                 "tab:orange"))
 
 
+# LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank 2, V kept ν = 50 steps): Var(Z_ij) = r, so the
+# step at lr/r matches MeZO's in size (untuned here beyond that).
+register(Method("lozo", "LOZO", "zo", _zo_bench("LOZO", lambda c: c.lr_mezo / 2, rank=2, nu=50),
+                lambda opt, cfg, large: 2 * cfg.batch_size, "teal"))
+register(Method("lozo-m", "LOZO-M", "zo", _zo_bench("LOZOM", lambda c: c.lr_mezo / 2, rank=2, nu=50, beta=0.9),
+                lambda opt, cfg, large: 2 * cfg.batch_size, "darkgoldenrod"))
+
+
 class _Labels(dict):
     """LABELS[m] for any registered method (also those registered after import)."""
 
