@@ -1,37 +1,16 @@
 """The Triton ZO-Adam kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed); PTX checks as
 tests/test_triton_aot.py: no local memory, fast sin/cos, vector loads/stores of θ, m and v on the
 aligned path, and IEEE (round-to-nearest) sqrt and division."""
-import json
-import os
-import re
-import subprocess
-import sys
-
 import pytest
+from aot_helpers import WIDE, compile_cases, local_memory, vector_access
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.slow
 
-WIDE = {"float32": "v4", "bfloat16": "v2", "float16": "v2"}
-_SCRIPT = """
-import json, sys
-from zo_kernels.triton.noise_adam import AOT_CASES, compile_ptx
-out = {}
-for cc in (80, 90):
-    for name, const in AOT_CASES:
-        out[f"{name}_sm{cc}"] = dict(const, cc=cc, ptx=compile_ptx(cc, **const))
-json.dump(out, open(sys.argv[1], "w"))
-"""
-
 
 @pytest.fixture(scope="module")
 def ptx(tmp_path_factory):
-    path = tmp_path_factory.mktemp("adam_ptx") / "cases.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(path.read_text())
+    return compile_cases("zo_kernels.triton.noise_adam", tmp_path_factory.mktemp("adam_ptx"))
 
 
 def test_targets_and_no_local_memory(ptx):
@@ -39,7 +18,7 @@ def test_targets_and_no_local_memory(ptx):
     for name, case in ptx.items():
         text = case["ptx"]
         assert f".target sm_{case['cc']}" in text, name
-        assert not re.search(r"\b(ld|st)\.local", text), f"{name}: local-memory traffic"
+        assert not local_memory(text), f"{name}: local-memory traffic"
         assert "sin.approx" in text and "cos.approx" in text, name
         assert "sqrt.rn.f32" in text and "div.rn.f32" in text, f"{name}: approximate sqrt/div"
 
@@ -51,10 +30,10 @@ def test_aligned_path_vectorises_param_and_state_access(ptx):
             continue
         text = case["ptx"]
         w = WIDE[case["OUT"]]
-        assert re.search(rf"ld\.global(\.\w+)*\.{w}\.b32", text), f"{name}: no {w} θ loads"
-        assert re.search(rf"st\.global(\.\w+)*\.{w}\.b32", text), f"{name}: no {w} θ stores"
+        assert vector_access("ld", w, text), f"{name}: no {w} θ loads"
+        assert vector_access("st", w, text), f"{name}: no {w} θ stores"
         # m and v are fp32: 128-bit accesses, at least two loads and two stores per quad
-        assert len(re.findall(r"ld\.global(\.\w+)*\.v4\.b32", text)) >= 2, name
-        assert len(re.findall(r"st\.global(\.\w+)*\.v4\.b32", text)) >= 2, name
+        assert len(vector_access("ld", "v4", text)) >= 2, name
+        assert len(vector_access("st", "v4", text)) >= 2, name
         checked += 1
     assert checked == 4

@@ -1,0 +1,44 @@
+"""Shared pieces of the Triton ahead-of-time tests (test_triton_aot.py, test_triton_adam_aot.py,
+test_triton_lowrank_aot.py): compiling in a subprocess without TRITON_INTERPRET (no GPU needed), and
+the PTX patterns they check."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+WIDE = {"float32": "v4", "bfloat16": "v2", "float16": "v2"}  # a quad: 16 or 8 bytes
+
+# Compiles every AOT_CASES entry of one kernel module for sm_80 and sm_90 into a JSON file.
+_CASES_SCRIPT = """
+import importlib, json, sys
+mod = importlib.import_module(sys.argv[1])
+out = {}
+for cc in (80, 90):
+    for name, const in mod.AOT_CASES:
+        out[f"{name}_sm{cc}"] = dict(const, cc=cc, ptx=mod.compile_ptx(cc, **dict(const)))
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def run_compiled(args):
+    """Runs `python args...` without TRITON_INTERPRET (which would stop Triton compiling)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def compile_cases(module, tmp):
+    """{case_smCC: dict(constants, cc=CC, ptx=text)} for every AOT_CASES entry of `module`."""
+    path = tmp / "cases.json"
+    run_compiled(["-c", _CASES_SCRIPT, module, str(path)])
+    return json.loads(path.read_text())
+
+
+def local_memory(text):
+    return re.search(r"\b(ld|st)\.local", text)
+
+
+def vector_access(op, width, text):
+    """`op` ("ld" or "st") global accesses of `width` ("v4", "v2") 32-bit lanes in the PTX."""
+    return re.findall(rf"{op}\.global(\.\w+)*\.{width}\.b32", text)
