@@ -91,6 +91,26 @@ def plot_runs(ax, rows, xkey: int, ykey: int, max_steps: int) -> None:
                     label=LABELS[m] if i == 0 else None)
 
 
+XLABELS = {2: "steps", 3: "queries (forward passes of one example)"}
+
+
+def panel(ax, rows, xkey: int, ykey: int, max_steps: int, ylabel: str, *, logy: bool) -> None:
+    """plot_runs on one panel, with the axes every toy uses: log queries, linear steps, a grid."""
+    plot_runs(ax, rows, xkey, ykey, max_steps)
+    ax.set_xscale("log" if xkey == 3 else "linear")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(XLABELS[xkey])
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+
+
+def rates(args) -> str:
+    """Each method's rates and the seed count, for a figure's title."""
+    return (f"MeZO lr {args.lr_mezo}; MeZO-SVRG η1={args.lr1} η2={args.lr2} q={args.q}; FO-SGD lr {args.lr_sgd}; "
+            f"{args.seeds} seeds")
+
+
 def common_args(description: str, name: str, *, steps: int, seeds: int, lr_mezo: float, lr1: float, lr2: float,
                 lr_sgd: float, full_help: str) -> argparse.ArgumentParser:
     """The options every toy has: step budget, seeds, batch, μ, each method's rates, q, the full batch,

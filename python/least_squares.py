@@ -114,19 +114,13 @@ def main(argv=None):
 
 def plot(rows, args, path):
     fig, axes = toys.figure(2, 11)
-    for ax, xkey, xlabel in ((axes[0], 2, "steps"), (axes[1], 3, "queries (forward passes of one example)")):
-        toys.plot_runs(ax, rows, xkey, 5, args.steps)
+    for ax, xkey in ((axes[0], 2), (axes[1], 3)):
+        toys.panel(ax, rows, xkey, 5, args.steps, "full-batch loss / f*", logy=True)
         ax.axhline(1.0, color="k", ls="--", lw=0.8, label="optimum f*")
-        ax.set_yscale("log")
-        ax.set_xscale("log" if xkey == 3 else "linear")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("full-batch loss / f*")
-        ax.grid(alpha=0.3, which="both")
     axes[0].set_title(f"least squares d={args.d} n={args.n}: against steps")
     axes[1].set_title("against queries")
     axes[0].legend()
-    fig.suptitle(f"μ={args.mu}, batch {args.batch}; MeZO lr {args.lr_mezo}; MeZO-SVRG η1={args.lr1} "
-                 f"η2={args.lr2} q={args.q}; FO-SGD lr {args.lr_sgd}; {args.seeds} seeds", fontsize=9)
+    fig.suptitle(f"μ={args.mu}, batch {args.batch}; {toys.rates(args)}", fontsize=9)
     return toys.save(fig, path)
 
 

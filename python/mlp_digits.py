@@ -103,23 +103,15 @@ def main(argv=None):
 
 def plot(rows, args, path):
     fig, axes = toys.figure(3, 15)
-    panels = ((axes[0], 2, 4, "steps", "full training loss"),
-              (axes[1], 3, 4, "queries (forward passes of one example)", "full training loss"),
-              (axes[2], 3, 5, "queries (forward passes of one example)", "test accuracy"))
-    for ax, xkey, ykey, xlabel, ylabel in panels:
-        toys.plot_runs(ax, rows, xkey, ykey, args.steps)
-        ax.set_xscale("log" if xkey == 3 else "linear")
-        if ykey == 4:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, which="both")
+    panels = ((axes[0], 2, 4, "full training loss"), (axes[1], 3, 4, "full training loss"),
+              (axes[2], 3, 5, "test accuracy"))
+    for ax, xkey, ykey, ylabel in panels:
+        toys.panel(ax, rows, xkey, ykey, args.steps, ylabel, logy=ykey == 4)
     axes[0].set_title("MLP on digits: against steps")
     axes[1].set_title("against queries")
     axes[2].set_title("test accuracy against queries")
     axes[0].legend()
-    fig.suptitle(f"μ={args.mu}, batch {args.batch}, hidden {args.hidden}; MeZO lr {args.lr_mezo}; MeZO-SVRG "
-                 f"η1={args.lr1} η2={args.lr2} q={args.q}; FO-SGD lr {args.lr_sgd}; {args.seeds} seeds", fontsize=9)
+    fig.suptitle(f"μ={args.mu}, batch {args.batch}, hidden {args.hidden}; {toys.rates(args)}", fontsize=9)
     return toys.save(fig, path)
 
 
