@@ -18,7 +18,6 @@ ratio; writes CSV + PNG to --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import statistics
@@ -28,6 +27,9 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_utils import pyplot, save_figure, write_csv  # noqa: E402
+
 import zo_kernels  # noqa: E402
 from zo_kernels.noise import step_key  # noqa: E402
 
@@ -115,16 +117,9 @@ def main(argv=None):
                   f"{res['in_forward'] * 1e3:8.2f} ms  ratio {res['passes'] / res['in_forward']:.2f}x  "
                   f"(losses agree to {agree:.1e})", flush=True)
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_lozo_forward.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    write_csv(rows, out / "bench_lozo_forward.csv")
+    plt = pyplot()
+    if plt is None:
         return rows
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     labels = [f"d={r['dim']}\nB={r['batch']}" for r in rows if r["method"] == "passes"]
@@ -134,9 +129,7 @@ def main(argv=None):
     ax.set_xticks([i + 0.2 for i in range(len(labels))], labels)
     ax.set(ylabel="ms per LOZO step", yscale="log", title=f"{args.layers} Linear layers, rank {args.rank}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "bench_lozo_forward.png", dpi=120)
-    print(f"wrote {out / 'bench_lozo_forward.csv'} and {out / 'bench_lozo_forward.png'}")
+    save_figure(plt, fig, out / "bench_lozo_forward.csv", out / "bench_lozo_forward.png")
     return rows
 
 

@@ -22,42 +22,21 @@ and writes bench_noise_lowrank.csv / .png.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _bench_utils import bench_device, line_panels, pyplot, save_figure, time_fn, write_csv  # noqa: E402
+
 import zo_kernels  # noqa: E402
 from zo_kernels import backends  # noqa: E402
 from zo_kernels.noise import step_key  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device, min_time=0.3, max_reps=50):
-    """Median seconds per call after one warm-up; repeats until min_time is spent."""
-    fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if times[-1] > 2.0 and len(times) >= 1:
-            break
-    return statistics.median(times)
 
 
 def methods(p, keys, alphas, device):
@@ -87,9 +66,7 @@ def methods(p, keys, alphas, device):
 
 
 def run(args):
-    device = torch.device(args.device)
-    if device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
+    device = bench_device(args)
     rows = []
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     for dname in args.dtypes.split(","):
@@ -121,32 +98,15 @@ def run(args):
 
 
 def write(rows, out: pathlib.Path):
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_noise.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: CSV only")
+    write_csv(rows, out / "bench_noise.csv")
+    plt = pyplot()
+    if plt is None:
         return
-    panels = sorted({(r["dtype"], r["keys"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (dt, k) in zip(axes[0], panels):
-        for m in sorted({r["method"] for r in rows}):
-            pts = [(r["numel"], r["ns_per_element"]) for r in rows if (r["dtype"], r["keys"], r["method"]) == (dt, k, m)]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set(xscale="log", yscale="log", xlabel="elements", ylabel="ns / element", title=f"{dt}, {k} key(s)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    fig, panels = line_panels(plt, rows, ("dtype", "keys"), "numel", "elements", 4.2)
+    for ax, (dt, k) in panels:
+        ax.set(title=f"{dt}, {k} key(s)")
     fig.suptitle(f"noise_axpy_ on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
-    fig.tight_layout()
-    fig.savefig(out / "bench_noise.png", dpi=120)
-    print(f"wrote {out / 'bench_noise.csv'} and {out / 'bench_noise.png'}")
+    save_figure(plt, fig, out / "bench_noise.csv", out / "bench_noise.png")
 
 
 def lowrank_methods(p, r, device):
@@ -175,9 +135,7 @@ def lowrank_methods(p, r, device):
 
 
 def run_lowrank(args):
-    device = torch.device(args.device)
-    if device.type == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
+    device = bench_device(args)
     rows = []
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
@@ -209,33 +167,17 @@ def run_lowrank(args):
 
 
 def write_lowrank(rows, out: pathlib.Path):
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_noise_lowrank.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: CSV only")
+    write_csv(rows, out / "bench_noise_lowrank.csv")
+    plt = pyplot()
+    if plt is None:
         return
-    panels = sorted({(r["dtype"], r["shape"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    for ax, (dt, sh) in zip(axes[0], panels):
-        for meth in sorted({r["method"] for r in rows}):
-            pts = [(r["rank"], r["ns_per_element"]) for r in rows if (r["dtype"], r["shape"], r["method"]) == (dt, sh, meth)]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=meth)
-        ax.set(xscale="log", yscale="log", xlabel="rank r", ylabel="ns / element", title=f"{dt}, {sh}")
-        ax.set_xticks(sorted({r["rank"] for r in rows}), [str(x) for x in sorted({r["rank"] for r in rows})])
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    fig, panels = line_panels(plt, rows, ("dtype", "shape"), "rank", "rank r", 4.6)
+    ranks = sorted({r["rank"] for r in rows})
+    for ax, (dt, sh) in panels:
+        ax.set(title=f"{dt}, {sh}")
+        ax.set_xticks(ranks, [str(x) for x in ranks])
     fig.suptitle(f"low-rank perturbation pass on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
-    fig.tight_layout()
-    fig.savefig(out / "bench_noise_lowrank.png", dpi=120)
-    print(f"wrote {out / 'bench_noise_lowrank.csv'} and {out / 'bench_noise_lowrank.png'}")
+    save_figure(plt, fig, out / "bench_noise_lowrank.csv", out / "bench_noise_lowrank.png")
 
 
 def main(argv=None):
