@@ -79,6 +79,24 @@ def line_panels(plt, rows, panel_keys: tuple[str, ...], xkey: str, xlabel: str, 
     return fig, list(zip(axes[0], panels))
 
 
+def write_line_figure(rows, out: pathlib.Path, stem: str, *, panel_keys: tuple[str, ...], xkey: str, xlabel: str,
+                      width: float, title, suptitle: str, xticks: bool = False) -> None:
+    """out/stem.csv, and out/stem.png of line_panels (title(*panel values) over each panel; xticks: one
+    labelled tick per x value, for few discrete x such as ranks)."""
+    write_csv(rows, out / f"{stem}.csv")
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, panels = line_panels(plt, rows, panel_keys, xkey, xlabel, width)
+    xs = sorted({r[xkey] for r in rows})
+    for ax, panel in panels:
+        ax.set(title=title(*panel))
+        if xticks:
+            ax.set_xticks(xs, [str(x) for x in xs])
+    fig.suptitle(suptitle)
+    save_figure(plt, fig, out / f"{stem}.csv", out / f"{stem}.png")
+
+
 def save_figure(plt, fig, csv_path: pathlib.Path, png_path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _bench_utils import bench_device, line_panels, pyplot, save_figure, time_fn, write_csv  # noqa: E402
+from _bench_utils import bench_device, time_fn, write_line_figure  # noqa: E402
 
 import zo_kernels  # noqa: E402
 from zo_kernels import backends  # noqa: E402
@@ -98,15 +98,9 @@ def run(args):
 
 
 def write(rows, out: pathlib.Path):
-    write_csv(rows, out / "bench_noise.csv")
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, panels = line_panels(plt, rows, ("dtype", "keys"), "numel", "elements", 4.2)
-    for ax, (dt, k) in panels:
-        ax.set(title=f"{dt}, {k} key(s)")
-    fig.suptitle(f"noise_axpy_ on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
-    save_figure(plt, fig, out / "bench_noise.csv", out / "bench_noise.png")
+    write_line_figure(rows, out, "bench_noise", panel_keys=("dtype", "keys"), xkey="numel", xlabel="elements",
+                      width=4.2, title=lambda dt, k: f"{dt}, {k} key(s)",
+                      suptitle=f"noise_axpy_ on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
 
 
 def lowrank_methods(p, r, device):
@@ -167,17 +161,10 @@ def run_lowrank(args):
 
 
 def write_lowrank(rows, out: pathlib.Path):
-    write_csv(rows, out / "bench_noise_lowrank.csv")
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, panels = line_panels(plt, rows, ("dtype", "shape"), "rank", "rank r", 4.6)
-    ranks = sorted({r["rank"] for r in rows})
-    for ax, (dt, sh) in panels:
-        ax.set(title=f"{dt}, {sh}")
-        ax.set_xticks(ranks, [str(x) for x in ranks])
-    fig.suptitle(f"low-rank perturbation pass on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
-    save_figure(plt, fig, out / "bench_noise_lowrank.csv", out / "bench_noise_lowrank.png")
+    write_line_figure(rows, out, "bench_noise_lowrank", panel_keys=("dtype", "shape"), xkey="rank", xlabel="rank r",
+                      width=4.6, title=lambda dt, sh: f"{dt}, {sh}", xticks=True,
+                      suptitle=f"low-rank perturbation pass on {rows[0]['device']} ({rows[0]['threads']} threads): "
+                               "lower is better")
 
 
 def main(argv=None):
