@@ -133,10 +133,12 @@ check_parts() {
 
     # zo-finetune on a synthetic task (scripts/synthetic_task.py; a tiny model in a dry run): the default
     # model and data packages are not on the lent machine.  LOZO is run once zo-finetune accepts it.
+    # The split is explicit: the synthetic task has 1,200 rows, fewer than zo-finetune's default split needs.
     shape=minilm
     [ "$DRY" = 1 ] && shape=tiny
     part finetune 100 scripts/gpu_check_tools.py finetune "$WORK/task" --shape "$shape" \
-        --want mezo,mezo-svrg,lozo,fo-sgd -- --device cuda --memory-steps 2 --no-progress --out "$OUTDIR/finetune"
+        --want mezo,mezo-svrg,lozo,fo-sgd -- --device cuda --n-train 512 --n-val 256 --n-test 256 \
+        --memory-steps 2 --no-progress --out "$OUTDIR/finetune"
 }
 
 main() {
