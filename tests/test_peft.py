@@ -1,6 +1,7 @@
 """ZO optimizers on `peft` models (MeZO paper, claim 3: ZO works with parameter-efficient tuning).
 
-LoRA on a tiny BERT classifier and prefix tuning on a tiny Llama causal LM, both built from configs
+LoRA on a tiny BERT classifier (MeZO, MeZO-SVRG, LOZO and ZO-Bench's family) and prefix tuning on a
+tiny Llama causal LM, both built from configs
 (random weights, nothing downloaded). For each: the trainable parameters are only the adapter's,
 the loss on the training set falls, the frozen base weights stay bit-identical, and a state_dict
 round trip (adapter weights + optimizer state) continues bit-identically.  Prefix tuning on BERT is
@@ -18,7 +19,7 @@ from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model  # noq
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 from zo_kernels.integrations.hf import ZOArguments, ZOTrainer  # noqa: E402
-from zo_kernels.optim import MeZO, MeZOSVRG  # noqa: E402
+from zo_kernels.optim import LOZO, MeZO, MeZOSVRG, ZOAdam, ZOSGDMomentum, ZOSGDSign  # noqa: E402
 
 from optim_helpers import _one_thread  # noqa: E402,F401 (autouse)
 
@@ -74,6 +75,14 @@ CASES = {
                         lambda ps: MeZOSVRG(ps, lr=5e-2, lr_full=5e-2, q=2, seed=1), 40),
     "lora-svrg-replay": (lora_bert, classifier_loss,
                          lambda ps: MeZOSVRG(ps, lr=5e-2, lr_full=5e-2, q=2, seed=1, anchor="replay"), 40),
+    # LOZO and ZO-Bench's family on the same adapter (untuned rates that move the loss down here)
+    "lora-lozo": (lora_bert, classifier_loss, lambda ps: LOZO(ps, lr=2.5e-2, eps=1e-3, rank=2, nu=10, seed=1), 40),
+    "lora-n-spsa": (lora_bert, classifier_loss, lambda ps: MeZO(ps, lr=5e-2, eps=1e-3, seed=1, n_directions=2), 20),
+    "lora-zo-sgd-sign": (lora_bert, classifier_loss, lambda ps: ZOSGDSign(ps, lr=1e-3, eps=1e-3, seed=1), 40),
+    "lora-zo-sgd-mmt-seeded": (lora_bert, classifier_loss,
+                               lambda ps: ZOSGDMomentum(ps, lr=5e-3, eps=1e-3, seed=1, momentum=0.9, state="seeded",
+                                                        window=16), 40),
+    "lora-zo-adam": (lora_bert, classifier_loss, lambda ps: ZOAdam(ps, lr=1e-3, eps=1e-3, seed=1), 40),
     "prefix-mezo": (prefix_llama, lm_loss, lambda ps: MeZO(ps, lr=1e-1, eps=1e-3, seed=1), 30),
     "prefix-svrg-replay": (prefix_llama, lm_loss,
                            lambda ps: MeZOSVRG(ps, lr=1e-1, lr_full=1e-1, q=2, seed=1, anchor="replay"), 30),
@@ -120,7 +129,7 @@ def _adapter_state(model):
 
 
 @pytest.mark.parametrize("case", ["lora-mezo", "lora-mezo-lookahead", "lora-svrg-dense", "lora-svrg-replay",
-                                  "prefix-svrg-replay"])
+                                  "lora-lozo", "lora-zo-sgd-mmt-seeded", "lora-zo-adam", "prefix-svrg-replay"])
 @torch.no_grad()
 def test_peft_state_dict_round_trip_is_bit_identical(case):
     """Run k steps, save (adapter weights, optimizer state), continue; a fresh model + optimizer that
