@@ -78,12 +78,12 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _datasets():
+def _datasets(what: str = "reading datasets"):
+    """The `datasets` module with its progress bars off, or one clear error saying `what` needs it."""
     try:
         import datasets
     except ImportError:
-        raise FinetuneError("reading datasets needs the 'datasets' package (pip install datasets)") from None
-    # Local files only: never let a missing cache entry turn into a download.
+        raise FinetuneError(f"{what} needs the 'datasets' package (pip install datasets)") from None
     datasets.disable_progress_bars()
     return datasets
 
@@ -136,14 +136,10 @@ def _read_directory(path: str):
 
 
 def _read_hub(name: str, cache_dir: Optional[str] = None):
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise FinetuneError(f"dataset {name!r} is not a local file or directory, and loading it from the hub "
-                            f"needs the 'datasets' package (pip install datasets)") from None
+    datasets = _datasets(f"dataset {name!r} is not a local file or directory, and loading it from the hub")
     parts = name.split(":", 1)  # "glue:sst2" -> load_dataset("glue", "sst2")
     try:
-        dd = _datasets().load_dataset(*parts, cache_dir=cache_dir)
+        dd = datasets.load_dataset(*parts, cache_dir=cache_dir)
     except Exception as e:
         raise FinetuneError(f"cannot load dataset {name!r} from the hub: {_first_line(e)}") from None
     return _to_frame(dd)
