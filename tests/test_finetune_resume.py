@@ -16,7 +16,7 @@ from zo_kernels.finetune.cli import main  # noqa: E402
 
 ARGS = ["--methods", "mezo,mezo-svrg", "--steps", "80", "--evals", "3", "--no-memory", "--q", "3",
         "--large-batch", "16", "--lr-mezo", "1e-3", "--lr-svrg", "1e-3", "--lr-svrg-full", "2e-3",
-        "--checkpoint-every", "4", "--save-weights", "--lookahead"]
+        "--checkpoint-every", "4", "--save-weights", "--lookahead", "--lr-schedule", "linear"]
 
 
 def _env():

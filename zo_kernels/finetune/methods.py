@@ -30,6 +30,39 @@ from .. import distributed as zdist
 from .errors import FinetuneError
 
 OBJECTIVES = ("loss", "accuracy")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(schedule: str, frac: float) -> float:
+    """The learning-rate multiplier after `frac` of the budget (0 -> 1): Hugging Face's linear and
+    cosine decays to 0 without warm-up, driven by queries spent so every method decays alike.
+    A ZO step's update noise is ~lr**2 * d; decaying lr stops the late drift a constant rate shows."""
+    frac = min(max(frac, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - frac
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise FinetuneError(f"unknown lr schedule {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+
+
+class LRSchedule:
+    """Sets every `lr*` entry of every param group to base * lr_factor(queries / total).  The bases
+    are read from the freshly built optimizer, so a resumed run (whose loaded param groups hold
+    already-scaled rates) recomputes the same rates from its query count."""
+
+    def __init__(self, opt, schedule: str, total: int):
+        lr_factor(schedule, 0.0)    # validates the name
+        self.opt, self.schedule, self.total = opt, schedule, max(1, total)
+        self.bases = [{k: g[k] for k in g if k.startswith("lr")} for g in opt.param_groups]
+
+    def apply(self, queries: int) -> float:
+        f = lr_factor(self.schedule, queries / self.total)
+        for g, base in zip(self.opt.param_groups, self.bases):
+            for k, v in base.items():
+                g[k] = v * f
+        return f
 
 
 @dataclass
@@ -45,6 +78,7 @@ class TrainConfig:
     anchor: str = "dense"
     lookahead: bool = False
     anneal: bool = False
+    lr_schedule: str = "constant"    # learning-rate factor over the budget: constant, linear or cosine (to 0)
     kappa: float = 1.05
     alpha: float = 5.0
     weight_decay: float = 0.0
@@ -344,7 +378,7 @@ class RunResult:
     step_losses: List[list] = field(default_factory=list)    # [queries, step loss, full step]
     curve: List[dict] = field(default_factory=list)          # eval points
     final: dict = field(default_factory=dict)
-    lr_history: List[list] = field(default_factory=list)
+    lr_history: List[list] = field(default_factory=list)    # [step, lr] (--anneal) or [step, factor] (--lr-schedule)
     diverged: bool = False
 
 
@@ -416,6 +450,7 @@ class MethodRun:
             self.annealer = None
         self.sampler = Sampler(len(train), self.batch, cfg.seed)
         self.sched = EvalSchedule(self.total, cfg.evals)
+        self.lr_sched = LRSchedule(self.opt, cfg.lr_schedule, self.total) if cfg.lr_schedule != "constant" else None
         self.done = False
 
     # ------------------------------------------------------------------ state
@@ -480,6 +515,8 @@ class MethodRun:
         full = _is_full_step(self.opt) and hasattr(self.opt, "is_full_step")
         if meter.queries + self.spec.step_cost(self.opt, cfg, self.large) > self.total:
             return None
+        if self.lr_sched is not None:
+            self.res.lr_history.append([self.step + 1, self.lr_sched.apply(meter.queries)])
         idx = self.sampler.next()
         # Data parallel: this rank's share of the step's batch; queries count the whole batch.
         mine = zdist.shard_list(idx) if cfg.distributed else idx
@@ -520,6 +557,8 @@ class MethodRun:
         cfg, net, opt = self.cfg, self.net, self.opt
         if self.step >= self.n_steps:
             return None
+        if self.lr_sched is not None:
+            self.res.lr_history.append([self.step + 1, self.lr_sched.apply(self.meter.queries)])
         batch = self.data["train"].batch(self.sampler.next())
         _sync(cfg.device)
         t0 = time.perf_counter()
