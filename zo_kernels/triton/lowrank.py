@@ -8,7 +8,7 @@ The host generates the factors of each tensor into scratch — U_j and V with th
 does, so residue-plane words and stochastic-rounding quads belong to one program.  Each element
 gathers its row of W and its row of V (both cached: a tile touches a few rows of W and BLOCK·4
 consecutive rows of V) and sums the r products in registers.  Exact restore (inverting the carried
-perturbation's rounding, the residue plane) reuses the full-rank kernel's integer helpers.
+perturbation's rounding, the residue plane), rounding and the quad walk are the full-rank kernel's helpers.
 """
 from __future__ import annotations
 
@@ -18,13 +18,11 @@ import triton.language as tl
 
 from .noise_axpy import (
     _TL,
-    _from_ordered,
-    _interleave,
-    _ordered,
-    _quad_words,
-    _round_nearest,
-    _stochastic_round,
-    _try_candidate,
+    _config,
+    _invert_rounding,
+    _round_store,
+    _walk_quads,
+    _write_plane,
 )
 from .noise_axpy import noise as _noise
 
@@ -42,14 +40,8 @@ def _lowrank_sum(w, v, row, col, mask, R: tl.constexpr):
 
 
 @triton.jit
-def _tile(p, w, wu, v, pp, meta, idx, mask, gq, lq, n, tid, gamma, R: tl.constexpr, SR: tl.constexpr,
+def _tile(idx, mask, gq, lq, p, w, wu, v, pp, meta, n, tid, gamma, R: tl.constexpr, SR: tl.constexpr,
           OUT: tl.constexpr, INVERT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr):
-    lane = tl.arange(0, 4)
-    RMASK: tl.constexpr = (1 << PBITS) - 1
-    if OUT == tl.float32:
-        LIM: tl.constexpr = 2147483647
-    else:
-        LIM: tl.constexpr = 32768
     row = idx // n
     col = idx - row * n
     s_new = _lowrank_sum(w, v, row, col, mask, R)
@@ -57,42 +49,10 @@ def _tile(p, w, wu, v, pp, meta, idx, mask, gq, lq, n, tid, gamma, R: tl.constex
     qmask = tl.max(mask.to(tl.int32), axis=1) > 0
     theta0 = y
     if INVERT:
-        s_undo = _lowrank_sum(wu, v, row, col, mask, R)
-        y_ord = _ordered(y, OUT)
-        est = _ordered(_round_nearest(y.to(tl.float32) - s_undo, OUT), OUT)
-        best = est
-        best_dist = tl.full(idx.shape, 2147483647, tl.int32)
-        hits = tl.zeros(idx.shape, tl.int32)
-        if PLANE == 2:
-            word = tl.load(pp + lq, mask=qmask, other=0).to(tl.int32)
-            if PBITS < 8:
-                word = word & ((1 << (4 * PBITS)) - 1)  # int16 words sign-extend
-            res = (word[:, None] >> (lane[None, :] * PBITS)) & RMASK
-            base = est - ((est - res) & RMASK)
-            best, best_dist, hits = _try_candidate(base, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(base + (1 << PBITS), est, y_ord, s_undo, best, best_dist,
-                                                   hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(base - (1 << PBITS), est, y_ord, s_undo, best, best_dist,
-                                                   hits, LIM, OUT)
-        else:
-            best, best_dist, hits = _try_candidate(est, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(est - 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(est + 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-        yf = y.to(tl.float32)
-        finite = (yf == yf) & (tl.abs(yf) < float("inf"))
-        theta0 = tl.where(finite, _from_ordered(best, OUT), y)
+        theta0 = _invert_rounding(y, _lowrank_sum(wu, v, row, col, mask, R), pp, lq, qmask, OUT, PLANE, PBITS)
     if PLANE == 1:
-        # Outside the tensor theta0 counts as +0 (residue 0), as restore.pack_residues writes it.
-        res = _ordered(tl.where(mask, theta0, 0.0).to(OUT), OUT) & RMASK
-        word = tl.sum(res << (lane[None, :] * PBITS), axis=1)
-        tl.store(pp + lq, word.to(pp.dtype.element_ty), mask=qmask)
-    acc = theta0.to(tl.float32) * gamma + s_new
-    if SR:
-        w0, w1, w2, w3 = _quad_words(tl.load(meta + 4), gq, tid, 2)
-        out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
-    else:
-        out = _round_nearest(acc, OUT)
-    tl.store(p + idx, out, mask=mask)
+        _write_plane(pp, lq, qmask, theta0, mask, OUT, PBITS)
+    _round_store(p, idx, mask, theta0.to(tl.float32) * gamma + s_new, meta + 4, gq, tid, SR, OUT)
 
 
 @triton.jit
@@ -107,31 +67,10 @@ def _lowrank_kernel(p, w, wu, v, pp, meta, gamma, R: tl.constexpr, SR: tl.conste
     tid = tl.load(meta + 3)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    lane = tl.arange(0, 4)
-    q0 = off // 4
     if ALIGNED:
-        # Host checked: θ 16-byte aligned and off % 4 == 0, so a quad-granular mask keeps θ's loads and
-        # stores vectorised; the ≤ 3-element tail goes through the element mask.
         p = tl.multiple_of(p, 16)
-        full = numel // 4
-        for b in range(pid, tl.cdiv(full, BLOCK), nprog):
-            lq = b * BLOCK + tl.arange(0, BLOCK)
-            idx = lq[:, None] * 4 + lane[None, :]
-            mask = (lq < full)[:, None]
-            _tile(p, w, wu, v, pp, meta, idx, mask, lq + q0, lq, n, tid, gamma, R, SR, OUT, INVERT, PLANE, PBITS)
-        if (numel % 4 != 0) & (pid == 0):
-            lq = full + tl.arange(0, 2)
-            idx = lq[:, None] * 4 + lane[None, :]
-            _tile(p, w, wu, v, pp, meta, idx, idx < numel, lq + q0, lq, n, tid, gamma, R, SR, OUT, INVERT, PLANE,
-                  PBITS)
-    else:
-        nq = (off + numel + 3) // 4 - q0
-        for b in range(pid, tl.cdiv(nq, BLOCK), nprog):
-            lq = b * BLOCK + tl.arange(0, BLOCK)
-            gq = q0 + lq
-            idx = gq[:, None] * 4 + lane[None, :] - off
-            _tile(p, w, wu, v, pp, meta, idx, (idx >= 0) & (idx < numel), gq, lq, n, tid, gamma, R, SR, OUT,
-                  INVERT, PLANE, PBITS)
+    _walk_quads(_tile, (p, w, wu, v, pp, meta, n, tid, gamma), (R, SR, OUT, INVERT, PLANE, PBITS),
+                numel, off, pid == 0, pid, nprog, ALIGNED, BLOCK)
 
 
 AOT_CASES = [
@@ -183,12 +122,6 @@ def factors(p, keys_u, key_v, alphas, undo, dense, beta, rank, tid, row0):
     if dense is not None:
         w = w + torch.mul(dense.reshape(-1), beta)
     return w, wu, _normals(n * rank, key_v, tid, 0, V_STREAM, p.device)
-
-
-def _config(device):
-    if device.type == "cuda":
-        return 256, 4, torch.cuda.get_device_properties(device).multi_processor_count * 8
-    return 1024, 1, 2
 
 
 def lowrank_axpy(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,

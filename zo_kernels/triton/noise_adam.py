@@ -8,8 +8,6 @@ z comes from the same helpers, so this kernel and noise_axpy_ see the same noise
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
@@ -19,12 +17,14 @@ from .noise_axpy import (
     DTYPES,
     INTERPRET,
     _aligned,
+    _coef,
+    _column_extent,
+    _column_ptr,
     _config,
-    _interleave,
     _normals,
-    _quad_words,
-    _round_nearest,
-    _stochastic_round,
+    _round_store,
+    _walk_quads,
+    f64_bits,
 )
 
 __all__ = ["DTYPES", "noise_adam"]
@@ -35,13 +35,11 @@ _COLS = tl.constexpr(6)
 
 
 @triton.jit
-def _adam_tile(p, mp, vp, idx, mask, gq, tid, tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma,
+def _adam_tile(idx, mask, gq, lq, p, mp, vp, tid, tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma,
                K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr):
     g = tl.zeros(idx.shape, tl.float32)
     for j in tl.static_range(K):
-        key = tl.load(tab + _COLS * T + j)
-        c = tl.load(tab + _COLS * T + K + j).to(tl.float64, bitcast=True).to(tl.float32)
-        g += c * _normals(key, gq, tid, 0, FAST)
+        g += _coef(tab + _COLS * T + K + j) * _normals(tl.load(tab + _COLS * T + j), gq, tid, 0, FAST)
     theta = tl.load(p + idx, mask=mask).to(tl.float32)
     m = tl.load(mp + idx, mask=mask)
     v = tl.load(vp + idx, mask=mask)
@@ -53,13 +51,7 @@ def _adam_tile(p, mp, vp, idx, mask, gq, tid, tab, T, b1, omb1, b2, omb2, eps, s
     theta = gamma * theta - step_size * tl.math.div_rn(m, denom)
     tl.store(mp + idx, m, mask=mask)
     tl.store(vp + idx, v, mask=mask)
-    if SR:
-        sr_key = tl.load(tab + _COLS * T + 2 * K)
-        w0, w1, w2, w3 = _quad_words(sr_key, gq, tid, 2)
-        out = _stochastic_round(theta, _interleave(w0, w1, w2, w3), OUT)
-    else:
-        out = _round_nearest(theta, OUT)
-    tl.store(p + idx, out, mask=mask)
+    _round_store(p, idx, mask, theta, tab + _COLS * T + 2 * K, gq, tid, SR, OUT)
 
 
 @triton.jit
@@ -68,42 +60,13 @@ def _noise_adam_kernel(tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2,
                        FAST: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    lane = tl.arange(0, 4)
     for t in range(T):
-        p = tl.load(tab + t).to(tl.pointer_type(OUT))
-        mp = tl.load(tab + T + t).to(tl.pointer_type(tl.float32))
-        vp = tl.load(tab + 2 * T + t).to(tl.pointer_type(tl.float32))
-        n = tl.load(tab + 3 * T + t)
-        tid = tl.load(tab + 4 * T + t)
-        off = tl.load(tab + 5 * T + t)
-        q0 = off // 4
-        if ALIGNED:
-            p = tl.multiple_of(p, 16)
-            mp = tl.multiple_of(mp, 16)
-            vp = tl.multiple_of(vp, 16)
-            full = n // 4
-            for b in range(pid, tl.cdiv(full, BLOCK), nprog):
-                lq = b * BLOCK + tl.arange(0, BLOCK)
-                idx = lq[:, None] * 4 + lane[None, :]
-                mask = (lq < full)[:, None]
-                _adam_tile(p, mp, vp, idx, mask, lq + q0, tid, tab, T, b1, omb1, b2, omb2, eps, step_size,
-                           bc2_sqrt, l2, gamma, K, SR, OUT, FAST)
-            if (n % 4 != 0) & (t % nprog == pid):
-                lq = full + tl.arange(0, 2)
-                idx = lq[:, None] * 4 + lane[None, :]
-                _adam_tile(p, mp, vp, idx, idx < n, lq + q0, tid, tab, T, b1, omb1, b2, omb2, eps, step_size,
-                           bc2_sqrt, l2, gamma, K, SR, OUT, FAST)
-        else:
-            nq = (off + n + 3) // 4 - q0
-            for b in range(pid, tl.cdiv(nq, BLOCK), nprog):
-                gq = q0 + b * BLOCK + tl.arange(0, BLOCK)
-                idx = gq[:, None] * 4 + lane[None, :] - off
-                _adam_tile(p, mp, vp, idx, (idx >= 0) & (idx < n), gq, tid, tab, T, b1, omb1, b2, omb2, eps,
-                           step_size, bc2_sqrt, l2, gamma, K, SR, OUT, FAST)
-
-
-def _bits(xs):
-    return [struct.unpack("<q", struct.pack("<d", float(x)))[0] for x in xs]
+        p = _column_ptr(tab, 0, T, t, OUT, ALIGNED)
+        mp = _column_ptr(tab, 1, T, t, tl.float32, ALIGNED)
+        vp = _column_ptr(tab, 2, T, t, tl.float32, ALIGNED)
+        n, tid, off = _column_extent(tab, 3, T, t)
+        _walk_quads(_adam_tile, (p, mp, vp, tid, tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma),
+                    (K, SR, OUT, FAST), n, off, t % nprog == pid, pid, nprog, ALIGNED, BLOCK)
 
 
 def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key,
@@ -117,7 +80,7 @@ def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, t
         ps, ms, vs = ([lst[i] for i in idx] for lst in (params, exp_avgs, exp_avg_sqs))
         offs = [offsets[i] for i in idx]
         table = ([t.data_ptr() for t in ps + ms + vs] + [p.numel() for p in ps] + [tensor_ids[i] for i in idx] +
-                 offs + list(keys) + _bits(coeffs) + [rounding_key])
+                 offs + list(keys) + f64_bits(coeffs) + [rounding_key])
         device = ps[0].device
         tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
         default_block, warps, max_prog = _config(device)

@@ -12,6 +12,7 @@ is zo_kernels.noise; the PyTorch transcription there defines the numbers.
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -112,6 +113,68 @@ def _round_nearest(acc, OUT: tl.constexpr):
 
 
 @triton.jit
+def _coef(ptr):
+    """A float64 coefficient stored as int64 bits in the table, as fp32."""
+    return tl.load(ptr).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _round_store(p, idx, mask, acc, sr_key_ptr, gq, tid, SR: tl.constexpr, OUT: tl.constexpr):
+    """Round the fp32 result to the param dtype (stochastically: stream-2 words of the key at
+    sr_key_ptr, read only then) and store it."""
+    if SR:
+        w0, w1, w2, w3 = _quad_words(tl.load(sr_key_ptr), gq, tid, 2)
+        out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
+    else:
+        out = _round_nearest(acc, OUT)
+    tl.store(p + idx, out, mask=mask)
+
+
+@triton.jit
+def _column_ptr(tab, col, T, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor t's pointer in column `col` of a T-row table, typed; 16-byte aligned when the host checked."""
+    ptr = tl.load(tab + col * T + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _column_extent(tab, col, T, t):
+    """Tensor t's (numel, tensor id, element offset): columns col, col + 1, col + 2 of the table."""
+    return tl.load(tab + col * T + t), tl.load(tab + (col + 1) * T + t), tl.load(tab + (col + 2) * T + t)
+
+
+@triton.jit
+def _walk_quads(tile: tl.constexpr, args, consts: tl.constexpr, n, off, owns_tail, pid, nprog,
+                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's share of one tensor (n elements from global element offset off), in [BLOCK, 4]
+    quad tiles: tile(idx, mask, gq, lq, *args, *consts) with the tiles' element indices and mask, their
+    global quads (the Philox counters) and local quads (residue-plane words); programs take blocks
+    round-robin.  Every kernel walks its tensors through here."""
+    lane = tl.arange(0, 4)
+    q0 = off // 4
+    if ALIGNED:
+        # Host checked: pointers 16-byte aligned and off % 4 == 0, so local quads are global quads
+        # shifted by off // 4 and a quad-granular mask keeps loads and stores vectorised; the
+        # <= 3-element tail goes through an element mask, in the program that owns it.
+        full = n // 4
+        for b in range(pid, tl.cdiv(full, BLOCK), nprog):
+            lq = b * BLOCK + tl.arange(0, BLOCK)
+            tile(lq[:, None] * 4 + lane[None, :], (lq < full)[:, None], lq + q0, lq, *args, *consts)
+        if (n % 4 != 0) & owns_tail:
+            lq = full + tl.arange(0, 2)
+            idx = lq[:, None] * 4 + lane[None, :]
+            tile(idx, idx < n, lq + q0, lq, *args, *consts)
+    else:
+        for b in range(pid, tl.cdiv((off + n + 3) // 4 - q0, BLOCK), nprog):
+            lq = b * BLOCK + tl.arange(0, BLOCK)
+            gq = q0 + lq
+            idx = gq[:, None] * 4 + lane[None, :] - off
+            tile(idx, (idx >= 0) & (idx < n), gq, lq, *args, *consts)
+
+
+@triton.jit
 def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
           K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
           OUT: tl.constexpr, FAST: tl.constexpr):
@@ -120,18 +183,10 @@ def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
     else:
         acc = tl.zeros(idx.shape, tl.float32)
     for j in tl.static_range(K):
-        key = tl.load(tab + _COLS * T + j)
-        alpha = tl.load(tab + _COLS * T + K + j).to(tl.float64, bitcast=True).to(tl.float32)
-        acc += alpha * _normals(key, gq, tid, stream, FAST)
+        acc += _coef(tab + _COLS * T + K + j) * _normals(tl.load(tab + _COLS * T + j), gq, tid, stream, FAST)
     if HAS_DENSE:
         acc += beta * tl.load(dp + idx, mask=mask).to(tl.float32)
-    if SR:
-        sr_key = tl.load(tab + _COLS * T + 2 * K)
-        w0, w1, w2, w3 = _quad_words(sr_key, gq, tid, 2)
-        out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
-    else:
-        out = _round_nearest(acc, OUT)
-    tl.store(p + idx, out, mask=mask)
+    _round_store(p, idx, mask, acc, tab + _COLS * T + 2 * K, gq, tid, SR, OUT)
 
 
 @triton.jit
@@ -168,6 +223,51 @@ def _try_candidate(cand, est, y_ord, s, best, best_dist, hits, LIM: tl.constexpr
 
 
 @triton.jit
+def _invert_rounding(y, s_undo, pp, qi, qmask, OUT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr):
+    """θ0 such that round(θ0 + s_undo) == y, for finite y (others pass through): the candidates near
+    round(y - s_undo) on the grid of ordered values, or, with a residue plane (PLANE == 2), the ones
+    whose low PBITS bits match the stored residue; the nearest candidate that rounds back to y wins."""
+    lane = tl.arange(0, 4)
+    RMASK: tl.constexpr = (1 << PBITS) - 1
+    if OUT == tl.float32:
+        LIM: tl.constexpr = 2147483647
+    else:
+        LIM: tl.constexpr = 32768
+    y_ord = _ordered(y, OUT)
+    est = _ordered(_round_nearest(y.to(tl.float32) - s_undo, OUT), OUT)
+    best = est
+    best_dist = tl.full(y.shape, 2147483647, tl.int32)
+    hits = tl.zeros(y.shape, tl.int32)
+    if PLANE == 2:
+        word = tl.load(pp + qi, mask=qmask, other=0).to(tl.int32)
+        if PBITS < 8:
+            word = word & ((1 << (4 * PBITS)) - 1)  # int16 words sign-extend
+        res = (word[:, None] >> (lane[None, :] * PBITS)) & RMASK
+        base = est - ((est - res) & RMASK)
+        best, best_dist, hits = _try_candidate(base, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+        best, best_dist, hits = _try_candidate(base + (1 << PBITS), est, y_ord, s_undo, best, best_dist, hits,
+                                               LIM, OUT)
+        best, best_dist, hits = _try_candidate(base - (1 << PBITS), est, y_ord, s_undo, best, best_dist, hits,
+                                               LIM, OUT)
+    else:
+        best, best_dist, hits = _try_candidate(est, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+        best, best_dist, hits = _try_candidate(est - 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+        best, best_dist, hits = _try_candidate(est + 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
+    yf = y.to(tl.float32)
+    finite = (yf == yf) & (tl.abs(yf) < float("inf"))
+    return tl.where(finite, _from_ordered(best, OUT), y)
+
+
+@triton.jit
+def _write_plane(pp, qi, qmask, theta0, mask, OUT: tl.constexpr, PBITS: tl.constexpr):
+    """One word per quad: the low PBITS bits of each element's ordered value, lane 0 lowest."""
+    # Outside the tensor theta0 counts as +0 (residue 0), as restore.pack_residues writes it.
+    res = _ordered(tl.where(mask, theta0, 0.0).to(OUT), OUT) & ((1 << PBITS) - 1)
+    word = tl.sum(res << (tl.arange(0, 4)[None, :] * PBITS), axis=1)
+    tl.store(pp + qi, word.to(pp.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
 def _tile_exact(p, pp, idx, mask, gq, qi, tid, tab, T, gamma, stream,
                 K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr,
                 INVERT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr):
@@ -177,58 +277,20 @@ def _tile_exact(p, pp, idx, mask, gq, qi, tid, tab, T, gamma, stream,
     s_new = tl.zeros(idx.shape, tl.float32)
     s_undo = tl.zeros(idx.shape, tl.float32)
     for j in tl.static_range(K):
-        key = tl.load(tab + _COLS * T + j)
-        alpha = tl.load(tab + _COLS * T + K + j).to(tl.float64, bitcast=True).to(tl.float32)
-        undo = tl.load(tab + _COLS * T + 2 * K + 1 + j).to(tl.float64, bitcast=True).to(tl.float32)
-        z = _normals(key, gq, tid, stream, FAST)
-        s_new += alpha * z
-        s_undo += undo * z
-    lane = tl.arange(0, 4)
+        z = _normals(tl.load(tab + _COLS * T + j), gq, tid, stream, FAST)
+        s_new += _coef(tab + _COLS * T + K + j) * z
+        s_undo += _coef(tab + _COLS * T + 2 * K + 1 + j) * z
     qmask = tl.max(mask.to(tl.int32), axis=1) > 0
-    RMASK: tl.constexpr = (1 << PBITS) - 1
-    if OUT == tl.float32:
-        LIM: tl.constexpr = 2147483647
-    else:
-        LIM: tl.constexpr = 32768
     theta0 = y
     if INVERT:
-        y_ord = _ordered(y, OUT)
-        est = _ordered(_round_nearest(y.to(tl.float32) - s_undo, OUT), OUT)
-        best = est
-        best_dist = tl.full(idx.shape, 2147483647, tl.int32)
-        hits = tl.zeros(idx.shape, tl.int32)
-        if PLANE == 2:
-            word = tl.load(pp + qi, mask=qmask, other=0).to(tl.int32)
-            if PBITS < 8:
-                word = word & ((1 << (4 * PBITS)) - 1)  # int16 words sign-extend
-            res = (word[:, None] >> (lane[None, :] * PBITS)) & RMASK
-            base = est - ((est - res) & RMASK)
-            best, best_dist, hits = _try_candidate(base, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(base + (1 << PBITS), est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(base - (1 << PBITS), est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-        else:
-            best, best_dist, hits = _try_candidate(est, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(est - 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-            best, best_dist, hits = _try_candidate(est + 1, est, y_ord, s_undo, best, best_dist, hits, LIM, OUT)
-        yf = y.to(tl.float32)
-        finite = (yf == yf) & (tl.abs(yf) < float("inf"))
-        theta0 = tl.where(finite, _from_ordered(best, OUT), y)
+        theta0 = _invert_rounding(y, s_undo, pp, qi, qmask, OUT, PLANE, PBITS)
     if PLANE == 1:
-        res = _ordered(theta0, OUT) & RMASK
-        word = tl.sum(res << (lane[None, :] * PBITS), axis=1)
-        tl.store(pp + qi, word.to(pp.dtype.element_ty), mask=qmask)
-    acc = theta0.to(tl.float32) * gamma + s_new
-    if SR:
-        sr_key = tl.load(tab + _COLS * T + 2 * K)
-        w0, w1, w2, w3 = _quad_words(sr_key, gq, tid, 2)
-        out = _stochastic_round(acc, _interleave(w0, w1, w2, w3), OUT)
-    else:
-        out = _round_nearest(acc, OUT)
-    tl.store(p + idx, out, mask=mask)
+        _write_plane(pp, qi, qmask, theta0, mask, OUT, PBITS)
+    _round_store(p, idx, mask, theta0.to(tl.float32) * gamma + s_new, tab + _COLS * T + 2 * K, gq, tid, SR, OUT)
 
 
 @triton.jit
-def _dispatch(p, dp, idx, mask, gq, qi, tid, tab, T, gamma, beta, stream,
+def _dispatch(idx, mask, gq, qi, p, dp, tid, tab, T, gamma, beta, stream,
               K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
               OUT: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr, INVERT: tl.constexpr,
               PLANE: tl.constexpr, PBITS: tl.constexpr):
@@ -246,41 +308,14 @@ def _noise_axpy_kernel(tab, T, gamma, beta, stream,
                        PLANE: tl.constexpr = 0, PBITS: tl.constexpr = 2):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    lane = tl.arange(0, 4)
     for t in range(T):
-        p = tl.load(tab + t).to(tl.pointer_type(OUT))
+        p = _column_ptr(tab, 0, T, t, OUT, ALIGNED)
         # Column 1 is the dense tensor, or in exact mode the residue plane (one word per quad).
-        dp = tl.load(tab + T + t).to(tl.pointer_type(DENSE))
-        n = tl.load(tab + 2 * T + t)
-        tid = tl.load(tab + 3 * T + t)
-        off = tl.load(tab + 4 * T + t)
-        q0 = off // 4
-        if ALIGNED:
-            # Host checked: pointers 16-byte aligned and off % 4 == 0, so local quads are
-            # global quads shifted by off // 4 and a quad-granular mask keeps loads vectorised.
-            p = tl.multiple_of(p, 16)
-            dp = tl.multiple_of(dp, 16)
-            full = n // 4
-            for b in range(pid, tl.cdiv(full, BLOCK), nprog):
-                lq = b * BLOCK + tl.arange(0, BLOCK)
-                idx = lq[:, None] * 4 + lane[None, :]
-                mask = (lq < full)[:, None]
-                _dispatch(p, dp, idx, mask, lq + q0, lq, tid, tab, T, gamma, beta, stream,
-                          K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS)
-            if (n % 4 != 0) & (t % nprog == pid):
-                lq = full + tl.arange(0, 2)
-                idx = lq[:, None] * 4 + lane[None, :]
-                _dispatch(p, dp, idx, idx < n, lq + q0, lq, tid, tab, T, gamma, beta, stream,
-                          K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS)
-        else:
-            nq = (off + n + 3) // 4 - q0
-            for b in range(pid, tl.cdiv(nq, BLOCK), nprog):
-                lq = b * BLOCK + tl.arange(0, BLOCK)
-                gq = q0 + lq
-                idx = gq[:, None] * 4 + lane[None, :] - off
-                mask = (idx >= 0) & (idx < n)
-                _dispatch(p, dp, idx, mask, gq, lq, tid, tab, T, gamma, beta, stream,
-                          K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS)
+        dp = _column_ptr(tab, 1, T, t, DENSE, ALIGNED)
+        n, tid, off = _column_extent(tab, 2, T, t)
+        _walk_quads(_dispatch, (p, dp, tid, tab, T, gamma, beta, stream),
+                    (K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS),
+                    n, off, t % nprog == pid, pid, nprog, ALIGNED, BLOCK)
 
 
 # --------------------------------------------------------------------- host
@@ -295,21 +330,21 @@ def _aligned(tensors, offsets) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors) and all(o % 4 == 0 for o in offsets)
 
 
+def f64_bits(xs) -> list:
+    """Each value's float64 bit pattern as a signed int64: how coefficients ride in an int64 table."""
+    return [struct.unpack("<q", struct.pack("<d", float(x)))[0] for x in xs]
+
+
 def _launch(params, dense, keys, alphas, gamma, beta, rounding, tensor_ids, offsets, rounding_key,
             stream=0, has_x=True, block=None, undo=None, planes=None, plane_bits=2):
-    import struct
-
     device = params[0].device
     T = len(params)
     dense_list = dense if dense is not None else params
-    def bits(xs):
-        return [struct.unpack("<q", struct.pack("<d", float(a)))[0] for a in xs]
-
     exact = undo is not None
     second = planes if planes else dense_list
     table = ([p.data_ptr() for p in params] + [d.data_ptr() for d in second] +
-             [p.numel() for p in params] + list(tensor_ids) + list(offsets) + list(keys) + bits(alphas) +
-             [rounding_key] + (bits(undo) if exact else []))
+             [p.numel() for p in params] + list(tensor_ids) + list(offsets) + list(keys) + f64_bits(alphas) +
+             [rounding_key] + (f64_bits(undo) if exact else []))
     tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
     default_block, warps, max_prog = _config(device)
     BLOCK = block or default_block
