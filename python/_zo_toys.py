@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -134,18 +135,33 @@ def common_args(description: str, name: str, *, steps: int, seeds: int, lr_mezo:
     return ap
 
 
-def figure(ncols: int, width: float):
-    """A row of `ncols` panels (matplotlib without a display)."""
+@dataclass(frozen=True)
+class Panel:
+    """One panel of a toy's figure: column ykey against column xkey of the rows (see plot_runs)."""
+
+    xkey: int
+    ykey: int
+    ylabel: str
+    title: str
+    logy: bool = False
+    optimum: bool = False  # a dashed line at 1.0 (the loss is shown over its optimum f*)
+
+
+def plot_figure(rows, args, path: str, panels, caption: str, width: float) -> str:
+    """A row of `panels` (matplotlib without a display), the first with the legend, titled with
+    `caption` and every method's rates; written to `path` (returned)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=(width, 4.2))
-
-
-def save(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2))
+    for ax, p in zip(axes, panels):
+        panel(ax, rows, p.xkey, p.ykey, args.steps, p.ylabel, logy=p.logy)
+        if p.optimum:
+            ax.axhline(1.0, color="k", ls="--", lw=0.8, label="optimum f*")
+        ax.set_title(p.title)
+    axes[0].legend()
+    fig.suptitle(f"{caption}; {rates(args)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

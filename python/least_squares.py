@@ -113,15 +113,11 @@ def main(argv=None):
 
 
 def plot(rows, args, path):
-    fig, axes = toys.figure(2, 11)
-    for ax, xkey in ((axes[0], 2), (axes[1], 3)):
-        toys.panel(ax, rows, xkey, 5, args.steps, "full-batch loss / f*", logy=True)
-        ax.axhline(1.0, color="k", ls="--", lw=0.8, label="optimum f*")
-    axes[0].set_title(f"least squares d={args.d} n={args.n}: against steps")
-    axes[1].set_title("against queries")
-    axes[0].legend()
-    fig.suptitle(f"μ={args.mu}, batch {args.batch}; {toys.rates(args)}", fontsize=9)
-    return toys.save(fig, path)
+    ylabel = "full-batch loss / f*"
+    return toys.plot_figure(rows, args, path, [
+        toys.Panel(2, 5, ylabel, f"least squares d={args.d} n={args.n}: against steps", logy=True, optimum=True),
+        toys.Panel(3, 5, ylabel, "against queries", logy=True, optimum=True),
+    ], f"μ={args.mu}, batch {args.batch}", width=11)
 
 
 if __name__ == "__main__":

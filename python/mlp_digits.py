@@ -102,17 +102,11 @@ def main(argv=None):
 
 
 def plot(rows, args, path):
-    fig, axes = toys.figure(3, 15)
-    panels = ((axes[0], 2, 4, "full training loss"), (axes[1], 3, 4, "full training loss"),
-              (axes[2], 3, 5, "test accuracy"))
-    for ax, xkey, ykey, ylabel in panels:
-        toys.panel(ax, rows, xkey, ykey, args.steps, ylabel, logy=ykey == 4)
-    axes[0].set_title("MLP on digits: against steps")
-    axes[1].set_title("against queries")
-    axes[2].set_title("test accuracy against queries")
-    axes[0].legend()
-    fig.suptitle(f"μ={args.mu}, batch {args.batch}, hidden {args.hidden}; {toys.rates(args)}", fontsize=9)
-    return toys.save(fig, path)
+    return toys.plot_figure(rows, args, path, [
+        toys.Panel(2, 4, "full training loss", "MLP on digits: against steps", logy=True),
+        toys.Panel(3, 4, "full training loss", "against queries", logy=True),
+        toys.Panel(3, 5, "test accuracy", "test accuracy against queries"),
+    ], f"μ={args.mu}, batch {args.batch}, hidden {args.hidden}", width=15)
 
 
 if __name__ == "__main__":
