@@ -2,6 +2,7 @@
 the optimizer's own query count (so equal budgets stay equal)."""
 import pytest
 import torch
+from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 from zo_kernels import optim
 from zo_kernels.finetune.methods import METHODS, TrainConfig
@@ -29,3 +30,76 @@ def test_registered_with_its_query_cost(name):
     assert m.step_cost(opt, cfg, 0) == calls[0] * cfg.batch_size
     if name == "n-spsa":
         assert calls[0] == 2 * 3
+
+
+# ---------------------------------------------------------------- forward gradient (torch.func.jvp)
+
+def test_forward_grad_registered_with_its_query_cost():
+    from zo_kernels.finetune.errors import FinetuneError
+
+    m = METHODS["forward-grad"]
+    assert m.kind == "zo" and m.needs_module and m.differentiates
+    net = torch.nn.Linear(4, 2)
+    for cost in (1, 2):
+        cfg = TrainConfig(batch_size=8, fg_query_cost=cost, lr_forward_grad=0.5)
+        opt = m.build(net, list(net.parameters()), cfg)
+        assert type(opt) is optim.ForwardGrad and opt.param_groups[0]["lr"] == 0.5
+        assert m.step_cost(opt, cfg, 0) == cost * 8 and m.queries_per_example(cfg) == cost
+    assert m.build(net, list(net.parameters()), TrainConfig(lr_mezo=3e-4)).param_groups[0]["lr"] == 3e-4
+    with pytest.raises(FinetuneError, match="requires_grad"):
+        m.build(net, [net.weight], TrainConfig())          # the bias requires grad too: not what was chosen
+
+
+def _tiny_run_inputs(tiny):
+    from zo_kernels.finetune.data import load_text_classification
+    from zo_kernels.finetune.heads import default_descriptions
+    from zo_kernels.finetune.model import Encoded, load_model_and_tokenizer, select_trainable
+
+    data = load_text_classification(tiny["csv"], n_train=32, n_val=16, n_test=16, seed=0)
+    net, tok = load_model_and_tokenizer(tiny["model"], data.num_labels, head="description",
+                                        descriptions=default_descriptions(data.label_names))
+    enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, 16, "cpu")
+           for k in ("train", "val", "test")}
+    return net, select_trainable(net, None), enc
+
+
+def test_forward_grad_run_matches_hand_run(tiny):  # noqa: F811
+    """MethodRun's forward-grad = ForwardGrad stepped by hand on the same batches (bit for bit); it is
+    charged 2 queries per example (MeZO's steps at MeZO's budget), moves the weights, and differentiates
+    cross-entropy under --objective accuracy (whose jvp would be 0: the weights would not move)."""
+    from zo_kernels.finetune.methods import MethodRun, Sampler, batch_loss
+
+    cfg = TrainConfig(batch_size=4, queries=6 * 2 * 4, lr_forward_grad=2e-2, evals=1, seed=3, objective="accuracy")
+    net, trainable, enc = _tiny_run_inputs(tiny)
+    w0 = [p.detach().clone() for p in trainable]
+    res = MethodRun("forward-grad", net, trainable, enc, cfg, {"queries": 0, "test_acc": 0.5}, progress=False).run()
+    assert res.steps == 6 and res.queries == 6 * 2 * 4          # MeZO's step count at the same budget
+    assert any(not torch.equal(a, b) for a, b in zip(w0, trainable))
+
+    ref, ref_params, _ = _tiny_run_inputs(tiny)               # the same start, stepped by hand
+    assert all(torch.equal(a, b) for a, b in zip(w0, ref_params))
+    opt = optim.ForwardGrad(ref, lr=2e-2, seed=3)
+    sampler = Sampler(len(enc["train"]), 4, 3)
+    for _ in range(6):
+        batch = enc["train"].batch(sampler.next())
+        with torch.no_grad():                                 # cross-entropy: --objective accuracy is ignored
+            opt.step(lambda: batch_loss(ref, batch)[1])
+    for a, b in zip(trainable, ref_params):
+        assert torch.equal(a, b)
+
+
+def test_forward_grad_cli_with_memory(tiny, tmp_path):  # noqa: F811
+    import json
+
+    from zo_kernels.finetune.cli import main
+
+    out = tmp_path / "fg"
+    rc = main(_base(tiny, out, "--methods", "mezo,forward-grad", "--steps", "3", "--evals", "1",
+                    "--lr-forward-grad", "1e-2", "--memory-steps", "1", "--objective", "accuracy"))
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    fg, mezo = res["methods"]["forward-grad"], res["methods"]["mezo"]
+    assert fg["steps"] == mezo["steps"] == 3 and fg["queries"] == mezo["queries"] == 3 * 2 * 4
+    assert res["config"]["fg_query_cost"] == 2 and res["config"]["lr_forward_grad"] == 1e-2
+    mem = res["memory"]["forward-grad"]
+    assert "error" not in mem and mem["peak_rss_mb"] > 50 and mem["steps"] >= 1

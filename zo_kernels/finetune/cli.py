@@ -27,6 +27,8 @@ from .adapters import PEFT_KINDS
 from .errors import FinetuneError
 
 DEFAULT_METHODS = "mezo,mezo-svrg"
+# Per-method learning rates of the ZO methods beyond MeZO / MeZO-SVRG (None: derived from --lr-mezo).
+ZO_LR_FLAGS = ("lr_forward_grad",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fo-batch-size", type=int, default=d.fo_batch_size, help="0: --batch-size")
     g.add_argument("--lr-fo-sgd", type=float, default=d.lr_fo_sgd)
     g.add_argument("--lr-fo-adam", type=float, default=d.lr_fo_adam)
+    g.add_argument("--lr-forward-grad", type=float, default=d.lr_forward_grad,
+                   help="forward-grad lr (default: --lr-mezo; its step (∇f·z)z has MeZO's scale)")
+    g.add_argument("--fg-query-cost", type=int, choices=(1, 2), default=d.fg_query_cost,
+                   help="queries charged per example of one forward-grad jvp: 2 = MeZO's two forward passes "
+                        "(equal queries = equal steps; a jvp costs 2-3 forwards of arithmetic), 1 = ZO-Bench's "
+                        "count (one forward with jvp)")
     g.add_argument("--evals", type=int, default=d.evals,
                    help="evaluation points per method (test accuracy + whole-train-set loss)")
     g.add_argument("--eval-train", type=int, default=d.eval_train, metavar="N",
@@ -147,11 +155,11 @@ def _check_numbers(a) -> None:
         v = getattr(a, act.dest, None)
         if act.type is float and v is not None and not math.isfinite(v):
             raise FinetuneError(f"{act.option_strings[0]} must be a finite number, got {v}")
-    for name in ("lr_mezo", "lr_svrg", "lr_svrg_full", "lr_fo_sgd", "lr_fo_adam", "weight_decay"):
-        if getattr(a, name) < 0:
+    for name in ("lr_mezo", "lr_svrg", "lr_svrg_full", "lr_fo_sgd", "lr_fo_adam", "weight_decay") + ZO_LR_FLAGS:
+        if getattr(a, name) is not None and getattr(a, name) < 0:
             raise FinetuneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(a, name)}")
-    for name in ("lr_mezo", "lr_svrg", "lr_svrg_full"):
-        if getattr(a, name) * a.weight_decay >= 1:
+    for name in ("lr_mezo", "lr_svrg", "lr_svrg_full") + ZO_LR_FLAGS:
+        if getattr(a, name) is not None and getattr(a, name) * a.weight_decay >= 1:
             raise FinetuneError(f"--{name.replace('_', '-')} {getattr(a, name)} times --weight-decay "
                                 f"{a.weight_decay} must be < 1 (the ZO update scales θ by 1 - lr*weight_decay)")
     if a.seed is not None and not 0 <= a.seed < 1 << 64:
@@ -207,6 +215,11 @@ def _check_args(a) -> List[str]:
     if a.anneal and a.lr_schedule != "constant":
         raise FinetuneError(f"--anneal and --lr-schedule {a.lr_schedule} both set the learning rate; give one")
     return methods
+
+
+def _method_options(a) -> dict:
+    """The TrainConfig fields of the per-method flags (learning rates, forward-grad's query cost)."""
+    return {**{name: getattr(a, name) for name in ZO_LR_FLAGS}, "fg_query_cost": a.fg_query_cost}
 
 
 def _peft_spec(a):
@@ -320,7 +333,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     from . import report
     from .adapters import apply_peft, trainable_parameters
     from .heads import default_descriptions
-    from .methods import LABELS, MethodRun, TrainConfig, eval_train_index, evaluate, is_zo, mean_loss
+    from .methods import LABELS, METHODS, MethodRun, TrainConfig, eval_train_index, evaluate, is_zo, mean_loss
     from .model import Encoded, load_model_and_tokenizer, model_summary, resolve_model, select_trainable
 
     d = TrainConfig()
@@ -413,16 +426,17 @@ def run(argv: Optional[List[str]] = None) -> dict:
                           weight_decay=a.weight_decay,
                           fo_epochs=a.fo_epochs, fo_batch_size=a.fo_batch_size, lr_fo_sgd=a.lr_fo_sgd,
                           lr_fo_adam=a.lr_fo_adam, evals=a.evals, eval_train=a.eval_train,
-                          objective=a.objective, seed=seed,
+                          objective=a.objective, seed=seed, **_method_options(a),
                           backend=a.backend, rounding=a.rounding, device=device, distributed=dist_on)
         say(f"zo-finetune: {summary['architecture']} ({a.head} head, {summary['tuning']} FT: "
             f"{summary['params_trainable']:,} of {summary['params_total']:,} params trained, {a.dtype}) on {data.name}: {a.n_train}/{a.n_val}/"
             f"{a.n_test} examples, {data.num_labels} labels, max {a.max_length} tokens (mean "
             f"{enc['train'].mean_tokens():.1f}); device {device}, {threads} threads; seed {seed}; ZO budget "
             f"{queries:,} queries each, objective {a.objective}")
-        if a.objective != "loss" and any(not is_zo(m) for m in methods):
-            say(f"note: --objective {a.objective} applies to the ZO methods; first-order methods "
-                f"({', '.join(m for m in methods if not is_zo(m))}) keep cross-entropy (they need a gradient)")
+        grad = [m for m in methods if not is_zo(m) or METHODS[m].differentiates]
+        if a.objective != "loss" and grad:
+            say(f"note: --objective {a.objective} applies to the ZO methods; first-order and forward-gradient "
+                f"methods ({', '.join(grad)}) keep cross-entropy (they need a derivative)")
 
         # The starting point is the same for every method (same weights, same head): evaluate it once.
         cur = state["current"] if (state is not None and state.get("current") and
@@ -495,6 +509,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
         cfg0 = TrainConfig(batch_size=a.batch_size, eps=a.eps, lr_mezo=a.lr_mezo, lr_svrg=a.lr_svrg,
                            lr_svrg_full=a.lr_svrg_full, q=a.q, large_batch=a.large_batch, anchor=a.anchor,
                            lookahead=lookahead, lr_fo_sgd=a.lr_fo_sgd, lr_fo_adam=a.lr_fo_adam, seed=seeds[0],
+                           **_method_options(a),
                            backend=a.backend, rounding=a.rounding, device=device)
         spec = {"model": model_path, "num_labels": data.num_labels, "dtype": a.dtype, "device": device,
                 "seed": seeds[0], "partial": a.partial, "peft": None if peft_spec is None else asdict(peft_spec),

@@ -149,7 +149,7 @@ def _child(spec: dict) -> dict:
     opt = None
     zo = kind in METHODS and METHODS[kind].kind == "zo"
     if kind in METHODS:
-        opt = METHODS[kind].make_optimizer(trainable, cfg)
+        opt = METHODS[kind].build(net, trainable, cfg)
     elif kind != "inference":
         raise SystemExit(f"unknown kind {kind!r}")
     gc.collect()

@@ -4,6 +4,12 @@ SGD / Adam baselines.
 Cost is counted in queries: one query = one forward pass of one example.  Every call of a
 loss closure on n examples adds n queries (counted, not assumed), so a MeZO step costs
 2·batch, a MeZO-SVRG minibatch step 4·batch and a full (large-batch) step 2·large_batch.
+Forward gradient is charged `fg_query_cost` (default 2) queries per example of its one jvp:
+the jvp carries the primal and a tangent through every layer (each linear layer computes
+W·x, W·ẋ and Ẇ·x: two to three forward passes' arithmetic), and at 2 it takes exactly MeZO's
+steps on MeZO's batches, so "equal queries" compares one exact directional derivative with
+one finite-difference estimate of it, per step, and never gives the jvp more compute than
+MeZO's two forwards.  ZO-Bench's count (one forward with jvp = 1) is `fg_query_cost=1`.
 Time is split by wrapping the closures with a timer: forward = time inside closure calls,
 noise = the rest of opt.step (perturb, restore, update, anchor swaps).
 
@@ -14,6 +20,10 @@ a `step_cost(opt, cfg, large)` = the queries its next step will spend (checked a
 budget before the step).  An optimizer with an `is_full_step` attribute/method gets a
 `full_closure` (the large-batch loss) on the steps where it is true, as MeZO-SVRG does.  It
 should have `state_dict()/load_state_dict()` that resume bit-identically (checkpoints).
+A method whose optimizer runs the model itself (forward-grad: torch.func.jvp through the
+module) sets `needs_module` and gets `make_optimizer(params, cfg, module=net)`; one that
+differentiates its objective sets `differentiates` and is given cross-entropy whatever
+--objective says (as the FO baselines are).
 An FO method gives a torch.optim.Optimizer; the loop does forward + backward + step.
 """
 from __future__ import annotations
@@ -86,6 +96,8 @@ class TrainConfig:
     fo_batch_size: int = 16          # 0: the ZO batch size
     lr_fo_sgd: float = 1e-2
     lr_fo_adam: float = 1e-5
+    lr_forward_grad: Optional[float] = None     # None: lr_mezo (the same update scale, see docs/zo_bench.md)
+    fg_query_cost: int = 2           # queries per example of one forward-grad jvp (module docstring)
     evals: int = 8                   # evaluation points after the start (test acc + train loss)
     eval_train: int = 512            # training examples in the eval points' train loss (0: all)
     eval_batch: int = 64
@@ -260,6 +272,21 @@ class Method:
     make_optimizer: Callable         # (params, cfg) -> optimizer
     step_cost: Optional[Callable] = None   # ZO: (opt, cfg, large) -> queries of the next step
     color: Optional[str] = None
+    needs_module: bool = False       # make_optimizer(params, cfg, module=net)
+    differentiates: bool = False     # minimises cross-entropy whatever cfg.objective (it needs a derivative)
+    query_cost: Optional[Callable] = None  # cfg -> queries per example of one closure call (None: 1)
+
+    def build(self, net: torch.nn.Module, params, cfg: "TrainConfig"):
+        """This method's optimizer over `params` (the trainable parameters of `net`)."""
+        if self.needs_module:
+            return self.make_optimizer(params, cfg, module=net)
+        return self.make_optimizer(params, cfg)
+
+    def queries_per_example(self, cfg: "TrainConfig") -> int:
+        return 1 if self.query_cost is None else int(self.query_cost(cfg))
+
+    def objective(self, cfg: "TrainConfig") -> str:
+        return "loss" if self.differentiates else cfg.objective
 
 
 METHODS: Dict[str, Method] = {}
@@ -326,6 +353,24 @@ register(Method("lozo-m", "LOZO-M", "zo", _zo_bench("LOZOM", lambda c: c.lr_mezo
                 lambda opt, cfg, large: 2 * cfg.batch_size, "darkgoldenrod"))
 
 
+def _make_forward_grad(params, cfg: TrainConfig, module: torch.nn.Module):
+    """ForwardGrad trains the module's parameters that require grad: they must be `params`."""
+    optim = _import_optim()
+    lr = cfg.lr_mezo if cfg.lr_forward_grad is None else cfg.lr_forward_grad
+    opt = optim.ForwardGrad(module, lr=lr, weight_decay=cfg.weight_decay, seed=cfg.seed, **_zo_extra(cfg))
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    if mine != {id(p) for p in params}:
+        raise FinetuneError("forward-grad trains the model's parameters with requires_grad=True, which differ "
+                            "from the trainable parameters chosen")
+    return opt
+
+
+# Forward gradient (exact ∇f·z by a jvp, charged fg_query_cost queries per example: module docstring).
+register(Method("forward-grad", "Forward-Grad", "zo", _make_forward_grad,
+                lambda opt, cfg, large: cfg.fg_query_cost * cfg.batch_size, "black",
+                needs_module=True, differentiates=True, query_cost=lambda cfg: cfg.fg_query_cost))
+
+
 class _Labels(dict):
     """LABELS[m] for any registered method (also those registered after import)."""
 
@@ -344,10 +389,6 @@ LABELS = _Labels()
 
 def is_zo(method: str) -> bool:
     return METHODS[method].kind == "zo"
-
-
-def make_zo_optimizer(method: str, params, cfg: TrainConfig):
-    return METHODS[method].make_optimizer(params, cfg)
 
 
 def make_annealer(opt, steps_per_epoch: int, cfg: TrainConfig):
@@ -434,7 +475,7 @@ class MethodRun:
         train = data_enc["train"]
         self.res = RunResult(method)
         self.res.curve.append(dict(start_point))
-        self.opt = self.spec.make_optimizer(trainable, cfg)
+        self.opt = self.spec.build(net, trainable, cfg)
         self.meter = Meter(cfg.device)
         self.step, self.t_train = 0, 0.0
         if self.spec.kind == "zo":
@@ -521,7 +562,9 @@ class MethodRun:
         # Data parallel: this rank's share of the step's batch; queries count the whole batch.
         mine = zdist.shard_list(idx) if cfg.distributed else idx
         batch = train.batch(mine)
-        closure = TimedClosure(lambda: (batch_objective(net, batch, cfg.objective), len(mine)), len(idx), meter)
+        objective = self.spec.objective(cfg)
+        closure = TimedClosure(lambda: (batch_objective(net, batch, objective), len(mine)),
+                               len(idx) * self.spec.queries_per_example(cfg), meter)
         f0 = meter.forward_s
         _sync(cfg.device)
         t0 = time.perf_counter()
@@ -531,7 +574,7 @@ class MethodRun:
                     lidx = self.sampler.large(self.large)
                     lmine = zdist.shard_list(lidx) if cfg.distributed else lidx
                     full_closure = TimedClosure(
-                        lambda: (mean_loss(net, train, lmine, cfg.micro_batch, cfg.objective).to(cfg.device),
+                        lambda: (mean_loss(net, train, lmine, cfg.micro_batch, objective).to(cfg.device),
                                  len(lmine)), len(lidx), meter)
                     loss = self.opt.step(closure, full_closure=full_closure)
                 elif hasattr(self.opt, "is_full_step"):
