@@ -51,7 +51,7 @@ from .ops import (
     _pick_backend,
     check_exact_args,
 )
-from .validate import check_no_overlap, named_tensors
+from .validate import check_int, check_no_overlap, named_tensors
 
 U_STREAM, V_STREAM = 3, 4
 MAX_RANK = 64
@@ -198,14 +198,6 @@ def default_rounding_key(keys_u, key_v, alphas, gamma, beta, rank) -> int:
                     float_bits(beta))
 
 
-def _check_rank(rank) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
-    if not 1 <= rank <= MAX_RANK:
-        raise ValueError(f"rank={rank} is outside [1, {MAX_RANK}]")
-    return rank
-
-
 def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: float = 1.0, dense=None,
                         beta: float = 0.0, rounding: str = "nearest", tensor_ids=None, offsets=None,
                         rounding_key=None, backend: Optional[str] = None, undo=None, planes=None) -> None:
@@ -227,7 +219,7 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
     Checks everything before anything is written.  Scratch: (m + n)·r floats per matrix.
     """
     params = _check_params(params)
-    rank = _check_rank(rank)
+    rank = check_int(rank, "rank", 1, MAX_RANK)
     if isinstance(keys_u, int) or (isinstance(keys_u, torch.Tensor) and keys_u.dim() == 0):
         keys_u = [keys_u]
     if isinstance(alphas, (int, float)) or (isinstance(alphas, torch.Tensor) and alphas.dim() == 0):

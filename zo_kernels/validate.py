@@ -32,6 +32,15 @@ def check_key(k, name: str) -> int:
     return to_signed64(k & M64)
 
 
+def check_int(value, name: str, lo: int, hi: int) -> int:
+    """A Python int (not a bool) in [lo, hi]: a size or a count the ops and optimizers take."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is outside [{lo}, {hi}]")
+    return value
+
+
 def check_scalar(x, name: str, limit: float = FP32_MAX) -> float:
     """A finite real coefficient (not a bool or a string) of magnitude <= limit (default: it is
     applied in float32, where a larger value would overflow to inf)."""

@@ -47,7 +47,7 @@ import torch
 
 from .. import distributed as _zdist
 from .._comm import ZOComm, make_comm
-from ..noise import M64, mix_keys, step_key
+from ..noise import M64, check_u64, mix_keys, step_key
 from ..ops import ROUNDINGS, noise_axpy_
 from ..restore import PLANE_BITS, PLANE_DTYPES, make_planes
 from ..validate import check_tensor
@@ -90,14 +90,6 @@ def _check_nonneg(value, name: str, strict: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (strict and value == 0):
         raise ValueError(f"Invalid {name}: {value} (must be {'> 0' if strict else '>= 0'} and finite)")
     return value
-
-
-def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int in [0, 2**64), got {type(seed).__name__}")
-    if not 0 <= seed <= M64:
-        raise ValueError(f"seed={seed} is outside [0, 2**64)")
-    return seed
 
 
 def _flatten_params(params) -> list:
@@ -184,7 +176,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                  rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
                  restore: str = "auto", plane_bits: int = 2, snapshot: bool = False,
                  distributed: Optional[bool] = None, process_group=None):
-        self.seed = check_seed(seed)
+        self.seed = check_u64(seed, "seed")
         if not isinstance(snapshot, bool):
             raise TypeError(f"snapshot must be a bool, got {type(snapshot).__name__}")
         self.snapshot = snapshot
@@ -614,7 +606,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo.get("kind") != type(self).__name__:
             raise ValueError(f"state_dict was saved by {zo.get('kind')}, not {type(self).__name__}")
         self._t = int(zo["step"])
-        self.seed = check_seed(int(zo["seed"]))
+        self.seed = check_u64(int(zo["seed"]), "seed")
         self.skipped_steps = int(zo.get("skipped_steps", 0))
         self.rounding = zo.get("rounding", self.rounding)
         traj = zo.get("trajectory")

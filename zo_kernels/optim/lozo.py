@@ -44,20 +44,13 @@ import torch
 from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, lowrank_noise_axpy_
 from ..noise import M64, mix_keys, step_key
 from ..ops import noise_, noise_axpy_
+from ..validate import check_int
 from .base import _ROUNDING_TAG, ZOOptimizer
 from .points import Call, Point
 
 # Pseudo-key of LOZO-M's momentum in the bookkeeping: the U-space term of the update pass.  Real keys
 # are splitmix64 outputs; this one is reserved (a collision has probability 2^-64 per step).
 MOMENTUM = (1 << 64) - 0x4D4F4D
-
-
-def _check_int(value, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"Invalid {name}: {value} (must be in [{lo}, {hi}])")
-    return value
 
 
 class LOZO(ZOOptimizer):
@@ -76,8 +69,8 @@ class LOZO(ZOOptimizer):
 
     def __init__(self, params, lr: float, eps: float = 1e-3, rank: int = 2, nu: int = 50, weight_decay: float = 0.0,
                  seed: int = 0, **options):
-        self.rank = _check_int(rank, "rank", 1, MAX_RANK)
-        self.nu = _check_int(nu, "nu", 1, 1 << 62)
+        self.rank = check_int(rank, "rank", 1, MAX_RANK)
+        self.nu = check_int(nu, "nu", 1, 1 << 62)
         self._key_v: Optional[int] = None
         self._dense: dict = {}      # LOZO-M: tensor id -> the U-space term of the update pass
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, **options)
