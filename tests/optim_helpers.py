@@ -1,6 +1,8 @@
 """Shared pieces of the optimizer tests: one intra-op thread, the test MLP (float64 loss), its
-data, the transcriptions' z and the relative distance of two weight lists."""
+data (with the net and its starting weights: problem), the transcriptions' z, bit-identical and
+relative comparisons of two weight lists."""
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -44,6 +46,28 @@ def data(n=256, seed=0, steps=50):
 def make_net(seed=0):
     torch.manual_seed(seed)
     return Net()
+
+
+class Problem(NamedTuple):
+    """The data, the test MLP at its seed, and a copy of its starting weights."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    batches: list
+    net: Net
+    theta0: list
+
+
+def problem(seed=0) -> Problem:
+    x, y, batches = data()
+    net = make_net(seed)
+    return Problem(x, y, batches, net, [p.detach().clone() for p in net.parameters()])
+
+
+def assert_same_weights(a_list, b_list, *what):
+    """Two weight lists are bit-identical, tensor by tensor."""
+    for a, b in zip(a_list, b_list):
+        assert torch.equal(a, b), what
 
 
 def z_of(seed, t, shapes, ids=None):

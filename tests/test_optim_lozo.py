@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from zo_kernels.noise import step_key
 from zo_kernels.optim import LOZO, LOZOM, NonFiniteLossError, naive, replay
 
-from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import _one_thread, assert_same_weights, data, make_net, mlp, problem, rel, run_steps  # noqa: F401 (_one_thread: autouse)
 
 BACKEND = "reference"
 LR, WD, MU, SEED, STEPS, RANK, NU = 2.0 ** -7, 2.0 ** -3, 1e-2, 7, 30, 2, 4
@@ -29,9 +29,7 @@ def lozo_transcription(theta, x, y, batches, beta=None, steps=STEPS, seed=SEED, 
 
 @pytest.mark.parametrize("beta", [None, 0.9])
 def test_matches_float64_transcription_of_the_authors_update(beta):
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     kw = dict(lr=LR, eps=MU, rank=RANK, nu=NU, weight_decay=WD, seed=SEED, backend=BACKEND)
     opt = LOZO(net.parameters(), **kw) if beta is None else LOZOM(net.parameters(), beta=beta, **kw)
     run_opt(opt, net, x, y, batches)
@@ -80,19 +78,15 @@ def test_state_dict_resume_mid_period_is_bit_identical(cls):
     opt_c = cls(net_c.parameters(), **kw)
     opt_c.load_state_dict(saved["opt"])
     run_opt(opt_c, net_c, x, y, batches, steps=4, start=6)
-    for a, c in zip(net_a.parameters(), net_c.parameters()):
-        assert torch.equal(a, c)
+    assert_same_weights(net_a.parameters(), net_c.parameters())
 
 
 def test_replay_is_bit_identical():
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     opt = LOZO(net.parameters(), lr=LR, eps=MU, rank=RANK, nu=NU, weight_decay=WD, seed=SEED, record=True)
     run_opt(opt, net, x, y, batches, steps=9)
     replay(theta0, opt.trajectory)
-    for a, b in zip(theta0, net.parameters()):
-        assert torch.equal(a, b)
+    assert_same_weights(theta0, net.parameters())
 
 
 @pytest.mark.parametrize("cls", [LOZO, LOZOM])
@@ -118,8 +112,7 @@ def test_bf16_exact_restore_keeps_the_step_clean(cls):
     x, y, batches = data()
     opt = cls(net.parameters(), lr=0.0, eps=1e-3, rank=4, nu=2, seed=1, plane_bits=8)
     run_opt(opt, net, x.to(torch.bfloat16), y, batches, steps=5)
-    for a, b in zip(net.parameters(), theta0):
-        assert torch.equal(a, b)
+    assert_same_weights(net.parameters(), theta0)
     fused = make_net().to(torch.bfloat16)
     opt = cls(fused.parameters(), lr=0.0, eps=1e-3, rank=4, nu=2, seed=1, restore="fused")
     run_opt(opt, fused, x.to(torch.bfloat16), y, batches, steps=5)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import zo_kernels.optim.base as zo_base
 from zo_kernels.optim import MeZO, NonFiniteLossError, naive, replay
 
-from optim_helpers import Net, _one_thread, data, make_net, mlp, rel, run_steps, z_of  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import Net, _one_thread, assert_same_weights, data, make_net, mlp, problem, rel, run_steps, z_of  # noqa: F401 (_one_thread: autouse)
 
 BACKEND = "reference"       # the transcription uses the reference's z: compare the algorithm, not backends
 LR, WD, MU, SEED, STEPS = 2.0 ** -7, 2.0 ** -3, 1e-2, 7, 50
@@ -51,9 +51,7 @@ def mezo_code_style(theta, x, y, batches, lr, mu, wd, seed, steps=STEPS):
 # ---------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_mezo_matches_algorithm1_and_published_update(lookahead):
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     opt = MeZO(net.parameters(), lr=LR, eps=MU, weight_decay=WD, seed=SEED, lookahead=lookahead, backend=BACKEND)
     losses = run_opt(opt, net, x, y, batches)
     opt.settle()
@@ -68,9 +66,7 @@ def test_mezo_matches_algorithm1_and_published_update(lookahead):
 
 def test_mezo_weight_decay_is_applied():
     """A transcription without λθ must be far away: the comparison above can fail."""
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     opt = MeZO(net.parameters(), lr=LR, eps=MU, weight_decay=WD, seed=SEED, backend=BACKEND)
     run_opt(opt, net, x, y, batches, steps=10)
     no_wd, _ = mezo_algorithm1(theta0, x, y, batches, LR, MU, 0.0, SEED, steps=10)
@@ -265,15 +261,12 @@ def test_state_dict_resume_bit_identical(lookahead, stop):
         idx = batches[t]
         opt_c.step(lambda: F.cross_entropy(net_c(x[idx]), y[idx]))
     opt_c.settle()
-    for a, c in zip(net_a.parameters(), net_c.parameters()):
-        assert torch.equal(a, c)
+    assert_same_weights(net_a.parameters(), net_c.parameters())
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_replay_bit_exact(lookahead):
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     groups = [{"params": [net.l1.weight, net.l1.bias], "weight_decay": WD},
               {"params": [net.l2.weight, net.l2.bias], "lr": LR / 3}]
     opt = MeZO(groups, lr=LR, eps=MU, seed=SEED, lookahead=lookahead, record=True)
@@ -283,8 +276,7 @@ def test_replay_bit_exact(lookahead):
     assert all(set(r) >= {"step", "keys", "alphas", "gamma", "tensor_ids"} for r in log)
     rebuilt = [p.clone() for p in theta0]
     replay(rebuilt, log)
-    for a, b in zip(net.parameters(), rebuilt):
-        assert torch.equal(a, b)
+    assert_same_weights(net.parameters(), rebuilt)
     # a log with one coefficient changed by one ulp does not rebuild the same bits
     bad = [dict(r) for r in log]
     bad[-1]["alphas"] = [math.nextafter(a, math.inf) for a in bad[-1]["alphas"]]
@@ -295,9 +287,7 @@ def test_replay_bit_exact(lookahead):
 
 
 def test_replay_after_resume_and_module_params():
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     opt = MeZO(net.parameters(), lr=LR, eps=MU, seed=SEED, record=True)
     run_opt(opt, net, x, y, batches, steps=5)
     sd = _roundtrip(opt.state_dict())
@@ -311,15 +301,12 @@ def test_replay_after_resume_and_module_params():
         for p, t0 in zip(other.parameters(), theta0):
             p.copy_(t0)
     replay(other, opt2.trajectory)
-    for a, b in zip(net.parameters(), other.parameters()):
-        assert torch.equal(a, b)
+    assert_same_weights(net.parameters(), other.parameters())
 
 
 # ------------------------------------------------------------------- lookahead
 def test_lookahead_weights_between_steps_and_guards():
-    x, y, _ = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, _, net, theta0 = problem()
     opt = MeZO(net.parameters(), lr=LR, eps=MU, seed=SEED, lookahead=True, backend=BACKEND)
     opt.step(lambda: F.cross_entropy(net(x), y))
     assert opt.is_perturbed

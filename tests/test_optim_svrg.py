@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from zo_kernels.noise import normal, step_key
 from zo_kernels.optim import MeZOSVRG, NonFiniteLossError, naive, replay
 
-from optim_helpers import _one_thread, data, make_net, mlp, rel, z_of  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import _one_thread, assert_same_weights, data, make_net, mlp, problem, rel, z_of  # noqa: F401 (_one_thread: autouse)
 
 BACKEND = "reference"
 LR1, LR2, WD, MU, SEED, STEPS = 2.0 ** -6, 2.0 ** -7, 2.0 ** -3, 1e-2, 11, 50
@@ -44,9 +44,7 @@ def svrg_algorithm1(theta, x, y, batches, lr1, lr2, mu, q, wd, seed, steps):
 @pytest.mark.parametrize("anchor", ["dense", "replay"])
 @pytest.mark.parametrize("q,wd", [(2, 0.0), (5, WD)])
 def test_svrg_matches_algorithm1(anchor, q, wd):
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     opt = MeZOSVRG(net.parameters(), lr=LR2, lr_full=LR1, eps=MU, q=q, seed=SEED, anchor=anchor,
                    weight_decay=wd, backend=BACKEND)
     losses = run_opt(opt, net, x, y, batches, STEPS)
@@ -59,9 +57,7 @@ def test_svrg_matches_algorithm1(anchor, q, wd):
 
 def test_transcription_detects_a_wrong_algorithm():
     """The comparison can fail: η1/η2 swapped, or MeZO's update, land far from the optimizer."""
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     opt = MeZOSVRG(net.parameters(), lr=LR2, lr_full=LR1, eps=MU, q=3, seed=SEED, backend=BACKEND)
     run_opt(opt, net, x, y, batches, 12)
     swapped, _ = svrg_algorithm1(theta0, x, y, batches, LR2, LR1, MU, 3, 0.0, SEED, 12)
@@ -305,8 +301,7 @@ def test_state_dict_resume_bit_identical(anchor):
             idx = batches[t]
             full = (lambda: F.cross_entropy(net_c(x), y)) if opt_c.is_full_step else None
             opt_c.step(lambda: F.cross_entropy(net_c(x[idx]), y[idx]), full_closure=full)
-        for a, c in zip(net_a.parameters(), net_c.parameters()):
-            assert torch.equal(a, c), (anchor, stop)
+        assert_same_weights(net_a.parameters(), net_c.parameters(), anchor, stop)
 
 
 def test_state_dict_anchor_mode_mismatch():
@@ -322,9 +317,7 @@ def test_state_dict_anchor_mode_mismatch():
 
 @pytest.mark.parametrize("anchor", ["dense", "replay"])
 def test_replay_bit_exact(anchor):
-    x, y, batches = data()
-    net = make_net()
-    theta0 = [p.detach().clone() for p in net.parameters()]
+    x, y, batches, net, theta0 = problem()
     opt = MeZOSVRG([{"params": [net.l1.weight, net.l1.bias], "weight_decay": WD},
                     {"params": [net.l2.weight, net.l2.bias], "lr": LR2 / 2}],
                    lr=LR2, lr_full=LR1, eps=MU, q=3, seed=SEED, anchor=anchor, record=True)
@@ -332,8 +325,7 @@ def test_replay_bit_exact(anchor):
     log = json.loads(json.dumps(opt.trajectory))
     rebuilt = [p.clone() for p in theta0]
     replay(rebuilt, log)
-    for a, b in zip(net.parameters(), rebuilt):
-        assert torch.equal(a, b)
+    assert_same_weights(net.parameters(), rebuilt)
 
 
 def test_validation():
