@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=64, help="truncate sentences to this many tokens")
     g.add_argument("--partial", type=int, nargs="?", const=1, default=None, metavar="K",
                    help="partial fine-tuning: last K transformer blocks + pooler/head (K=1 without a value)")
+    g.add_argument("--bitfit", action="store_true",
+                   help="BitFit: train only biases, normalisation weights and the head (no --partial/--peft)")
     g.add_argument("--peft", choices=PEFT_KINDS, default=None,
                    help="parameter-efficient fine-tuning through peft: LoRA adapters or prefix tuning")
     g.add_argument("--lora-rank", type=int, default=8)
@@ -204,6 +206,8 @@ def _check_args(a) -> List[str]:
         raise FinetuneError("--eps must be > 0")
     if a.partial is not None and a.partial < 1:
         raise FinetuneError("--partial must be >= 1")
+    if a.bitfit and (a.peft is not None or a.partial is not None):
+        raise FinetuneError("give --bitfit alone: it is a choice of trainable weights like --partial and --peft")
     if a.peft is not None and a.partial is not None:
         raise FinetuneError("give --peft or --partial, not both")
     if not (a.temperature > 0):
@@ -236,6 +240,8 @@ def _tuning_name(a) -> str:
         return f"LoRA r={a.lora_rank}"
     if a.peft == "prefix":
         return f"prefix ({a.prefix_tokens} tokens)"
+    if a.bitfit:
+        return "BitFit"
     return f"partial (last {a.partial})" if a.partial else "full"
 
 
@@ -380,7 +386,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     peft_spec = _peft_spec(a)
 
     def choose_trainable(net):
-        return trainable_parameters(net) if peft_spec is not None else select_trainable(net, a.partial)
+        return trainable_parameters(net) if peft_spec is not None else select_trainable(net, a.partial, a.bitfit)
 
     def say(*x):
         if main_rank:
@@ -512,7 +518,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
                            **_method_options(a),
                            backend=a.backend, rounding=a.rounding, device=device)
         spec = {"model": model_path, "num_labels": data.num_labels, "dtype": a.dtype, "device": device,
-                "seed": seeds[0], "partial": a.partial, "peft": None if peft_spec is None else asdict(peft_spec),
+                "seed": seeds[0], "partial": a.partial, "bitfit": a.bitfit, "peft": None if peft_spec is None else asdict(peft_spec),
                 "batch_file": batch_file, "threads": threads,
                 "head": a.head, "descriptions": info["descriptions"], "temperature": a.temperature,
                 "steps": max(a.memory_steps, a.q + 1), "cfg": {k: v for k, v in asdict(cfg0).items()}}

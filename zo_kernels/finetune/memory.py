@@ -133,7 +133,7 @@ def _child(spec: dict) -> dict:
         net = apply_peft(net, PeftSpec(**spec["peft"]))
         trainable = trainable_parameters(net)
     else:
-        trainable = select_trainable(net, spec.get("partial"))
+        trainable = select_trainable(net, spec.get("partial"), bool(spec.get("bitfit")))
     b = torch.load(spec["batch_file"])
     batch = {k: v.to(device) for k, v in b.items()}
     n = batch["input_ids"].shape[0]

@@ -114,11 +114,25 @@ def block_list(net: torch.nn.Module):
     return best
 
 
-def select_trainable(net: torch.nn.Module, partial: Optional[int]) -> List[torch.nn.Parameter]:
+def _is_bitfit(name: str) -> bool:
+    """BitFit (Ben Zaken et al., 2022): biases and normalisation weights of the encoder, and the head."""
+    low = name.lower()
+    return (low.endswith("bias") or "norm" in low or low.startswith(("classifier", "score", "pre_classifier"))
+            or ".classifier." in low)
+
+
+def select_trainable(net: torch.nn.Module, partial: Optional[int], bitfit: bool = False) -> List[torch.nn.Parameter]:
     """Full fine-tuning: every parameter.  partial=k: the last k transformer blocks plus everything
-    after the blocks (pooler, final norm, classification head); embeddings and earlier blocks frozen."""
+    after the blocks (pooler, final norm, classification head); embeddings and earlier blocks frozen.
+    bitfit: every bias and normalisation weight plus the classification head (~0.15 % of MiniLM):
+    a ZO step's noise grows with the number of perturbed weights, so far fewer of them allow a far
+    larger learning rate."""
     params = dict(net.named_parameters())
-    if not partial:
+    if bitfit:
+        if partial:
+            raise FinetuneError("give --bitfit or --partial, not both")
+        chosen = [n for n in params if _is_bitfit(n)]
+    elif not partial:
         chosen = list(params)
     else:
         bl = block_list(net)
