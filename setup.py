@@ -32,6 +32,8 @@ CUDA_SOURCES = [
     "csrc/cuda/noise_cuda.cpp",    # torch glue and the CUDA dispatch-key registration
     "csrc/cuda/adam_kernel.cu",    # the fused ZO-Adam pass (csrc/adam.h)
     "csrc/cuda/adam_cuda.cpp",
+    "csrc/cuda/lowrank_kernel.cu", # the low-rank pass (zo_kernels/lowrank.py)
+    "csrc/cuda/lowrank_cuda.cpp",
 ]
 # -ffp-contract=off: no fused multiply-adds, so every instruction set (and the CUDA kernel,
 # which uses __fmul_rn / __fadd_rn) computes the same bits; -fno-math-errno lets sqrt vectorise.

@@ -1,7 +1,8 @@
 // zo-noise v1: the one C++ definition, shared by the CPU kernel (host C++) and the CUDA kernel (device code).
 //
 //   key (64 bit)          k0 = low 32 bits, k1 = high 32 bits
-//   counter of element i  (lo32(i / 4), hi32(i / 4), tensor_id, stream)      stream 0: noise, 2: rounding bits
+//   counter of element i  (lo32(i / 4), hi32(i / 4), tensor_id, stream)      stream 0: noise, 2: rounding bits,
+//                                                                              3 / 4: low-rank U / V
 //   words                 Philox4x32-10 (Random123; the same function as Triton's tl.philox)
 //   uniform               u(x) = ((x >> 9) + 0.5) * 2^-23, in (0, 1), exact in float32
 //   normals               Box-Muller on (x0, x1) -> elements 4q, 4q+1 and (x2, x3) -> 4q+2, 4q+3:
@@ -42,6 +43,8 @@ constexpr uint32_t PHILOX_W1 = 0xBB67AE85u;
 
 constexpr uint32_t STREAM_NOISE = 0;
 constexpr uint32_t STREAM_ROUNDING = 2;
+constexpr uint32_t STREAM_LOWRANK_U = 3;  // low-rank noise: the row factor U (zo_kernels/lowrank.py)
+constexpr uint32_t STREAM_LOWRANK_V = 4;  // and the column factor V
 
 // ----------------------------------------------------------------------------- float helpers
 ZO_HD float fmul(float a, float b) {

@@ -60,6 +60,21 @@ def resource_usage(kernel, tmp):
     return out.stdout + out.stderr
 
 
+def ptx_fixture(kernel):
+    """A module-scoped fixture: {arch: PTX text} of `kernel` (compile_ptx)."""
+    @pytest.fixture(scope="module")
+    def ptx(tmp_path_factory):
+        return compile_ptx(kernel, tmp_path_factory.mktemp(f"{kernel.stem}_ptx"))
+    return ptx
+
+
+def assert_no_spills_or_stack(kernel, tmp, entries):
+    """ptxas reports `entries` kernels per architecture, none with a stack frame or spills."""
+    usage = resource_usage(kernel, tmp)
+    found = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", usage)
+    assert len(found) == entries * len(ARCHS) and all(f == ("0", "0", "0") for f in found), usage
+
+
 def kernels(ptx_text):
     """{mangled kernel name: its PTX body}."""
     parts = re.split(r"\.visible \.entry |\.entry ", ptx_text)[1:]

@@ -20,7 +20,7 @@ from zo_kernels import noise as N
 from zo_kernels import restore as R
 
 from helpers import assert_verbose_allclose, spec_vectors, z_bound
-from native_helpers import check_against_reference, make_tensor, run
+from native_helpers import check_against_reference, make_tensor, ordered, run
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # (backend, device) for every backend that can run on this machine, the reference included.
@@ -253,6 +253,61 @@ def test_bad_input_errors_before_dispatch(backend, device):
     with pytest.raises(TypeError, match="float64"):
         zo_kernels.noise_axpy_([p.double()], [1], [1.0], backend=backend)
     assert torch.equal(p, keep)
+
+
+# ------------------------------------------------------------------------------------ low rank
+LOWRANK_KERNELS = [t for t in KERNELS if backends.get(t[0]).lowrank is not None]
+_lowrank_ids = [f"{b}-{d}" for b, d in LOWRANK_KERNELS]
+LR_KU = [N.step_key(5, s) for s in range(3)]
+LR_KV = N.step_key(5, 100)
+
+
+def _lowrank_run(backend, params, **kw):
+    """lowrank_noise_axpy_ on clones of `params`, asserting that `backend` ran it."""
+    params = [p.clone() for p in params]
+    zo_kernels.lowrank_noise_axpy_(params, backend=backend, **kw)
+    assert zo_kernels.last_backend() == backend
+    return [p.cpu() for p in params]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", LOWRANK_KERNELS, ids=_lowrank_ids)
+def test_lowrank_matches_reference(backend, device, dtype, rounding):
+    """Matrices (dim-0 shards at offsets, ids) and a vector in one call; the U-space dense term once."""
+    shapes = [(5, 7), (37, 13), (3, 2, 4), (1, 3), (9,), (64, 33)]
+    kw = dict(keys_u=LR_KU[:2], key_v=LR_KV, alphas=[0.5, -0.25], rank=3, gamma=0.99, rounding=rounding,
+              tensor_ids=[2, 0, 5, 1, 4, 3], offsets=[0, 13 * 5, 0, 3, 0, 0], rounding_key=99)
+    ps = [make_tensor(s, dtype, i).to(device) for i, s in enumerate(shapes)]
+    if rounding == "nearest":
+        kw.update(beta=0.5, dense=[make_tensor((s[0], 3), torch.float32, 50 + i).to(device) if len(s) >= 2
+                                   else torch.zeros(s, dtype=dtype, device=device) for i, s in enumerate(shapes)])
+    got, ref = _lowrank_run(backend, ps, **kw), _lowrank_run("reference", ps, **kw)
+    for i, (p, q) in enumerate(zip(got, ref)):
+        if dtype == torch.float32:
+            assert (p - q).abs().max() <= 1e-5 * q.abs().clamp_min(1).max(), i
+        else:
+            # one ulp, or (near zero, where ulps are tiny) the fp32 sums' own difference
+            off = (ordered(p) - ordered(q)).abs() > 1
+            assert ((p.float() - q.float()).abs()[off] <= 1e-5).all(), i
+
+
+@pytest.mark.parametrize("backend,device", LOWRANK_KERNELS, ids=_lowrank_ids)
+def test_lowrank_exact_passes_match_reference(backend, device):
+    """+μ recording residues, then restore + update reading them: within one ulp of the reference."""
+    theta = [(make_tensor((40, 24), torch.float32, 10) * 0.02).to(torch.bfloat16).to(device)]
+    out = {}
+    for b in ("reference", backend):
+        ps = [t.clone() for t in theta]
+        planes = R.make_planes(ps, 2)
+        zo_kernels.lowrank_noise_axpy_(ps, [LR_KU[0]], LR_KV, [1e-3], rank=2, undo=[0.0], planes=planes, backend=b)
+        mid = ps[0].clone()
+        zo_kernels.lowrank_noise_axpy_(ps, [LR_KU[0], LR_KU[1]], LR_KV, [-1e-3, 2e-3], rank=2, gamma=0.999,
+                                       undo=[1e-3, 0.0], planes=planes, backend=b)
+        out[b] = (mid.cpu(), ps[0].cpu(), planes[0].cpu())
+    for x, y in zip(out["reference"][:2], out[backend][:2]):
+        assert (ordered(x) - ordered(y)).abs().max() <= 1
+    assert (out["reference"][2] != out[backend][2]).float().mean() < 0.02
 
 
 # ------------------------------------------------------------------------------------ opcheck

@@ -20,6 +20,10 @@ KU = [N.step_key(5, s) for s in range(3)]
 KV = N.step_key(5, 100)
 HALF = [torch.bfloat16, torch.float16]
 BACKENDS = [b for b in ("cpu", "triton") if b in zo_kernels.available_backends()]
+# (backend, device): the CPU ones, and the CUDA C++ kernel on a GPU
+ON_DEVICES = [("reference", "cpu")] + [(b, "cpu") for b in BACKENDS]
+if torch.cuda.is_available() and "cuda" in zo_kernels.available_backends():
+    ON_DEVICES.append(("cuda", "cuda"))
 
 
 def _w(shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -99,10 +103,10 @@ def test_dense_u_space_term_is_beta_m_vt():
     assert (p.double() - want).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("backend,device", ON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dim0_shards_equal_the_whole(backend, dtype):
-    whole = _w((9, 6), dtype, seed=7)
+def test_dim0_shards_equal_the_whole(backend, device, dtype):
+    whole = _w((9, 6), dtype, seed=7).to(device)
     shards = [whole[:4].clone(), whole[4:5].clone(), whole[5:].clone()]
     kw = dict(rank=3, gamma=0.99, rounding="stochastic", rounding_key=77, backend=backend)
     zo_kernels.lowrank_noise_axpy_([whole], KU[:2], KV, [0.1, -0.2], tensor_ids=[3], **kw)
@@ -150,12 +154,12 @@ def test_bad_input_raises_before_writing(name, make, kw, exc, match, backend):
 
 
 # ----------------------------------------------------------------------------- exact restore
-@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("backend,device", ON_DEVICES)
 @pytest.mark.parametrize("dtype", HALF)
-def test_exact_restore_returns_to_theta(backend, dtype):
+def test_exact_restore_returns_to_theta(backend, device, dtype):
     """+μUVᵀ (θ0's residues written to the plane), −μ (undo +μ, plane read), then undo −μ (plane read):
     θ0 bit for bit (an 8-bit plane resolves every ambiguity at these magnitudes)."""
-    theta = [_w((33, 17), dtype, seed=8, scale=0.02), _w((10,), dtype, seed=9, scale=0.02)]
+    theta = [_w((33, 17), dtype, seed=8, scale=0.02).to(device), _w((10,), dtype, seed=9, scale=0.02).to(device)]
     ps = [t.clone() for t in theta]
     mu, kw = 1e-3, dict(rank=4, backend=backend)
     planes = R.make_planes(ps, 8)
@@ -192,45 +196,7 @@ def test_statistics_mean_variance_independence():
 
 
 # ------------------------------------------------------------------------------ backends
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_backend_matches_reference(backend, dtype, rounding):
-    shapes = [(5, 7), (37, 13), (3, 2, 4), (1, 3), (9,), (64, 33)]
-    kw = dict(rank=3, gamma=0.99, rounding=rounding, tensor_ids=[2, 0, 5, 1, 4, 3], offsets=[0, 13 * 5, 0, 3, 0, 0],
-              rounding_key=99)
-    ps = [_w(s, dtype, seed=i) for i, s in enumerate(shapes)]
-    dense = [_w((s[0], 3), seed=50 + i) if len(s) >= 2 else None for i, s in enumerate(shapes)]
-    if rounding == "nearest":   # the dense U-space term once
-        kw.update(dense=[d if d is not None else torch.zeros(s) for d, s in zip(dense, shapes)], beta=0.5)
-    qs = [p.clone() for p in ps]
-    zo_kernels.lowrank_noise_axpy_(ps, KU[:2], KV, [0.5, -0.25], backend=backend, **kw)
-    assert zo_kernels.last_backend() == backend
-    zo_kernels.lowrank_noise_axpy_(qs, KU[:2], KV, [0.5, -0.25], backend="reference", **kw)
-    for i, (p, q) in enumerate(zip(ps, qs)):
-        if dtype == torch.float32:
-            assert (p - q).abs().max() <= 1e-5 * q.abs().clamp_min(1).max(), i
-        else:
-            # one ulp, or (near zero, where ulps are tiny) the fp32 sums' own difference
-            off = (ordered(p) - ordered(q)).abs() > 1
-            assert ((p.float() - q.float()).abs()[off] <= 1e-5).all(), i
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_exact_passes_match_reference(backend):
-    theta = [_w((40, 24), torch.bfloat16, seed=10, scale=0.02)]
-    out = {}
-    for b in ("reference", backend):
-        ps = [t.clone() for t in theta]
-        planes = R.make_planes(ps, 2)
-        zo_kernels.lowrank_noise_axpy_(ps, [KU[0]], KV, [1e-3], rank=2, undo=[0.0], planes=planes, backend=b)
-        mid = ps[0].clone()
-        zo_kernels.lowrank_noise_axpy_(ps, [KU[0], KU[1]], KV, [-1e-3, 2e-3], rank=2, gamma=0.999,
-                                       undo=[1e-3, 0.0], planes=planes, backend=b)
-        out[b] = (mid, ps[0], planes[0].clone())
-    for x, y in zip(out["reference"][:2], out[backend][:2]):
-        assert (ordered(x) - ordered(y)).abs().max() <= 1
-    assert (out["reference"][2] != out[backend][2]).float().mean() < 0.02
+# Every backend (CUDA ones on a GPU) against the reference: tests/test_backend_conformance.py.
 
 
 _RSS_SCRIPT = textwrap.dedent("""

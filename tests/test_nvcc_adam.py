@@ -5,15 +5,11 @@ needed (tests/test_cuda_native.py-style runs on a GPU are still to do)."""
 import re
 
 import pytest
-from nvcc_helpers import ARCHS, ROOT, check_glue_compiles, compile_ptx, kernels, needs_nvcc, resource_usage
+from nvcc_helpers import ARCHS, ROOT, assert_no_spills_or_stack, check_glue_compiles, kernels, needs_nvcc, ptx_fixture
 
 KERNEL = ROOT / "csrc" / "cuda" / "adam_kernel.cu"
 pytestmark = needs_nvcc
-
-
-@pytest.fixture(scope="module")
-def ptx(tmp_path_factory):
-    return compile_ptx(KERNEL, tmp_path_factory.mktemp("adam_ptx"))
+ptx = ptx_fixture(KERNEL)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -32,9 +28,7 @@ def test_adam_kernels_ptx(ptx, arch):
 
 
 def test_adam_no_spills_or_stack(tmp_path):
-    usage = resource_usage(KERNEL, tmp_path)
-    found = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", usage)
-    assert len(found) == 3 * len(ARCHS) and all(f == ("0", "0", "0") for f in found), usage
+    assert_no_spills_or_stack(KERNEL, tmp_path, 3)
 
 
 def test_adam_glue_compiles_against_torch_headers(tmp_path):

@@ -66,7 +66,8 @@ def _register_native() -> None:
         backends.register_unavailable("cuda", ("cuda",), "no CUDA device")
     else:
         backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise,
-                                           axpy_exact=native.noise_axpy_exact, adam=native.noise_adam))
+                                           axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
+                                           lowrank=native.lowrank_axpy))
 
 
 def register_all() -> None:

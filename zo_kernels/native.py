@@ -15,7 +15,7 @@ Both are the ops of the extension zo_kernels._C, built from source by setup.py:
 The third is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
 csrc/restore.h, shared by both kernels); the last is the fused ZO-Adam pass (zo_kernels.adam is its
 reference, csrc/adam.h the per-element rule); _lowrank_axpy_native is the low-rank
-pass (zo_kernels.lowrank is its reference; csrc/cpu/lowrank_cpu.cpp, CPU only so far).
+pass (zo_kernels.lowrank is its reference; csrc/cpu/lowrank_cpu.cpp and csrc/cuda/lowrank_kernel.cu).
 
 The dispatcher sends CPU tensors to the CPU kernel and CUDA tensors to the CUDA kernel, so one pair
 of functions serves both backends.  Arguments arrive validated by zo_kernels.ops (keys as two's
@@ -59,7 +59,7 @@ def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, t
                                             list(tensor_ids), list(offsets), int(rounding_key))
 def lowrank_axpy(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,
                  tensor_ids, offsets, rounding_key):
-    """The low-rank pass (zo_kernels.lowrank) on tensors with ndim >= 2: csrc/cpu/lowrank_cpu.cpp."""
+    """The low-rank pass (zo_kernels.lowrank) on tensors with ndim >= 2: csrc/cpu/lowrank_cpu.cpp, csrc/cuda."""
     torch.ops.zo_kernels._lowrank_axpy_native(params, list(keys_u), int(key_v), [float(a) for a in alphas],
                                               [float(u) for u in undo] if undo is not None else [], float(gamma),
                                               list(dense) if dense else [], float(beta),

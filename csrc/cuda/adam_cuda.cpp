@@ -6,12 +6,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <map>
 #include <vector>
 
 #include "../adam_args.h"
 #include "adam_kernel.h"
+#include "device_table.h"
 
 namespace zo {
 namespace cuda {
@@ -25,9 +25,7 @@ void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
   const AdamCoef coef = check_adam_args(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic, tensor_ids,
                                         offsets, c10::DeviceType::CUDA);
   if (params.empty()) return;
-  for (size_t i = 1; i < params.size(); ++i)
-    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
-                " but params[0] on ", params[0].device());
+  check_same_device(params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const KeyTable kt = key_table(keys, coeffs);
   std::map<int, std::vector<size_t>> groups;
@@ -35,13 +33,7 @@ void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
   for (const auto& kv : groups) {
     const std::vector<size_t>& idx = kv.second;
     const size_t T = idx.size();
-    const size_t entry_bytes = T * sizeof(AdamEntry);
-    const size_t key_bytes = kt.words.size() * sizeof(uint32_t);
-    const size_t coeff_bytes = kt.alphas.size() * sizeof(float);
-    at::Tensor host = at::empty({(int64_t)(entry_bytes + key_bytes + coeff_bytes)},
-                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    auto* base = host.data_ptr<uint8_t>();
-    auto* entries = reinterpret_cast<AdamEntry*>(base);
+    std::vector<AdamEntry> entries(T);
     int64_t quads = 0;
     for (size_t r = 0; r < T; ++r) {
       const size_t i = idx[r];
@@ -59,15 +51,15 @@ void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
       quads += e.n ? (e.off + e.n + 3) / 4 - e.off / 4 : 0;
     }
     if (quads == 0) continue;
-    std::memcpy(base + entry_bytes, kt.words.data(), key_bytes);
-    std::memcpy(base + entry_bytes + key_bytes, kt.alphas.data(), coeff_bytes);
-    const at::Tensor dev = host.to(params[idx[0]].device(), /*non_blocking=*/true);
-    const auto* dbase = dev.data_ptr<uint8_t>();
+    const DeviceTable table({{entries.data(), T * sizeof(AdamEntry)},
+                             {kt.words.data(), kt.words.size() * sizeof(uint32_t)},
+                             {kt.alphas.data(), kt.alphas.size() * sizeof(float)}},
+                            params[idx[0]].device());
     AdamLaunch a{};
-    a.table = reinterpret_cast<const AdamEntry*>(dbase);
+    a.table = table.get<AdamEntry>(0);
     a.T = (int)T;
-    a.keys = reinterpret_cast<const uint32_t*>(dbase + entry_bytes);
-    a.coeffs = reinterpret_cast<const float*>(dbase + entry_bytes + key_bytes);
+    a.keys = table.get<uint32_t>(1);
+    a.coeffs = table.get<float>(2);
     a.K = (int)keys.size();
     a.c = coef;
     a.pdt = kv.first;
@@ -75,7 +67,7 @@ void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
     split_key(rounding_key, a.rk0, a.rk1);
     a.total_quads = quads;
     C10_CUDA_CHECK(launch_adam(a, c10::cuda::getCurrentCUDAStream().stream()));
-    // `dev` returns to the caching allocator here; its reuse is ordered after the kernel on this stream.
+    // `table` returns to the caching allocator here; its reuse is ordered after the kernel on this stream.
   }
 }
 

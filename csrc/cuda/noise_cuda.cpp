@@ -6,12 +6,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <map>
 #include <utility>
 #include <vector>
 
 #include "../native_args.h"
+#include "device_table.h"
 #include "noise_kernel.h"
 
 namespace zo {
@@ -20,27 +20,14 @@ namespace {
 
 bool aligned4(const void* ptr, size_t elsize) { return ((uintptr_t)ptr % (4 * elsize)) == 0; }
 
-// One launch serves all params: they must share one device.
-void check_same_device(at::TensorList params) {
-  for (size_t i = 1; i < params.size(); ++i)
-    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
-                " but params[0] on ", params[0].device());
-}
-
 // One launch over `idx` tensors: table (entries, keys, alphas, and in exact mode the undo coefficients)
-// copied to the device in one transfer. `planes` (exact mode) are the residue planes, or empty.
+// copied to the device in one transfer (device_table.h). `planes` (exact mode) are the residue planes, or empty.
 void launch_group(const std::vector<size_t>& idx, at::TensorList params, at::TensorList dense,
                   at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
                   const std::vector<uint32_t>& key_words, const std::vector<float>& alpha_f, LaunchArgs a,
                   at::TensorList planes = {}, const std::vector<float>& undo_f = {}) {
   const size_t T = idx.size();
-  const size_t entry_bytes = T * sizeof(Entry);
-  const size_t key_bytes = key_words.size() * sizeof(uint32_t);
-  const size_t alpha_bytes = alpha_f.size() * sizeof(float);
-  const size_t bytes = entry_bytes + key_bytes + alpha_bytes + undo_f.size() * sizeof(float);
-  at::Tensor host = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* base = host.data_ptr<uint8_t>();
-  Entry* entries = reinterpret_cast<Entry*>(base);
+  std::vector<Entry> entries(T);
   int64_t quads = 0;
   for (size_t r = 0; r < T; ++r) {
     const size_t i = idx[r];
@@ -60,19 +47,19 @@ void launch_group(const std::vector<size_t>& idx, at::TensorList params, at::Ten
     quads += e.n ? (e.off + e.n + 3) / 4 - e.off / 4 : 0;
   }
   if (quads == 0) return;
-  std::memcpy(base + entry_bytes, key_words.data(), key_bytes);
-  std::memcpy(base + entry_bytes + key_bytes, alpha_f.data(), alpha_bytes);
-  if (!undo_f.empty()) std::memcpy(base + entry_bytes + key_bytes + alpha_bytes, undo_f.data(), undo_f.size() * sizeof(float));
-  const at::Tensor dev = host.to(params[idx[0]].device(), /*non_blocking=*/true);
-  const auto* dbase = dev.data_ptr<uint8_t>();
-  a.table = reinterpret_cast<const Entry*>(dbase);
+  const DeviceTable table({{entries.data(), T * sizeof(Entry)},
+                           {key_words.data(), key_words.size() * sizeof(uint32_t)},
+                           {alpha_f.data(), alpha_f.size() * sizeof(float)},
+                           {undo_f.data(), undo_f.size() * sizeof(float)}},
+                          params[idx[0]].device());
+  a.table = table.get<Entry>(0);
   a.T = (int)T;
-  a.keys = reinterpret_cast<const uint32_t*>(dbase + entry_bytes);
-  a.alphas = reinterpret_cast<const float*>(dbase + entry_bytes + key_bytes);
-  a.undo = undo_f.empty() ? nullptr : reinterpret_cast<const float*>(dbase + entry_bytes + key_bytes + alpha_bytes);
+  a.keys = table.get<uint32_t>(1);
+  a.alphas = table.get<float>(2);
+  a.undo = undo_f.empty() ? nullptr : table.get<float>(3);
   a.total_quads = quads;
   C10_CUDA_CHECK(launch_noise(a, c10::cuda::getCurrentCUDAStream().stream()));
-  // `dev` is freed to the caching allocator here; its reuse is ordered after the kernel on this stream.
+  // `table` returns to the caching allocator here; its reuse is ordered after the kernel on this stream.
 }
 
 void noise_axpy_cuda(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,

@@ -10,6 +10,7 @@
 #include "../philox.h"
 #include "../restore.h"
 #include "noise_kernel.h"
+#include "quad_pass.cuh"
 
 namespace zo {
 namespace cuda {
@@ -58,13 +59,6 @@ template <int DT> struct IO16 {
 template <> struct IO<BF16> : IO16<BF16> {};
 template <> struct IO<F16> : IO16<F16> {};
 
-// First local quad of tensor `e` for thread g of S, so that consecutive tensors continue where the
-// previous one stopped instead of all starting at thread 0.
-__device__ __forceinline__ int64_t first_quad(int64_t g, int64_t S, int64_t quad_start) {
-  int64_t i = g - quad_start % S;
-  return i < 0 ? i + S : i;
-}
-
 // theta <- gamma theta + sum_j alpha_j z_j + beta dense (or out <- z of keys[0] when !has_x).
 template <int P, int D>
 __global__ void __launch_bounds__(THREADS) noise_axpy_kernel(const LaunchArgs a) {
@@ -80,7 +74,7 @@ __global__ void __launch_bounds__(THREADS) noise_axpy_kernel(const LaunchArgs a)
     const DT* d = (const DT*)e.d;
     const int64_t q0 = e.off >> 2;
     const int64_t nq = e.n ? ((e.off + e.n + 3) >> 2) - q0 : 0;
-    for (int64_t i = first_quad(g, S, e.quad_start); i < nq; i += S) {
+    for (int64_t i = quad::first_quad(g, S, e.quad_start); i < nq; i += S) {
       const int64_t gq = q0 + i;
       const int64_t e0 = gq * 4 - e.off;  // local index of the quad's first element
       const bool full = e0 >= 0 && e0 + 4 <= e.n;
@@ -155,7 +149,7 @@ __global__ void __launch_bounds__(THREADS) noise_words_kernel(const LaunchArgs a
     uint32_t* __restrict__ p = (uint32_t*)e.p;
     const int64_t q0 = e.off >> 2;
     const int64_t nq = e.n ? ((e.off + e.n + 3) >> 2) - q0 : 0;
-    for (int64_t i = first_quad(g, S, e.quad_start); i < nq; i += S) {
+    for (int64_t i = quad::first_quad(g, S, e.quad_start); i < nq; i += S) {
       const int64_t gq = q0 + i;
       const int64_t e0 = gq * 4 - e.off;
       uint32_t w[4];
@@ -174,133 +168,18 @@ __global__ void __launch_bounds__(THREADS) noise_words_kernel(const LaunchArgs a
 }
 
 // ------------------------------------------------------------------------------ exact restore
-// Raw bit patterns of a quad (the exact form works on bits: restore::Grid converts).
-template <int P> struct Raw {  // bf16 / fp16
-  using B = uint16_t;
-  static __device__ __forceinline__ void load4(const uint16_t* p, uint16_t v[4]) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    v[0] = (uint16_t)(u.x & 0xFFFFu); v[1] = (uint16_t)(u.x >> 16);
-    v[2] = (uint16_t)(u.y & 0xFFFFu); v[3] = (uint16_t)(u.y >> 16);
-  }
-  static __device__ __forceinline__ void store4(uint16_t* p, const uint16_t v[4]) {
-    *reinterpret_cast<uint2*>(p) = make_uint2((uint32_t)v[0] | ((uint32_t)v[1] << 16),
-                                              (uint32_t)v[2] | ((uint32_t)v[3] << 16));
-  }
-};
-template <> struct Raw<F32> {
-  using B = uint32_t;
-  static __device__ __forceinline__ void load4(const uint32_t* p, uint32_t v[4]) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
-  }
-  static __device__ __forceinline__ void store4(uint32_t* p, const uint32_t v[4]) {
-    *reinterpret_cast<uint4*>(p) = make_uint4(v[0], v[1], v[2], v[3]);
-  }
-};
-
-// Plane word w: one load of its size where the plane is aligned to it, else byte by byte.
-__device__ __forceinline__ uint32_t plane_load(const uint8_t* pl, int64_t w, int bits, bool aligned) {
-  if (aligned) {
-    if (bits == 2) return pl[w];
-    if (bits == 4) return reinterpret_cast<const uint16_t*>(pl)[w];
-    return reinterpret_cast<const uint32_t*>(pl)[w];
-  }
-  return restore::load_word(pl, w, bits);
-}
-
-__device__ __forceinline__ void plane_store(uint8_t* pl, int64_t w, int bits, bool aligned, uint32_t word) {
-  if (aligned) {
-    if (bits == 2) pl[w] = (uint8_t)word;
-    else if (bits == 4) reinterpret_cast<uint16_t*>(pl)[w] = (uint16_t)word;
-    else reinterpret_cast<uint32_t*>(pl)[w] = word;
-    return;
-  }
-  restore::store_word(pl, w, bits, word);
-}
-
-// The exact-restore form, one quad per thread (grid-stride), the rules of ../restore.h. The mode
-// (invert, plane_mode, plane_bits) is uniform over the launch, so its branches never diverge; the one
-// per-element branch is the rare full candidate search (restore::invert_first / invert).
+// The exact-restore form, one quad per thread (grid-stride), the rules of ../restore.h (quad_pass.cuh).
 template <int P>
 __global__ void __launch_bounds__(THREADS) noise_axpy_exact_kernel(const LaunchArgs a) {
-  using G = restore::Grid<P>;
-  using B = typename G::Bits;
   const int64_t S = (int64_t)gridDim.x * blockDim.x;
   const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const bool sr = a.stochastic && P != F32;
-  const int bits = a.plane_bits;
-  int32_t mask, step;
-  restore::invert_params(a.plane_mode == 2 ? bits : 0, mask, step);
+  const quad::Mode mode = quad::make_mode(a.gamma, a.stochastic && P != F32, a.rk0, a.rk1, a.invert != 0,
+                                          a.plane_mode, a.plane_bits);
   for (int t = 0; t < a.T; ++t) {
     const Entry e = a.table[t];
-    B* p = (B*)e.p;
-    const int64_t q0 = e.off >> 2;
-    const int64_t nq = e.n ? ((e.off + e.n + 3) >> 2) - q0 : 0;
-    for (int64_t i = first_quad(g, S, e.quad_start); i < nq; i += S) {  // i: local quad = plane word
-      const int64_t gq = q0 + i;
-      const int64_t e0 = gq * 4 - e.off;
-      const bool vec = e0 >= 0 && e0 + 4 <= e.n && e.aligned;
-      B y[4];
-      if (vec) {
-        Raw<P>::load4(p + e0, y);
-      } else {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int64_t k = e0 + c;
-          y[c] = (k >= 0 && k < e.n) ? p[k] : (B)0;  // +0 outside: residue 0, as pack_residues
-        }
-      }
-      float sn[4] = {0.0f, 0.0f, 0.0f, 0.0f}, su[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int j = 0; j < a.K; ++j) {
-        float z[4];
-        normals4((uint64_t)gq, e.tid, STREAM_NOISE, a.keys[2 * j], a.keys[2 * j + 1], z[0], z[1], z[2], z[3]);
-        const float alpha = a.alphas[j];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) sn[c] = restore::sum_step(sn[c], alpha, z[c]);
-        if (a.invert) {
-          const float u = a.undo[j];
-#pragma unroll
-          for (int c = 0; c < 4; ++c) su[c] = restore::sum_step(su[c], u, z[c]);
-        }
-      }
-      B th[4];
-      if (a.invert) {
-        const uint32_t word = a.plane_mode == 2 ? plane_load(e.plane, i, bits, e.plane_aligned) : 0u;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const uint32_t res = restore::unpack(word, c, bits);
-          bool settled;
-          th[c] = restore::invert_first<P>(y[c], su[c], res, mask, step, settled);
-          if (!settled) th[c] = restore::invert<P>(y[c], su[c], res, mask, step);
-        }
-      } else {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) th[c] = y[c];
-        if (a.plane_mode == 1)
-          plane_store(e.plane, i, bits, e.plane_aligned,
-                      restore::pack4(restore::residue<P>(th[0], bits), restore::residue<P>(th[1], bits),
-                                     restore::residue<P>(th[2], bits), restore::residue<P>(th[3], bits), bits));
-      }
-      B out[4];
-      if (sr) {
-        uint32_t w[4];
-        quad_words((uint64_t)gq, e.tid, STREAM_ROUNDING, a.rk0, a.rk1, w[0], w[1], w[2], w[3]);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) out[c] = G::stochastic(restore::forward(G::to_float(th[c]), a.gamma, sn[c]), w[c]);
-      } else {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) out[c] = G::nearest(restore::forward(G::to_float(th[c]), a.gamma, sn[c]));
-      }
-      if (vec) {
-        Raw<P>::store4(p + e0, out);
-      } else {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int64_t k = e0 + c;
-          if (k >= 0 && k < e.n) p[k] = out[c];
-        }
-      }
-    }
+    quad::exact_quads<P>(mode, e, g, S, [&](int64_t gq, int64_t, float sn[4], float su[4]) {
+      quad::key_sums((uint64_t)gq, e.tid, STREAM_NOISE, a.K, a.keys, a.alphas, a.invert ? a.undo : nullptr, sn, su);
+    });
   }
 }
 
@@ -314,20 +193,11 @@ void launch_p(const LaunchArgs& a, dim3 grid, cudaStream_t s) {
   }
 }
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 1;
-  return sms > 0 ? sms : 1;
-}
-
 }  // namespace
 
 cudaError_t launch_noise(const LaunchArgs& a, cudaStream_t s) {
   if (a.total_quads <= 0) return cudaSuccess;
-  const int64_t want = (a.total_quads + THREADS - 1) / THREADS;
-  const int64_t cap = (int64_t)sm_count() * 8;  // persistent grid: 8 blocks of 256 per SM
-  const dim3 grid((unsigned)(want < cap ? want : cap));
+  const dim3 grid(quad::grid_blocks(a.total_quads, THREADS));
   if (a.exact) {
     switch (a.pdt) {
       case F32: noise_axpy_exact_kernel<F32><<<grid, THREADS, 0, s>>>(a); break;

@@ -1,0 +1,221 @@
+// Per-quad device steps shared by the exact-restore kernel (noise_kernel.cu) and the low-rank kernel
+// (lowrank_kernel.cu): the grid-stride start, raw quad loads / stores, residue-plane words, and the
+// finish of a quad (../restore.h: invert or record residues, then theta <- round(gamma theta0 + s)).
+// Device code and one host helper, no torch: philox.h, restore.h and CUDA headers only.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../philox.h"
+#include "../restore.h"
+
+namespace zo {
+namespace cuda {
+namespace quad {
+
+// First local quad of a tensor for thread g of S, so that consecutive tensors continue where the
+// previous one stopped instead of all starting at thread 0.
+__device__ __forceinline__ int64_t first_quad(int64_t g, int64_t S, int64_t quad_start) {
+  int64_t i = g - quad_start % S;
+  return i < 0 ? i + S : i;
+}
+
+// `ptr` (read from a device table) points to global memory: lets nvcc emit ld.global / st.global
+// (and vector forms) instead of generic accesses, as it does for pointers it can trace to a parameter.
+template <class T>
+__device__ __forceinline__ T* global(T* ptr) {
+  __builtin_assume(__isGlobal(ptr));
+  return ptr;
+}
+
+// Raw bit patterns of a quad (the exact form works on bits: restore::Grid converts).
+template <int P> struct Raw {  // bf16 / fp16
+  using B = uint16_t;
+  static __device__ __forceinline__ void load4(const uint16_t* p, uint16_t v[4]) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    v[0] = (uint16_t)(u.x & 0xFFFFu); v[1] = (uint16_t)(u.x >> 16);
+    v[2] = (uint16_t)(u.y & 0xFFFFu); v[3] = (uint16_t)(u.y >> 16);
+  }
+  static __device__ __forceinline__ void store4(uint16_t* p, const uint16_t v[4]) {
+    *reinterpret_cast<uint2*>(p) = make_uint2((uint32_t)v[0] | ((uint32_t)v[1] << 16),
+                                              (uint32_t)v[2] | ((uint32_t)v[3] << 16));
+  }
+};
+template <> struct Raw<restore::F32> {
+  using B = uint32_t;
+  static __device__ __forceinline__ void load4(const uint32_t* p, uint32_t v[4]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
+  }
+  static __device__ __forceinline__ void store4(uint32_t* p, const uint32_t v[4]) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(v[0], v[1], v[2], v[3]);
+  }
+};
+
+// The quad of local elements e0 .. e0+3 of a tensor of n elements: one vector access when `vec`, else
+// element by element, +0 outside the tensor (residue 0, as restore.pack_residues writes it).
+template <int P>
+__device__ __forceinline__ void load_quad(const typename restore::Grid<P>::Bits* p, int64_t e0, int64_t n, bool vec,
+                                          typename restore::Grid<P>::Bits y[4]) {
+  using B = typename restore::Grid<P>::Bits;
+  if (vec) {
+    Raw<P>::load4(p + e0, y);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int64_t k = e0 + c;
+    y[c] = (k >= 0 && k < n) ? p[k] : (B)0;
+  }
+}
+
+template <int P>
+__device__ __forceinline__ void store_quad(typename restore::Grid<P>::Bits* p, int64_t e0, int64_t n, bool vec,
+                                           const typename restore::Grid<P>::Bits out[4]) {
+  if (vec) {
+    Raw<P>::store4(p + e0, out);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int64_t k = e0 + c;
+    if (k >= 0 && k < n) p[k] = out[c];
+  }
+}
+
+// Plane word w: one load of its size where the plane is aligned to it, else byte by byte.
+__device__ __forceinline__ uint32_t plane_load(const uint8_t* pl, int64_t w, int bits, bool aligned) {
+  if (aligned) {
+    if (bits == 2) return pl[w];
+    if (bits == 4) return reinterpret_cast<const uint16_t*>(pl)[w];
+    return reinterpret_cast<const uint32_t*>(pl)[w];
+  }
+  return restore::load_word(pl, w, bits);
+}
+
+__device__ __forceinline__ void plane_store(uint8_t* pl, int64_t w, int bits, bool aligned, uint32_t word) {
+  if (aligned) {
+    if (bits == 2) pl[w] = (uint8_t)word;
+    else if (bits == 4) reinterpret_cast<uint16_t*>(pl)[w] = (uint16_t)word;
+    else reinterpret_cast<uint32_t*>(pl)[w] = word;
+    return;
+  }
+  restore::store_word(pl, w, bits, word);
+}
+
+// sn[c] = sum_j alphas[j] z_j[c] and (when undo) su[c] = sum_j undo[j] z_j[c] over the K keys, from +0 in
+// key order, z_j the normals of quad gq of the stream: the exact form's s_new / s_undo and the low-rank W / Wu.
+__device__ __forceinline__ void key_sums(uint64_t gq, uint32_t tid, uint32_t stream, int K, const uint32_t* keys,
+                                         const float* alphas, const float* undo, float sn[4], float su[4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) sn[c] = su[c] = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    float z[4];
+    normals4(gq, tid, stream, keys[2 * j], keys[2 * j + 1], z[0], z[1], z[2], z[3]);
+    const float alpha = alphas[j];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) sn[c] = restore::sum_step(sn[c], alpha, z[c]);
+    if (undo) {
+      const float u = undo[j];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) su[c] = restore::sum_step(su[c], u, z[c]);
+    }
+  }
+}
+
+// The launch-uniform mode of a pass (so its branches never diverge).
+struct Mode {
+  float gamma;
+  bool sr;          // stochastic rounding (bf16 / fp16 only)
+  uint32_t rk0, rk1;
+  bool invert;      // some undo != 0: invert theta's rounding first
+  int plane_mode;   // 0 none, 1 write residues (not inverting), 2 read them (inverting)
+  int bits;         // plane bits
+  int32_t mask, step;  // restore::invert_params
+};
+
+__device__ __forceinline__ Mode make_mode(float gamma, bool sr, uint32_t rk0, uint32_t rk1, bool invert,
+                                          int plane_mode, int bits) {
+  Mode m{gamma, sr, rk0, rk1, invert, plane_mode, bits, 0, 0};
+  restore::invert_params(plane_mode == 2 ? bits : 0, m.mask, m.step);
+  return m;
+}
+
+// Quad gq (global) of tensor tid, plane word i, with theta's bits y and the sums s_new (sn) and s_undo (su):
+//   theta0 = invert(y, su [, plane residue])   when inverting; else the plane records y's residues
+//   out    = round(gamma theta0 + sn)           (stream-2 words of gq under the rounding key when sr)
+// The one per-element branch is the rare full candidate search (restore::invert_first / invert).
+template <int P>
+__device__ __forceinline__ void finish_quad(const Mode& m, const typename restore::Grid<P>::Bits y[4],
+                                            const float sn[4], const float su[4], uint8_t* plane, bool plane_aligned,
+                                            int64_t i, uint64_t gq, uint32_t tid,
+                                            typename restore::Grid<P>::Bits out[4]) {
+  using G = restore::Grid<P>;
+  using B = typename G::Bits;
+  B th[4];
+  if (m.invert) {
+    const uint32_t word = m.plane_mode == 2 ? plane_load(plane, i, m.bits, plane_aligned) : 0u;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint32_t res = restore::unpack(word, c, m.bits);
+      bool settled;
+      th[c] = restore::invert_first<P>(y[c], su[c], res, m.mask, m.step, settled);
+      if (!settled) th[c] = restore::invert<P>(y[c], su[c], res, m.mask, m.step);
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) th[c] = y[c];
+    if (m.plane_mode == 1)
+      plane_store(plane, i, m.bits, plane_aligned,
+                  restore::pack4(restore::residue<P>(th[0], m.bits), restore::residue<P>(th[1], m.bits),
+                                 restore::residue<P>(th[2], m.bits), restore::residue<P>(th[3], m.bits), m.bits));
+  }
+  if (m.sr) {
+    uint32_t w[4];
+    quad_words(gq, tid, STREAM_ROUNDING, m.rk0, m.rk1, w[0], w[1], w[2], w[3]);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = G::stochastic(restore::forward(G::to_float(th[c]), m.gamma, sn[c]), w[c]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = G::nearest(restore::forward(G::to_float(th[c]), m.gamma, sn[c]));
+  }
+}
+
+// Thread g of S over the quads of one tensor of an exact-form pass (E: a table row with p, n, off,
+// quad_start, aligned, plane, plane_aligned, tid): load theta's bits, sums(gq, e0, sn, su) fills the two
+// sums of global quad gq (local element e0 first), finish_quad, store.
+template <int P, class E, class Sums>
+__device__ __forceinline__ void exact_quads(const Mode& m, const E& e, int64_t g, int64_t S, Sums&& sums) {
+  using B = typename restore::Grid<P>::Bits;
+  B* p = global((B*)e.p);
+  const int64_t q0 = e.off >> 2;
+  const int64_t nq = e.n ? ((e.off + e.n + 3) >> 2) - q0 : 0;
+  for (int64_t i = first_quad(g, S, e.quad_start); i < nq; i += S) {  // i: local quad = plane word
+    const int64_t gq = q0 + i;
+    const int64_t e0 = gq * 4 - e.off;
+    const bool vec = e0 >= 0 && e0 + 4 <= e.n && e.aligned;
+    B y[4];
+    load_quad<P>(p, e0, e.n, vec, y);
+    float sn[4], su[4];
+    sums(gq, e0, sn, su);
+    B out[4];
+    finish_quad<P>(m, y, sn, su, e.plane, e.plane_aligned, i, (uint64_t)gq, e.tid, out);
+    store_quad<P>(p, e0, e.n, vec, out);
+  }
+}
+
+// Threads of a persistent grid: ceil(work / threads) blocks, at most 8 per SM.
+inline unsigned grid_blocks(int64_t work, int threads) {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) !=
+                                                cudaSuccess || sms <= 0)
+    sms = 1;
+  const int64_t want = (work + threads - 1) / threads;
+  const int64_t cap = (int64_t)sms * 8;
+  return (unsigned)(want < cap ? want : cap);
+}
+
+}  // namespace quad
+}  // namespace cuda
+}  // namespace zo
