@@ -1,6 +1,6 @@
 """zo-finetune: zeroth-order fine-tuning of a Hugging Face classifier, with step-time and memory numbers.
 
-    zo-finetune                                # MiniLM-L6 + label-description head, Rotten Tomatoes 4096/256/512
+    zo-finetune                                # MiniLM-L6 + label-description head, Rotten Tomatoes 2048/256/512
     zo-finetune --seeds 0,1,2                  # mean ± std per method (table and plot)
     zo-finetune --head fresh                   # the MeZO-SVRG paper's setting: a random head, starts at chance
     zo-finetune --objective accuracy           # ZO methods maximise minibatch accuracy (not differentiable)
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-column", default=None)
     g.add_argument("--label-column", default=None)
     g.add_argument("--labels", default=None, help="comma list of label values to keep, in class order")
-    g.add_argument("--n-train", type=int, default=4096,
-                   help="training examples (default 4096: with 256 val + 512 test, 4,864 of the default set's 4,866 rows)")
+    g.add_argument("--n-train", type=int, default=2048,
+                   help="training examples (4096 fits the default set with 256 + 512: measured no better, docs/finetune.md)")
     g.add_argument("--n-val", type=int, default=256)
     g.add_argument("--n-test", type=int, default=512)
     g.add_argument("--max-length", type=int, default=64, help="truncate sentences to this many tokens")
