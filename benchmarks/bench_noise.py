@@ -14,6 +14,7 @@ baselines measured in the same run.  Writes CSV and PNG to --out.
 
 --lowrank times LOZO's perturbation pass θ ← θ + a·U Vᵀ of one (m, n) matrix per rank r, in one process:
   lowrank_<backend>  the fused low-rank pass (lowrank_noise_axpy_: U, V regenerated from their keys)
+  lowrank_cpu_base   the same on the CPU kernel's baseline instruction-set build (where a wider one runs)
   fullrank_<backend> the fused full-rank pass noise_axpy_ on the same matrix (MeZO's perturbation)
   lozo_uvt           the authors' way: u = torch.randn(m, r) after torch.manual_seed, V kept in memory,
                      param.data = param.data + a * (u @ v.t())  (out of place, θ-sized temporaries)
@@ -103,6 +104,18 @@ def write(rows, out: pathlib.Path):
                       suptitle=f"noise_axpy_ on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
 
 
+def _on_isa(isa, fn):
+    """fn() with the CPU kernels on instruction set `isa` (the baseline build beside the best one)."""
+    from zo_kernels import native
+
+    before = native.cpu_isa()
+    native.cpu_isa(isa)
+    try:
+        fn()
+    finally:
+        native.cpu_isa(before)
+
+
 def lowrank_methods(p, r, device):
     m = p.shape[0]
     ku, kv = step_key(1, 2), step_key(1, 0)
@@ -124,6 +137,9 @@ def lowrank_methods(p, r, device):
         if b.lowrank is not None:
             out[f"lowrank_{name}"] = (lambda n=name: zo_kernels.lowrank_noise_axpy_([p], [ku], kv, [1e-3], rank=r,
                                                                                     backend=n))
+        if name == "cpu" and b.notes.get("isa", "base") != "base":
+            out["lowrank_cpu_base"] = lambda: _on_isa("base", lambda: zo_kernels.lowrank_noise_axpy_(
+                [p], [ku], kv, [1e-3], rank=r, backend="cpu"))
         out[f"fullrank_{name}"] = (lambda n=name: zo_kernels.noise_axpy_([p], [ku], [1e-3], backend=n))
     return out
 

@@ -148,6 +148,42 @@ def test_every_instruction_set_gives_the_same_bits(isa_restore):
             assert torch.equal(a, b), isa
 
 
+def _lowrank_workload():
+    """Low-rank calls touching every path of the pass: ranks 1 .. 16, every dtype, stochastic rounding, the
+    U-space dense term, dim-0 shards, and the exact form (residues written, then read while inverting)."""
+    from zo_kernels import restore as R
+
+    shapes = [(5, 7), (37, 13), (3, 2, 4), (1, 3), (64, 33), (130, 257)]
+    offsets = [7 * 3, 13 * 101, 0, 3 * 5, 33, 257 * 9]
+    out = []
+    for rank, rounding, dtype in ((1, "nearest", torch.float32), (3, "stochastic", torch.bfloat16),
+                                  (16, "stochastic", torch.float16), (5, "nearest", torch.bfloat16)):
+        ps = [make_tensor(s, dtype, i) for i, s in enumerate(shapes)]
+        dense = [make_tensor((s[0], rank), torch.float32, 40 + i) for i, s in enumerate(shapes)]
+        zo_kernels.lowrank_noise_axpy_(ps, KEYS[:3], KEYS[3], ALPHAS[:3], rank=rank, gamma=0.99, dense=dense,
+                                       beta=0.3, rounding=rounding, offsets=offsets, rounding_key=11, backend="cpu")
+        out += ps
+    for bits in (2, 8):
+        ps = [(make_tensor(s, torch.float32, i) * 0.02).to(torch.bfloat16) for i, s in enumerate(shapes)]
+        planes = R.make_planes(ps, bits, offsets=offsets)
+        kw = dict(rank=4, offsets=offsets, planes=planes, backend="cpu")
+        zo_kernels.lowrank_noise_axpy_(ps, [KEYS[0]], KEYS[3], [1e-3], undo=[0.0], **kw)
+        zo_kernels.lowrank_noise_axpy_(ps, KEYS[:2], KEYS[3], [-1e-3, 2e-3], undo=[1e-3, 0.0], gamma=0.999, **kw)
+        out += ps + planes
+    return out
+
+
+def test_lowrank_every_instruction_set_gives_the_same_bits(isa_restore):
+    results = {}
+    for isa in _isas():
+        native.cpu_isa(isa)
+        results[isa] = _lowrank_workload()
+    first = results["base"]
+    for isa, res in results.items():
+        for i, (a, b) in enumerate(zip(first, res)):
+            assert torch.equal(a, b), (isa, i)
+
+
 def test_is_the_default_cpu_backend():
     p = [torch.zeros(10)]
     zo_kernels.noise_axpy_(p, [KEYS[0]], [1.0])

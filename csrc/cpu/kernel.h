@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>  // kernel_isa.h: compile-time modes
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>  // before any #pragma GCC target: the intrinsics of kernel_isa.h
 #endif

@@ -1,6 +1,8 @@
-// CPU kernel for the baseline of the build (x86-64: SSE2; other architectures: their default). The body is kernel_isa.h.
+// CPU kernel for the baseline of the build (x86-64: SSE2; other architectures: their default). The bodies are kernel_isa.h and lowrank_isa.h.
 #include "kernel.h"
+#include "lowrank_kernel.h"
 
 namespace zo { namespace cpu { namespace base {
 #include "kernel_isa.h"
+#include "lowrank_isa.h"
 } } }  // namespace zo::cpu::base

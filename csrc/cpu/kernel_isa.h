@@ -253,50 +253,143 @@ void run_words(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
   }
 }
 
+// Theta's raw bits of the block whose first element has local index e0 (+0 outside [0, n): residue 0, as
+// restore.pack_residues writes partial quads); returns whether the block lies inside the tensor.
+template <class B>
+ZO_HD bool load_block(const B* __restrict p, int64_t e0, int64_t n, B* __restrict y) {
+  const bool full = e0 >= 0 && e0 + BLOCK <= n;
+  if (full) {
+    for (int e = 0; e < BLOCK; ++e) y[e] = p[e0 + e];
+  } else {
+    for (int e = 0; e < BLOCK; ++e) {
+      const int64_t i = e0 + e;
+      y[e] = (i >= 0 && i < n) ? p[i] : (B)0;
+    }
+  }
+  return full;
+}
+
+template <class B>
+ZO_HD void store_block(B* __restrict p, int64_t e0, int64_t n, bool full, const B* __restrict y) {
+  if (full) {
+    for (int e = 0; e < BLOCK; ++e) p[e0 + e] = y[e];
+  } else {
+    for (int e = 0; e < BLOCK; ++e) {
+      const int64_t i = e0 + e;
+      if (i >= 0 && i < n) p[i] = y[e];
+    }
+  }
+}
+
+// Where a block's exact-form end reads and writes: its plane words lq0 .. lq0+15 (of the tensor's
+// `quads`), its stream-2 rounding words (global quad qb), and the pass's mode.
+struct BlockEnd {
+  uint8_t* plane;
+  int64_t lq0, quads;
+  int bits;
+  int32_t mask, step;  // run-time values on purpose (see restore::invert)
+  float gamma;
+  bool sr;
+  uint64_t qb;
+  uint32_t tid, rk0, rk1;
+};
+
+// The exact form's end of one block, on theta's bits y (../restore.h), given s_new (sn) and s_undo (su):
+// INV: theta0 = invert(y, su [, the plane's residues when PL == 2]); else theta0 = y, and PL == 1 records its
+// residues; then y = round(gamma theta0 + sn).
+template <int P, bool INV, int PL>
+ZO_HD void finish_block(const BlockEnd& x, typename restore::Grid<P>::Bits* __restrict y, const float* __restrict sn,
+                        const float* __restrict su) {
+  using G = restore::Grid<P>;
+  using B = typename G::Bits;
+  alignas(64) B th[BLOCK];
+  alignas(64) float acc[BLOCK];
+  alignas(64) uint32_t w[BLOCK];  // residues, then rounding words
+  if constexpr (INV) {
+    if constexpr (PL == 2) {
+      for (int l = 0; l < QUADS; ++l) {
+        const uint32_t word = x.lq0 + l < x.quads ? restore::load_word(x.plane, x.lq0 + l, x.bits) : 0u;
+        for (int c = 0; c < 4; ++c) w[4 * l + c] = restore::unpack(word, c, x.bits);
+      }
+    } else {
+      for (int e = 0; e < BLOCK; ++e) w[e] = 0u;  // (mask is 0) one loop for both: it vectorises
+    }
+    int unsettled = 0;
+    for (int e = 0; e < BLOCK; ++e) {
+      bool settled;
+      th[e] = restore::invert_first<P>(y[e], su[e], w[e], x.mask, x.step, settled);
+      unsettled |= (int)!settled;
+    }
+    if (unsettled)  // rare: the whole search for the block
+      for (int e = 0; e < BLOCK; ++e) th[e] = restore::invert<P>(y[e], su[e], w[e], x.mask, x.step);
+  } else {
+    for (int e = 0; e < BLOCK; ++e) th[e] = y[e];
+    if constexpr (PL == 1) {
+      for (int e = 0; e < BLOCK; ++e) w[e] = restore::residue<P>(y[e], x.bits);
+      for (int l = 0; l < QUADS; ++l)
+        if (x.lq0 + l < x.quads)
+          restore::store_word(x.plane, x.lq0 + l, x.bits,
+                              restore::pack4(w[4 * l], w[4 * l + 1], w[4 * l + 2], w[4 * l + 3], x.bits));
+    }
+  }
+  for (int e = 0; e < BLOCK; ++e) acc[e] = restore::forward(G::to_float(th[e]), x.gamma, sn[e]);
+  if (x.sr) {
+    block_words(x.qb, x.tid, STREAM_ROUNDING, x.rk0, x.rk1, w);
+    for (int e = 0; e < BLOCK; ++e) y[e] = G::stochastic(acc[e], w[e]);
+  } else {
+    for (int e = 0; e < BLOCK; ++e) y[e] = G::nearest(acc[e]);
+  }
+}
+
+// body(INV, PL) for a pass's mode, INV and PL as compile-time constants.
+template <class Body>
+void with_exact_mode(bool invert, int plane_mode, Body&& body) {
+  using T = std::true_type;
+  using F = std::false_type;
+  if (invert) {
+    if (plane_mode == 2) return body(T{}, std::integral_constant<int, 2>{});
+    return body(T{}, std::integral_constant<int, 0>{});
+  }
+  if (plane_mode == 1) return body(F{}, std::integral_constant<int, 1>{});
+  return body(F{}, std::integral_constant<int, 0>{});
+}
+
 // The exact-restore form (../restore.h) over blocks [lb0, lb1) of one tensor. INV: undo is non-zero
 // (invert theta's rounding first); PL: 0 no plane, 1 write the residues of theta0, 2 read them.
 // Elements outside the tensor (the first and last block) load as +0, whose residue is 0: the plane
 // words of partial quads get zeros there, as restore.pack_residues writes them.
 template <int P, bool INV, int PL>
 void run_exact_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
-  using G = restore::Grid<P>;
-  using B = typename G::Bits;
+  using B = typename restore::Grid<P>::Bits;
   B* __restrict p = (B*)t.p;
-  uint8_t* __restrict plane = t.plane;
-  const int bits = a.plane_bits;
   const int64_t n = t.n;
   const int64_t q0 = t.off >> 2;
-  const int64_t quads = n ? ((t.off + n + 3) >> 2) - q0 : 0;  // plane words of the tensor
-  const bool sr = a.stochastic && P != F32;
-  const float gamma = a.gamma;
-  int32_t mask, step;  // run-time values on purpose (see restore::invert)
-  restore::invert_params(a.plane_mode == 2 ? bits : 0, mask, step);
+  BlockEnd x;
+  x.plane = t.plane;
+  x.quads = n ? ((t.off + n + 3) >> 2) - q0 : 0;  // plane words of the tensor
+  x.bits = a.plane_bits;
+  restore::invert_params(PL == 2 ? x.bits : 0, x.mask, x.step);
+  x.gamma = a.gamma;
+  x.sr = a.stochastic && P != F32;
+  x.tid = t.tid;
+  x.rk0 = a.rk0;
+  x.rk1 = a.rk1;
   alignas(64) B y[BLOCK];
-  alignas(64) B th[BLOCK];
   alignas(64) float z[BLOCK];
   alignas(64) float sn[BLOCK];
   alignas(64) float su[BLOCK];
-  alignas(64) uint32_t w[BLOCK];  // residues, then rounding words
   for (int64_t b = lb0; b < lb1; ++b) {
-    const uint64_t qb = (uint64_t)(q0 + b * QUADS);
-    const int64_t e0 = (int64_t)(qb * 4) - t.off;  // local index of the block's first element
-    const int64_t lq0 = b * QUADS;                 // plane word of the block's first quad
-    const bool full = e0 >= 0 && e0 + BLOCK <= n;
-    if (full) {
-      for (int e = 0; e < BLOCK; ++e) y[e] = p[e0 + e];
-    } else {
-      for (int e = 0; e < BLOCK; ++e) {
-        const int64_t i = e0 + e;
-        y[e] = (i >= 0 && i < n) ? p[i] : (B)0;
-      }
-    }
+    x.qb = (uint64_t)(q0 + b * QUADS);
+    x.lq0 = b * QUADS;                               // plane word of the block's first quad
+    const int64_t e0 = (int64_t)(x.qb * 4) - t.off;  // local index of the block's first element
+    const bool full = load_block(p, e0, n, y);
     // s_new and s_undo from one z per key, from +0 in key order
     for (int e = 0; e < BLOCK; ++e) {
       sn[e] = 0.0f;
       if (INV) su[e] = 0.0f;
     }
     for (int j = 0; j < a.K; ++j) {
-      block_normals(qb, t.tid, STREAM_NOISE, a.keys[2 * j], a.keys[2 * j + 1], z);
+      block_normals(x.qb, t.tid, STREAM_NOISE, a.keys[2 * j], a.keys[2 * j + 1], z);
       const float alpha = a.alphas[j];
       for (int e = 0; e < BLOCK; ++e) sn[e] = restore::sum_step(sn[e], alpha, z[e]);
       if (INV) {
@@ -304,60 +397,16 @@ void run_exact_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
         for (int e = 0; e < BLOCK; ++e) su[e] = restore::sum_step(su[e], u, z[e]);
       }
     }
-    // theta0, and the plane
-    if constexpr (INV) {
-      if constexpr (PL == 2) {
-        for (int l = 0; l < QUADS; ++l) {
-          const uint32_t word = lq0 + l < quads ? restore::load_word(plane, lq0 + l, bits) : 0u;
-          for (int c = 0; c < 4; ++c) w[4 * l + c] = restore::unpack(word, c, bits);
-        }
-      } else {
-        for (int e = 0; e < BLOCK; ++e) w[e] = 0u;  // (mask is 0) one loop for both: it vectorises
-      }
-      int unsettled = 0;
-      for (int e = 0; e < BLOCK; ++e) {
-        bool settled;
-        th[e] = restore::invert_first<P>(y[e], su[e], w[e], mask, step, settled);
-        unsettled |= (int)!settled;
-      }
-      if (unsettled)  // rare: the whole search for the block
-        for (int e = 0; e < BLOCK; ++e) th[e] = restore::invert<P>(y[e], su[e], w[e], mask, step);
-    } else {
-      for (int e = 0; e < BLOCK; ++e) th[e] = y[e];
-      if constexpr (PL == 1) {
-        for (int e = 0; e < BLOCK; ++e) w[e] = restore::residue<P>(y[e], bits);
-        for (int l = 0; l < QUADS; ++l)
-          if (lq0 + l < quads)
-            restore::store_word(plane, lq0 + l, bits, restore::pack4(w[4 * l], w[4 * l + 1], w[4 * l + 2], w[4 * l + 3], bits));
-      }
-    }
-    // theta <- round(gamma theta0 + s_new)
-    for (int e = 0; e < BLOCK; ++e) z[e] = restore::forward(G::to_float(th[e]), gamma, sn[e]);
-    if (sr) {
-      block_words(qb, t.tid, STREAM_ROUNDING, a.rk0, a.rk1, w);
-      for (int e = 0; e < BLOCK; ++e) y[e] = G::stochastic(z[e], w[e]);
-    } else {
-      for (int e = 0; e < BLOCK; ++e) y[e] = G::nearest(z[e]);
-    }
-    if (full) {
-      for (int e = 0; e < BLOCK; ++e) p[e0 + e] = y[e];
-    } else {
-      for (int e = 0; e < BLOCK; ++e) {
-        const int64_t i = e0 + e;
-        if (i >= 0 && i < n) p[i] = y[e];
-      }
-    }
+    finish_block<P, INV, PL>(x, y, sn, su);
+    store_block(p, e0, n, full, y);
   }
 }
 
 template <int P>
 void run_exact_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
-  if (a.invert) {
-    if (a.plane_mode == 2) return run_exact_task<P, true, 2>(a, t, lb0, lb1);
-    return run_exact_task<P, true, 0>(a, t, lb0, lb1);
-  }
-  if (a.plane_mode == 1) return run_exact_task<P, false, 1>(a, t, lb0, lb1);
-  return run_exact_task<P, false, 0>(a, t, lb0, lb1);
+  with_exact_mode(a.invert, a.plane_mode, [&](auto inv, auto pl) {
+    run_exact_task<P, decltype(inv)::value, decltype(pl)::value>(a, t, lb0, lb1);
+  });
 }
 
 template <int P>

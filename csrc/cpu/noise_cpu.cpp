@@ -11,6 +11,7 @@
 
 #include "../native_args.h"
 #include "kernel.h"
+#include "lowrank_kernel.h"
 
 namespace zo {
 namespace cpu {
@@ -155,6 +156,8 @@ void noise_cpu(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t of
 }
 
 }  // namespace
+
+int selected_isa() { return current_isa().load(std::memory_order_relaxed); }
 
 std::string cpu_isa(const std::string& request) {
   if (!request.empty()) {
