@@ -1,14 +1,29 @@
 """Small assertion and oracle helpers shared by the tests."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
+import sys
 
 import torch
 
 from zo_kernels import noise as N
 
 DATA = pathlib.Path(__file__).parent / "data"
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(relpath: str, name: str):
+    """A repository script (benchmarks/*.py, scripts/*.py: not a package) loaded by path as module `name`,
+    registered in sys.modules first (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def spec_vectors() -> dict:

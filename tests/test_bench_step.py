@@ -1,23 +1,18 @@
 """benchmarks/bench_step.py on a tiny random BERT and a tiny OPT config: rows, CSV and PNG, and the
 three variants change the weights the same way (one MeZO step, same batch, same lr)."""
 import csv
-import importlib.util
-import os
 
 import pytest
+
+from helpers import load_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_step", os.path.join(REPO, "benchmarks", "bench_step.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_step.py", "bench_step")
 
 
 @pytest.fixture(scope="module")

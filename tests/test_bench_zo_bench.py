@@ -1,19 +1,14 @@
 """benchmarks/bench_zo_bench.py at a tiny budget: every method spends the same queries (within one
 step), the CSV is written, and the state column is what each method keeps."""
-import importlib.util
-import os
-
 import pytest
+
+from helpers import load_script
 
 pytest.importorskip("sklearn")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_equal_queries_and_state(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_zo_bench", os.path.join(REPO, "benchmarks", "bench_zo_bench.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/bench_zo_bench.py", "bench_zo_bench")
     rows = mod.main(["--queries", "1000", "--seeds", "1", "--out", str(tmp_path), "--methods",
                      "mezo,cons,mmt-dense,mmt-seeded,adam,fwdgrad,fo-sgd"])
     assert (tmp_path / "bench_zo_bench.csv").exists()

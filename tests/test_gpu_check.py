@@ -1,6 +1,5 @@
 """scripts/gpu_check.sh on a CPU machine: the dry run reaches the first CUDA call of every part, and the
 part runner keeps its time limits, carries on after a failure and writes the summary."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -9,6 +8,8 @@ import sys
 import textwrap
 
 import pytest
+
+from helpers import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -23,11 +24,7 @@ def _env(**extra):
 
 
 def _tools():
-    spec = importlib.util.spec_from_file_location("gpu_check_tools", ROOT / "scripts" / "gpu_check_tools.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, mod)  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/gpu_check_tools.py", "gpu_check_tools")
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,19 @@
 """scripts/merge_seeds.py: two single-seed runs merged give the accuracy/loss summary of one
 `--seeds 0,1` run (every seed's run is deterministic and independent); differing settings are refused."""
-import importlib.util
 import json
-import os
 
 import pytest
 from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
+
+from helpers import load_script
 
 torch = pytest.importorskip("torch")
 
 from zo_kernels.finetune.cli import main  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _merge_module():
-    spec = importlib.util.spec_from_file_location("merge_seeds", os.path.join(REPO, "scripts", "merge_seeds.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/merge_seeds.py", "merge_seeds")
 
 
 ARGS = ["--methods", "mezo,mezo-svrg", "--steps", "6", "--evals", "2", "--no-memory", "--q", "2",
