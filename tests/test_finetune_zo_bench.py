@@ -103,3 +103,41 @@ def test_forward_grad_cli_with_memory(tiny, tmp_path):  # noqa: F811
     assert res["config"]["fg_query_cost"] == 2 and res["config"]["lr_forward_grad"] == 1e-2
     mem = res["memory"]["forward-grad"]
     assert "error" not in mem and mem["peak_rss_mb"] > 50 and mem["steps"] >= 1
+
+
+# ------------------------------------------------------------- default learning rates, one flag each
+
+def _rules():
+    """Each method's default lr from MeZO's by its update rule (docs/zo_bench.md, restated here)."""
+    from zo_kernels.finetune.methods import GRAD_SCALE
+
+    return {"mezo": lambda c: c.lr_mezo, "mezo-svrg": lambda c: c.lr_svrg, "fo-sgd": lambda c: c.lr_fo_sgd,
+            "fo-adam": lambda c: c.lr_fo_adam, "n-spsa": lambda c: c.q * c.lr_mezo,
+            "zo-sgd-sign": lambda c: GRAD_SCALE * c.lr_mezo, "zo-sgd-cons": lambda c: c.lr_mezo,
+            "zo-sgd-mmt": lambda c: 0.1 * c.lr_mezo, "zo-sgd-mmt-dense": lambda c: 0.1 * c.lr_mezo,
+            "zo-adam": lambda c: GRAD_SCALE * c.lr_mezo, "lozo": lambda c: c.lr_mezo / 2,
+            "lozo-m": lambda c: c.lr_mezo / 2, "forward-grad": lambda c: c.lr_mezo}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_has_a_derived_default_lr_and_its_own_flag(name):
+    """Defaults follow the documented rule (also when --lr-mezo changes); the method's --lr-* flag,
+    parsed by the CLI, overrides it (and its twin's: both momentum modes, LOZO and LOZO-M) and
+    leaves every other method on its rule."""
+    from zo_kernels.finetune.cli import _method_options, build_parser
+
+    assert name in _rules(), f"{name}: no default-lr rule documented"
+    net = torch.nn.Linear(4, 2)
+    for lr_mezo in (1e-4, 3e-3):
+        cfg = TrainConfig(lr_mezo=lr_mezo, q=3)
+        opt = METHODS[name].build(net, list(net.parameters()), cfg)
+        assert opt.param_groups[0]["lr"] == pytest.approx(_rules()[name](cfg), rel=1e-12)
+    flag = {"mezo-svrg": "--lr-svrg", "zo-sgd-mmt-dense": "--lr-zo-sgd-mmt", "lozo-m": "--lr-lozo"}.get(name, f"--lr-{name}")
+    a = build_parser().parse_args([flag, "0.0123"])
+    fields = {k: getattr(a, k) for k in ("lr_mezo", "lr_svrg", "lr_fo_sgd", "lr_fo_adam")}
+    cfg = TrainConfig(**fields, **_method_options(a))
+    assert METHODS[name].build(net, list(net.parameters()), cfg).param_groups[0]["lr"] == 0.0123
+    pairs = {"zo-sgd-mmt": "zo-sgd-mmt-dense", "zo-sgd-mmt-dense": "zo-sgd-mmt", "lozo": "lozo-m", "lozo-m": "lozo"}
+    for m in METHODS:                  # every other method keeps its rule (MeZO's lr is the others' base)
+        want = 0.0123 if m in (name, pairs.get(name)) else _rules()[m](cfg)
+        assert METHODS[m].build(net, list(net.parameters()), cfg).param_groups[0]["lr"] == pytest.approx(want), m

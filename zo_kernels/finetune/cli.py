@@ -28,7 +28,8 @@ from .errors import FinetuneError
 
 DEFAULT_METHODS = "mezo,mezo-svrg"
 # Per-method learning rates of the ZO methods beyond MeZO / MeZO-SVRG (None: derived from --lr-mezo).
-ZO_LR_FLAGS = ("lr_forward_grad",)
+ZO_LR_FLAGS = ("lr_n_spsa", "lr_zo_sgd_sign", "lr_zo_sgd_cons", "lr_zo_sgd_mmt", "lr_zo_adam", "lr_lozo",
+               "lr_forward_grad")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,8 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fo-batch-size", type=int, default=d.fo_batch_size, help="0: --batch-size")
     g.add_argument("--lr-fo-sgd", type=float, default=d.lr_fo_sgd)
     g.add_argument("--lr-fo-adam", type=float, default=d.lr_fo_adam)
-    g.add_argument("--lr-forward-grad", type=float, default=d.lr_forward_grad,
-                   help="forward-grad lr (default: --lr-mezo; its step (∇f·z)z has MeZO's scale)")
+    from .methods import GRAD_SCALE, MMT_BETA
+
+    for flag, rule in (("n-spsa", "--q times --lr-mezo"),
+                       ("zo-sgd-sign", f"{GRAD_SCALE:g} x --lr-mezo (the gradient scale at the default start)"),
+                       ("zo-sgd-cons", "--lr-mezo"),
+                       ("zo-sgd-mmt", f"{1 - MMT_BETA:g} x --lr-mezo (1 - momentum); both momentum modes"),
+                       ("zo-adam", f"{GRAD_SCALE:g} x --lr-mezo (the gradient scale at the default start)"),
+                       ("lozo", "--lr-mezo / rank; lozo and lozo-m"),
+                       ("forward-grad", "--lr-mezo")):
+        g.add_argument(f"--lr-{flag}", type=float, default=None,
+                       help=f"{flag} lr; not given: {rule} (derivations in docs/zo_bench.md)")
     g.add_argument("--fg-query-cost", type=int, choices=(1, 2), default=d.fg_query_cost,
                    help="queries charged per example of one forward-grad jvp: 2 = MeZO's two forward passes "
                         "(equal queries = equal steps; a jvp costs 2-3 forwards of arithmetic), 1 = ZO-Bench's "
@@ -312,7 +322,7 @@ def _record(m: str, r, label: str) -> dict:
         ts["backward_update"] = 1e3 * r.other_s / steps
         ts["backward"] = 1e3 * r.backward_s / steps
         ts["update"] = 1e3 * r.update_s / steps
-    return {"label": label, "kind": "zo" if zo else "fo", "steps": r.steps, "full_steps": r.full_steps,
+    return {"label": label, "kind": "zo" if zo else "fo", "lr": r.lr, "steps": r.steps, "full_steps": r.full_steps,
             "queries": r.queries, "train_loss": r.final["train_loss"], "val_acc": r.final["val_acc"],
             "test_acc": r.final["test_acc"], "val_loss": r.final["val_loss"], "test_loss": r.final["test_loss"],
             "best_test_acc": max(p["test_acc"] for p in r.curve[1:]) if len(r.curve) > 1 else r.final["test_acc"],
@@ -488,7 +498,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
                              {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
             results[m] = _record(m, r, LABELS[m])
             rm = results[m]
-            say(f"{LABELS[m]}: {r.steps} steps, {r.queries:,} queries, train loss {rm['train_loss']:.4f}, "
+            say(f"{LABELS[m]} (lr {r.lr:g}): {r.steps} steps, {r.queries:,} queries, train loss {rm['train_loss']:.4f}, "
                 f"val acc {rm['val_acc']:.3f}, test acc {rm['test_acc']:.3f} (start {start['test_acc']:.3f}), "
                 f"{rm['wall_s']:.0f} s" + ("  (DIVERGED: loss not finite)" if r.diverged else ""))
             if checkpointing:

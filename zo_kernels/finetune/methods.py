@@ -96,7 +96,14 @@ class TrainConfig:
     fo_batch_size: int = 16          # 0: the ZO batch size
     lr_fo_sgd: float = 1e-2
     lr_fo_adam: float = 1e-5
-    lr_forward_grad: Optional[float] = None     # None: lr_mezo (the same update scale, see docs/zo_bench.md)
+    # Per-method lrs of the other ZO methods; None: derived from lr_mezo (the registry below, docs/zo_bench.md)
+    lr_n_spsa: Optional[float] = None
+    lr_zo_sgd_sign: Optional[float] = None
+    lr_zo_sgd_cons: Optional[float] = None
+    lr_zo_sgd_mmt: Optional[float] = None          # zo-sgd-mmt and zo-sgd-mmt-dense
+    lr_zo_adam: Optional[float] = None
+    lr_lozo: Optional[float] = None                # lozo and lozo-m
+    lr_forward_grad: Optional[float] = None
     fg_query_cost: int = 2           # queries per example of one forward-grad jvp (module docstring)
     evals: int = 8                   # evaluation points after the start (test acc + train loss)
     eval_train: int = 512            # training examples in the eval points' train loss (0: all)
@@ -313,12 +320,28 @@ register(Method("fo-adam", "FO-Adam", "fo",
 
 
 
-def _zo_bench(cls_name: str, lr: Callable, **kw) -> Callable:
+# The scale of the minibatch gradient at the default start, rms over batches of |∇f_B| (= rms of
+# MeZO's coefficient c = (f+ − f−)/2μ ≈ ∇f_B·z): all-MiniLM-L6-v2, description head (T = 0.05),
+# Rotten Tomatoes, batch 16, max 64 tokens, full fine-tuning, seed 0 (docs/zo_bench.md).  Sign and
+# Adam normalise the step by it, so their lr is MeZO's times it; another setting has another scale.
+GRAD_SCALE = 5.0
+MMT_BETA = 0.9
+LOZO_RANK = 2
+
+
+def _lr(name: str, derived: Callable[[TrainConfig], float]) -> Callable[[TrainConfig], float]:
+    """lr(cfg): the method's --lr-* flag (TrainConfig field `name`) if given, else `derived` from MeZO's
+    lr by matching the method's update to MeZO's (docs/zo_bench.md, "Default learning rates")."""
+    return lambda cfg: derived(cfg) if getattr(cfg, name) is None else getattr(cfg, name)
+
+
+def _zo_bench(cls_name: str, lr: Callable, n_directions: Optional[Callable] = None, **kw) -> Callable:
     """make_optimizer of one of ZO-Bench's family (zo_kernels.optim): lr(cfg), fixed options kw."""
     def make(params, cfg: TrainConfig):
         optim = _import_optim()
+        extra = {} if n_directions is None else {"n_directions": n_directions(cfg)}
         return getattr(optim, cls_name)(params, lr=lr(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                                        **kw, **_zo_extra(cfg))
+                                        **kw, **extra, **_zo_extra(cfg))
     return make
 
 
@@ -326,38 +349,40 @@ def _queries_per_step(opt, cfg: TrainConfig, large: int) -> int:
     return opt.queries_per_step * cfg.batch_size
 
 
-# ZO-Bench's family (untuned here): SGD-like methods at MeZO's lr; momentum at (1 − β)·lr, so its
-# steady-state step matches; ZO-Adam at FO-Adam's lr; n-SPSA with q = --q directions.
-register(Method("n-spsa", "n-SPSA", "zo", lambda params, cfg: _zo_bench("MeZO", lambda c: c.lr_mezo,
-                                                                        n_directions=cfg.q)(params, cfg),
+# ZO-Bench's family, LOZO and forward-grad.  Default lrs (each overridable by its flag) are MeZO's
+# matched through each update rule: n-SPSA q·lr (1/q of the variance per step: the MeZO paper's
+# n/(n + d − 1) effective rate); Sign and Adam lr·GRAD_SCALE (steps normalised by |c|); Cons lr;
+# momentum (1 − β)·lr (its steady-state drift is lr/(1 − β)); LOZO / LOZO-M lr/r (Var(Z_ij) = r);
+# forward-grad lr (c is ∇f·z itself).
+register(Method("n-spsa", "n-SPSA", "zo",
+                _zo_bench("MeZO", _lr("lr_n_spsa", lambda c: c.q * c.lr_mezo), n_directions=lambda c: c.q),
                 _queries_per_step, "tab:cyan"))
-register(Method("zo-sgd-sign", "ZO-SGD-Sign", "zo", _zo_bench("ZOSGDSign", lambda c: c.lr_mezo), _queries_per_step,
+register(Method("zo-sgd-sign", "ZO-SGD-Sign", "zo",
+                _zo_bench("ZOSGDSign", _lr("lr_zo_sgd_sign", lambda c: GRAD_SCALE * c.lr_mezo)), _queries_per_step,
                 "tab:olive"))
-register(Method("zo-sgd-cons", "ZO-SGD-Cons", "zo", _zo_bench("ZOSGDCons", lambda c: c.lr_mezo), _queries_per_step,
-                "tab:brown"))
+register(Method("zo-sgd-cons", "ZO-SGD-Cons", "zo", _zo_bench("ZOSGDCons", _lr("lr_zo_sgd_cons", lambda c: c.lr_mezo)),
+                _queries_per_step, "tab:brown"))
+_mmt_lr = _lr("lr_zo_sgd_mmt", lambda c: (1 - MMT_BETA) * c.lr_mezo)
 register(Method("zo-sgd-mmt", "ZO-SGD-MMT (seeded)", "zo",
-                _zo_bench("ZOSGDMomentum", lambda c: 0.1 * c.lr_mezo, momentum=0.9, state="seeded", window=32),
+                _zo_bench("ZOSGDMomentum", _mmt_lr, momentum=MMT_BETA, state="seeded", window=32),
                 _queries_per_step, "tab:pink"))
 register(Method("zo-sgd-mmt-dense", "ZO-SGD-MMT (dense)", "zo",
-                _zo_bench("ZOSGDMomentum", lambda c: 0.1 * c.lr_mezo, momentum=0.9, state="dense"),
-                _queries_per_step, "tab:gray"))
-register(Method("zo-adam", "ZO-Adam", "zo", _zo_bench("ZOAdam", lambda c: c.lr_fo_adam), _queries_per_step,
-                "tab:orange"))
-
-
-# LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank 2, V kept ν = 50 steps): Var(Z_ij) = r, so the
-# step at lr/r matches MeZO's in size (untuned here beyond that).
-register(Method("lozo", "LOZO", "zo", _zo_bench("LOZO", lambda c: c.lr_mezo / 2, rank=2, nu=50),
+                _zo_bench("ZOSGDMomentum", _mmt_lr, momentum=MMT_BETA, state="dense"), _queries_per_step, "tab:gray"))
+register(Method("zo-adam", "ZO-Adam", "zo", _zo_bench("ZOAdam", _lr("lr_zo_adam", lambda c: GRAD_SCALE * c.lr_mezo)),
+                _queries_per_step, "tab:orange"))
+# LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank 2, V kept ν = 50 steps)
+_lozo_lr = _lr("lr_lozo", lambda c: c.lr_mezo / LOZO_RANK)
+register(Method("lozo", "LOZO", "zo", _zo_bench("LOZO", _lozo_lr, rank=LOZO_RANK, nu=50),
                 lambda opt, cfg, large: 2 * cfg.batch_size, "teal"))
-register(Method("lozo-m", "LOZO-M", "zo", _zo_bench("LOZOM", lambda c: c.lr_mezo / 2, rank=2, nu=50, beta=0.9),
+register(Method("lozo-m", "LOZO-M", "zo", _zo_bench("LOZOM", _lozo_lr, rank=LOZO_RANK, nu=50, beta=MMT_BETA),
                 lambda opt, cfg, large: 2 * cfg.batch_size, "darkgoldenrod"))
 
 
 def _make_forward_grad(params, cfg: TrainConfig, module: torch.nn.Module):
     """ForwardGrad trains the module's parameters that require grad: they must be `params`."""
     optim = _import_optim()
-    lr = cfg.lr_mezo if cfg.lr_forward_grad is None else cfg.lr_forward_grad
-    opt = optim.ForwardGrad(module, lr=lr, weight_decay=cfg.weight_decay, seed=cfg.seed, **_zo_extra(cfg))
+    opt = optim.ForwardGrad(module, lr=_lr("lr_forward_grad", lambda c: c.lr_mezo)(cfg),
+                            weight_decay=cfg.weight_decay, seed=cfg.seed, **_zo_extra(cfg))
     mine = {id(p) for g in opt.param_groups for p in g["params"]}
     if mine != {id(p) for p in params}:
         raise FinetuneError("forward-grad trains the model's parameters with requires_grad=True, which differ "
@@ -407,6 +432,7 @@ def _as_float(loss) -> float:
 @dataclass
 class RunResult:
     method: str
+    lr: float = float("nan")         # the optimizer's (first group's) learning rate at the start
     steps: int = 0
     queries: int = 0
     train_s: float = 0.0
@@ -476,6 +502,7 @@ class MethodRun:
         self.res = RunResult(method)
         self.res.curve.append(dict(start_point))
         self.opt = self.spec.build(net, trainable, cfg)
+        self.res.lr = float(self.opt.param_groups[0]["lr"])
         self.meter = Meter(cfg.device)
         self.step, self.t_train = 0, 0.0
         if self.spec.kind == "zo":
