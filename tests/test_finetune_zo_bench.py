@@ -50,7 +50,7 @@ def test_forward_grad_registered_with_its_query_cost():
         m.build(net, [net.weight], TrainConfig())          # the bias requires grad too: not what was chosen
 
 
-def _tiny_run_inputs(tiny):
+def _tiny_run_inputs(tiny):  # noqa: F811  (the fixture's value, passed on)
     from zo_kernels.finetune.data import load_text_classification
     from zo_kernels.finetune.heads import default_descriptions
     from zo_kernels.finetune.model import Encoded, load_model_and_tokenizer, select_trainable
