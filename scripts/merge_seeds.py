@@ -61,11 +61,7 @@ def main(argv=None) -> int:
         json.dump(out, f, indent=2, default=float)
     from zo_kernels.finetune import report
 
-    cfg = out["config"]
-    title = (f"{cfg.get('model_name')}, {cfg.get('head')} head, on {cfg.get('dataset_name')}, {cfg.get('n_train')} "
-             f"train / {cfg.get('n_test')} test; batch {cfg.get('batch_size')}; mean ± std over seeds "
-             f"{','.join(map(str, cfg['seeds']))}; {out['machine'].get('cpu')}")
-    report.plot(out["summary"], os.path.join(a.out, "curves.png"), title)
+    report.plot(out["summary"], os.path.join(a.out, "curves.png"), report.plot_title(out["config"], out["machine"]))
     print(out["table"])
     return 0
 

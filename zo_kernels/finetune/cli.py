@@ -216,10 +216,9 @@ def _check_args(a) -> List[str]:
         raise FinetuneError("--eps must be > 0")
     if a.partial is not None and a.partial < 1:
         raise FinetuneError("--partial must be >= 1")
-    if a.bitfit and (a.peft is not None or a.partial is not None):
-        raise FinetuneError("give --bitfit alone: it is a choice of trainable weights like --partial and --peft")
-    if a.peft is not None and a.partial is not None:
-        raise FinetuneError("give --peft or --partial, not both")
+    from .model import check_selection  # model.py imports torch; cli defers that until a run starts
+
+    check_selection(a.partial, a.bitfit, a.peft)
     if not (a.temperature > 0):
         raise FinetuneError(f"--temperature must be > 0, got {a.temperature}")
     if a.checkpoint_every < 0:
@@ -243,16 +242,6 @@ def _peft_spec(a):
         return None
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()] if a.lora_targets else None
     return PeftSpec(a.peft, rank=a.lora_rank, alpha=a.lora_alpha, targets=targets, virtual_tokens=a.prefix_tokens)
-
-
-def _tuning_name(a) -> str:
-    if a.peft == "lora":
-        return f"LoRA r={a.lora_rank}"
-    if a.peft == "prefix":
-        return f"prefix ({a.prefix_tokens} tokens)"
-    if a.bitfit:
-        return "BitFit"
-    return f"partial (last {a.partial})" if a.partial else "full"
 
 
 def _seeds(a) -> List[int]:
@@ -425,7 +414,8 @@ def run(argv: Optional[List[str]] = None) -> dict:
         enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, max_length, device)
                for k in ("train", "val", "test")}
         return {"data": data, "enc": enc, "descriptions": descriptions, "net": net,
-                "summary": {**model_summary(net, trainable), "architecture": base_name, "tuning": _tuning_name(a)}}
+                "summary": {**model_summary(net, trainable), "architecture": base_name,
+                            "tuning": report.tuning_name(vars(a))}}
 
     runs = list(state["runs"]) if state is not None else []
     done_seeds = {r["seed"] for r in runs}
@@ -547,16 +537,12 @@ def run(argv: Optional[List[str]] = None) -> dict:
     tab = report.table(agg, memory)
     machine = f"{_cpu_name()}, {threads} threads" if device == "cpu" else torch.cuda.get_device_name(device)
     model_name = "all-MiniLM-L6-v2" if a.model is None else os.path.basename(str(a.model).rstrip("/"))
-    seeds_txt = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {','.join(map(str, seeds))}"
-    title = (f"{model_name}, {a.head} head, on {data.name}, {a.n_train} train / {a.n_test} test; batch "
-             f"{a.batch_size}, {_tuning_name(a)} FT, objective "
-             f"{a.objective}; {seeds_txt}; {machine}")
     out = {"config": {**vars(a), "methods": methods, "seeds": seeds, "queries": queries, "model_path": model_path,
                       "model_name": model_name, "dataset_name": data.name, "labels": data.label_names,
                       "label_descriptions": info["descriptions"], "threads": threads, "argv": argv},
            "machine": {"cpu": _cpu_name(), "device": device, "threads": threads, "python": platform.python_version(),
                        "torch": torch.__version__, "platform": platform.platform(),
-                       "zo_backend": _backend_name()},
+                       "zo_backend": _backend_name(), "name": machine},
            "model": summary, "data": {"n_available": data.n_available, **data.meta,
                                       "mean_train_tokens": enc["train"].mean_tokens()},
            # single-seed layout kept: "start" / "methods" are the first seed's; "runs" has every seed
@@ -566,7 +552,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     if main_rank:
         with open(os.path.join(a.out, "results.json"), "w") as f:
             json.dump(out, f, indent=2, default=float)
-        report.plot(agg, os.path.join(a.out, "curves.png"), title)
+        report.plot(agg, os.path.join(a.out, "curves.png"), report.plot_title(out["config"], out["machine"]))
     say("")
     say(tab)
     say("")

@@ -578,13 +578,17 @@ class MethodRun:
         bar.close()
         return self.finish()
 
+    def _schedule_lr(self) -> None:
+        """--lr-schedule: set the coming step's rates from the queries spent so far, and log the factor."""
+        if self.lr_sched is not None:
+            self.res.lr_history.append([self.step + 1, self.lr_sched.apply(self.meter.queries)])
+
     def _zo_step(self) -> Optional[float]:
         cfg, net, meter, train = self.cfg, self.net, self.meter, self.data["train"]
         full = _is_full_step(self.opt) and hasattr(self.opt, "is_full_step")
         if meter.queries + self.spec.step_cost(self.opt, cfg, self.large) > self.total:
             return None
-        if self.lr_sched is not None:
-            self.res.lr_history.append([self.step + 1, self.lr_sched.apply(meter.queries)])
+        self._schedule_lr()
         idx = self.sampler.next()
         # Data parallel: this rank's share of the step's batch; queries count the whole batch.
         mine = zdist.shard_list(idx) if cfg.distributed else idx
@@ -627,8 +631,7 @@ class MethodRun:
         cfg, net, opt = self.cfg, self.net, self.opt
         if self.step >= self.n_steps:
             return None
-        if self.lr_sched is not None:
-            self.res.lr_history.append([self.step + 1, self.lr_sched.apply(self.meter.queries)])
+        self._schedule_lr()
         batch = self.data["train"].batch(self.sampler.next())
         _sync(cfg.device)
         t0 = time.perf_counter()

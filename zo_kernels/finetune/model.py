@@ -121,6 +121,14 @@ def _is_bitfit(name: str) -> bool:
             or ".classifier." in low)
 
 
+def check_selection(partial: Optional[int], bitfit: bool, peft: Optional[str] = None) -> None:
+    """--partial, --bitfit and --peft each choose the trainable weights: at most one may be given."""
+    if bitfit and (peft is not None or partial is not None):
+        raise FinetuneError("give --bitfit alone: it is a choice of trainable weights like --partial and --peft")
+    if peft is not None and partial is not None:
+        raise FinetuneError("give --peft or --partial, not both")
+
+
 def select_trainable(net: torch.nn.Module, partial: Optional[int], bitfit: bool = False) -> List[torch.nn.Parameter]:
     """Full fine-tuning: every parameter.  partial=k: the last k transformer blocks plus everything
     after the blocks (pooler, final norm, classification head); embeddings and earlier blocks frozen.
@@ -128,9 +136,8 @@ def select_trainable(net: torch.nn.Module, partial: Optional[int], bitfit: bool 
     a ZO step's noise grows with the number of perturbed weights, so far fewer of them allow a far
     larger learning rate."""
     params = dict(net.named_parameters())
+    check_selection(partial, bitfit)
     if bitfit:
-        if partial:
-            raise FinetuneError("give --bitfit or --partial, not both")
         chosen = [n for n in params if _is_bitfit(n)]
     elif not partial:
         chosen = list(params)

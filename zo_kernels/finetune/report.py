@@ -26,6 +26,26 @@ def _stats(values: List[float]) -> dict:
     return {"mean": mean, "std": std, "values": v}
 
 
+def tuning_name(cfg: dict) -> str:
+    """Which weights were trained, from a run's config (argparse fields): full, partial, BitFit, LoRA, prefix."""
+    if cfg.get("peft") == "lora":
+        return f"LoRA r={cfg.get('lora_rank')}"
+    if cfg.get("peft") == "prefix":
+        return f"prefix ({cfg.get('prefix_tokens')} tokens)"
+    if cfg.get("bitfit"):
+        return "BitFit"
+    return f"partial (last {cfg['partial']})" if cfg.get("partial") else "full"
+
+
+def plot_title(cfg: dict, machine: dict) -> str:
+    """curves.png's title from results.json's "config" and "machine" (zo-finetune and merge_seeds)."""
+    seeds = cfg.get("seeds") or [cfg.get("seed")]
+    seeds_txt = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {','.join(map(str, seeds))}"
+    return (f"{cfg.get('model_name')}, {cfg.get('head')} head, on {cfg.get('dataset_name')}, {cfg.get('n_train')} "
+            f"train / {cfg.get('n_test')} test; batch {cfg.get('batch_size')}, {tuning_name(cfg)} FT, objective "
+            f"{cfg.get('objective')}; {seeds_txt}; {machine.get('name') or machine.get('cpu')}")
+
+
 def reach(curve: List[dict], target: float) -> Optional[dict]:
     """The first eval point after the start with test accuracy >= target, or None."""
     for p in curve[1:]:
