@@ -14,8 +14,9 @@
 #   pytest_cuda  pytest -m cuda: the CUDA C++ kernel vs CPU bit for bit, Triton vs reference on the GPU
 #   pytest_gpu   the other test files that run on the GPU when there is one (DEVICE = cuda), -m "not cuda"
 #   bench_noise  benchmarks/bench_noise.py --device cuda: GB/s and % of copy_ per dtype and key count
+#   bench_lowrank benchmarks/bench_noise.py --lowrank --device cuda: the LOZO pass vs rank (table in the log)
 #   bench_step   benchmarks/bench_step.py --device cuda: OPT-125m / OPT-1.3b configs, forward vs noise
-#   finetune     zo-finetune on CUDA (MeZO, MeZO-SVRG, LOZO when zo-finetune has it, FO-SGD) on a
+#   finetune     zo-finetune on CUDA (MeZO, MeZO-SVRG, LOZO, FO-SGD) on a
 #                synthetic task with a MiniLM-shaped random model (scripts/synthetic_task.py)
 # Writes OUTDIR/gpu_check.log (everything), OUTDIR/summary.json (per part: status, exit code, seconds,
 # limit, test counts and failing ids), OUTDIR/bench/{bench_noise,bench_step_cuda}.{csv,png} and
@@ -128,11 +129,15 @@ check_parts() {
 
     part bench_noise 50 benchmarks/bench_noise.py --device cuda --sizes 1e6,1e7,1e8 --dtypes float32,bfloat16 \
         --keys 1,2,4 --out "$OUTDIR/bench"
+    # The low-rank (LOZO) pass per rank against the full-rank pass and u @ v.t(): its table goes to the log;
+    # its CSV/PNG stay in scratch (the device tool brings back 8 files, all taken above and below).
+    part bench_lowrank 30 benchmarks/bench_noise.py --lowrank --device cuda --shapes 4096x4096,8192x8192 \
+        --dtypes float32,bfloat16 --out "$WORK/bench_lowrank"
     part bench_step 50 benchmarks/bench_step.py --device cuda --models opt-125m,opt-1.3b --repeats 5 \
         --out "$OUTDIR/bench"
 
     # zo-finetune on a synthetic task (scripts/synthetic_task.py; a tiny model in a dry run): the default
-    # model and data packages are not on the lent machine.  LOZO is run once zo-finetune accepts it.
+    # model and data packages are not on the lent machine.
     # The split is explicit: the synthetic task has 1,200 rows, fewer than zo-finetune's default split needs.
     shape=minilm
     [ "$DRY" = 1 ] && shape=tiny

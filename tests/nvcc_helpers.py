@@ -31,7 +31,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA
 
 
 def run_nvcc(args):
-    out = subprocess.run([NVCC, *FLAGS, *args], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([NVCC, *FLAGS, *args], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"nvcc {' '.join(args)} failed:\n{out.stderr[-4000:]}"
     return out
 
@@ -45,7 +45,7 @@ def compile_ptx(kernel, tmp):
                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     texts = {}
     for arch, (path, proc) in procs.items():
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"nvcc -ptx sm_{arch} failed:\n{err[-4000:]}"
         texts[arch] = path.read_text()
     return texts
@@ -113,5 +113,5 @@ def check_glue_compiles(source, tmp_path):
     # The generated header of a CUDA torch wins where it exists: the stub directory comes last.
     args = [cxx, "-std=c++17", "-fsyntax-only", "-DZO_WITH_CUDA", *[f"-I{p}" for p in inc],
             f"-I{cuda_inc}", f"-I{sysconfig.get_paths()['include']}", f"-I{tmp_path}", str(source)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
