@@ -115,8 +115,8 @@ def _rules():
             "fo-adam": lambda c: c.lr_fo_adam, "n-spsa": lambda c: c.q * c.lr_mezo,
             "zo-sgd-sign": lambda c: GRAD_SCALE * c.lr_mezo, "zo-sgd-cons": lambda c: c.lr_mezo,
             "zo-sgd-mmt": lambda c: 0.1 * c.lr_mezo, "zo-sgd-mmt-dense": lambda c: 0.1 * c.lr_mezo,
-            "zo-adam": lambda c: GRAD_SCALE * c.lr_mezo, "lozo": lambda c: c.lr_mezo / 2,
-            "lozo-m": lambda c: c.lr_mezo / 2, "forward-grad": lambda c: c.lr_mezo}
+            "zo-adam": lambda c: GRAD_SCALE * c.lr_mezo, "lozo": lambda c: c.lr_mezo / c.lozo_rank,
+            "lozo-m": lambda c: c.lr_mezo / c.lozo_rank, "forward-grad": lambda c: c.lr_mezo}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -141,3 +141,18 @@ def test_every_method_has_a_derived_default_lr_and_its_own_flag(name):
     for m in METHODS:                  # every other method keeps its rule (MeZO's lr is the others' base)
         want = 0.0123 if m in (name, pairs.get(name)) else _rules()[m](cfg)
         assert METHODS[m].build(net, list(net.parameters()), cfg).param_groups[0]["lr"] == pytest.approx(want), m
+
+
+@pytest.mark.parametrize("name", ["lozo", "lozo-m"])
+def test_lozo_rank_and_nu_flags_reach_the_optimizer(name):
+    """--lozo-rank / --lozo-nu, parsed by the CLI, build LOZO / LOZO-M with that rank and period (and the
+    derived lr follows the rank); the defaults are rank 2, ν 50."""
+    from zo_kernels.finetune.cli import _method_options, build_parser
+
+    net = torch.nn.Linear(4, 2)
+    for argv, rank, nu in (([], 2, 50), (["--lozo-rank", "4", "--lozo-nu", "7"], 4, 7)):
+        a = build_parser().parse_args(argv)
+        cfg = TrainConfig(lr_mezo=a.lr_mezo, **_method_options(a))
+        opt = METHODS[name].build(net, list(net.parameters()), cfg)
+        assert (opt.rank, opt.nu) == (rank, nu)
+        assert opt.param_groups[0]["lr"] == pytest.approx(a.lr_mezo / rank, rel=1e-12)

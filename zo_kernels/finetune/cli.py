@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("forward-grad", "--lr-mezo")):
         g.add_argument(f"--lr-{flag}", type=float, default=None,
                        help=f"{flag} lr; not given: {rule} (derivations in docs/zo_bench.md)")
+    g.add_argument("--lozo-rank", type=int, default=d.lozo_rank, help="lozo, lozo-m: rank r of the U Vᵀ perturbation")
+    g.add_argument("--lozo-nu", type=int, default=d.lozo_nu,
+                   help="lozo, lozo-m: steps a V is kept (lazy subspace sampling)")
     g.add_argument("--fg-query-cost", type=int, choices=(1, 2), default=d.fg_query_cost,
                    help="queries charged per example of one forward-grad jvp: 2 = MeZO's two forward passes "
                         "(equal queries = equal steps; a jvp costs 2-3 forwards of arithmetic), 1 = ZO-Bench's "
@@ -195,7 +198,8 @@ def _check_args(a) -> List[str]:
         raise FinetuneError(f"--methods lists a method twice: {a.methods}")
     if a.fo_batch_size < 0:
         raise FinetuneError("--fo-batch-size must be >= 0 (0: --batch-size)")
-    for name in ("n_train", "n_val", "n_test", "batch_size", "max_length", "q", "large_batch", "memory_steps"):
+    for name in ("n_train", "n_val", "n_test", "batch_size", "max_length", "q", "large_batch", "memory_steps",
+                 "lozo_rank", "lozo_nu"):
         if getattr(a, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.eval_train < 0:
@@ -231,8 +235,10 @@ def _check_args(a) -> List[str]:
 
 
 def _method_options(a) -> dict:
-    """The TrainConfig fields of the per-method flags (learning rates, forward-grad's query cost)."""
-    return {**{name: getattr(a, name) for name in ZO_LR_FLAGS}, "fg_query_cost": a.fg_query_cost}
+    """The TrainConfig fields of the per-method flags (learning rates, forward-grad's query cost, LOZO's
+    rank and ν)."""
+    return {**{name: getattr(a, name) for name in ZO_LR_FLAGS},
+            **{name: getattr(a, name) for name in ("fg_query_cost", "lozo_rank", "lozo_nu")}}
 
 
 def _peft_spec(a):

@@ -105,6 +105,8 @@ class TrainConfig:
     lr_lozo: Optional[float] = None                # lozo and lozo-m
     lr_forward_grad: Optional[float] = None
     fg_query_cost: int = 2           # queries per example of one forward-grad jvp (module docstring)
+    lozo_rank: int = 2               # lozo and lozo-m: rank r of U Vᵀ
+    lozo_nu: int = 50                # lozo and lozo-m: V is kept ν steps (lazy subspace sampling)
     evals: int = 8                   # evaluation points after the start (test acc + train loss)
     eval_train: int = 512            # training examples in the eval points' train loss (0: all)
     eval_batch: int = 64
@@ -326,7 +328,6 @@ register(Method("fo-adam", "FO-Adam", "fo",
 # Adam normalise the step by it, so their lr is MeZO's times it; another setting has another scale.
 GRAD_SCALE = 5.0
 MMT_BETA = 0.9
-LOZO_RANK = 2
 
 
 def _lr(name: str, derived: Callable[[TrainConfig], float]) -> Callable[[TrainConfig], float]:
@@ -335,11 +336,13 @@ def _lr(name: str, derived: Callable[[TrainConfig], float]) -> Callable[[TrainCo
     return lambda cfg: derived(cfg) if getattr(cfg, name) is None else getattr(cfg, name)
 
 
-def _zo_bench(cls_name: str, lr: Callable, n_directions: Optional[Callable] = None, **kw) -> Callable:
-    """make_optimizer of one of ZO-Bench's family (zo_kernels.optim): lr(cfg), fixed options kw."""
+def _zo_bench(cls_name: str, lr: Callable, options: Optional[Callable[[TrainConfig], dict]] = None,
+              **kw) -> Callable:
+    """make_optimizer of one of ZO-Bench's family (zo_kernels.optim): lr(cfg), options(cfg) from flags,
+    fixed options kw."""
     def make(params, cfg: TrainConfig):
         optim = _import_optim()
-        extra = {} if n_directions is None else {"n_directions": n_directions(cfg)}
+        extra = {} if options is None else options(cfg)
         return getattr(optim, cls_name)(params, lr=lr(cfg), eps=cfg.eps, weight_decay=cfg.weight_decay, seed=cfg.seed,
                                         **kw, **extra, **_zo_extra(cfg))
     return make
@@ -355,7 +358,7 @@ def _queries_per_step(opt, cfg: TrainConfig, large: int) -> int:
 # momentum (1 − β)·lr (its steady-state drift is lr/(1 − β)); LOZO / LOZO-M lr/r (Var(Z_ij) = r);
 # forward-grad lr (c is ∇f·z itself).
 register(Method("n-spsa", "n-SPSA", "zo",
-                _zo_bench("MeZO", _lr("lr_n_spsa", lambda c: c.q * c.lr_mezo), n_directions=lambda c: c.q),
+                _zo_bench("MeZO", _lr("lr_n_spsa", lambda c: c.q * c.lr_mezo), lambda c: {"n_directions": c.q}),
                 _queries_per_step, "tab:cyan"))
 register(Method("zo-sgd-sign", "ZO-SGD-Sign", "zo",
                 _zo_bench("ZOSGDSign", _lr("lr_zo_sgd_sign", lambda c: GRAD_SCALE * c.lr_mezo)), _queries_per_step,
@@ -370,11 +373,17 @@ register(Method("zo-sgd-mmt-dense", "ZO-SGD-MMT (dense)", "zo",
                 _zo_bench("ZOSGDMomentum", _mmt_lr, momentum=MMT_BETA, state="dense"), _queries_per_step, "tab:gray"))
 register(Method("zo-adam", "ZO-Adam", "zo", _zo_bench("ZOAdam", _lr("lr_zo_adam", lambda c: GRAD_SCALE * c.lr_mezo)),
                 _queries_per_step, "tab:orange"))
-# LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank 2, V kept ν = 50 steps)
-_lozo_lr = _lr("lr_lozo", lambda c: c.lr_mezo / LOZO_RANK)
-register(Method("lozo", "LOZO", "zo", _zo_bench("LOZO", _lozo_lr, rank=LOZO_RANK, nu=50),
+# LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank --lozo-rank, V kept --lozo-nu steps)
+_lozo_lr = _lr("lr_lozo", lambda c: c.lr_mezo / c.lozo_rank)
+
+
+def _lozo_options(cfg: TrainConfig) -> dict:
+    return {"rank": cfg.lozo_rank, "nu": cfg.lozo_nu}
+
+
+register(Method("lozo", "LOZO", "zo", _zo_bench("LOZO", _lozo_lr, _lozo_options),
                 lambda opt, cfg, large: 2 * cfg.batch_size, "teal"))
-register(Method("lozo-m", "LOZO-M", "zo", _zo_bench("LOZOM", _lozo_lr, rank=LOZO_RANK, nu=50, beta=MMT_BETA),
+register(Method("lozo-m", "LOZO-M", "zo", _zo_bench("LOZOM", _lozo_lr, _lozo_options, beta=MMT_BETA),
                 lambda opt, cfg, large: 2 * cfg.batch_size, "darkgoldenrod"))
 
 
