@@ -10,7 +10,7 @@ import zo_kernels
 from zo_kernels import noise as N
 
 from helpers import z_bound
-from native_helpers import assert_no_temporaries, make_tensor, ordered
+from native_helpers import ISAS, assert_no_temporaries, cpu_isas, make_tensor, on_isa, ordered
 
 BACKENDS = [b for b in ("reference", "cpu", "triton", "cuda") if b in zo_kernels.available_backends()]
 
@@ -82,6 +82,11 @@ def _grad64(keys, coeffs, tid, numel, offset=0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_fp32_matches_float64_transcription(backend, decoupled):
+    _check_fp32_vs_float64(backend, decoupled)
+
+
+def _check_fp32_vs_float64(backend, decoupled):
+    """fp32 θ, m, v of one call on SHAPES vs adam64 within error_bounds."""
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, step=4, weight_decay=0.05, decoupled=decoupled)
     params, ms, vs = zip(*(_inputs(s, torch.float32, 10 * i) for i, s in enumerate(SHAPES)))
     p1, m1, v1 = (_on(backend, *ts) for ts in (params, ms, vs))
@@ -128,7 +133,11 @@ def test_backend_matches_reference(backend, dtype, rounding):
 def test_three_steps_bf16_params_track_float64(backend):
     """bf16 θ with fp32 m, v over three steps: each step's θ is within one bf16 ulp of the float64
     transcription started from the same bf16 θ (rounding to nearest)."""
-    p, m, v = _on(backend, *_inputs(1000, torch.bfloat16, 3))
+    _check_three_steps(backend, torch.bfloat16)
+
+
+def _check_three_steps(backend, dtype):
+    p, m, v = _on(backend, *_inputs(1000, dtype, 3))
     m.zero_(), v.zero_()
     kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     for step in (1, 2, 3):
@@ -136,7 +145,7 @@ def test_three_steps_bf16_params_track_float64(backend):
         g = _grad64(keys, [0.5], 0, p.numel())
         th, m64, v64 = adam64(p.cpu().reshape(-1), m.cpu(), v.cpu(), g, step=step, **kw)
         zo_kernels.noise_adam_([p], [m], [v], keys, [0.5], step=step, backend=backend, **kw)
-        dist = (ordered(p.cpu()) - ordered(th.to(torch.bfloat16))).abs().max().item()
+        dist = (ordered(p.cpu()) - ordered(th.to(dtype))).abs().max().item()
         assert dist <= 1
         torch.testing.assert_close(m.cpu().double(), m64, rtol=1e-5, atol=1e-6)
 
@@ -154,6 +163,57 @@ def test_shards_with_offsets_equal_the_whole(backend):
                            tensor_ids=[0, 0], offsets=[0, 498], backend=backend)
     for w, h in zip(whole, halves):
         assert torch.equal(w, h)
+
+
+# ------------------------------------------------- the CPU kernel's instruction-set builds (adam_isa.h)
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """The CPU pass on one instruction set (skipped where this CPU lacks it), the default restored after."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("native CPU backend not built")
+    if request.param not in cpu_isas():
+        pytest.skip(f"this CPU runs the kernel with {cpu_isas()[-1]} at best")
+    with on_isa(request.param):
+        yield request.param
+
+
+ISA_SHAPES = [1, 3, 5, 63, 64, 65, 1023, 4097, (3, 5, 7)]   # tails of every length, several blocks
+ISA_OFFSETS = [0, 6, 1, 7, 3, 2**40 + 1, 0, 5, 9]           # starts inside a quad, counter carry
+
+
+def _isa_workload(dtype, rounding, decoupled):
+    """θ, m, v of nine tensors after one pass (three keys, weight decay), then of a 1001-element tensor
+    updated as two shards at a cut inside a quad (offsets)."""
+    ps, ms, vs = (list(x) for x in zip(*(_inputs(s, dtype, 3 * i) for i, s in enumerate(ISA_SHAPES))))
+    kw = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01, decoupled=decoupled, rounding=rounding,
+              rounding_key=77)
+    zo_kernels.noise_adam_(ps, ms, vs, KEYS, COEFFS, step=2, offsets=ISA_OFFSETS, tensor_ids=list(range(9)),
+                           backend="cpu", **kw)
+    whole = _inputs(1001, dtype, 50)
+    a, b = [t[:498] for t in whole], [t[498:] for t in whole]
+    zo_kernels.noise_adam_([a[0], b[0]], [a[1], b[1]], [a[2], b[2]], KEYS[:2], COEFFS[:2], step=5,
+                           tensor_ids=[3, 3], offsets=[0, 498], backend="cpu", **kw)
+    return ps + ms + vs + list(whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_each_instruction_set_gives_the_base_builds_bits(isa, dtype):
+    """No FMA contraction, one IEEE operation per step in adam.h's order, the same z and rounding words:
+    every instruction-set build writes exactly the baseline build's bits (θ, m and v)."""
+    for rounding in ("nearest", "stochastic"):
+        for decoupled in (False, True):
+            got = _isa_workload(dtype, rounding, decoupled)
+            with on_isa("base"):
+                want = _isa_workload(dtype, rounding, decoupled)
+            for i, (x, y) in enumerate(zip(got, want)):
+                assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), (isa, rounding, decoupled, i)
+
+
+def test_each_instruction_set_matches_float64_transcription(isa):
+    for decoupled in (False, True):
+        _check_fp32_vs_float64("cpu", decoupled)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_three_steps("cpu", dtype)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -162,6 +162,17 @@ ZO_HD void block_normals(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0,
   }
 }
 
+// acc[e] += alpha_j z_j[e] for the keys j in order (one z per key), in the block at global quad q.
+ZO_HD void add_key_sum(const uint32_t* keys, const float* alphas, int K, uint64_t q, uint32_t tid, uint32_t stream,
+                       float* __restrict acc) {
+  alignas(64) float z[BLOCK];
+  for (int j = 0; j < K; ++j) {
+    block_normals(q, tid, stream, keys[2 * j], keys[2 * j + 1], z);
+    const float alpha = alphas[j];
+    for (int e = 0; e < BLOCK; ++e) acc[e] = fadd(acc[e], fmul(alpha, z[e]));
+  }
+}
+
 // theta <- gamma theta + sum_j alpha_j z_j + beta dense over blocks [lb0, lb1) of one tensor
 // (or, without x, out <- z of keys[0]).
 template <int P, int D>
@@ -175,7 +186,6 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
   const int64_t q0 = t.off >> 2;
   const bool sr = a.stochastic && P != F32;
   alignas(64) float acc[BLOCK];
-  alignas(64) float z[BLOCK];
   alignas(64) uint32_t w[BLOCK];
   for (int64_t b = lb0; b < lb1; ++b) {
     const uint64_t qb = (uint64_t)(q0 + b * QUADS);
@@ -192,16 +202,11 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
         }
       }
     }
-    // acc += alpha_j z_j, keys in order
-    for (int j = 0; j < a.K; ++j) {
-      if (!a.has_x) {
-        block_normals(qb, t.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], acc);
-        break;
-      }
-      block_normals(qb, t.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], z);
-      const float alpha = a.alphas[j];
-      for (int e = 0; e < BLOCK; ++e) acc[e] = fadd(acc[e], fmul(alpha, z[e]));
-    }
+    // acc += alpha_j z_j, keys in order (without x: acc = z of keys[0])
+    if (a.has_x)
+      add_key_sum(a.keys, a.alphas, a.K, qb, t.tid, a.stream, acc);
+    else if (a.K > 0)
+      block_normals(qb, t.tid, a.stream, a.keys[0], a.keys[1], acc);
     // acc += beta dense
     if constexpr (D != NONE) {
       if (full) {
