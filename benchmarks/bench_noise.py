@@ -19,6 +19,15 @@ baselines measured in the same run.  Writes CSV and PNG to --out.
   lozo_uvt           the authors' way: u = torch.randn(m, r) after torch.manual_seed, V kept in memory,
                      param.data = param.data + a * (u @ v.t())  (out of place, θ-sized temporaries)
 and writes bench_noise_lowrank.csv / .png.
+
+--adam times one fused ZO-Adam step (noise_adam_: θ, m, v read and written once, z from the keys) per
+(size, dtype, k keys), in one process:
+  adam_cpu_<isa>   the CPU pass on each instruction-set build this CPU runs (base, avx2, avx512)
+  adam_<backend>   every other native backend for the device (triton, cuda)
+  adam_reference   this package's PyTorch reference of the pass (zo_kernels.adam.noise_adam_reference)
+  torch_adam       ZO-Bench's way: p.grad = Σ_j c_j·torch.randn_like(p), then torch.optim.Adam.step()
+with ratios against the baseline build (adam_cpu_base), the reference and torch_adam, and writes
+bench_noise_adam.csv / .png.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ from zo_kernels import backends  # noqa: E402
 from zo_kernels.noise import step_key  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ISAS = ("base", "avx2", "avx512")   # the CPU kernel's instruction-set builds (zo_kernels.native.cpu_isa)
 
 
 def methods(p, keys, alphas, device):
@@ -66,35 +76,39 @@ def methods(p, keys, alphas, device):
     return out
 
 
+def sweep(args):
+    """(dtype name, dtype, k, the k keys, k alternating signs, numel) of every point of the sweep."""
+    for dname in args.dtypes.split(","):
+        for k in [int(x) for x in args.keys.split(",")]:
+            keys = [step_key(args.seed, s) for s in range(k)]
+            for n in [int(float(s)) for s in args.sizes.split(",")]:
+                yield dname, DTYPES[dname], k, keys, [(-1) ** s for s in range(k)], n
+
+
 def run(args):
     device = bench_device(args)
     rows = []
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
-    for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname]
-        for k in [int(x) for x in args.keys.split(",")]:
-            keys = [step_key(args.seed, s) for s in range(k)]
-            alphas = [1e-3 * (-1) ** s for s in range(k)]
-            for n in sizes:
-                p = torch.randn(n, device=device).to(dtype)
-                times = {}
-                for name, fn in methods(p, keys, alphas, device).items():
-                    if name == "reference" and n > args.max_reference:
-                        continue
-                    times[name] = time_fn(fn, device)
-                nbytes = 2 * n * p.element_size()
-                for name, t in times.items():
-                    row = dict(device=str(device), threads=torch.get_num_threads(), dtype=dname, keys=k, numel=n,
-                               method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
-                               speedup_vs_reference=times["reference"] / t if "reference" in times else "",
-                               speedup_vs_mezo_randn=times["mezo_randn"] / t,
-                               pct_of_copy_bandwidth=100 * times["copy_"] / t if "copy_" in times else "")
-                    rows.append(row)
-                    print(f"{dname:9s} k={k} n={n:>10,d} {name:12s} {row['ns_per_element']:9.2f} ns/el "
-                          f"{row['gbps']:8.2f} GB/s  x{row['speedup_vs_mezo_randn']:6.2f} vs randn+add_"
-                          + (f"  x{row['speedup_vs_reference']:7.1f} vs reference" if row['speedup_vs_reference'] != "" else "")
-                          + (f"  {row['pct_of_copy_bandwidth']:5.1f}% of copy_" if row['pct_of_copy_bandwidth'] != "" else ""),
-                          flush=True)
+    for dname, dtype, k, keys, signs, n in sweep(args):
+        alphas = [1e-3 * s for s in signs]
+        p = torch.randn(n, device=device).to(dtype)
+        times = {}
+        for name, fn in methods(p, keys, alphas, device).items():
+            if name == "reference" and n > args.max_reference:
+                continue
+            times[name] = time_fn(fn, device)
+        nbytes = 2 * n * p.element_size()
+        for name, t in times.items():
+            row = dict(device=str(device), threads=torch.get_num_threads(), dtype=dname, keys=k, numel=n,
+                       method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
+                       speedup_vs_reference=times["reference"] / t if "reference" in times else "",
+                       speedup_vs_mezo_randn=times["mezo_randn"] / t,
+                       pct_of_copy_bandwidth=100 * times["copy_"] / t if "copy_" in times else "")
+            rows.append(row)
+            print(f"{dname:9s} k={k} n={n:>10,d} {name:12s} {row['ns_per_element']:9.2f} ns/el "
+                  f"{row['gbps']:8.2f} GB/s  x{row['speedup_vs_mezo_randn']:6.2f} vs randn+add_"
+                  + (f"  x{row['speedup_vs_reference']:7.1f} vs reference" if row['speedup_vs_reference'] != "" else "")
+                  + (f"  {row['pct_of_copy_bandwidth']:5.1f}% of copy_" if row['pct_of_copy_bandwidth'] != "" else ""),
+                  flush=True)
     return rows
 
 
@@ -114,6 +128,87 @@ def _on_isa(isa, fn):
         fn()
     finally:
         native.cpu_isa(before)
+
+
+ADAM_KW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, step=10)
+
+
+def adam_methods(n, dtype, keys, coeffs, device):
+    """{name: (fn, isa)} for one Adam step on n elements of dtype; every method updates its own θ, m, v;
+    isa: the CPU kernel's instruction set to time fn on (None: as it is)."""
+    from zo_kernels import native
+
+    def state():
+        p = torch.randn(n, device=device).to(dtype)
+        return p, torch.zeros(n, device=device), torch.full((n,), 1e-4, device=device)
+
+    def fused(backend):
+        p, m, v = state()
+        return lambda: zo_kernels.noise_adam_([p], [m], [v], keys, coeffs, backend=backend, **ADAM_KW)
+
+    out = {}
+    for name in backends.available_backends():
+        b = backends.get(name)
+        if device.type not in b.devices or dtype not in b.dtypes or b.adam is None:
+            continue
+        if name == "triton" and b.notes.get("interpreter"):
+            continue
+        if name == "cpu":
+            for isa in ISAS[:ISAS.index(native.cpu_isa()) + 1]:
+                out[f"adam_cpu_{isa}"] = (fused("cpu"), isa)
+        else:
+            out[f"adam_{name}"] = (fused(name), None)
+
+    p, _, _ = state()
+    opt = torch.optim.Adam([p], lr=ADAM_KW["lr"], betas=ADAM_KW["betas"], eps=ADAM_KW["eps"])
+
+    def torch_adam():
+        g = torch.zeros_like(p)
+        for c in coeffs:
+            g.add_(torch.randn_like(p), alpha=c)
+        p.grad = g
+        opt.step()
+
+    out["torch_adam"] = (torch_adam, None)
+    return out
+
+
+def run_adam(args):
+    device = bench_device(args)
+    rows = []
+    for dname, dtype, k, keys, signs, n in sweep(args):
+        times = {}
+        for name, (fn, isa) in adam_methods(n, dtype, keys, [0.5 * s for s in signs], device).items():
+            if name == "adam_reference" and n > args.max_reference:
+                continue
+            if isa is None:
+                times[name] = time_fn(fn, device)
+            else:
+                _on_isa(isa, lambda: times.__setitem__(name, time_fn(fn, device)))
+        nbytes = 2 * n * (dtype.itemsize + 8)    # θ, m, v read and written once
+
+        def ratio(base, t):
+            return times[base] / t if base in times else ""
+
+        for name, t in times.items():
+            row = dict(device=str(device), threads=torch.get_num_threads(), dtype=dname, keys=k, numel=n,
+                       method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
+                       speedup_vs_cpu_base=ratio("adam_cpu_base", t), speedup_vs_reference=ratio("adam_reference", t),
+                       speedup_vs_torch_adam=ratio("torch_adam", t))
+            rows.append(row)
+            print(f"{dname:9s} k={k} n={n:>10,d} {name:16s} {row['ns_per_element']:9.2f} ns/el "
+                  f"{row['gbps']:7.2f} GB/s  x{row['speedup_vs_torch_adam']:6.2f} vs torch Adam"
+                  + (f"  x{row['speedup_vs_cpu_base']:5.2f} vs cpu base" if row['speedup_vs_cpu_base'] != "" else "")
+                  + (f"  x{row['speedup_vs_reference']:6.1f} vs reference"
+                     if row['speedup_vs_reference'] != "" else ""), flush=True)
+    return rows
+
+
+def write_adam(rows, out: pathlib.Path):
+    write_line_figure(rows, out, "bench_noise_adam", panel_keys=("dtype", "keys"), xkey="numel", xlabel="elements",
+                      width=4.2, title=lambda dt, k: f"{dt}, {k} key(s)",
+                      suptitle=f"fused ZO-Adam step on {rows[0]['device']} ({rows[0]['threads']} threads): "
+                               "lower is better")
 
 
 def lowrank_methods(p, r, device):
@@ -194,6 +289,7 @@ def main(argv=None):
     ap.add_argument("--max-reference", type=float, default=1e7, help="skip the slow reference above this size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lowrank", action="store_true", help="time the low-rank (LOZO) pass instead")
+    ap.add_argument("--adam", action="store_true", help="time the fused ZO-Adam pass instead")
     ap.add_argument("--shapes", default="4096x4096" if cuda else "2048x2048", help="--lowrank: matrices m x n")
     ap.add_argument("--ranks", default="1,2,4,8,16", help="--lowrank: ranks")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -202,6 +298,9 @@ def main(argv=None):
     print(f"backends available: {backends.available_backends()}")
     if args.lowrank:
         write_lowrank(run_lowrank(args), pathlib.Path(args.out))
+        return
+    if args.adam:
+        write_adam(run_adam(args), pathlib.Path(args.out))
         return
     write(run(args), pathlib.Path(args.out))
 
