@@ -12,7 +12,7 @@ from zo_kernels import native
 from zo_kernels import noise as N
 
 from helpers import spec_vectors
-from native_helpers import assert_no_temporaries, make_tensor, run
+from native_helpers import ISAS, assert_no_temporaries, cpu_isas, make_tensor, on_isa, run
 
 # The extension is built by scripts/setup_env.sh (pip install -e .): its absence is a failure here.
 _REASON = zo_kernels.backend_status().get("cpu")
@@ -28,20 +28,12 @@ OPS = torch.ops.zo_kernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KEYS = [N.step_key(5, s) for s in range(4)]
 ALPHAS = [1e-3, -2e-3, 0.5, -0.75]
-ISAS = ["base", "avx2", "avx512"]
-
-
-def _isas():
-    """Instruction sets this CPU runs, best last (the kernel's default)."""
-    best = native.cpu_isa()
-    return ISAS[:ISAS.index(best) + 1]
 
 
 @pytest.fixture
 def isa_restore():
-    before = native.cpu_isa()
-    yield
-    native.cpu_isa(before)
+    with on_isa(native.cpu_isa()):
+        yield
 
 
 # ------------------------------------------------------------------------------- the integer layer
@@ -60,7 +52,7 @@ def _words(key, tid, n, offset, stream):
 def test_words_bit_exact_every_isa(offset, isa_restore):
     """The vectorised Philox (16 quads per block, carry into the counter's high word) vs the reference."""
     key = KEYS[1]
-    for isa in _isas():
+    for isa in cpu_isas():
         native.cpu_isa(isa)
         for tid, stream, n in ((0, 0, 1), (3, 2, 5), (2**32 - 1, 2**32 - 1, 1023), (7, 0, 4097)):
             assert torch.equal(_words(key, tid, n, offset, stream),
@@ -138,11 +130,11 @@ def test_every_instruction_set_gives_the_same_bits(isa_restore):
     params, kw = _workload()
     sub = [torch.tensor([3e-6, -1e-7, 6.0e-5, 65500.0, -7e4, 1e-9], dtype=torch.float16)]  # subnormals, overflow
     results = {}
-    for isa in _isas():
+    for isa in cpu_isas():
         native.cpu_isa(isa)
         results[isa] = run("cpu", params, **kw) + run("cpu", sub, keys=[KEYS[0]], alphas=[1e-6],
                                                          rounding="stochastic", rounding_key=5)
-    first = results[_isas()[0]]
+    first = results[cpu_isas()[0]]
     for isa, res in results.items():
         for a, b in zip(first, res):
             assert torch.equal(a, b), isa
@@ -175,7 +167,7 @@ def _lowrank_workload():
 
 def test_lowrank_every_instruction_set_gives_the_same_bits(isa_restore):
     results = {}
-    for isa in _isas():
+    for isa in cpu_isas():
         native.cpu_isa(isa)
         results[isa] = _lowrank_workload()
     first = results["base"]

@@ -17,7 +17,7 @@ from zo_kernels import noise as N
 from zo_kernels import restore as R
 
 from helpers import z_bound
-from native_helpers import assert_no_temporaries
+from native_helpers import assert_no_temporaries, cpu_isas, on_isa
 
 _REASON = zo_kernels.backend_status().get("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -232,16 +232,11 @@ def test_identical_with_1_and_2_threads():
 
 
 def test_every_instruction_set_gives_the_same_bits():
-    best = native.cpu_isa()
-    isas = ["base", "avx2", "avx512"]
-    isas = isas[:isas.index(best) + 1]
+    isas = cpu_isas()
     results = {}
-    try:
-        for isa in isas:
-            native.cpu_isa(isa)
+    for isa in isas:
+        with on_isa(isa):
             results[isa] = _run_workload()
-    finally:
-        native.cpu_isa(best)
     for isa in isas[1:]:
         for a, b in zip(results[isas[0]], results[isa]):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), isa
