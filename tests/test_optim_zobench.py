@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import zo_kernels
 from zo_kernels.optim import (
+    LOZOM,
     ForwardGrad,
     MeZO,
     NonFiniteLossError,
@@ -295,6 +296,34 @@ def test_state_dict_resume_bit_identical(kind):
     opt2.load_state_dict(saved_o)
     run(opt2, net2, x, y, batches, steps=5, t0=6)
     assert all(torch.equal(a, b) for a, b in zip(straight, net2.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["mmt_dense", "adam", "lozo_m"])
+def test_bf16_dense_state_resume_bit_identical(kind):
+    """bf16 weights keep float32 state across a state_dict round trip (torch.optim's load would cast it
+    to the weights' dtype: the fused passes refuse that, and dense momentum would lose its bits)."""
+    net, _, x, y, batches = setup()
+    net = net.to(torch.bfloat16)
+
+    def make(ps):
+        return LOZOM(ps, lr=LR, eps=MU, nu=3, seed=SEED, backend=BACKEND) if kind == "lozo_m" else _make(kind, ps)
+
+    def steps(opt, model, t0, n):
+        for t in range(t0, t0 + n):
+            idx = batches[t]
+            opt.step(lambda: F.cross_entropy(model(x[idx].bfloat16()).float(), y[idx]))
+
+    opt = make(net.parameters())
+    steps(opt, net, 0, 4)
+    saved_w, saved_o = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(opt, net, 4, 3)
+    net2 = make_net(1).to(torch.bfloat16)
+    net2.load_state_dict(saved_w)
+    opt2 = make(net2.parameters())
+    opt2.load_state_dict(saved_o)
+    assert all(v.dtype == torch.float32 for st in opt2.state.values() for v in st.values() if torch.is_tensor(v))
+    steps(opt2, net2, 4, 3)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
 
 
 @pytest.mark.parametrize("kind", ["sign", "nspsa", "cons", "mmt_seeded", "fwd"])

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,6 +55,7 @@ from ..restore import PLANE_BITS, PLANE_DTYPES, make_planes
 from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
 from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
+from .sharded_state import check_state
 
 NAN_POLICIES = ("raise", "skip")
 RESTORES = ("auto", "exact", "fused")
@@ -77,6 +80,18 @@ class _Batch:
         self.tids.extend(ids)
         self.planes.extend(planes or [])
         self.offsets.extend(offs if offs is not None else [0] * len(ts))
+
+
+@dataclass
+class LocalGroup:
+    """A group's trainable tensors as a fused pass on them and their optimizer state sees them: the
+    local shard of each DTensor (a plain tensor is its own shard) at its global element offset.
+    Empty shards are left out (a rank may own no rows of a small tensor)."""
+
+    params: List[torch.Tensor]      # the parameters: optimizer state is keyed and shaped by them
+    shards: List[torch.Tensor]      # what the pass writes: p.to_local(), or p itself
+    tids: List[int]
+    offsets: Optional[List[int]]    # None when no tensor is sharded (the op's default: all 0)
 
 
 # ------------------------------------------------------------------ validation
@@ -269,6 +284,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not any(tensors):
             raise ValueError("no trainable parameters: every parameter has requires_grad=False")
         return Tracked(tensors, tids, list(at) if at is not None else origin(len(tensors)))
+
+    def _local_group(self, tensors: List[torch.Tensor], tids: List[int]) -> LocalGroup:
+        """One group's tensors for a pass outside `_goto` (on dense optimizer state): local shards."""
+        if not any(_zdist.is_dtensor(t) for t in tensors):
+            return LocalGroup(list(tensors), list(tensors), list(tids), None)
+        out = LocalGroup([], [], [], [])
+        for p, tid in zip(tensors, tids):
+            local, off = _zdist.local_shard(p)
+            if local.numel() > 0:
+                out.params.append(p)
+                out.shards.append(local)
+                out.tids.append(tid)
+                out.offsets.append(off)
+        return out
+
+    def _refresh(self, tensors: List[torch.Tensor]) -> None:
+        """After a pass outside `_goto` wrote shards: the FSDP2 modules owning them must re-gather."""
+        if self._comm is not None:
+            owners = self._comm.local_views([list(tensors)])[2]
+            if owners:
+                self._comm.refresh(owners)
 
     # -------------------------------------------------------- the noise path
     def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], call: Call, *, log: bool = True,
@@ -614,17 +650,47 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.trajectory = [dict(r) for r in traj]
             self.record = True
 
+    def _saved_state_by_param(self, state_dict: dict) -> list:
+        """(parameter, saved state) pairs of a state_dict, each value checked against its parameter."""
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(h["params"]) for g, h in zip(groups, self.param_groups)):
+            return []       # torch.optim's load raises its own error about the groups
+        ids = dict(zip(itertools.chain.from_iterable(g["params"] for g in groups),
+                       itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+        out = []
+        for idx, st in state_dict.get("state", {}).items():
+            p = ids.get(idx)
+            if p is None:
+                continue
+            for k, v in st.items():
+                check_state(p, v, f"state_dict['state'][{idx}][{k!r}]")
+            out.append((p, st))
+        return out
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["zo"] = self._zo_state()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's load, except that tensor state keeps the dtype it was saved with.
+
+        torch.optim casts floating state to its parameter's dtype (Adam's moments follow bf16
+        weights); the ZO optimizers keep float32 state for bf16/fp16 weights, so the cast would
+        round it (and the fused passes refuse non-float32 state).  State of DTensor (FSDP2-sharded)
+        parameters must be DTensors sharded like them (see zo_kernels.optim.sharded_state);
+        anything else is refused before anything is loaded."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         if zo is None:
             raise ValueError(f"not a {type(self).__name__} state_dict (no 'zo' entry)")
+        saved = self._saved_state_by_param(state_dict)
         super().load_state_dict(state_dict)
+        for p, st in saved:
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step":
+                    self.state[p][k] = v.to(device=p.device)
         self._load_zo_state(zo)
         if self._comm is not None:
             self._comm.verified = False     # check the ranks again at the next step
