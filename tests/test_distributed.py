@@ -6,6 +6,7 @@ seeds on the whole batch.
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 
 import zo_kernels.distributed as zdist
 from zo_kernels import _fsdp
-from zo_kernels.optim import MeZO, MeZOSVRG
+from zo_kernels.optim import LOZO, LOZOM, MeZO, MeZOSVRG, ZOAdam, ZOSGDMomentum
 
 WORLD = 2
 STEPS = 20
@@ -100,15 +101,22 @@ def _make(kind, params, **kw):
         return MeZO(params, lr=0.05, eps=1e-3, seed=7, **kw)
     if kind == "mezo-lookahead":
         return MeZO(params, lr=0.05, eps=1e-3, seed=7, lookahead=True, **kw)
+    if kind in ("lozo", "lozo-m"):      # nu=3: V changes at steps 3, 6, 9 (LOZO-M carries M across)
+        return (LOZO if kind == "lozo" else LOZOM)(params, lr=0.05, eps=1e-3, rank=2, nu=3, seed=7,
+                                                   weight_decay=0.01, **kw)
+    if kind == "mmt-dense":
+        return ZOSGDMomentum(params, lr=0.02, eps=1e-3, seed=7, state="dense", **kw)
+    if kind == "adam":
+        return ZOAdam(params, lr=0.02, eps=1e-3, seed=7, n_directions=2, **kw)
     anchor = kind.split("-")[-1]
     return MeZOSVRG(params, lr=0.02, lr_full=0.05, eps=1e-3, q=3, seed=7, anchor=anchor, weight_decay=0.01, **kw)
 
 
-def _train(kind, net, X, Y, rank=None, **kw):
-    """STEPS steps; rank=None: one process on the whole batch; else this rank's part of it."""
+def _train(kind, net, X, Y, rank=None, steps=STEPS, **kw):
+    """`steps` steps; rank=None: one process on the whole batch; else this rank's part of it."""
     opt = _make(kind, list(net.parameters()), **kw)
     losses = []
-    for t in range(STEPS):
+    for t in range(steps):
         idx = _batch(t)
         part = idx if rank is None else _split(idx, rank, t)
         full = FULL if rank is None else (FULL[:9] if rank == 0 else FULL[9:])     # 9 + 4
@@ -226,7 +234,10 @@ def scen_fsdp(rank, world):
                      "local": local, "total": sum(p.numel() for p in params), "touched": touched,
                      "padding_zero": all(bool((flat[n:] == 0).all()) for n, flat in pads),
                      "padding_elems": sum(flat.numel() - n for n, flat in pads)}
-    # 3. Dense SVRG anchors cannot swap sharded storages: a clear error.
+    # 3. Optimizers with per-parameter tensor state (sharded like the parameter) and their state_dict.
+    for name, (kind, dtype, kw) in FSDP_STATE_CASES.items():
+        res[name] = _fsdp_state_case(kind, dtype, kw, X, Y, rank)
+    # 4. Dense SVRG anchors cannot swap sharded storages: a clear error.
     try:
         _make("svrg-dense", list(_fsdp_net().parameters()))
         res["dense_error"] = None
@@ -244,6 +255,64 @@ FSDP_CASES = {
     "mezo-bf16-sr": ("mezo", torch.bfloat16, {"rounding": "stochastic"}),
     "svrg-replay-bf16": ("svrg-replay", torch.bfloat16, {}),
 }
+
+
+# Tensor state: LOZO-M's U-space momentum (rows x r, rows sharded like the weight), dense momentum,
+# Adam's m and v.  LOZO (no tensor state) rides along: its low-rank pass on shards.  Resumed from a
+# state_dict at step STATE_RESUME (mid-period of LOZO's V: nu = 3).
+STATE_STEPS, STATE_RESUME = 10, 7
+FSDP_STATE_CASES = {
+    "lozo": ("lozo", torch.float32, {}),
+    "lozo-m": ("lozo-m", torch.float32, {}),
+    "mmt-dense": ("mmt-dense", torch.float32, {}),
+    "adam": ("adam", torch.float32, {}),
+    # bf16: exact restore, LOZO-M's 1-D momenta in their own pass, stochastic rounding at shard offsets.
+    "lozo-m-bf16-sr": ("lozo-m", torch.bfloat16, {"rounding": "stochastic"}),
+    "adam-bf16-sr": ("adam", torch.bfloat16, {"rounding": "stochastic"}),
+}
+
+
+def _steps(opt, net, X, Y, rank, t0, t1):
+    for t in range(t0, t1):
+        opt.step(_closure(net, X, Y, _split(_batch(t), rank, t)))
+
+
+def _fsdp_state_case(kind, dtype, kw, X, Y, rank):
+    """STATE_STEPS sharded steps; the state_dict saved (torch.save) at STATE_RESUME is loaded into a
+    fresh sharded model and optimizer, which runs the remaining steps."""
+    net = _fsdp_net(dtype=dtype)
+    params = list(net.parameters())
+    opt = _make(kind, params, **kw)
+    _steps(opt, net, X, Y, rank, 0, STATE_RESUME)
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "shards": [p.to_local().detach().clone() for p in params]}, buf)
+    _steps(opt, net, X, Y, rank, STATE_RESUME, STATE_STEPS)
+    out = {"full": [p.full_tensor().detach().clone() for p in params],
+           "state": [{k: v.full_tensor() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params],
+           # each state tensor a DTensor placed like its parameter (same mesh, placements, dim 0)
+           "state_placed": all(zdist.is_dtensor(v) and v.device_mesh == p.device_mesh
+                               and v.placements == p.placements and v.shape[0] == p.shape[0]
+                               for p in params for v in opt.state[p].values() if torch.is_tensor(v))}
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    net2 = _fsdp_net(seed=5, dtype=dtype)                   # other weights, overwritten from the checkpoint
+    params2 = list(net2.parameters())
+    with torch.no_grad():
+        for p, shard in zip(params2, ck["shards"]):
+            p.to_local().copy_(shard)
+    opt2 = _make(kind, params2, **kw)
+    # State that is not sharded like its parameter (here: a local tensor) is refused before anything loads.
+    bad = {**ck["opt"], "state": {i: {k: v.to_local() if torch.is_tensor(v) else v for k, v in st.items()}
+                                  for i, st in ck["opt"]["state"].items()}}
+    try:
+        opt2.load_state_dict(bad)
+        out["plain_state_error"] = None
+    except ValueError as e:
+        out["plain_state_error"] = (str(e), len(opt2.state), opt2.step_count)
+    opt2.load_state_dict(ck["opt"])
+    _steps(opt2, net2, X, Y, rank, STATE_RESUME, STATE_STEPS)
+    out["resumed"] = [p.full_tensor().detach().clone() for p in params2]
+    return out
 
 
 def test_fsdp2_sharded_matches_unsharded(tmp_path):
@@ -279,6 +348,32 @@ def test_fsdp2_sharded_matches_unsharded(tmp_path):
             assert res["local"] == want, (r, res["local"], want)
             assert res["padding_zero"], name
         assert r0["padding_elems"] + r1["padding_elems"] > 0     # the test has uneven shards (4+3, 3+2, 1+0)
+    start = [p.detach() for p in _net().parameters()]
+    for name, (kind, dtype, kw) in FSDP_STATE_CASES.items():
+        net = _net().to(dtype)
+        opt, _ = _train(kind, net, X, Y, steps=STATE_STEPS, **kw)
+        ref = [p.detach() for p in net.parameters()]
+        r0, r1 = out[0][name], out[1][name]
+        for a, b, c in zip(r0["full"], r1["full"], ref):
+            assert torch.equal(a, b), name
+            torch.testing.assert_close(a, c, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert max((a.float() - d).abs().max().item() for a, d in zip(ref, start)) > 1e-3, name    # it moved
+        # Each rank kept the state of its shard: gathered, it is the unsharded run's state.
+        want = [{k: v for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in net.parameters()]
+        assert any(want) == (kind != "lozo"), name
+        for res in (r0, r1):
+            assert res["state_placed"], name
+            for got_p, want_p in zip(res["state"], want):
+                assert got_p.keys() == want_p.keys(), name
+                for k in want_p:
+                    torch.testing.assert_close(got_p[k], want_p[k], rtol=1e-6, atol=1e-6,
+                                               msg=lambda m: f"{name} {k}: {m}")
+            if kind != "lozo":
+                err, n_loaded, step = res["plain_state_error"]
+                assert "plain tensor" in err and "DTensor" in err and n_loaded == 0 and step == 0, name
+            # The state_dict round trip (torch.save of the DTensor state) resumes bit-identically.
+            for a, b in zip(res["resumed"], res["full"]):
+                assert torch.equal(a, b), name
 
 
 # ------------------------------------------------------------------ the guard

@@ -28,6 +28,12 @@ regenerated from the previous period's key, nothing is stored).  The very first 
 (no (1 − β) factor), as the authors' code does.  Tensors with ndim < 2 keep an ordinary dense
 momentum m ← β m + (1 − β) c z (m = c z at the first step), as in the authors' code.
 
+FSDP2 (DTensor parameters, dim-0 shards): U's rows are global, so the rank holding rows i₀ … i₁ of a
+matrix owns rows i₀ … i₁ of its M; V (n×r) is regenerated whole on every rank (each shard has all
+columns).  `opt.state[p]["momentum"]` is then a DTensor of global shape (m, r) placed like p (a
+1-D tensor's: shaped and placed like p), following torch.optim's convention that state is sharded
+like its parameter (zo_kernels.optim.sharded_state); the state_dict holds these DTensors.
+
 Shared with MeZO (zo_kernels.optim.base): parameter groups, NaN policy, exact restore for bf16/fp16,
 data parallel (one all-reduce of scalars per step), state_dict (resume mid-period is bit-identical:
 V's key is a function of the step), replay of a recorded trajectory (LOZO only: LOZO-M's momentum
@@ -41,12 +47,14 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, lowrank_noise_axpy_
+from .. import distributed as _zdist
+from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, cols_of, lowrank_noise_axpy_
 from ..noise import M64, mix_keys, step_key
 from ..ops import noise_, noise_axpy_
 from ..validate import check_int
 from .base import _ROUNDING_TAG, ZOOptimizer
 from .points import Call, Point
+from .sharded_state import local_state, shard_like
 
 # Pseudo-key of LOZO-M's momentum in the bookkeeping: the U-space term of the update pass.  Real keys
 # are splitmix64 outputs; this one is reserved (a collision has probability 2^-64 per step).
@@ -109,13 +117,16 @@ class LOZO(ZOOptimizer):
             if run_dense is not None and undo is not None and any(t.dim() < 2 for t in run_ts):
                 # The exact form takes no θ-shaped term: 1-D momenta follow in a plain pass (one rounding
                 # more, on the small tensors only).
-                after = [(t, d) for t, d in zip(run_ts, run_dense) if t.dim() < 2]
+                vec = [i for i, t in enumerate(run_ts) if t.dim() < 2]
+                after = ([run_ts[i] for i in vec], [run_dense[i] for i in vec], [run_ids[i] for i in vec],
+                         None if run_offs is None else [run_offs[i] for i in vec])
                 run_dense = [d if t.dim() >= 2 else None for t, d in zip(run_ts, run_dense)]
             lowrank_noise_axpy_(run_ts, keys, self._key_v, alphas, rank=self.rank, gamma=gamma, dense=run_dense,
                                 beta=beta, rounding=rounding, tensor_ids=run_ids, offsets=run_offs, rounding_key=rkey,
                                 backend=self.backend, undo=undo, planes=run_planes)
-            if after:
-                noise_axpy_([t for t, _ in after], [], [], dense=[d for _, d in after], beta=beta, rounding=rounding,
+            if after:       # ids and offsets: the stochastic-rounding bits of a shard are the whole tensor's
+                ts, ds, ids, offs = after
+                noise_axpy_(ts, [], [], dense=ds, beta=beta, rounding=rounding, tensor_ids=ids, offsets=offs,
                             rounding_key=mix_keys(rkey, 1), backend=self.backend)
         if log and self.trajectory is not None:
             rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
@@ -179,8 +190,8 @@ class LOZOM(LOZO):
     """LOZO-M: LOZO with momentum in the U-space (m×r per matrix); see the module docstring.
 
     Args: as LOZO, plus beta (the momentum coefficient β in [0, 1), default 0.9).  record=True is
-    refused (the momentum is tensor state: resume with state_dict, which holds it).  Parameters must
-    not be DTensors (FSDP2 shards): the momentum of a shard is not implemented.
+    refused (the momentum is tensor state: resume with state_dict, which holds it).  FSDP2-sharded
+    (DTensor) parameters keep the momentum rows of their shard (see the module docstring).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, rank: int = 2, nu: int = 50, weight_decay: float = 0.0,
@@ -200,20 +211,20 @@ class LOZOM(LOZO):
                       backend=self.backend)
 
     def _carried(self, p: torch.Tensor, tid: int) -> torch.Tensor:
-        """The stored momentum, carried onto the current V: M V_oldᵀ V_new / n at a period change."""
-        m = self.state[p]["momentum"]
+        """The stored momentum (this rank's rows), carried onto the current V: M V_oldᵀ V_new / n at a
+        period change.  p: the parameter (a DTensor's global shape gives n)."""
+        m = local_state(self.state[p]["momentum"])
         if p.dim() < 2 or self._m_period == self._t // self.nu:
             return m
-        n, r = p.numel() // p.shape[0], self.rank
-        v_old = self._factor(step_key(self.seed, self.nu * self._m_period), tid, n * r, 0, V_STREAM, p.device)
-        v_new = self._factor(self._key_v, tid, n * r, 0, V_STREAM, p.device)
+        n, r = cols_of(p.shape), self.rank
+        local, _ = _zdist.local_shard(p)
+        v_old = self._factor(step_key(self.seed, self.nu * self._m_period), tid, n * r, 0, V_STREAM, local.device)
+        v_new = self._factor(self._key_v, tid, n * r, 0, V_STREAM, local.device)
         proj = v_old.view(n, r).t() @ v_new.view(n, r) / n
         return m @ proj
 
     def _update_terms(self, group: dict, entries, k: int, c: float) -> List[tuple]:
         lr, beta = group["lr"], self.beta
-        if any(hasattr(p, "placements") for p, _ in entries):
-            raise NotImplementedError("LOZOM does not support DTensor (FSDP2-sharded) parameters")
         if self._m_period is None:                      # the first step: M = c U
             return [(k, -lr * c)]
         for p, tid in entries:
@@ -224,12 +235,17 @@ class LOZOM(LOZO):
         first = self._m_period is None
         for entries, c in zip(layout, cs):
             for p, tid in entries:
+                local, off = _zdist.local_shard(p)      # plain p: (p, 0); a dim-0 shard: its rows
                 if p.dim() >= 2:
-                    u = self._factor(k, tid, p.shape[0] * self.rank, 0, U_STREAM, p.device).view(p.shape[0], self.rank)
+                    rows, r = local.shape[0], self.rank
+                    row0 = off // cols_of(p.shape)
+                    u = self._factor(k, tid, rows * r, row0 * r, U_STREAM, local.device).view(rows, r)
+                    shape = (p.shape[0], r)
                 else:
-                    u = self._factor(k, tid, p.numel(), 0, 0, p.device).view(p.shape)
+                    u = self._factor(k, tid, local.numel(), off, 0, local.device).view(local.shape)
+                    shape = None
                 new = c * u if first else self.beta * self._dense[tid] + (1.0 - self.beta) * c * u
-                self.state[p]["momentum"] = new
+                self.state[p]["momentum"] = shard_like(p, new, shape)
         self._m_period = self._t // self.nu
 
     def _options(self) -> dict:

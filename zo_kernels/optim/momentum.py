@@ -8,7 +8,10 @@ q-direction SPSA estimate of spsa.py):
 
 state="dense": m is one float32 buffer per parameter (weight-sized, the usual way).  After the
 evaluations: one pass θ ← (1 − ηλ)θ − η Σ_j c_j z_j (also the restore), one pass θ ← θ − ηβ·m_{t−1}
-(dense term), one pass m ← β·m + Σ_j c_j z_j.
+(dense term), one pass m ← β·m + Σ_j c_j z_j.  FSDP2 (DTensor parameters): m is a DTensor sharded like
+its parameter (torch.optim's convention, zo_kernels.optim.sharded_state), so each rank keeps and updates
+the momentum of its own shard, with z at the shard's global offsets; it is `opt.state[p]["momentum_buffer"]`
+in the state_dict.
 
 state="seeded": no weight-sized state.  m_t = Σ_{s ≤ t} β^{t−s} ĝ_s is a sum of seeded noise, so it is
 rebuilt from the last K steps' (key, coefficient) pairs,
@@ -28,10 +31,10 @@ from typing import Callable, List
 
 import torch
 
-from .. import distributed as _zdist
 from ..noise import mix_keys, step_key
 from ..ops import noise_axpy_
 from .points import Point, Tracked
+from .sharded_state import local_state, zeros_state
 from .spsa import SPSAOptimizer
 
 STATES = ("dense", "seeded")
@@ -60,9 +63,6 @@ class ZOSGDMomentum(SPSAOptimizer):
         self._history: deque = deque(maxlen=window)
         super().__init__(params, dict(lr=lr, eps=eps, momentum=float(momentum), weight_decay=weight_decay),
                          seed=seed, n_directions=n_directions, **core)
-        if state == "dense" and any(_zdist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            raise NotImplementedError("state='dense' with DTensor (FSDP2) parameters is not implemented; "
-                                      "use state='seeded' (no buffer to shard)")
 
     def truncation_bound(self, group: int = 0) -> float:
         """β^K: the relative size of the momentum the window drops (see the module doc)."""
@@ -87,16 +87,24 @@ class ZOSGDMomentum(SPSAOptimizer):
         for gi, (g, ts, ids) in enumerate(zip(self.param_groups, w.tensors, w.tids)):
             if not ts:
                 continue
-            bufs = [self._buffer(p) for p in ts]
-            noise_axpy_(ts, [], [], dense=bufs, beta=-g["lr"] * g["momentum"], rounding=self.rounding,
-                        tensor_ids=ids, rounding_key=self._dense_rounding_key(), backend=self.backend)
-            noise_axpy_(bufs, keys, coeffs[gi], gamma=g["momentum"], tensor_ids=ids, backend=self.backend)
+            rkey = self._dense_rounding_key()       # advanced on every rank, whatever its shards
+            bufs = {id(p): self._buffer(p) for p in ts}     # an empty shard too: every rank has every entry
+            loc = self._local_group(ts, ids)
+            if not loc.shards:
+                continue
+            bufs = [bufs[id(p)] for p in loc.params]
+            noise_axpy_(loc.shards, [], [], dense=bufs, beta=-g["lr"] * g["momentum"], rounding=self.rounding,
+                        tensor_ids=loc.tids, offsets=loc.offsets, rounding_key=rkey, backend=self.backend)
+            noise_axpy_(bufs, keys, coeffs[gi], gamma=g["momentum"], tensor_ids=loc.tids, offsets=loc.offsets,
+                        backend=self.backend)
+            self._refresh(loc.params)
 
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """m of p as the passes see it (the local shard of a DTensor buffer); created at zero."""
         st = self.state[p]
         if "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        return st["momentum_buffer"]
+            st["momentum_buffer"] = zeros_state(p)
+        return local_state(st["momentum_buffer"])
 
     def _dense_rounding_key(self) -> int:
         self._call_idx += 1

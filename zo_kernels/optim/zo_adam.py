@@ -13,6 +13,9 @@ per step).  Here, after the evaluations, one pass removes the last perturbation 
 `zo_kernels.noise_adam_` pass regenerates z and updates θ, m and v together: no z or gradient tensor.
 m and v are dense float32 state (two weight-sized buffers: Adam's second moment is elementwise and
 cannot be rebuilt from seeds), in `opt.state[p]` and the state_dict.  Not recordable for replay.
+FSDP2 (DTensor parameters): m and v are DTensors sharded like their parameter (torch.optim's convention,
+zo_kernels.optim.sharded_state), so a rank holds 2× its shard of state and the Adam pass runs on the local
+shards at their global offsets (z, and the stochastic-rounding bits, are the whole tensor's slices).
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ from typing import Callable, List
 
 import torch
 
-from .. import distributed as _zdist
 from ..adam import noise_adam_
 from ..noise import mix_keys, step_key
 from .points import Tracked, origin
+from .sharded_state import local_state, zeros_state
 from .spsa import SPSAOptimizer
 
 _ADAM_TAG = 0x4144414D  # "ADAM": rounding keys of the Adam pass
@@ -50,29 +53,32 @@ class ZOAdam(SPSAOptimizer):
         self.decoupled = decoupled
         super().__init__(params, dict(lr=lr, eps=eps, betas=tuple(float(b) for b in betas), adam_eps=adam_eps,
                                       weight_decay=weight_decay), seed=seed, n_directions=n_directions, **core)
-        if any(_zdist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
-            raise NotImplementedError("ZOAdam with DTensor (FSDP2) parameters is not implemented (m and v would "
-                                      "need sharding); data parallel (distributed=True) works")
 
     def _states(self, p: torch.Tensor):
+        """(m, v) of p as the Adam pass sees them (local shards of DTensor state); created at zero."""
         st = self.state[p]
         if "exp_avg" not in st:
-            st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        return st["exp_avg"], st["exp_avg_sq"]
+            st["exp_avg"] = zeros_state(p)
+            st["exp_avg_sq"] = zeros_state(p)
+        return local_state(st["exp_avg"]), local_state(st["exp_avg_sq"])
 
     def _update(self, w: Tracked, keys: List[int], ds: List[float], closure: Callable) -> None:
         self._goto(w, origin(len(w.at)))          # remove the last perturbation (exact for bf16/fp16)
         for g, ts, ids in zip(self.param_groups, w.tensors, w.tids):
             if not ts:
                 continue
-            ms, vs = zip(*(self._states(p) for p in ts))
-            self._call_idx += 1
+            self._call_idx += 1                     # advanced on every rank, whatever its shards
             rkey = mix_keys(_ADAM_TAG, step_key(self.seed, self._t), self._call_idx)
-            noise_adam_(ts, list(ms), list(vs), keys, self._coefficients(ds, g), lr=g["lr"], step=self._t + 1,
-                        betas=g["betas"], eps=g["adam_eps"], weight_decay=g["weight_decay"],
-                        decoupled=self.decoupled, rounding=self.rounding, tensor_ids=ids, rounding_key=rkey,
-                        backend=self.backend)
+            states = {id(p): self._states(p) for p in ts}    # an empty shard too: every rank has every entry
+            loc = self._local_group(ts, ids)
+            if not loc.shards:
+                continue
+            ms, vs = zip(*(states[id(p)] for p in loc.params))
+            noise_adam_(loc.shards, list(ms), list(vs), keys, self._coefficients(ds, g), lr=g["lr"],
+                        step=self._t + 1, betas=g["betas"], eps=g["adam_eps"], weight_decay=g["weight_decay"],
+                        decoupled=self.decoupled, rounding=self.rounding, tensor_ids=loc.tids, offsets=loc.offsets,
+                        rounding_key=rkey, backend=self.backend)
+            self._refresh(loc.params)
 
     def _options(self) -> dict:
         return {**super()._options(), "decoupled": self.decoupled}
