@@ -16,6 +16,15 @@ inline void check_adam_state(const at::Tensor& s, const at::Tensor& p, const cha
   TORCH_CHECK(s.numel() == p.numel(), what, "[", i, "] has ", s.numel(), " elements, params[", i, "] ", p.numel());
 }
 
+// The fields of tensor i that the CPU AdamTask and the CUDA AdamEntry share: θ, m, v, size, offset, id.
+template <class Row>
+inline void set_adam_fields(Row& r, at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                            at::IntArrayRef tensor_ids, at::IntArrayRef offsets, size_t i) {
+  set_tensor_fields(r, params[i], tensor_ids[i], offsets[i]);
+  r.m = exp_avgs[i].data_ptr<float>();
+  r.v = exp_avg_sqs[i].data_ptr<float>();
+}
+
 // Validate the arguments of _noise_adam_native for tensors on `device`; returns the per-call scalars.
 inline AdamCoef check_adam_args(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                 at::IntArrayRef keys, at::ArrayRef<double> coeffs, at::ArrayRef<double> scalars,

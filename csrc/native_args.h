@@ -2,9 +2,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <vector>
+
+#include "philox.h"
 
 namespace zo {
 
@@ -33,6 +36,49 @@ struct KeyTable {
   std::vector<float> alphas, undo;
   bool invert = false;
 };
+
+// Quads (4-element Philox groups) that n elements from global element offset `off` touch.
+inline int64_t quad_span(int64_t n, int64_t off) { return n ? (off + n + 3) / 4 - off / 4 : 0; }
+
+// The fields every native backend's per-tensor row carries (CPU Task and AdamTask, CUDA Entry and
+// AdamEntry): p's data and element count, its global element offset and tensor id.
+template <class Row>
+inline void set_tensor_fields(Row& r, const at::Tensor& p, int64_t tensor_id, int64_t offset) {
+  r.p = p.data_ptr();
+  r.n = p.numel();
+  r.off = offset;
+  r.tid = (uint32_t)tensor_id;
+}
+
+// The scalars of a noise_axpy_ pass, the same in the CPU Args and the CUDA LaunchArgs.
+template <class A>
+inline void set_axpy_scalars(A& a, int K, double gamma, double beta, int64_t stochastic, int64_t rounding_key) {
+  a.K = K;
+  a.gamma = (float)gamma;
+  a.beta = (float)beta;
+  a.has_x = true;
+  a.stochastic = stochastic != 0;
+  a.stream = STREAM_NOISE;
+  split_key(rounding_key, a.rk0, a.rk1);
+}
+
+// The exact form's switches (rules in restore.h): invert when some undo coefficient is nonzero; with
+// residue planes, read them when inverting, else write them.
+template <class A>
+inline void set_exact_mode(A& a, bool invert, bool has_planes, int64_t plane_bits) {
+  a.exact = true;
+  a.invert = invert;
+  a.plane_mode = has_planes ? (invert ? 2 : 1) : 0;
+  a.plane_bits = (int)plane_bits;
+}
+
+// Registers one device's kernels of the native noise ops under its dispatch key.
+template <class Axpy, class Noise, class Exact>
+inline void impl_noise_ops(torch::Library& m, Axpy axpy, Noise noise, Exact exact) {
+  m.impl("_noise_axpy_native", axpy);
+  m.impl("_noise_native", noise);
+  m.impl("_noise_axpy_exact_native", exact);
+}
 
 inline KeyTable key_table(at::IntArrayRef keys, at::ArrayRef<double> alphas, at::ArrayRef<double> undo = {}) {
   KeyTable t;

@@ -49,15 +49,9 @@ void noise_adam_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     AdamTask t;
-    t.p = params[i].data_ptr();
-    t.m = exp_avgs[i].data_ptr<float>();
-    t.v = exp_avg_sqs[i].data_ptr<float>();
-    t.n = params[i].numel();
-    t.off = offsets[i];
-    t.tid = (uint32_t)tensor_ids[i];
+    set_adam_fields(t, params, exp_avgs, exp_avg_sqs, tensor_ids, offsets, i);
     t.pdt = dtype_code(params[i].scalar_type());
-    const int64_t quads = t.n ? (t.off + t.n + 3) / 4 - t.off / 4 : 0;
-    t.blocks = (quads + ADAM_QUADS - 1) / ADAM_QUADS;
+    t.blocks = (quad_span(t.n, t.off) + ADAM_QUADS - 1) / ADAM_QUADS;
     t.first = total;
     total += t.blocks;
     tasks.push_back(t);

@@ -56,17 +56,13 @@ BlockFn kernel() {
 
 Task make_task(const at::Tensor& p, const at::Tensor* d, int64_t tid, int64_t off, int64_t first) {
   Task t;
-  t.p = p.data_ptr();
+  set_tensor_fields(t, p, tid, off);
   t.d = d ? d->data_ptr() : nullptr;
-  t.n = p.numel();
-  t.off = off;
-  t.tid = (uint32_t)tid;
   t.pdt = dtype_code(p.scalar_type());
   t.ddt = d ? dtype_code(d->scalar_type()) : NONE;
   t.plane = nullptr;
   t.first = first;
-  const int64_t quads = t.n ? (off + t.n + 3) / 4 - off / 4 : 0;
-  t.blocks = (quads + QUADS - 1) / QUADS;
+  t.blocks = (quad_span(t.n, off) + QUADS - 1) / QUADS;
   return t;
 }
 
@@ -83,13 +79,7 @@ Args axpy_args(const std::vector<Task>& tasks, const KeyTable& kt, double gamma,
   a.ntasks = (int)tasks.size();
   a.keys = kt.words.data();
   a.alphas = kt.alphas.data();
-  a.K = (int)kt.alphas.size();
-  a.gamma = (float)gamma;
-  a.beta = (float)beta;
-  a.has_x = true;
-  a.stochastic = stochastic != 0;
-  a.stream = STREAM_NOISE;
-  split_key(rounding_key, a.rk0, a.rk1);
+  set_axpy_scalars(a, (int)kt.alphas.size(), gamma, beta, stochastic, rounding_key);
   return a;
 }
 
@@ -126,11 +116,8 @@ void noise_axpy_exact_cpu(at::TensorList params, at::IntArrayRef keys, at::Array
   }
   const KeyTable kt = key_table(keys, alphas, undo);
   Args a = axpy_args(tasks, kt, gamma, 0.0, stochastic, rounding_key);
-  a.exact = true;
   a.undo = kt.undo.data();
-  a.invert = kt.invert;
-  a.plane_mode = planes.empty() ? 0 : (kt.invert ? 2 : 1);
-  a.plane_bits = (int)plane_bits;
+  set_exact_mode(a, kt.invert, !planes.empty(), plane_bits);
   launch(a, total);
 }
 
@@ -176,7 +163,5 @@ std::string cpu_isa(const std::string& request) {
 }  // namespace zo
 
 TORCH_LIBRARY_IMPL(zo_kernels, CPU, m) {
-  m.impl("_noise_axpy_native", &zo::cpu::noise_axpy_cpu);
-  m.impl("_noise_native", &zo::cpu::noise_cpu);
-  m.impl("_noise_axpy_exact_native", &zo::cpu::noise_axpy_exact_cpu);
+  zo::impl_noise_ops(m, &zo::cpu::noise_axpy_cpu, &zo::cpu::noise_cpu, &zo::cpu::noise_axpy_exact_cpu);
 }

@@ -38,17 +38,12 @@ void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
     for (size_t r = 0; r < T; ++r) {
       const size_t i = idx[r];
       AdamEntry e;
-      e.p = params[i].data_ptr();
-      e.m = exp_avgs[i].data_ptr<float>();
-      e.v = exp_avg_sqs[i].data_ptr<float>();
-      e.n = params[i].numel();
-      e.off = offsets[i];
+      set_adam_fields(e, params, exp_avgs, exp_avg_sqs, tensor_ids, offsets, i);
       e.quad_start = quads;
-      e.tid = (uint32_t)tensor_ids[i];
       e.aligned = (e.off % 4 == 0) && ((uintptr_t)e.p % (4 * params[i].element_size()) == 0) && aligned16(e.m) &&
                   aligned16(e.v);
       entries[r] = e;
-      quads += e.n ? (e.off + e.n + 3) / 4 - e.off / 4 : 0;
+      quads += quad_span(e.n, e.off);
     }
     if (quads == 0) continue;
     const DeviceTable table({{entries.data(), T * sizeof(AdamEntry)},

@@ -34,17 +34,14 @@ void launch_group(const std::vector<size_t>& idx, at::TensorList params, at::Ten
     const at::Tensor& p = params[i];
     const at::Tensor* d = dense.empty() ? nullptr : &dense[i];
     Entry e;
-    e.p = p.data_ptr();
+    set_tensor_fields(e, p, tensor_ids[i], offsets[i]);
     e.d = d ? d->data_ptr() : nullptr;
-    e.n = p.numel();
-    e.off = offsets[i];
     e.quad_start = quads;
-    e.tid = (uint32_t)tensor_ids[i];
     e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size()));
     e.plane = planes.empty() || planes[i].numel() == 0 ? nullptr : planes[i].data_ptr<uint8_t>();
     e.plane_aligned = e.plane && ((uintptr_t)e.plane % (uintptr_t)(a.plane_bits / 2)) == 0;
     entries[r] = e;
-    quads += e.n ? (e.off + e.n + 3) / 4 - e.off / 4 : 0;
+    quads += quad_span(e.n, e.off);
   }
   if (quads == 0) return;
   const DeviceTable table({{entries.data(), T * sizeof(Entry)},
@@ -77,15 +74,9 @@ void noise_axpy_cuda(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<d
         .push_back(i);
   for (const auto& kv : groups) {
     LaunchArgs a{};
-    a.K = (int)keys.size();
-    a.gamma = (float)gamma;
-    a.beta = (float)beta;
+    set_axpy_scalars(a, (int)keys.size(), gamma, beta, stochastic, rounding_key);
     a.pdt = kv.first.first;
     a.ddt = kv.first.second;
-    a.has_x = 1;
-    a.stochastic = (int)stochastic;
-    a.stream = 0;
-    split_key(rounding_key, a.rk0, a.rk1);
     launch_group(kv.second, params, dense, tensor_ids, offsets, kt.words, kt.alphas, a);
   }
 }
@@ -105,19 +96,10 @@ void noise_axpy_exact_cuda(at::TensorList params, at::IntArrayRef keys, at::Arra
   for (size_t i = 0; i < params.size(); ++i) groups[dtype_code(params[i].scalar_type())].push_back(i);
   for (const auto& kv : groups) {
     LaunchArgs a{};
-    a.K = (int)keys.size();
-    a.gamma = (float)gamma;
-    a.beta = 0.0f;
+    set_axpy_scalars(a, (int)keys.size(), gamma, 0.0, stochastic, rounding_key);
     a.pdt = kv.first;
     a.ddt = NONE;
-    a.has_x = 1;
-    a.stochastic = (int)stochastic;
-    a.stream = 0;
-    split_key(rounding_key, a.rk0, a.rk1);
-    a.exact = 1;
-    a.invert = kt.invert ? 1 : 0;
-    a.plane_mode = planes.empty() ? 0 : (kt.invert ? 2 : 1);
-    a.plane_bits = (int)plane_bits;
+    set_exact_mode(a, kt.invert, !planes.empty(), plane_bits);
     launch_group(kv.second, params, {}, tensor_ids, offsets, kt.words, kt.alphas, a, planes, kt.undo);
   }
 }
@@ -144,7 +126,5 @@ void noise_cuda(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t o
 }  // namespace zo
 
 TORCH_LIBRARY_IMPL(zo_kernels, CUDA, m) {
-  m.impl("_noise_axpy_native", &zo::cuda::noise_axpy_cuda);
-  m.impl("_noise_native", &zo::cuda::noise_cuda);
-  m.impl("_noise_axpy_exact_native", &zo::cuda::noise_axpy_exact_cuda);
+  zo::impl_noise_ops(m, &zo::cuda::noise_axpy_cuda, &zo::cuda::noise_cuda, &zo::cuda::noise_axpy_exact_cuda);
 }
