@@ -87,49 +87,35 @@ __device__ __forceinline__ void row_dot(const LowrankEntry& e, int r, int64_t i,
 // The pass, one quad per thread (grid-stride), every tensor of the launch of param dtype P.
 template <int P>
 __global__ void __launch_bounds__(LR_THREADS) lowrank_pass_kernel(const LowrankLaunch a) {
-  const int64_t S = (int64_t)gridDim.x * blockDim.x;
-  const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const quad::Mode mode = quad::make_mode(a.gamma, a.stochastic && P != F32, a.rk0, a.rk1, a.invert != 0,
-                                          a.plane_mode, a.plane_bits);
-  for (int t = 0; t < a.T; ++t) {
-    const LowrankEntry e = a.table[t];
-    quad::exact_quads<P>(mode, e, g, S, [&](int64_t, int64_t e0, float sn[4], float su[4]) {
-      // (row, col) of the quad's first element inside the tensor, then stepped along the row
-      const int64_t first = e0 < 0 ? 0 : e0;
-      int64_t row = first / e.cols, col = first - row * e.cols;
+  quad::exact_pass<P>(a, [&](const LowrankEntry& e, int64_t, int64_t e0, float sn[4], float su[4]) {
+    // (row, col) of the quad's first element inside the tensor, then stepped along the row
+    const int64_t first = e0 < 0 ? 0 : e0;
+    int64_t row = first / e.cols, col = first - row * e.cols;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        sn[c] = su[c] = 0.0f;
-        const int64_t l = e0 + c;
-        if (l < 0 || l >= e.n) continue;
-        row_dot(e, a.rank, row, col, sn[c], su[c]);
-        if (++col == e.cols) {
-          col = 0;
-          ++row;
-        }
+    for (int c = 0; c < 4; ++c) {
+      sn[c] = su[c] = 0.0f;
+      const int64_t l = e0 + c;
+      if (l < 0 || l >= e.n) continue;
+      row_dot(e, a.rank, row, col, sn[c], su[c]);
+      if (++col == e.cols) {
+        col = 0;
+        ++row;
       }
-    });
-  }
+    }
+  });
 }
 
 }  // namespace
 
 cudaError_t launch_lowrank_factors(const LowrankLaunch& a, cudaStream_t s) {
-  if (a.total_fquads <= 0) return cudaSuccess;
-  lowrank_factor_kernel<<<quad::grid_blocks(a.total_fquads, LR_THREADS), LR_THREADS, 0, s>>>(a);
-  return cudaGetLastError();
+  return quad::launch_quads(a.total_fquads, LR_THREADS,
+                            [&](dim3 grid) { lowrank_factor_kernel<<<grid, LR_THREADS, 0, s>>>(a); });
 }
 
 cudaError_t launch_lowrank_pass(const LowrankLaunch& a, cudaStream_t s) {
-  if (a.total_quads <= 0) return cudaSuccess;
-  const dim3 grid(quad::grid_blocks(a.total_quads, LR_THREADS));
-  switch (a.pdt) {
-    case F32: lowrank_pass_kernel<F32><<<grid, LR_THREADS, 0, s>>>(a); break;
-    case BF16: lowrank_pass_kernel<BF16><<<grid, LR_THREADS, 0, s>>>(a); break;
-    case F16: lowrank_pass_kernel<F16><<<grid, LR_THREADS, 0, s>>>(a); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return quad::launch_for_kind(a.pdt, a.total_quads, LR_THREADS, [&](auto p, dim3 grid) {
+    lowrank_pass_kernel<decltype(p)::value><<<grid, LR_THREADS, 0, s>>>(a);
+  });
 }
 
 }  // namespace cuda

@@ -1,11 +1,14 @@
-// Per-quad device steps shared by the exact-restore kernel (noise_kernel.cu) and the low-rank kernel
-// (lowrank_kernel.cu): the grid-stride start, raw quad loads / stores, residue-plane words, and the
-// finish of a quad (../restore.h: invert or record residues, then theta <- round(gamma theta0 + s)).
-// Device code and one host helper, no torch: philox.h, restore.h and CUDA headers only.
+// Per-quad steps shared by the CUDA kernels (noise_kernel.cu, lowrank_kernel.cu, adam_kernel.cu): the
+// grid-stride walk over a launch's tensors, raw quad loads / stores, rounding, residue-plane words, the
+// exact form's finish of a quad (../restore.h: invert or record residues, then
+// theta <- round(gamma theta0 + s)), and the host side of a launch. No torch: philox.h, restore.h and
+// CUDA headers only.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "../philox.h"
 #include "../restore.h"
@@ -29,58 +32,85 @@ __device__ __forceinline__ T* global(T* ptr) {
   return ptr;
 }
 
-// Raw bit patterns of a quad (the exact form works on bits: restore::Grid converts).
-template <int P> struct Raw {  // bf16 / fp16
-  using B = uint16_t;
-  static __device__ __forceinline__ void load4(const uint16_t* p, uint16_t v[4]) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    v[0] = (uint16_t)(u.x & 0xFFFFu); v[1] = (uint16_t)(u.x >> 16);
-    v[2] = (uint16_t)(u.y & 0xFFFFu); v[3] = (uint16_t)(u.y >> 16);
-  }
-  static __device__ __forceinline__ void store4(uint16_t* p, const uint16_t v[4]) {
-    *reinterpret_cast<uint2*>(p) = make_uint2((uint32_t)v[0] | ((uint32_t)v[1] << 16),
-                                              (uint32_t)v[2] | ((uint32_t)v[3] << 16));
-  }
-};
-template <> struct Raw<restore::F32> {
-  using B = uint32_t;
-  static __device__ __forceinline__ void load4(const uint32_t* p, uint32_t v[4]) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
-  }
-  static __device__ __forceinline__ void store4(uint32_t* p, const uint32_t v[4]) {
-    *reinterpret_cast<uint4*>(p) = make_uint4(v[0], v[1], v[2], v[3]);
-  }
+// One vector access of a quad: 16 bytes of 32-bit values, 8 bytes of 16-bit ones.
+__device__ __forceinline__ void load4(const uint32_t* p, uint32_t v[4]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  v[0] = u.x; v[1] = u.y; v[2] = u.z; v[3] = u.w;
+}
+__device__ __forceinline__ void store4(uint32_t* p, const uint32_t v[4]) {
+  *reinterpret_cast<uint4*>(p) = make_uint4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void load4(const uint16_t* p, uint16_t v[4]) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  v[0] = (uint16_t)(u.x & 0xFFFFu); v[1] = (uint16_t)(u.x >> 16);
+  v[2] = (uint16_t)(u.y & 0xFFFFu); v[3] = (uint16_t)(u.y >> 16);
+}
+__device__ __forceinline__ void store4(uint16_t* p, const uint16_t v[4]) {
+  *reinterpret_cast<uint2*>(p) = make_uint2((uint32_t)v[0] | ((uint32_t)v[1] << 16),
+                                            (uint32_t)v[2] | ((uint32_t)v[3] << 16));
+}
+
+// Where one thread stands in a tensor of a pass: its quad and how to reach the quad's elements.
+struct QuadAt {
+  int64_t i;   // local quad: the tensor's residue-plane word
+  int64_t gq;  // global quad: the Philox counter
+  int64_t e0;  // local index of the quad's first element (the quads at the tensor's ends stick out)
+  bool vec;    // the quad lies inside the tensor and the row's data is aligned: one vector access
 };
 
-// The quad of local elements e0 .. e0+3 of a tensor of n elements: one vector access when `vec`, else
-// element by element, +0 outside the tensor (residue 0, as restore.pack_residues writes it).
-template <int P>
-__device__ __forceinline__ void load_quad(const typename restore::Grid<P>::Bits* p, int64_t e0, int64_t n, bool vec,
-                                          typename restore::Grid<P>::Bits y[4]) {
-  using B = typename restore::Grid<P>::Bits;
-  if (vec) {
-    Raw<P>::load4(p + e0, y);
+// The quad's elements of a tensor of n elements (raw bits: restore::Grid<K>::Bits, or uint32 words),
+// read (LOAD) into v or written from v: one vector access when q.vec, else element by element. Outside
+// [0, n) they read as +0 (residue 0, as restore.pack_residues writes partial quads) and are never written.
+template <bool LOAD, class B>
+__device__ __forceinline__ void access_quad(B* p, const QuadAt& q, int64_t n, B v[4]) {
+  if (q.vec) {
+    if constexpr (LOAD) load4(p + q.e0, v);
+    else store4(p + q.e0, v);
     return;
   }
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    const int64_t k = e0 + c;
-    y[c] = (k >= 0 && k < n) ? p[k] : (B)0;
+    const int64_t k = q.e0 + c;
+    const bool in = k >= 0 && k < n;
+    if constexpr (LOAD) v[c] = in ? p[k] : (B)0;
+    else if (in) p[k] = v[c];
   }
 }
 
-template <int P>
-__device__ __forceinline__ void store_quad(typename restore::Grid<P>::Bits* p, int64_t e0, int64_t n, bool vec,
-                                           const typename restore::Grid<P>::Bits out[4]) {
-  if (vec) {
-    Raw<P>::store4(p + e0, out);
-    return;
-  }
+template <class B>
+__device__ __forceinline__ void load_quad(const B* p, const QuadAt& q, int64_t n, B v[4]) {
+  access_quad<true>(const_cast<B*>(p), q, n, v);
+}
+
+template <class B>
+__device__ __forceinline__ void store_quad(B* p, const QuadAt& q, int64_t n, B v[4]) {
+  access_quad<false>(p, q, n, v);
+}
+
+// The quad as floats of storage kind K (restore::Grid<K>; float32 is read as its bits).
+template <int K>
+__device__ __forceinline__ void load_floats(const void* p, const QuadAt& q, int64_t n, float x[4]) {
+  using G = restore::Grid<K>;
+  typename G::Bits b[4];
+  load_quad((const typename G::Bits*)p, q, n, b);
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int64_t k = e0 + c;
-    if (k >= 0 && k < n) p[k] = out[c];
+  for (int c = 0; c < 4; ++c) x[c] = G::to_float(b[c]);
+}
+
+// Thread g of the grid's S threads over every tensor of a launch (Row: a table row with n, off,
+// quad_start, aligned): body(row, quad) for each of its quads, grid-stride.
+template <class Row, class Body>
+__device__ __forceinline__ void each_quad(const Row* table, int T, Body&& body) {
+  const int64_t S = (int64_t)gridDim.x * blockDim.x;
+  const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  for (int t = 0; t < T; ++t) {
+    const Row e = table[t];
+    const int64_t q0 = e.off >> 2;
+    const int64_t nq = e.n ? ((e.off + e.n + 3) >> 2) - q0 : 0;
+    for (int64_t i = first_quad(g, S, e.quad_start); i < nq; i += S) {
+      const int64_t e0 = (q0 + i) * 4 - e.off;
+      body(e, QuadAt{i, q0 + i, e0, e0 >= 0 && e0 + 4 <= e.n && e.aligned != 0});
+    }
   }
 }
 
@@ -121,6 +151,23 @@ __device__ __forceinline__ void key_sums(uint64_t gq, uint32_t tid, uint32_t str
 #pragma unroll
       for (int c = 0; c < 4; ++c) su[c] = restore::sum_step(su[c], u, z[c]);
     }
+  }
+}
+
+// out = acc rounded to storage kind P (restore::Grid): stochastically with the stream-2 words of quad gq
+// under the rounding key (rk0, rk1) when sr, else to nearest.
+template <int P>
+__device__ __forceinline__ void round_quad(const float acc[4], bool sr, uint64_t gq, uint32_t tid, uint32_t rk0,
+                                           uint32_t rk1, typename restore::Grid<P>::Bits out[4]) {
+  using G = restore::Grid<P>;
+  if (sr) {
+    uint32_t w[4];
+    quad_words(gq, tid, STREAM_ROUNDING, rk0, rk1, w[0], w[1], w[2], w[3]);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = G::stochastic(acc[c], w[c]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = G::nearest(acc[c]);
   }
 }
 
@@ -171,38 +218,31 @@ __device__ __forceinline__ void finish_quad(const Mode& m, const typename restor
                   restore::pack4(restore::residue<P>(th[0], m.bits), restore::residue<P>(th[1], m.bits),
                                  restore::residue<P>(th[2], m.bits), restore::residue<P>(th[3], m.bits), m.bits));
   }
-  if (m.sr) {
-    uint32_t w[4];
-    quad_words(gq, tid, STREAM_ROUNDING, m.rk0, m.rk1, w[0], w[1], w[2], w[3]);
+  float acc[4];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) out[c] = G::stochastic(restore::forward(G::to_float(th[c]), m.gamma, sn[c]), w[c]);
-  } else {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) out[c] = G::nearest(restore::forward(G::to_float(th[c]), m.gamma, sn[c]));
-  }
+  for (int c = 0; c < 4; ++c) acc[c] = restore::forward(G::to_float(th[c]), m.gamma, sn[c]);
+  round_quad<P>(acc, m.sr, gq, tid, m.rk0, m.rk1, out);
 }
 
-// Thread g of S over the quads of one tensor of an exact-form pass (E: a table row with p, n, off,
-// quad_start, aligned, plane, plane_aligned, tid): load theta's bits, sums(gq, e0, sn, su) fills the two
-// sums of global quad gq (local element e0 first), finish_quad, store.
-template <int P, class E, class Sums>
-__device__ __forceinline__ void exact_quads(const Mode& m, const E& e, int64_t g, int64_t S, Sums&& sums) {
+// An exact-form pass over every tensor of a launch (A: launch args with table, T, gamma, stochastic, rk0,
+// rk1, invert, plane_mode, plane_bits; its rows carry p and plane, plane_aligned, tid besides each_quad's
+// fields): load theta's bits, sums(row, gq, e0, sn, su) fills the two sums of global quad gq (local
+// element e0 first), finish_quad, store.
+template <int P, class A, class Sums>
+__device__ __forceinline__ void exact_pass(const A& a, Sums&& sums) {
   using B = typename restore::Grid<P>::Bits;
-  B* p = global((B*)e.p);
-  const int64_t q0 = e.off >> 2;
-  const int64_t nq = e.n ? ((e.off + e.n + 3) >> 2) - q0 : 0;
-  for (int64_t i = first_quad(g, S, e.quad_start); i < nq; i += S) {  // i: local quad = plane word
-    const int64_t gq = q0 + i;
-    const int64_t e0 = gq * 4 - e.off;
-    const bool vec = e0 >= 0 && e0 + 4 <= e.n && e.aligned;
+  const Mode m = make_mode(a.gamma, a.stochastic && P != restore::F32, a.rk0, a.rk1, a.invert != 0, a.plane_mode,
+                           a.plane_bits);
+  each_quad(a.table, a.T, [&](const auto& e, const QuadAt& q) {
+    B* p = global((B*)e.p);
     B y[4];
-    load_quad<P>(p, e0, e.n, vec, y);
+    load_quad(p, q, e.n, y);
     float sn[4], su[4];
-    sums(gq, e0, sn, su);
+    sums(e, q.gq, q.e0, sn, su);
     B out[4];
-    finish_quad<P>(m, y, sn, su, e.plane, e.plane_aligned, i, (uint64_t)gq, e.tid, out);
-    store_quad<P>(p, e0, e.n, vec, out);
-  }
+    finish_quad<P>(m, y, sn, su, e.plane, e.plane_aligned, q.i, (uint64_t)q.gq, e.tid, out);
+    store_quad(p, q, e.n, out);
+  });
 }
 
 // Threads of a persistent grid: ceil(work / threads) blocks, at most 8 per SM.
@@ -214,6 +254,27 @@ inline unsigned grid_blocks(int64_t work, int threads) {
   const int64_t want = (work + threads - 1) / threads;
   const int64_t cap = (int64_t)sms * 8;
   return (unsigned)(want < cap ? want : cap);
+}
+
+// launch(grid) with the persistent grid of `work` quads in blocks of `threads`, then the launch's error;
+// nothing when there is no work. Host code.
+template <class Launch>
+inline cudaError_t launch_quads(int64_t work, int threads, Launch&& launch) {
+  if (work <= 0) return cudaSuccess;
+  launch(dim3(grid_blocks(work, threads)));
+  return cudaGetLastError();
+}
+
+// launch_quads with launch(kind, grid), kind the std::integral_constant of storage kind k (float32,
+// bfloat16, float16); cudaErrorInvalidValue for any other k. Host code.
+template <class Launch>
+inline cudaError_t launch_for_kind(int k, int64_t work, int threads, Launch&& launch) {
+  if (k != restore::F32 && k != restore::BF16 && k != restore::F16) return cudaErrorInvalidValue;
+  return launch_quads(work, threads, [&](dim3 grid) {
+    if (k == restore::F32) launch(std::integral_constant<int, restore::F32>{}, grid);
+    else if (k == restore::BF16) launch(std::integral_constant<int, restore::BF16>{}, grid);
+    else launch(std::integral_constant<int, restore::F16>{}, grid);
+  });
 }
 
 }  // namespace quad
