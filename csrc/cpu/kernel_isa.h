@@ -40,90 +40,91 @@ template <> struct IO<F16> {
 // A round is then 6 instructions per vector. The multiply is inline asm: GCC otherwise "simplifies"
 // _mm*_mul_epu32 into emulated 64-bit multiplies. (The baseline build auto-vectorises philox.h.)
 #if defined(ZO_ISA_AVX512)
-ZO_HD __m512i mul_epu32(__m512i a, __m512i b) {
-  __m512i r;
+using V64 = __m512i;  // 8 64-bit lanes
+ZO_HD V64 mul_epu32(V64 a, V64 b) {
+  V64 r;
   __asm__("vpmuludq %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
   return r;
 }
-
-ZO_HD void philox16(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* __restrict x0,
-                    uint32_t* __restrict x1, uint32_t* __restrict x2, uint32_t* __restrict x3) {
-  const __m512i m0 = _mm512_set1_epi64(PHILOX_M0), m1 = _mm512_set1_epi64(PHILOX_M1);
-  const __m512i qv = _mm512_set1_epi64((long long)q);
-  __m512i a0 = _mm512_add_epi64(qv, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));   // quads q .. q+7
-  __m512i b0 = _mm512_add_epi64(qv, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i a1 = _mm512_srli_epi64(a0, 32), b1 = _mm512_srli_epi64(b0, 32);
-  __m512i a2 = _mm512_set1_epi64(tid), b2 = a2;
-  __m512i a3 = _mm512_set1_epi64(stream), b3 = a3;
-#pragma GCC unroll 10
-  for (int r = 0; r < 10; ++r) {
-    const __m512i key0 = _mm512_set1_epi32((int)k0), key1 = _mm512_set1_epi32((int)k1);
-    const __m512i pa0 = mul_epu32(a0, m0), pa1 = mul_epu32(a2, m1);
-    const __m512i pb0 = mul_epu32(b0, m0), pb1 = mul_epu32(b2, m1);
-    a0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa1, 32), a1, key0, 0x96);  // three-way xor
-    b0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb1, 32), b1, key0, 0x96);
-    a2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa0, 32), a3, key1, 0x96);
-    b2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb0, 32), b3, key1, 0x96);
-    a1 = pa1;
-    b1 = pb1;
-    a3 = pa0;
-    b3 = pb0;
-    k0 += PHILOX_W0;
-    k1 += PHILOX_W1;
-  }
-  _mm256_store_si256((__m256i*)x0, _mm512_cvtepi64_epi32(a0));
-  _mm256_store_si256((__m256i*)(x0 + 8), _mm512_cvtepi64_epi32(b0));
-  _mm256_store_si256((__m256i*)x1, _mm512_cvtepi64_epi32(a1));
-  _mm256_store_si256((__m256i*)(x1 + 8), _mm512_cvtepi64_epi32(b1));
-  _mm256_store_si256((__m256i*)x2, _mm512_cvtepi64_epi32(a2));
-  _mm256_store_si256((__m256i*)(x2 + 8), _mm512_cvtepi64_epi32(b2));
-  _mm256_store_si256((__m256i*)x3, _mm512_cvtepi64_epi32(a3));
-  _mm256_store_si256((__m256i*)(x3 + 8), _mm512_cvtepi64_epi32(b3));
-}
+ZO_HD V64 set1_64(uint64_t v) { return _mm512_set1_epi64((long long)v); }
+ZO_HD V64 hi32(V64 a) { return _mm512_srli_epi64(a, 32); }
+ZO_HD V64 splat32(uint32_t k) { return _mm512_set1_epi32((int)k); }
+ZO_HD V64 xor3(V64 a, V64 b, V64 c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
 #elif defined(ZO_ISA_AVX2)
-ZO_HD __m256i mul_epu32(__m256i a, __m256i b) {
-  __m256i r;
+using V64 = __m256i;  // 4 64-bit lanes
+ZO_HD V64 mul_epu32(V64 a, V64 b) {
+  V64 r;
   __asm__("vpmuludq %2, %1, %0" : "=x"(r) : "x"(a), "x"(b));
   return r;
 }
+ZO_HD V64 set1_64(uint64_t v) { return _mm256_set1_epi64x((long long)v); }
+ZO_HD V64 hi32(V64 a) { return _mm256_srli_epi64(a, 32); }
+ZO_HD V64 splat32(uint32_t k) { return _mm256_set1_epi32((int)k); }
+ZO_HD V64 xor3(V64 a, V64 b, V64 c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
 
 // Low halves of the 64-bit lanes of a and b -> 8 uint32 in order.
 ZO_HD __m256i pack_lo(__m256i a, __m256i b) {
   const __m256 s = _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), 0x88);  // a0 a2 b0 b2 | a4 a6 b4 b6
   return _mm256_permute4x64_epi64(_mm256_castps_si256(s), 0xD8);                             // a0 a2 a4 a6 b0 b2 b4 b6
 }
+#endif
 
+#if defined(ZO_ISA_AVX512) || defined(ZO_ISA_AVX2)
+// Philox4x32-10 of the quads whose indices stand in the 64-bit lanes of qa and qb: word j of each quad's
+// output ends in the low half of its lane of a[j] (b[j]). Two independent vectors per round hide the
+// multiply latency.
+ZO_HD void philox_lanes(V64 qa, V64 qb, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, V64 a[4],
+                        V64 b[4]) {
+  const V64 m0 = set1_64(PHILOX_M0), m1 = set1_64(PHILOX_M1);
+  a[0] = qa;
+  b[0] = qb;
+  a[1] = hi32(qa);
+  b[1] = hi32(qb);
+  a[2] = b[2] = set1_64(tid);
+  a[3] = b[3] = set1_64(stream);
+#pragma GCC unroll 10
+  for (int r = 0; r < 10; ++r) {
+    const V64 key0 = splat32(k0), key1 = splat32(k1);
+    const V64 pa0 = mul_epu32(a[0], m0), pa1 = mul_epu32(a[2], m1);
+    const V64 pb0 = mul_epu32(b[0], m0), pb1 = mul_epu32(b[2], m1);
+    a[0] = xor3(hi32(pa1), a[1], key0);
+    b[0] = xor3(hi32(pb1), b[1], key0);
+    a[2] = xor3(hi32(pa0), a[3], key1);
+    b[2] = xor3(hi32(pb0), b[3], key1);
+    a[1] = pa1;
+    b[1] = pb1;
+    a[3] = pa0;
+    b[3] = pb0;
+    k0 += PHILOX_W0;
+    k1 += PHILOX_W1;
+  }
+}
+#endif
+
+#if defined(ZO_ISA_AVX512)
 ZO_HD void philox16(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* __restrict x0,
                     uint32_t* __restrict x1, uint32_t* __restrict x2, uint32_t* __restrict x3) {
-  const __m256i m0 = _mm256_set1_epi64x(PHILOX_M0), m1 = _mm256_set1_epi64x(PHILOX_M1);
-  const __m256i qv = _mm256_set1_epi64x((long long)q);
+  const V64 qv = set1_64(q);
+  V64 a[4], b[4];  // quads q .. q+7, q+8 .. q+15
+  philox_lanes(_mm512_add_epi64(qv, _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)),
+               _mm512_add_epi64(qv, _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15)), tid, stream, k0, k1, a, b);
+  uint32_t* const x[4] = {x0, x1, x2, x3};
+  for (int j = 0; j < 4; ++j) {
+    _mm256_store_si256((__m256i*)x[j], _mm512_cvtepi64_epi32(a[j]));
+    _mm256_store_si256((__m256i*)(x[j] + 8), _mm512_cvtepi64_epi32(b[j]));
+  }
+}
+#elif defined(ZO_ISA_AVX2)
+ZO_HD void philox16(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, uint32_t* __restrict x0,
+                    uint32_t* __restrict x1, uint32_t* __restrict x2, uint32_t* __restrict x3) {
+  const V64 qv = set1_64(q);
+  uint32_t* const x[4] = {x0, x1, x2, x3};
   for (int h = 0; h < 2; ++h) {  // quads q + 8h .. q + 8h + 7, as two vectors of four
-    __m256i a0 = _mm256_add_epi64(qv, _mm256_setr_epi64x(8 * h, 8 * h + 1, 8 * h + 2, 8 * h + 3));
-    __m256i b0 = _mm256_add_epi64(qv, _mm256_setr_epi64x(8 * h + 4, 8 * h + 5, 8 * h + 6, 8 * h + 7));
-    __m256i a1 = _mm256_srli_epi64(a0, 32), b1 = _mm256_srli_epi64(b0, 32);
-    __m256i a2 = _mm256_set1_epi64x(tid), b2 = a2;
-    __m256i a3 = _mm256_set1_epi64x(stream), b3 = a3;
-    uint32_t r0 = k0, r1 = k1;
-#pragma GCC unroll 10
-    for (int r = 0; r < 10; ++r) {
-      const __m256i key0 = _mm256_set1_epi32((int)r0), key1 = _mm256_set1_epi32((int)r1);
-      const __m256i pa0 = mul_epu32(a0, m0), pa1 = mul_epu32(a2, m1);
-      const __m256i pb0 = mul_epu32(b0, m0), pb1 = mul_epu32(b2, m1);
-      a0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa1, 32), a1), key0);
-      b0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb1, 32), b1), key0);
-      a2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa0, 32), a3), key1);
-      b2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb0, 32), b3), key1);
-      a1 = pa1;
-      b1 = pb1;
-      a3 = pa0;
-      b3 = pb0;
-      r0 += PHILOX_W0;
-      r1 += PHILOX_W1;
-    }
-    _mm256_store_si256((__m256i*)(x0 + 8 * h), pack_lo(a0, b0));
-    _mm256_store_si256((__m256i*)(x1 + 8 * h), pack_lo(a1, b1));
-    _mm256_store_si256((__m256i*)(x2 + 8 * h), pack_lo(a2, b2));
-    _mm256_store_si256((__m256i*)(x3 + 8 * h), pack_lo(a3, b3));
+    V64 a[4], b[4];
+    philox_lanes(_mm256_add_epi64(qv, _mm256_setr_epi64x(8 * h, 8 * h + 1, 8 * h + 2, 8 * h + 3)),
+                 _mm256_add_epi64(qv, _mm256_setr_epi64x(8 * h + 4, 8 * h + 5, 8 * h + 6, 8 * h + 7)), tid, stream,
+                 k0, k1, a, b);
+    for (int j = 0; j < 4; ++j) _mm256_store_si256((__m256i*)(x[j] + 8 * h), pack_lo(a[j], b[j]));
   }
 }
 #else
@@ -359,42 +360,60 @@ void with_exact_mode(bool invert, int plane_mode, Body&& body) {
   return body(F{}, std::integral_constant<int, 0>{});
 }
 
-// The exact-restore form (../restore.h) over blocks [lb0, lb1) of one tensor. INV: undo is non-zero
-// (invert theta's rounding first); PL: 0 no plane, 1 write the residues of theta0, 2 read them.
-// Elements outside the tensor (the first and last block) load as +0, whose residue is 0: the plane
-// words of partial quads get zeros there, as restore.pack_residues writes them.
-template <int P, bool INV, int PL>
-void run_exact_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
-  using B = typename restore::Grid<P>::Bits;
-  B* __restrict p = (B*)t.p;
-  const int64_t n = t.n;
-  const int64_t q0 = t.off >> 2;
-  BlockEnd x;
-  x.plane = t.plane;
-  x.quads = n ? ((t.off + n + 3) >> 2) - q0 : 0;  // plane words of the tensor
-  x.bits = a.plane_bits;
-  restore::invert_params(PL == 2 ? x.bits : 0, x.mask, x.step);
-  x.gamma = a.gamma;
-  x.sr = a.stochastic && P != F32;
-  x.tid = t.tid;
-  x.rk0 = a.rk0;
-  x.rk1 = a.rk1;
-  alignas(64) B y[BLOCK];
-  alignas(64) float z[BLOCK];
-  alignas(64) float sn[BLOCK];
-  alignas(64) float su[BLOCK];
-  for (int64_t b = lb0; b < lb1; ++b) {
-    x.qb = (uint64_t)(q0 + b * QUADS);
-    x.lq0 = b * QUADS;                               // plane word of the block's first quad
-    const int64_t e0 = (int64_t)(x.qb * 4) - t.off;  // local index of the block's first element
-    const bool full = load_block(p, e0, n, y);
-    // s_new and s_undo from one z per key, from +0 in key order
+// The exact form (../restore.h) over blocks [b0, b1) of one tensor: n elements from global element off,
+// theta's bits at p, its residue plane (or nullptr), tensor id tid, under the pass's scalars (A: gamma,
+// stochastic, rk0, rk1, invert, plane_mode, plane_bits). Per block: load theta's bits, then
+// sums(inv, qb, e0, sn, su) fills s_new and, when inv (a std::bool_constant: some undo != 0), s_undo of
+// the block at global quad qb whose first element has local index e0; finish_block; store. Elements
+// outside the tensor (the first and last block) load as +0, whose residue is 0: the plane words of
+// partial quads get zeros there, as restore.pack_residues writes them.
+template <int P, class A, class Sums>
+void exact_blocks(const A& a, void* p, uint8_t* plane, int64_t n, int64_t off, uint32_t tid, int64_t b0,
+                  int64_t b1, Sums&& sums) {
+  with_exact_mode(a.invert, a.plane_mode, [&](auto inv, auto pl) {
+    constexpr bool INV = decltype(inv)::value;
+    constexpr int PL = decltype(pl)::value;
+    using B = typename restore::Grid<P>::Bits;
+    B* __restrict bits = (B*)p;
+    const int64_t q0 = off >> 2;
+    BlockEnd x;
+    x.plane = plane;
+    x.quads = n ? ((off + n + 3) >> 2) - q0 : 0;  // plane words of the tensor
+    x.bits = a.plane_bits;
+    restore::invert_params(PL == 2 ? x.bits : 0, x.mask, x.step);
+    x.gamma = a.gamma;
+    x.sr = a.stochastic && P != restore::F32;
+    x.tid = tid;
+    x.rk0 = a.rk0;
+    x.rk1 = a.rk1;
+    alignas(64) B y[BLOCK];
+    alignas(64) float sn[BLOCK];
+    alignas(64) float su[BLOCK];
+    for (int64_t b = b0; b < b1; ++b) {
+      x.qb = (uint64_t)(q0 + b * QUADS);
+      x.lq0 = b * QUADS;                             // plane word of the block's first quad
+      const int64_t e0 = (int64_t)(x.qb * 4) - off;  // local index of the block's first element
+      const bool full = load_block(bits, e0, n, y);
+      sums(inv, x.qb, e0, sn, su);
+      finish_block<P, INV, PL>(x, y, sn, su);
+      store_block(bits, e0, n, full, y);
+    }
+  });
+}
+
+// The full-rank exact form: s_new and s_undo from one z per key, from +0 in key order.
+template <int P>
+void run_exact_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
+  exact_blocks<P>(a, t.p, t.plane, t.n, t.off, t.tid, lb0, lb1,
+                  [&](auto inv, uint64_t qb, int64_t, float* __restrict sn, float* __restrict su) {
+    constexpr bool INV = decltype(inv)::value;
+    alignas(64) float z[BLOCK];
     for (int e = 0; e < BLOCK; ++e) {
       sn[e] = 0.0f;
       if (INV) su[e] = 0.0f;
     }
     for (int j = 0; j < a.K; ++j) {
-      block_normals(x.qb, t.tid, STREAM_NOISE, a.keys[2 * j], a.keys[2 * j + 1], z);
+      block_normals(qb, t.tid, STREAM_NOISE, a.keys[2 * j], a.keys[2 * j + 1], z);
       const float alpha = a.alphas[j];
       for (int e = 0; e < BLOCK; ++e) sn[e] = restore::sum_step(sn[e], alpha, z[e]);
       if (INV) {
@@ -402,15 +421,6 @@ void run_exact_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
         for (int e = 0; e < BLOCK; ++e) su[e] = restore::sum_step(su[e], u, z[e]);
       }
     }
-    finish_block<P, INV, PL>(x, y, sn, su);
-    store_block(p, e0, n, full, y);
-  }
-}
-
-template <int P>
-void run_exact_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
-  with_exact_mode(a.invert, a.plane_mode, [&](auto inv, auto pl) {
-    run_exact_task<P, decltype(inv)::value, decltype(pl)::value>(a, t, lb0, lb1);
   });
 }
 

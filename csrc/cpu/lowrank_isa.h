@@ -37,43 +37,13 @@ inline void block_sum(const float* __restrict W, const float* __restrict Vt, int
 }
 
 // The pass over blocks [b0, b1) of one tensor: theta0 and the rounding as the full-rank exact form
-// (kernel_isa.h's finish_block), with s = W Vt instead of sum_j alpha_j z_j. INV: invert theta's rounding
-// first; PL as LowrankPass::plane_mode.
-template <int P, bool INV, int PL>
-void run_lowrank_blocks(const LowrankPass& a, const LowrankTask& t, int64_t b0, int64_t b1) {
-  using B = typename restore::Grid<P>::Bits;
-  B* __restrict p = (B*)t.p;
-  const int64_t numel = t.numel, off = t.off;
-  const int64_t q0 = off >> 2;
-  BlockEnd x;
-  x.plane = t.plane;
-  x.quads = numel ? ((off + numel + 3) >> 2) - q0 : 0;
-  x.bits = a.plane_bits;
-  restore::invert_params(PL == 2 ? x.bits : 0, x.mask, x.step);
-  x.gamma = a.gamma;
-  x.sr = a.stochastic && P != restore::F32;
-  x.tid = t.tid;
-  x.rk0 = a.rk0;
-  x.rk1 = a.rk1;
-  alignas(64) B y[LR_BLOCK];
-  alignas(64) float sn[LR_BLOCK];
-  alignas(64) float su[LR_BLOCK];
-  for (int64_t b = b0; b < b1; ++b) {
-    x.qb = (uint64_t)(q0 + b * LR_QUADS);
-    x.lq0 = b * LR_QUADS;
-    const int64_t e0 = (int64_t)(x.qb * 4) - off;
-    const bool full = load_block(p, e0, numel, y);
-    block_sum(t.w, t.vt, a.rank, t.cols, numel, e0, sn);
-    if (INV) block_sum(t.wu, t.vt, a.rank, t.cols, numel, e0, su);
-    finish_block<P, INV, PL>(x, y, sn, su);
-    store_block(p, e0, numel, full, y);
-  }
-}
-
+// (kernel_isa.h's exact_blocks), with s = W Vt (s_undo = Wu Vt when inverting) instead of sum_j alpha_j z_j.
 template <int P>
 void run_lowrank_dt(const LowrankPass& a, const LowrankTask& t, int64_t b0, int64_t b1) {
-  with_exact_mode(a.invert, a.plane_mode, [&](auto inv, auto pl) {
-    run_lowrank_blocks<P, decltype(inv)::value, decltype(pl)::value>(a, t, b0, b1);
+  exact_blocks<P>(a, t.p, t.plane, t.numel, t.off, t.tid, b0, b1,
+                  [&](auto inv, uint64_t, int64_t e0, float* __restrict sn, float* __restrict su) {
+    block_sum(t.w, t.vt, a.rank, t.cols, t.numel, e0, sn);
+    if (decltype(inv)::value) block_sum(t.wu, t.vt, a.rank, t.cols, t.numel, e0, su);
   });
 }
 
