@@ -45,4 +45,37 @@ inline void check_lowrank_args(at::TensorList params, at::IntArrayRef keys_u, at
   }
 }
 
+// One checked call of _lowrank_axpy_native: the pass's fields (kt: the U keys), the V key and the rank.
+struct LowrankCall : PassCall {
+  int64_t key_v;
+  int64_t rank;
+};
+using LowrankFn = void (*)(const LowrankCall&);
+
+// _lowrank_axpy_native as registered for device DEV: check the arguments, then Run.
+template <c10::DeviceType DEV, LowrankFn Run>
+void lowrank_axpy_op(at::TensorList params, at::IntArrayRef keys_u, int64_t key_v, at::ArrayRef<double> alphas,
+                     at::ArrayRef<double> undo, double gamma, at::TensorList dense, double beta, at::TensorList planes,
+                     int64_t plane_bits, int64_t rank, int64_t stochastic, at::IntArrayRef tensor_ids,
+                     at::IntArrayRef offsets, int64_t rounding_key) {
+  check_lowrank_args(params, keys_u, alphas, undo, dense, planes, plane_bits, rank, stochastic, tensor_ids, offsets,
+                     DEV);
+  Run({{params, key_table(keys_u, alphas, undo), gamma, dense, beta, planes, plane_bits, stochastic, tensor_ids,
+        offsets, rounding_key},
+       key_v,
+       rank});
+}
+
+// The scalars of a low-rank pass, the same in the CPU LowrankPass and the CUDA LowrankLaunch.
+template <class A>
+inline void set_lowrank_scalars(A& a, const LowrankCall& c) {
+  a.rank = c.rank;
+  a.gamma = (float)c.gamma;
+  a.stochastic = c.stochastic != 0;
+  split_key(c.rounding_key, a.rk0, a.rk1);
+  a.invert = c.kt.invert;
+  a.plane_mode = plane_mode(c.kt.invert, !c.planes.empty());
+  a.plane_bits = (int)c.plane_bits;
+}
+
 }  // namespace zo

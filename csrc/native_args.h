@@ -62,22 +62,17 @@ inline void set_axpy_scalars(A& a, int K, double gamma, double beta, int64_t sto
   split_key(rounding_key, a.rk0, a.rk1);
 }
 
-// The exact form's switches (rules in restore.h): invert when some undo coefficient is nonzero; with
-// residue planes, read them when inverting, else write them.
+// The exact form's plane mode (rules in restore.h): with residue planes, read them when inverting (2),
+// else write them (1); 0 without planes.
+inline int plane_mode(bool invert, bool has_planes) { return has_planes ? (invert ? 2 : 1) : 0; }
+
+// The exact form's switches: invert when some undo coefficient is nonzero; the plane mode.
 template <class A>
 inline void set_exact_mode(A& a, bool invert, bool has_planes, int64_t plane_bits) {
   a.exact = true;
   a.invert = invert;
-  a.plane_mode = has_planes ? (invert ? 2 : 1) : 0;
+  a.plane_mode = plane_mode(invert, has_planes);
   a.plane_bits = (int)plane_bits;
-}
-
-// Registers one device's kernels of the native noise ops under its dispatch key.
-template <class Axpy, class Noise, class Exact>
-inline void impl_noise_ops(torch::Library& m, Axpy axpy, Noise noise, Exact exact) {
-  m.impl("_noise_axpy_native", axpy);
-  m.impl("_noise_native", noise);
-  m.impl("_noise_axpy_exact_native", exact);
 }
 
 inline KeyTable key_table(at::IntArrayRef keys, at::ArrayRef<double> alphas, at::ArrayRef<double> undo = {}) {
@@ -179,6 +174,58 @@ inline void check_noise_args(const at::Tensor& out, int64_t tensor_id, int64_t o
   check_id(tensor_id, "tensor_id", 0);
   check_offset(offset, 0);
   check_id(stream, "stream", 0);
+}
+
+// One checked call of a multi-tensor pass (_noise_axpy_native, _noise_axpy_exact_native, and with
+// LowrankCall's fields _lowrank_axpy_native; schemas in ops.cpp and cpu/lowrank_cpu.cpp), as the glue of
+// every device takes it.
+struct PassCall {
+  at::TensorList params;
+  KeyTable kt;               // the keys (the low-rank pass: its U keys) as words, their coefficients in float
+  double gamma;
+  at::TensorList dense;      // beta's dense term, or empty
+  double beta;
+  at::TensorList planes;     // the exact forms' residue planes, or empty
+  int64_t plane_bits;
+  int64_t stochastic;
+  at::IntArrayRef tensor_ids, offsets;
+  int64_t rounding_key;
+};
+using PassFn = void (*)(const PassCall&);
+
+// The ops as registered for device DEV: check the arguments (before anything is written), then Run.
+template <c10::DeviceType DEV, PassFn Run>
+void noise_axpy_op(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,
+                   at::TensorList dense, double beta, int64_t stochastic, at::IntArrayRef tensor_ids,
+                   at::IntArrayRef offsets, int64_t rounding_key) {
+  check_axpy_args(params, keys, alphas, dense, stochastic, tensor_ids, offsets, DEV);
+  Run({params, key_table(keys, alphas), gamma, dense, beta, {}, 0, stochastic, tensor_ids, offsets, rounding_key});
+}
+
+template <c10::DeviceType DEV, PassFn Run>
+void noise_axpy_exact_op(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
+                         at::ArrayRef<double> undo, double gamma, at::TensorList planes, int64_t plane_bits,
+                         int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
+                         int64_t rounding_key) {
+  check_exact_args(params, keys, alphas, undo, planes, plane_bits, stochastic, tensor_ids, offsets, DEV);
+  Run({params, key_table(keys, alphas, undo), gamma, {}, 0.0, planes, plane_bits, stochastic, tensor_ids, offsets,
+       rounding_key});
+}
+
+using NoiseFn = void (*)(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream);
+
+template <c10::DeviceType DEV, NoiseFn Run>
+void noise_op(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
+  check_noise_args(out, tensor_id, offset, stream, DEV);
+  Run(out, key, tensor_id, offset, stream);
+}
+
+// Registers one device's glue of the native noise ops under its dispatch key.
+template <c10::DeviceType DEV, PassFn Axpy, NoiseFn Noise, PassFn Exact>
+inline void impl_noise_ops(torch::Library& m) {
+  m.impl("_noise_axpy_native", &noise_axpy_op<DEV, Axpy>);
+  m.impl("_noise_native", &noise_op<DEV, Noise>);
+  m.impl("_noise_axpy_exact_native", &noise_axpy_exact_op<DEV, Exact>);
 }
 
 }  // namespace zo

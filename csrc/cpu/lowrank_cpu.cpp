@@ -47,8 +47,7 @@ void fill_normals(const LowrankIsa& isa, float* out, int64_t count, int64_t offs
                   uint32_t tid, uint32_t stream) {
   if (count == 0) return;
   const NormalsJob job{out, count, offset, k0, k1, tid, stream};
-  const int64_t quads = ((offset + count + 3) >> 2) - (offset >> 2);
-  at::parallel_for(0, (quads + LR_QUADS - 1) / LR_QUADS, 64,
+  at::parallel_for(0, (quad_span(count, offset) + LR_QUADS - 1) / LR_QUADS, 64,
                    [&](int64_t b0, int64_t b1) { isa.normals(job, b0, b1); });
 }
 
@@ -88,45 +87,31 @@ Factors make_factors(const LowrankIsa& isa, const at::Tensor& p, const KeyTable&
   return f;
 }
 
-void lowrank_axpy_cpu(at::TensorList params, at::IntArrayRef keys_u, int64_t key_v, at::ArrayRef<double> alphas,
-                      at::ArrayRef<double> undo, double gamma, at::TensorList dense, double beta,
-                      at::TensorList planes, int64_t plane_bits, int64_t rank, int64_t stochastic,
-                      at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key) {
-  check_lowrank_args(params, keys_u, alphas, undo, dense, planes, plane_bits, rank, stochastic, tensor_ids, offsets,
-                     c10::DeviceType::CPU);
-  const size_t n_t = params.size();
-  const KeyTable kt = key_table(keys_u, alphas, undo);
+void lowrank_axpy_cpu(const LowrankCall& c) {
   uint32_t kv0, kv1;
-  split_key(key_v, kv0, kv1);
+  split_key(c.key_v, kv0, kv1);
   LowrankPass a;
-  a.rank = rank;
-  a.gamma = (float)gamma;
-  a.stochastic = stochastic != 0;
-  split_key(rounding_key, a.rk0, a.rk1);
-  a.invert = kt.invert;
-  a.plane_mode = planes.empty() ? 0 : (kt.invert ? 2 : 1);
-  a.plane_bits = (int)plane_bits;
+  set_lowrank_scalars(a, c);
   const LowrankIsa isa = lowrank_isa();
-  for (size_t i = 0; i < n_t; ++i) {
-    const at::Tensor& p = params[i];
+  for (size_t i = 0; i < c.params.size(); ++i) {
+    const at::Tensor& p = c.params[i];
     if (p.numel() == 0) continue;
-    const int64_t n = lowrank_cols(p), off = offsets[i];
-    const uint32_t tid = (uint32_t)tensor_ids[i];
-    const Factors f = make_factors(isa, p, kt, dense.empty() ? nullptr : &dense[i], (float)beta, rank, tid, off / n,
-                                   kv0, kv1);
+    const int64_t n = lowrank_cols(p), off = c.offsets[i];
+    const uint32_t tid = (uint32_t)c.tensor_ids[i];
+    const Factors f = make_factors(isa, p, c.kt, c.dense.empty() ? nullptr : &c.dense[i], (float)c.beta, c.rank, tid,
+                                   off / n, kv0, kv1);
     LowrankTask t;
     t.p = p.data_ptr();
-    t.plane = planes.empty() || planes[i].numel() == 0 ? nullptr : planes[i].data_ptr<uint8_t>();
+    t.plane = c.planes.empty() || c.planes[i].numel() == 0 ? nullptr : c.planes[i].data_ptr<uint8_t>();
     t.numel = p.numel();
     t.cols = n;
     t.off = off;
     t.tid = tid;
     t.pdt = dtype_code(p.scalar_type());
     t.w = f.w.data_ptr<float>();
-    t.wu = kt.invert ? f.wu.data_ptr<float>() : nullptr;
+    t.wu = c.kt.invert ? f.wu.data_ptr<float>() : nullptr;
     t.vt = f.vt.data_ptr<float>();
-    const int64_t quads = ((off + t.numel + 3) >> 2) - (off >> 2);
-    at::parallel_for(0, (quads + LR_QUADS - 1) / LR_QUADS, LR_GRAIN,
+    at::parallel_for(0, (quad_span(t.numel, off) + LR_QUADS - 1) / LR_QUADS, LR_GRAIN,
                      [&](int64_t b0, int64_t b1) { isa.run(a, t, b0, b1); });
   }
 }
@@ -142,4 +127,6 @@ TORCH_LIBRARY_FRAGMENT(zo_kernels, m) {
         "int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(zo_kernels, CPU, m) { m.impl("_lowrank_axpy_native", &zo::cpu::lowrank_axpy_cpu); }
+TORCH_LIBRARY_IMPL(zo_kernels, CPU, m) {
+  m.impl("_lowrank_axpy_native", &zo::lowrank_axpy_op<c10::DeviceType::CPU, &zo::cpu::lowrank_axpy_cpu>);
+}

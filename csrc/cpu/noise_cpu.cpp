@@ -71,58 +71,50 @@ void launch(const Args& args, int64_t total_blocks) {
   at::parallel_for(0, total_blocks, GRAIN_BLOCKS, [&](int64_t b0, int64_t b1) { fn(args, b0, b1); });
 }
 
+// The tasks of a pass's params (with their dense terms and residue planes where it has them), in block
+// order; `total` gets the blocks of all.
+std::vector<Task> make_tasks(const PassCall& c, int64_t& total) {
+  std::vector<Task> tasks;
+  tasks.reserve(c.params.size());
+  total = 0;
+  for (size_t i = 0; i < c.params.size(); ++i) {
+    tasks.push_back(make_task(c.params[i], c.dense.empty() ? nullptr : &c.dense[i], c.tensor_ids[i], c.offsets[i],
+                              total));
+    if (!c.planes.empty()) tasks.back().plane = c.planes[i].numel() ? c.planes[i].data_ptr<uint8_t>() : nullptr;
+    total += tasks.back().blocks;
+  }
+  return tasks;
+}
+
 // The arguments of a noise_axpy_ pass over `tasks` (the exact form adds its own fields).
-Args axpy_args(const std::vector<Task>& tasks, const KeyTable& kt, double gamma, double beta, int64_t stochastic,
-               int64_t rounding_key) {
+Args axpy_args(const std::vector<Task>& tasks, const PassCall& c) {
   Args a{};
   a.tasks = tasks.data();
   a.ntasks = (int)tasks.size();
-  a.keys = kt.words.data();
-  a.alphas = kt.alphas.data();
-  set_axpy_scalars(a, (int)kt.alphas.size(), gamma, beta, stochastic, rounding_key);
+  a.keys = c.kt.words.data();
+  a.alphas = c.kt.alphas.data();
+  set_axpy_scalars(a, (int)c.kt.alphas.size(), c.gamma, c.beta, c.stochastic, c.rounding_key);
   return a;
 }
 
-void noise_axpy_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,
-                    at::TensorList dense, double beta, int64_t stochastic, at::IntArrayRef tensor_ids,
-                    at::IntArrayRef offsets, int64_t rounding_key) {
-  check_axpy_args(params, keys, alphas, dense, stochastic, tensor_ids, offsets, c10::DeviceType::CPU);
-  std::vector<Task> tasks;
-  tasks.reserve(params.size());
-  int64_t total = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    tasks.push_back(make_task(params[i], dense.empty() ? nullptr : &dense[i], tensor_ids[i], offsets[i], total));
-    total += tasks.back().blocks;
-  }
-  const KeyTable kt = key_table(keys, alphas);
-  launch(axpy_args(tasks, kt, gamma, beta, stochastic, rounding_key), total);
+void noise_axpy_cpu(const PassCall& c) {
+  int64_t total;
+  const std::vector<Task> tasks = make_tasks(c, total);
+  launch(axpy_args(tasks, c), total);
 }
 
 // The exact-restore form (zo_kernels.restore; rules in ../restore.h): one parallel loop over the blocks
 // of every tensor, like noise_axpy_cpu. Each block owns whole quads, hence whole plane words.
-void noise_axpy_exact_cpu(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
-                          at::ArrayRef<double> undo, double gamma, at::TensorList planes, int64_t plane_bits,
-                          int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
-                          int64_t rounding_key) {
-  check_exact_args(params, keys, alphas, undo, planes, plane_bits, stochastic, tensor_ids, offsets,
-                   c10::DeviceType::CPU);
-  std::vector<Task> tasks;
-  tasks.reserve(params.size());
-  int64_t total = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    tasks.push_back(make_task(params[i], nullptr, tensor_ids[i], offsets[i], total));
-    if (!planes.empty()) tasks.back().plane = planes[i].numel() ? planes[i].data_ptr<uint8_t>() : nullptr;
-    total += tasks.back().blocks;
-  }
-  const KeyTable kt = key_table(keys, alphas, undo);
-  Args a = axpy_args(tasks, kt, gamma, 0.0, stochastic, rounding_key);
-  a.undo = kt.undo.data();
-  set_exact_mode(a, kt.invert, !planes.empty(), plane_bits);
+void noise_axpy_exact_cpu(const PassCall& c) {
+  int64_t total;
+  const std::vector<Task> tasks = make_tasks(c, total);
+  Args a = axpy_args(tasks, c);
+  a.undo = c.kt.undo.data();
+  set_exact_mode(a, c.kt.invert, !c.planes.empty(), c.plane_bits);
   launch(a, total);
 }
 
 void noise_cpu(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
-  check_noise_args(out, tensor_id, offset, stream, c10::DeviceType::CPU);
   Task t = make_task(out, nullptr, tensor_id, offset, 0);
   uint32_t kw[2];
   split_key(key, kw[0], kw[1]);
@@ -163,5 +155,6 @@ std::string cpu_isa(const std::string& request) {
 }  // namespace zo
 
 TORCH_LIBRARY_IMPL(zo_kernels, CPU, m) {
-  zo::impl_noise_ops(m, &zo::cpu::noise_axpy_cpu, &zo::cpu::noise_cpu, &zo::cpu::noise_axpy_exact_cpu);
+  zo::impl_noise_ops<c10::DeviceType::CPU, &zo::cpu::noise_axpy_cpu, &zo::cpu::noise_cpu,
+                     &zo::cpu::noise_axpy_exact_cpu>(m);
 }

@@ -25,11 +25,9 @@ void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
   const AdamCoef coef = check_adam_args(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic, tensor_ids,
                                         offsets, c10::DeviceType::CUDA);
   if (params.empty()) return;
-  check_same_device(params);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const c10::cuda::CUDAGuard guard(launch_device(params));
   const KeyTable kt = key_table(keys, coeffs);
-  std::map<int, std::vector<size_t>> groups;
-  for (size_t i = 0; i < params.size(); ++i) groups[dtype_code(params[i].scalar_type())].push_back(i);
+  const auto groups = launch_groups(params, [&](size_t i) { return dtype_code(params[i].scalar_type()); });
   for (const auto& kv : groups) {
     const std::vector<size_t>& idx = kv.second;
     const size_t T = idx.size();

@@ -1,22 +1,33 @@
-// Torch-side helpers of the CUDA glue: the one-device check of a launch, and the launch's tables (entry
-// rows, key words, coefficients) packed into one pinned host buffer and copied to the device in one
-// transfer on the current stream.
+// Torch-side helpers of the CUDA glue: the one-device check of a launch, the grouping of its params, and
+// the launch's tables (entry rows, key words, coefficients) packed into one pinned host buffer and copied
+// to the device in one transfer on the current stream.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <map>
 #include <utility>
 #include <vector>
 
 namespace zo {
 namespace cuda {
 
-// One launch serves all params: they must share one device.
-inline void check_same_device(at::TensorList params) {
+// The device of a call's launches (params non-empty): one launch serves all params, so they must share it.
+inline at::Device launch_device(at::TensorList params) {
   for (size_t i = 1; i < params.size(); ++i)
     TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),
                 " but params[0] on ", params[0].device());
+  return params[0].device();
+}
+
+// The indices of the non-empty params grouped by group(i) (e.g. their dtype): one launch per group.
+template <class Group>
+auto launch_groups(at::TensorList params, Group&& group) {
+  std::map<decltype(group(size_t(0))), std::vector<size_t>> groups;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (params[i].numel()) groups[group(i)].push_back(i);
+  return groups;
 }
 
 // The parts (pointer, bytes) on `device`, each at an 8-byte aligned offset. The device buffer returns to

@@ -18,20 +18,14 @@ namespace zo {
 namespace cuda {
 namespace {
 
-void lowrank_axpy_cuda(at::TensorList params, at::IntArrayRef keys_u, int64_t key_v, at::ArrayRef<double> alphas,
-                       at::ArrayRef<double> undo, double gamma, at::TensorList dense, double beta,
-                       at::TensorList planes, int64_t plane_bits, int64_t rank, int64_t stochastic,
-                       at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key) {
-  check_lowrank_args(params, keys_u, alphas, undo, dense, planes, plane_bits, rank, stochastic, tensor_ids, offsets,
-                     c10::DeviceType::CUDA);
-  if (params.empty()) return;
-  check_same_device(params);
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const KeyTable kt = key_table(keys_u, alphas, undo);
+void lowrank_axpy_cuda(const LowrankCall& c) {
+  if (c.params.empty()) return;
+  const c10::cuda::CUDAGuard guard(launch_device(c.params));
+  const at::TensorList params = c.params;
+  const KeyTable& kt = c.kt;
+  const int64_t rank = c.rank;
   // Table rows grouped by param dtype, so each pass launch reads one contiguous slice.
-  std::map<int, std::vector<size_t>> groups;
-  for (size_t i = 0; i < params.size(); ++i)
-    if (params[i].numel()) groups[dtype_code(params[i].scalar_type())].push_back(i);
+  const auto groups = launch_groups(params, [&](size_t i) { return dtype_code(params[i].scalar_type()); });
   if (groups.empty()) return;
   int64_t scratch_floats = 0;
   for (const auto& kv : groups)
@@ -52,14 +46,14 @@ void lowrank_axpy_cuda(at::TensorList params, at::IntArrayRef keys_u, int64_t ke
       e.n = p.numel();
       e.rows = p.size(0);
       e.cols = lowrank_cols(p);
-      e.off = offsets[i];
+      e.off = c.offsets[i];
       e.quad_start = sl.quads;
       e.fquad_start = fquads;
-      e.tid = (uint32_t)tensor_ids[i];
+      e.tid = (uint32_t)c.tensor_ids[i];
       e.aligned = (e.off % 4 == 0) && ((uintptr_t)e.p % (4 * p.element_size()) == 0);
-      e.plane = planes.empty() || planes[i].numel() == 0 ? nullptr : planes[i].data_ptr<uint8_t>();
-      e.plane_aligned = e.plane && ((uintptr_t)e.plane % (uintptr_t)(plane_bits / 2)) == 0;
-      e.dense = dense.empty() ? nullptr : dense[i].data_ptr<float>();
+      e.plane = c.planes.empty() || c.planes[i].numel() == 0 ? nullptr : c.planes[i].data_ptr<uint8_t>();
+      e.plane_aligned = e.plane && ((uintptr_t)e.plane % (uintptr_t)(c.plane_bits / 2)) == 0;
+      e.dense = c.dense.empty() ? nullptr : c.dense[i].data_ptr<float>();
       e.w = next;
       next += e.rows * rank;
       e.wu = kt.invert ? next : nullptr;
@@ -67,7 +61,7 @@ void lowrank_axpy_cuda(at::TensorList params, at::IntArrayRef keys_u, int64_t ke
       e.vt = next;
       next += e.cols * rank;
       entries.push_back(e);
-      sl.quads += (e.off + e.n + 3) / 4 - e.off / 4;
+      sl.quads += quad_span(e.n, e.off);
       const int64_t u0 = (e.off / e.cols) * rank;  // the U stream's quads of the rows, then V's
       fquads += (u0 + e.rows * rank + 3) / 4 - u0 / 4 + (e.cols * rank + 3) / 4;
     }
@@ -84,16 +78,10 @@ void lowrank_axpy_cuda(at::TensorList params, at::IntArrayRef keys_u, int64_t ke
   a.keys = table.get<uint32_t>(1);
   a.alphas = table.get<float>(2);
   a.undo = kt.invert ? table.get<float>(3) : nullptr;
-  a.K = (int)keys_u.size();
-  split_key(key_v, a.kv0, a.kv1);
-  a.rank = (int)rank;
-  a.gamma = (float)gamma;
-  a.beta = (float)beta;
-  a.stochastic = (int)stochastic;
-  split_key(rounding_key, a.rk0, a.rk1);
-  a.invert = kt.invert ? 1 : 0;
-  a.plane_mode = planes.empty() ? 0 : (kt.invert ? 2 : 1);
-  a.plane_bits = (int)plane_bits;
+  a.K = (int)kt.alphas.size();
+  split_key(c.key_v, a.kv0, a.kv1);
+  a.beta = (float)c.beta;
+  set_lowrank_scalars(a, c);
   a.total_fquads = fquads;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(launch_lowrank_factors(a, stream));
@@ -112,4 +100,6 @@ void lowrank_axpy_cuda(at::TensorList params, at::IntArrayRef keys_u, int64_t ke
 }  // namespace cuda
 }  // namespace zo
 
-TORCH_LIBRARY_IMPL(zo_kernels, CUDA, m) { m.impl("_lowrank_axpy_native", &zo::cuda::lowrank_axpy_cuda); }
+TORCH_LIBRARY_IMPL(zo_kernels, CUDA, m) {
+  m.impl("_lowrank_axpy_native", &zo::lowrank_axpy_op<c10::DeviceType::CUDA, &zo::cuda::lowrank_axpy_cuda>);
+}
