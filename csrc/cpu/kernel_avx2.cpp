@@ -1,4 +1,6 @@
 // CPU kernel for AVX2 (x86-64-v3 class), chosen at run time. The bodies are kernel_isa.h, lowrank_isa.h and adam_isa.h.
+// kernel_avx512.cpp is the same wrapper for AVX-512: each instruction set needs its own translation unit, target pragma
+// and namespace, so the two files differ only there (a pair `duplicates` lists on purpose).
 #include "kernel.h"
 #include "lowrank_kernel.h"
 #include "adam_kernel.h"

@@ -39,6 +39,9 @@ template <> struct IO<F16> {
 // half, hi = product >> 32); the high halves carry garbage that vpmuludq and the xors never look at.
 // A round is then 6 instructions per vector. The multiply is inline asm: GCC otherwise "simplifies"
 // _mm*_mul_epu32 into emulated 64-bit multiplies. (The baseline build auto-vectorises philox.h.)
+// The vocabulary of philox_lanes below, once per instruction set: the same names over each one's
+// intrinsics. It is the one place where the two builds differ, so the two lists have the same shape on
+// purpose (`duplicates` pairs them).
 #if defined(ZO_ISA_AVX512)
 using V64 = __m512i;  // 8 64-bit lanes
 ZO_HD V64 mul_epu32(V64 a, V64 b) {
