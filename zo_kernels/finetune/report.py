@@ -8,6 +8,7 @@ excluded) spent until then -- or "not reached".
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Dict, List, Optional
 
 from .methods import LABELS, METHODS
@@ -229,7 +230,7 @@ def plot(agg: dict, path: str, title: str) -> None:
         ax.set_xlabel("queries (forward passes of one example)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=9)  # one line of 200+ characters is cut off
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
