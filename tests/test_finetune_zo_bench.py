@@ -146,11 +146,11 @@ def test_every_method_has_a_derived_default_lr_and_its_own_flag(name):
 @pytest.mark.parametrize("name", ["lozo", "lozo-m"])
 def test_lozo_rank_and_nu_flags_reach_the_optimizer(name):
     """--lozo-rank / --lozo-nu, parsed by the CLI, build LOZO / LOZO-M with that rank and period (and the
-    derived lr follows the rank); the defaults are rank 2, ν 50."""
+    derived lr follows the rank); the defaults are the tuned rank 2, ν 10 (docs/lozo.md)."""
     from zo_kernels.finetune.cli import _method_options, build_parser
 
     net = torch.nn.Linear(4, 2)
-    for argv, rank, nu in (([], 2, 50), (["--lozo-rank", "4", "--lozo-nu", "7"], 4, 7)):
+    for argv, rank, nu in (([], 2, 10), (["--lozo-rank", "4", "--lozo-nu", "7"], 4, 7)):
         a = build_parser().parse_args(argv)
         cfg = TrainConfig(lr_mezo=a.lr_mezo, **_method_options(a))
         opt = METHODS[name].build(net, list(net.parameters()), cfg)

@@ -106,7 +106,7 @@ class TrainConfig:
     lr_forward_grad: Optional[float] = None
     fg_query_cost: int = 2           # queries per example of one forward-grad jvp (module docstring)
     lozo_rank: int = 2               # lozo and lozo-m: rank r of U Vᵀ
-    lozo_nu: int = 50                # lozo and lozo-m: V is kept ν steps (lazy subspace sampling)
+    lozo_nu: int = 10                # lozo and lozo-m: V is kept ν steps (tuned here; the paper's 50: docs/lozo.md)
     evals: int = 8                   # evaluation points after the start (test acc + train loss)
     eval_train: int = 512            # training examples in the eval points' train loss (0: all)
     eval_batch: int = 64
