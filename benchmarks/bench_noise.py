@@ -43,11 +43,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _bench_utils import bench_device, time_fn, write_line_figure  # noqa: E402
 
 import zo_kernels  # noqa: E402
-from zo_kernels import backends  # noqa: E402
+from zo_kernels import backends, native  # noqa: E402
 from zo_kernels.noise import step_key  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ISAS = ("base", "avx2", "avx512")   # the CPU kernel's instruction-set builds (zo_kernels.native.cpu_isa)
 
 
 def methods(p, keys, alphas, device):
@@ -118,26 +117,12 @@ def write(rows, out: pathlib.Path):
                       suptitle=f"noise_axpy_ on {rows[0]['device']} ({rows[0]['threads']} threads): lower is better")
 
 
-def _on_isa(isa, fn):
-    """fn() with the CPU kernels on instruction set `isa` (the baseline build beside the best one)."""
-    from zo_kernels import native
-
-    before = native.cpu_isa()
-    native.cpu_isa(isa)
-    try:
-        fn()
-    finally:
-        native.cpu_isa(before)
-
-
 ADAM_KW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, step=10)
 
 
 def adam_methods(n, dtype, keys, coeffs, device):
     """{name: (fn, isa)} for one Adam step on n elements of dtype; every method updates its own θ, m, v;
     isa: the CPU kernel's instruction set to time fn on (None: as it is)."""
-    from zo_kernels import native
-
     def state():
         p = torch.randn(n, device=device).to(dtype)
         return p, torch.zeros(n, device=device), torch.full((n,), 1e-4, device=device)
@@ -154,7 +139,7 @@ def adam_methods(n, dtype, keys, coeffs, device):
         if name == "triton" and b.notes.get("interpreter"):
             continue
         if name == "cpu":
-            for isa in ISAS[:ISAS.index(native.cpu_isa()) + 1]:
+            for isa in native.cpu_isas():
                 out[f"adam_cpu_{isa}"] = (fused("cpu"), isa)
         else:
             out[f"adam_{name}"] = (fused(name), None)
@@ -184,7 +169,8 @@ def run_adam(args):
             if isa is None:
                 times[name] = time_fn(fn, device)
             else:
-                _on_isa(isa, lambda: times.__setitem__(name, time_fn(fn, device)))
+                with native.on_isa(isa):
+                    times[name] = time_fn(fn, device)
         nbytes = 2 * n * (dtype.itemsize + 8)    # θ, m, v read and written once
 
         def ratio(base, t):
@@ -233,8 +219,11 @@ def lowrank_methods(p, r, device):
             out[f"lowrank_{name}"] = (lambda n=name: zo_kernels.lowrank_noise_axpy_([p], [ku], kv, [1e-3], rank=r,
                                                                                     backend=n))
         if name == "cpu" and b.notes.get("isa", "base") != "base":
-            out["lowrank_cpu_base"] = lambda: _on_isa("base", lambda: zo_kernels.lowrank_noise_axpy_(
-                [p], [ku], kv, [1e-3], rank=r, backend="cpu"))
+            def lowrank_cpu_base():
+                with native.on_isa("base"):
+                    zo_kernels.lowrank_noise_axpy_([p], [ku], kv, [1e-3], rank=r, backend="cpu")
+
+            out["lowrank_cpu_base"] = lowrank_cpu_base
         out[f"fullrank_{name}"] = (lambda n=name: zo_kernels.noise_axpy_([p], [ku], [1e-3], backend=n))
     return out
 

@@ -1,7 +1,6 @@
 """Shared pieces of the kernel tests (test_backend_conformance.py and the per-backend files):
 seeded inputs, the 16-bit grid position, a call on a named backend, the comparison with the
-reference, the CPU kernel's instruction sets, and the peak-RSS check for temporaries."""
-import contextlib
+reference, and the peak-RSS check for temporaries."""
 import os
 import subprocess
 import sys
@@ -11,29 +10,6 @@ import torch
 import zo_kernels
 
 from helpers import exact_axpy, z_bound
-
-ISAS = ("base", "avx2", "avx512")   # the CPU kernel's builds, narrowest first
-
-
-def cpu_isas():
-    """The instruction sets this CPU runs the kernel with, baseline first (the last is the default)."""
-    from zo_kernels import native
-
-    best = native.cpu_isa()
-    return list(ISAS[:ISAS.index(best) + 1])
-
-
-@contextlib.contextmanager
-def on_isa(isa):
-    """The CPU kernels on instruction set `isa` inside the block; the previous choice restored after."""
-    from zo_kernels import native
-
-    before = native.cpu_isa()
-    native.cpu_isa(isa)
-    try:
-        yield isa
-    finally:
-        native.cpu_isa(before)
 
 
 def make_tensor(shape, dtype, seed):

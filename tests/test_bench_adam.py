@@ -6,9 +6,9 @@ import importlib.util
 import pytest
 
 import zo_kernels
+from zo_kernels.native import cpu_isas
 
 from helpers import load_script
-from native_helpers import cpu_isas
 
 
 @pytest.mark.skipif("cpu" not in zo_kernels.available_backends(), reason="no native CPU backend")

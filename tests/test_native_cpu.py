@@ -10,9 +10,10 @@ import torch
 import zo_kernels
 from zo_kernels import native
 from zo_kernels import noise as N
+from zo_kernels.native import ISAS, cpu_isas, on_isa
 
 from helpers import spec_vectors
-from native_helpers import ISAS, assert_no_temporaries, cpu_isas, make_tensor, on_isa, run
+from native_helpers import assert_no_temporaries, make_tensor, run
 
 # The extension is built by scripts/setup_env.sh (pip install -e .): its absence is a failure here.
 _REASON = zo_kernels.backend_status().get("cpu")

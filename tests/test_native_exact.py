@@ -15,9 +15,10 @@ import zo_kernels
 from zo_kernels import backends, native
 from zo_kernels import noise as N
 from zo_kernels import restore as R
+from zo_kernels.native import cpu_isas, on_isa
 
 from helpers import z_bound
-from native_helpers import assert_no_temporaries, cpu_isas, on_isa
+from native_helpers import assert_no_temporaries
 
 _REASON = zo_kernels.backend_status().get("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

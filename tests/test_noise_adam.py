@@ -8,9 +8,10 @@ import torch
 
 import zo_kernels
 from zo_kernels import noise as N
+from zo_kernels.native import ISAS, cpu_isas, on_isa
 
 from helpers import z_bound
-from native_helpers import ISAS, assert_no_temporaries, cpu_isas, make_tensor, on_isa, ordered
+from native_helpers import assert_no_temporaries, make_tensor, ordered
 
 BACKENDS = [b for b in ("reference", "cpu", "triton", "cuda") if b in zo_kernels.available_backends()]
 

@@ -24,7 +24,9 @@ CPU, one launch per dtype pair on CUDA), regenerating z from csrc/philox.h.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+from typing import Iterator, List
 
 import torch
 
@@ -78,6 +80,26 @@ def cpu_isa(request: str = "") -> str:
     Every instruction set computes the same bits (no fused multiply-adds); tests check that.
     """
     return torch.ops.zo_kernels._native_cpu_isa(request)
+
+
+ISAS = ("base", "avx2", "avx512")   # the CPU kernel's instruction-set builds, narrowest first
+
+
+def cpu_isas() -> List[str]:
+    """The instruction sets this CPU can run the kernel with, baseline first (the last is the default)."""
+    return list(ISAS[:ISAS.index(cpu_isa()) + 1])
+
+
+@contextlib.contextmanager
+def on_isa(isa: str) -> Iterator[str]:
+    """The CPU kernels on instruction set `isa` inside the block (tests, benchmarks); the previous
+    choice restored after."""
+    before = cpu_isa()
+    cpu_isa(isa)
+    try:
+        yield isa
+    finally:
+        cpu_isa(before)
 
 
 def has_cuda() -> bool:
