@@ -180,6 +180,10 @@ class ZOComm:
             out_offs.append(offs)
         return out_ts, out_offs, owners
 
+    def owners_of(self, tensors: Sequence[torch.Tensor]) -> list:
+        """The FSDP2 modules owning the DTensors among `tensors`, for `refresh`."""
+        return [m for t in tensors if is_dtensor(t) for m in self._owners_of(t)]
+
     def _owners_of(self, p) -> list:
         key = id(p)
         ref = self._owner_refs.get(key)

@@ -302,9 +302,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _refresh(self, tensors: List[torch.Tensor]) -> None:
         """After a pass outside `_goto` wrote shards: the FSDP2 modules owning them must re-gather."""
         if self._comm is not None:
-            owners = self._comm.local_views([list(tensors)])[2]
-            if owners:
-                self._comm.refresh(owners)
+            self._comm.refresh(self._comm.owners_of(tensors))
 
     # -------------------------------------------------------- the noise path
     def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], call: Call, *, log: bool = True,
