@@ -20,10 +20,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 from zo_kernels import noise_axpy_  # noqa: E402
 from zo_kernels.finetune.cli import build_parser  # noqa: E402
+from zo_kernels.finetune.config import TrainConfig  # noqa: E402
 from zo_kernels.finetune.data import load_text_classification  # noqa: E402
+from zo_kernels.finetune.evaluation import batch_loss  # noqa: E402
 from zo_kernels.finetune.heads import default_descriptions  # noqa: E402
-from zo_kernels.finetune.methods import Sampler, TrainConfig, batch_loss  # noqa: E402
 from zo_kernels.finetune.model import Encoded, load_model_and_tokenizer, resolve_model, select_trainable  # noqa: E402
+from zo_kernels.finetune.training import Sampler  # noqa: E402
 from zo_kernels.noise import step_key  # noqa: E402
 
 

@@ -103,7 +103,7 @@ def finetune(argv: List[str]) -> int:
     import synthetic_task
 
     from zo_kernels.finetune.cli import main as zo_finetune
-    from zo_kernels.finetune.methods import METHODS
+    from zo_kernels.finetune.registry import METHODS
 
     model = synthetic_task.write_model(os.path.join(a.task_dir, "model"), shape=synthetic_task.SHAPES[a.shape])
     data = synthetic_task.write_data(os.path.join(a.task_dir, "data.csv"))

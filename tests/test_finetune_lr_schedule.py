@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from zo_kernels.finetune.cli import main  # noqa: E402
-from zo_kernels.finetune.methods import lr_factor  # noqa: E402
+from zo_kernels.finetune.schedules import lr_factor  # noqa: E402
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -54,7 +54,7 @@ def test_anneal_and_schedule_refused(tiny, tmp_path, capsys):  # noqa: F811
 
 
 def test_schedule_scales_every_rate_of_every_group():
-    from zo_kernels.finetune.methods import LRSchedule
+    from zo_kernels.finetune.schedules import LRSchedule
     from zo_kernels.optim import MeZOSVRG
 
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))

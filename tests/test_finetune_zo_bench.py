@@ -5,7 +5,8 @@ import torch
 from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 from zo_kernels import optim
-from zo_kernels.finetune.methods import METHODS, TrainConfig
+from zo_kernels.finetune.config import TrainConfig
+from zo_kernels.finetune.registry import METHODS
 
 NEW = {"n-spsa": optim.MeZO, "zo-sgd-sign": optim.ZOSGDSign, "zo-sgd-cons": optim.ZOSGDCons,
        "zo-sgd-mmt": optim.ZOSGDMomentum, "zo-sgd-mmt-dense": optim.ZOSGDMomentum, "zo-adam": optim.ZOAdam,
@@ -14,7 +15,7 @@ NEW = {"n-spsa": optim.MeZO, "zo-sgd-sign": optim.ZOSGDSign, "zo-sgd-cons": opti
 
 @pytest.mark.parametrize("name", sorted(NEW))
 def test_registered_with_its_query_cost(name):
-    cfg = TrainConfig(batch_size=8, q=3)
+    cfg = TrainConfig(batch_size=8, options={"q": 3})
     m = METHODS[name]
     assert m.kind == "zo"
     net = torch.nn.Linear(4, 2)
@@ -41,11 +42,11 @@ def test_forward_grad_registered_with_its_query_cost():
     assert m.kind == "zo" and m.needs_module and m.differentiates
     net = torch.nn.Linear(4, 2)
     for cost in (1, 2):
-        cfg = TrainConfig(batch_size=8, fg_query_cost=cost, lr_forward_grad=0.5)
+        cfg = TrainConfig(batch_size=8, options={"fg_query_cost": cost, "lr_forward_grad": 0.5})
         opt = m.build(net, list(net.parameters()), cfg)
         assert type(opt) is optim.ForwardGrad and opt.param_groups[0]["lr"] == 0.5
         assert m.step_cost(opt, cfg, 0) == cost * 8 and m.queries_per_example(cfg) == cost
-    assert m.build(net, list(net.parameters()), TrainConfig(lr_mezo=3e-4)).param_groups[0]["lr"] == 3e-4
+    assert m.build(net, list(net.parameters()), TrainConfig(options={"lr_mezo": 3e-4})).param_groups[0]["lr"] == 3e-4
     with pytest.raises(FinetuneError, match="requires_grad"):
         m.build(net, [net.weight], TrainConfig())          # the bias requires grad too: not what was chosen
 
@@ -67,9 +68,11 @@ def test_forward_grad_run_matches_hand_run(tiny):  # noqa: F811
     """MethodRun's forward-grad = ForwardGrad stepped by hand on the same batches (bit for bit); it is
     charged 2 queries per example (MeZO's steps at MeZO's budget), moves the weights, and differentiates
     cross-entropy under --objective accuracy (whose jvp would be 0: the weights would not move)."""
-    from zo_kernels.finetune.methods import MethodRun, Sampler, batch_loss
+    from zo_kernels.finetune.evaluation import batch_loss
+    from zo_kernels.finetune.training import MethodRun, Sampler
 
-    cfg = TrainConfig(batch_size=4, queries=6 * 2 * 4, lr_forward_grad=2e-2, evals=1, seed=3, objective="accuracy")
+    cfg = TrainConfig(batch_size=4, queries=6 * 2 * 4, evals=1, seed=3, objective="accuracy",
+                      options={"lr_forward_grad": 2e-2})
     net, trainable, enc = _tiny_run_inputs(tiny)
     w0 = [p.detach().clone() for p in trainable]
     res = MethodRun("forward-grad", net, trainable, enc, cfg, {"queries": 0, "test_acc": 0.5}, progress=False).run()
@@ -111,12 +114,14 @@ def _rules():
     """Each method's default lr from MeZO's by its update rule (docs/zo_bench.md, restated here)."""
     from zo_kernels.finetune.methods import GRAD_SCALE
 
-    return {"mezo": lambda c: c.lr_mezo, "mezo-svrg": lambda c: c.lr_svrg, "fo-sgd": lambda c: c.lr_fo_sgd,
-            "fo-adam": lambda c: c.lr_fo_adam, "n-spsa": lambda c: c.q * c.lr_mezo,
-            "zo-sgd-sign": lambda c: GRAD_SCALE * c.lr_mezo, "zo-sgd-cons": lambda c: c.lr_mezo,
-            "zo-sgd-mmt": lambda c: 0.1 * c.lr_mezo, "zo-sgd-mmt-dense": lambda c: 0.1 * c.lr_mezo,
-            "zo-adam": lambda c: GRAD_SCALE * c.lr_mezo, "lozo": lambda c: c.lr_mezo / c.lozo_rank,
-            "lozo-m": lambda c: c.lr_mezo / c.lozo_rank, "forward-grad": lambda c: c.lr_mezo}
+    o = TrainConfig.option
+    return {"mezo": lambda c: o(c, "lr_mezo"), "mezo-svrg": lambda c: o(c, "lr_svrg"),
+            "fo-sgd": lambda c: o(c, "lr_fo_sgd"), "fo-adam": lambda c: o(c, "lr_fo_adam"),
+            "n-spsa": lambda c: o(c, "q") * o(c, "lr_mezo"),
+            "zo-sgd-sign": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "zo-sgd-cons": lambda c: o(c, "lr_mezo"),
+            "zo-sgd-mmt": lambda c: 0.1 * o(c, "lr_mezo"), "zo-sgd-mmt-dense": lambda c: 0.1 * o(c, "lr_mezo"),
+            "zo-adam": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "lozo": lambda c: o(c, "lr_mezo") / o(c, "lozo_rank"),
+            "lozo-m": lambda c: o(c, "lr_mezo") / o(c, "lozo_rank"), "forward-grad": lambda c: o(c, "lr_mezo")}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -124,18 +129,17 @@ def test_every_method_has_a_derived_default_lr_and_its_own_flag(name):
     """Defaults follow the documented rule (also when --lr-mezo changes); the method's --lr-* flag,
     parsed by the CLI, overrides it (and its twin's: both momentum modes, LOZO and LOZO-M) and
     leaves every other method on its rule."""
-    from zo_kernels.finetune.cli import _method_options, build_parser
+    from zo_kernels.finetune.cli import build_parser
 
     assert name in _rules(), f"{name}: no default-lr rule documented"
     net = torch.nn.Linear(4, 2)
     for lr_mezo in (1e-4, 3e-3):
-        cfg = TrainConfig(lr_mezo=lr_mezo, q=3)
+        cfg = TrainConfig(options={"lr_mezo": lr_mezo, "q": 3})
         opt = METHODS[name].build(net, list(net.parameters()), cfg)
         assert opt.param_groups[0]["lr"] == pytest.approx(_rules()[name](cfg), rel=1e-12)
     flag = {"mezo-svrg": "--lr-svrg", "zo-sgd-mmt-dense": "--lr-zo-sgd-mmt", "lozo-m": "--lr-lozo"}.get(name, f"--lr-{name}")
     a = build_parser().parse_args([flag, "0.0123"])
-    fields = {k: getattr(a, k) for k in ("lr_mezo", "lr_svrg", "lr_fo_sgd", "lr_fo_adam")}
-    cfg = TrainConfig(**fields, **_method_options(a))
+    cfg = TrainConfig.from_args(a, seed=0)
     assert METHODS[name].build(net, list(net.parameters()), cfg).param_groups[0]["lr"] == 0.0123
     pairs = {"zo-sgd-mmt": "zo-sgd-mmt-dense", "zo-sgd-mmt-dense": "zo-sgd-mmt", "lozo": "lozo-m", "lozo-m": "lozo"}
     for m in METHODS:                  # every other method keeps its rule (MeZO's lr is the others' base)
@@ -147,12 +151,12 @@ def test_every_method_has_a_derived_default_lr_and_its_own_flag(name):
 def test_lozo_rank_and_nu_flags_reach_the_optimizer(name):
     """--lozo-rank / --lozo-nu, parsed by the CLI, build LOZO / LOZO-M with that rank and period (and the
     derived lr follows the rank); the defaults are the tuned rank 2, ν 10 (docs/lozo.md)."""
-    from zo_kernels.finetune.cli import _method_options, build_parser
+    from zo_kernels.finetune.cli import build_parser
 
     net = torch.nn.Linear(4, 2)
     for argv, rank, nu in (([], 2, 10), (["--lozo-rank", "4", "--lozo-nu", "7"], 4, 7)):
         a = build_parser().parse_args(argv)
-        cfg = TrainConfig(lr_mezo=a.lr_mezo, **_method_options(a))
+        cfg = TrainConfig.from_args(a, seed=0)
         opt = METHODS[name].build(net, list(net.parameters()), cfg)
         assert (opt.rank, opt.nu) == (rank, nu)
         assert opt.param_groups[0]["lr"] == pytest.approx(a.lr_mezo / rank, rel=1e-12)

@@ -200,3 +200,35 @@ def test_svrg_resume_with_large_batch_sample_is_bit_identical(tmp_path, anchor):
     trainer(tmp_path / "b", resumed).train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
     for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_zo_arguments_come_from_the_registry():
+    """Every knob of the Trainer's methods is a ZOArguments field (MeZO-SVRG's full-step rate under its
+    Trainer name lr_full), the method's own rate is the Trainer's learning_rate (no field), and a knob
+    of another method is refused by name."""
+    import dataclasses
+
+    from zo_kernels.finetune.registry import METHODS
+    from zo_kernels.integrations.hf import OPTIMIZERS
+
+    fields = {f.name for f in dataclasses.fields(ZOArguments)}
+    assert {"lr_full", "q", "anchor", "lookahead", "n_directions", "lozo_rank", "lozo_nu", "momentum"} <= fields
+    assert not fields & {METHODS[m].lr_knob for m in OPTIMIZERS}
+    assert {"mezo", "mezo-svrg", "lozo", "lozo-m", "zo-adam"} <= set(OPTIMIZERS)
+    assert "forward-grad" not in OPTIMIZERS and "fo-sgd" not in OPTIMIZERS
+    with pytest.raises(ValueError, match="lozo_rank is not an option of mezo"):
+        ZOArguments(optimizer="mezo", lozo_rank=4)
+
+
+def test_lozo_through_the_trainer(tmp_path):
+    """A registry method the Trainer never named (LOZO) trains with its knobs from ZOArguments."""
+    from zo_kernels.optim import LOZO
+
+    model = tiny_bert()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = ZOTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(8),
+                        zo_args=ZOArguments(optimizer="lozo", lozo_rank=3, lozo_nu=5))
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert isinstance(opt, LOZO) and (opt.rank, opt.nu) == (3, 5) and opt.step_count == 2
+    assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))

@@ -120,8 +120,10 @@ def _child(spec: dict) -> dict:
         out["peak_anon_mb"] = (_status_kb("RssAnon") or 0) / 1024.0
         return out
 
-    from .methods import METHODS, TrainConfig, _is_full_step, batch_loss
+    from .config import TrainConfig
+    from .evaluation import batch_loss
     from .model import load_model_and_tokenizer, select_trainable
+    from .registry import METHODS, is_full_step
 
     net, _ = load_model_and_tokenizer(spec["model"], spec["num_labels"], spec.get("dtype", "float32"), device,
                                       spec.get("seed", 0), head=spec.get("head", "fresh"),
@@ -166,7 +168,7 @@ def _child(spec: dict) -> dict:
                 loss_fn()
         elif zo and hasattr(opt, "is_full_step"):
             with torch.no_grad():
-                opt.step(loss_fn, full_closure=full_fn if _is_full_step(opt) else None)
+                opt.step(loss_fn, full_closure=full_fn if is_full_step(opt) else None)
         elif zo:
             with torch.no_grad():
                 opt.step(loss_fn)

@@ -11,7 +11,7 @@ import math
 import textwrap
 from typing import Dict, List, Optional
 
-from .methods import LABELS, METHODS
+from .registry import LABELS, METHODS
 
 
 def _color(m: str) -> Optional[str]:

@@ -1,9 +1,15 @@
-"""Hugging Face glue: `ZOTrainer`, a `transformers.Trainer` that trains with MeZO or MeZO-SVRG.
+"""Hugging Face glue: `ZOTrainer`, a `transformers.Trainer` that trains with any registered ZO method
+(MeZO, MeZO-SVRG, ZO-Bench's family, LOZO, ...: zo_kernels.finetune.registry).
 
     from zo_kernels.integrations.hf import ZOTrainer, ZOArguments
     trainer = ZOTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val,
                         zo_args=ZOArguments(optimizer="mezo-svrg", lr_full=1e-5, q=2))   # was: Trainer(...)
     trainer.train()
+
+`ZOArguments` is built from the registry: `optimizer` is a method's `zo-finetune --methods` name, and
+each knob of the registered methods is a field under its name (`q`, `anchor`, `lozo_rank`, ...; MeZO-SVRG's
+full-step rate is `lr_full`), None meaning the knob's Trainer default (MeZO-SVRG: q = 2, lr_full = 10 ×
+learning_rate; MeZO: no lookahead) or else its registry default.  A knob of another method is refused.
 
 How it fits the Trainer loop (transformers 5.x `_run_epoch`): `training_step` runs the whole ZO
 step (forward passes only, under no_grad) and returns the loss detached; the loop then clips
@@ -33,7 +39,7 @@ already done (one closure-free call is allowed per training_step) -- steps the L
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -43,39 +49,73 @@ try:
 except ImportError as e:  # pragma: no cover - transformers is a dependency of this module only
     raise ImportError("zo_kernels.integrations.hf needs `transformers`") from e
 
-from ..optim import MeZO, MeZOSVRG, ZOAdam, ZOSGDCons, ZOSGDMomentum, ZOSGDSign
+from ..finetune.config import TrainConfig
+from ..finetune.registry import KNOBS, METHODS, is_full_step
+from ..optim import MeZO
 from ..optim.base import ZOOptimizer
 
-OPTIMIZERS = ("mezo", "mezo-svrg", "zo-sgd-sign", "zo-sgd-cons", "zo-sgd-mmt", "zo-adam")
+
+def trainer_methods() -> list:
+    """The registered methods a Trainer can run: ZO ones whose optimizer takes parameters (not the module)."""
+    return [m for m, e in METHODS.items() if e.kind == "zo" and not e.needs_module]
 
 
-@dataclass
-class ZOArguments:
-    optimizer: str = "mezo"                    # "mezo" | "mezo-svrg"
-    eps: float = 1e-3                          # μ
-    lr_full: Optional[float] = None            # η1 for MeZO-SVRG (default: 10 × learning_rate)
-    q: int = 2
-    anchor: str = "dense"                      # "dense" | "replay"
-    full_batch_size: Optional[int] = None      # examples per full step (None: the whole train set)
-    full_micro_batch_size: Optional[int] = None  # default: per_device_train_batch_size
-    lookahead: bool = False                    # MeZO only
-    seed: Optional[int] = None                 # noise base seed (default: args.seed)
-    nan_policy: str = "raise"
-    train_mode: bool = False                   # run ZO forwards in train mode (dropout on)
-    record: bool = False
-    rounding: str = "nearest"
-    backend: Optional[str] = None
-    n_directions: int = 1                      # q of n-SPSA (every method but mezo-svrg and lookahead)
-    momentum: float = 0.9                      # zo-sgd-mmt
-    momentum_state: str = "seeded"             # zo-sgd-mmt: "seeded" | "dense"
-    momentum_window: int = 32                  # zo-sgd-mmt seeded: K
-    betas: tuple = (0.9, 0.999)                # zo-adam
+OPTIMIZERS = tuple(trainer_methods())
+# Every knob of those methods but their learning rates (the Trainer's `learning_rate` is that), as a
+# ZOArguments field under its Trainer name; None = the knob's Trainer default, else its registry default.
+_LR_KNOBS = {METHODS[m].lr_knob for m in OPTIMIZERS}
+_TRAINER_KNOBS = [k for k in KNOBS.values() if k.field and k.name not in _LR_KNOBS
+                  and any(k in METHODS[m].knobs for m in OPTIMIZERS)]
 
-    def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"ZOArguments.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lookahead and self.optimizer != "mezo":
-            raise ValueError("lookahead is a MeZO option")
+
+def _check(self) -> None:
+    methods = trainer_methods()
+    if self.optimizer not in methods:
+        raise ValueError(f"ZOArguments.optimizer must be one of {tuple(methods)}, got {self.optimizer!r}")
+    mine = {k.name for k in METHODS[self.optimizer].knobs}
+    for k in _TRAINER_KNOBS:
+        if getattr(self, k.field) is not None and k.name not in mine:
+            raise ValueError(f"{k.field} is not an option of {self.optimizer} (it is one of "
+                             f"{', '.join(m for m in methods if k in METHODS[m].knobs)})")
+    for name in self.options or {}:
+        if name not in mine:
+            raise ValueError(f"options: {name!r} is not a knob of {self.optimizer}")
+
+
+ZOArguments = make_dataclass("ZOArguments", [
+    ("optimizer", str, field(default="mezo")),            # a registered ZO method's name
+    ("eps", float, field(default=1e-3)),                  # μ
+    ("full_batch_size", Optional[int], field(default=None)),   # MeZO-SVRG: examples per full step (None: all)
+    ("full_micro_batch_size", Optional[int], field(default=None)),  # default: per_device_train_batch_size
+    ("seed", Optional[int], field(default=None)),         # noise base seed (default: args.seed)
+    ("nan_policy", str, field(default="raise")),
+    ("train_mode", bool, field(default=False)),           # run ZO forwards in train mode (dropout on)
+    ("record", bool, field(default=False)),
+    ("rounding", str, field(default="nearest")),
+    ("backend", Optional[str], field(default=None)),
+    ("options", Optional[Dict[str, Any]], field(default=None)),  # knobs of methods registered after this import
+    *[(k.field, Any, field(default=None)) for k in _TRAINER_KNOBS],
+], namespace={"__post_init__": _check, "__doc__": "The ZOTrainer's settings: the method (`optimizer`), the run-wide "
+              "ZO options, and one field per knob of the registered methods (zo_kernels.finetune.registry), "
+              "None meaning that knob's default."})
+ZOArguments.__module__ = __name__
+
+
+def _config(z, learning_rate: float, seed: int) -> TrainConfig:
+    """The TrainConfig of the Trainer's method: its lr from `learning_rate`, each knob as given, else its
+    Trainer default, else (through TrainConfig.option) its registry default."""
+    m = METHODS[z.optimizer]
+    cfg = TrainConfig(eps=z.eps, seed=seed, backend=z.backend, rounding=z.rounding, record=z.record,
+                      nan_policy=z.nan_policy, options={m.lr_knob: learning_rate, **(z.options or {})})
+    for k in m.knobs:
+        v = getattr(z, k.field, None) if k.field else None
+        if v is not None:
+            cfg.options[k.name] = v
+    for k in m.knobs:
+        if cfg.options.get(k.name) is None and k.trainer_default is not None:
+            d = k.trainer_default
+            cfg.options[k.name] = d(cfg) if callable(d) else d
+    return cfg
 
 
 class ZOTrainer(Trainer):
@@ -104,23 +144,7 @@ class ZOTrainer(Trainer):
         groups = [g for g in groups if g["params"]]
         z = self.zo_args
         seed = self.args.seed if z.seed is None else z.seed
-        common = dict(lr=self.args.learning_rate, eps=z.eps, seed=seed, record=z.record, rounding=z.rounding,
-                      backend=z.backend, nan_policy=z.nan_policy)
-        spsa = dict(common, n_directions=z.n_directions)
-        if z.optimizer == "mezo":
-            opt = MeZO(groups, lookahead=z.lookahead, **spsa)
-        elif z.optimizer == "zo-sgd-sign":
-            opt = ZOSGDSign(groups, **spsa)
-        elif z.optimizer == "zo-sgd-cons":
-            opt = ZOSGDCons(groups, **spsa)
-        elif z.optimizer == "zo-sgd-mmt":
-            opt = ZOSGDMomentum(groups, momentum=z.momentum, state=z.momentum_state, window=z.momentum_window,
-                                **spsa)
-        elif z.optimizer == "zo-adam":
-            opt = ZOAdam(groups, betas=z.betas, **spsa)
-        else:
-            lr_full = z.lr_full if z.lr_full is not None else 10.0 * self.args.learning_rate
-            opt = MeZOSVRG(groups, lr_full=lr_full, q=z.q, anchor=z.anchor, **common)
+        opt = METHODS[z.optimizer].build(opt_model, groups, _config(z, self.args.learning_rate, seed))
         self.optimizer = opt
         self.zo_optimizer = opt
         if isinstance(opt, MeZO) and opt.lookahead and self._watch_handle is None:
@@ -192,7 +216,7 @@ class ZOTrainer(Trainer):
         if self.args.gradient_accumulation_steps > 1 and not self.accelerator.sync_gradients:
             return torch.tensor(0.0, device=self.args.device)   # the ZO step runs on the window's last batch
         micro, self._micro_batches = self._micro_batches, []
-        if isinstance(opt, MeZOSVRG) and opt.is_full_step:
+        if is_full_step(opt):
             loss = opt.step(None, full_closure=self._full_closure(model))
         else:
             loss = opt.step(lambda: self._mean_loss(model, micro))

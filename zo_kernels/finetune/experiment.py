@@ -1,0 +1,322 @@
+"""One `zo-finetune` experiment: for each seed, prepare the data split and model, evaluate the start,
+run every method from the same start (resumable through checkpoints), then measure memory and write
+results.json, curves.png and the table.  The CLI (zo_kernels.finetune.cli) parses and checks the
+arguments and hands them here."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from typing import List, Optional
+
+import torch
+
+from .. import distributed as zdist
+from ..machine import cpu_name
+from . import checkpoint as ck
+from . import data as data_mod
+from . import memory as mem_mod
+from . import report
+from .adapters import apply_peft, trainable_parameters
+from .config import TrainConfig
+from .errors import FinetuneError
+from .evaluation import eval_train_index, evaluate, mean_loss
+from .heads import default_descriptions
+from .model import Encoded, load_model_and_tokenizer, model_summary, resolve_model, select_trainable
+from .registry import LABELS, METHODS, is_zo
+from .training import MethodRun
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def record(m: str, r) -> dict:
+    """The per-method result entry of results.json."""
+    steps = max(r.steps, 1)
+    zo = is_zo(m)
+    ts = {"forward": 1e3 * r.forward_s / steps, "total": 1e3 * r.train_s / steps}
+    if zo:
+        ts["noise"] = 1e3 * r.other_s / steps
+    else:
+        ts["backward_update"] = 1e3 * r.other_s / steps
+        ts["backward"] = 1e3 * r.backward_s / steps
+        ts["update"] = 1e3 * r.update_s / steps
+    return {"label": LABELS[m], "kind": "zo" if zo else "fo", "lr": r.lr, "steps": r.steps,
+            "full_steps": r.full_steps, "queries": r.queries, "train_loss": r.final["train_loss"],
+            "val_acc": r.final["val_acc"], "test_acc": r.final["test_acc"], "val_loss": r.final["val_loss"],
+            "test_loss": r.final["test_loss"],
+            "best_test_acc": max(p["test_acc"] for p in r.curve[1:]) if len(r.curve) > 1 else r.final["test_acc"],
+            "wall_s": r.train_s + r.eval_s, "train_s": r.train_s, "eval_s": r.eval_s,
+            "forward_s": r.forward_s, "noise_or_backward_s": r.other_s,
+            "noise_to_forward": (r.other_s / r.forward_s) if (zo and r.forward_s) else None,
+            "time_per_step_ms": ts, "diverged": r.diverged, "curve": r.curve,
+            "step_losses": r.step_losses, "lr_history": r.lr_history}
+
+
+def _backend_name():
+    try:
+        import zo_kernels
+
+        return zo_kernels.last_backend()
+    except Exception:
+        return None
+
+
+class Experiment:
+    """The run of parsed, checked arguments `a` over `methods` and `seeds`; `state` is the checkpoint
+    being resumed (None: a new run)."""
+
+    def __init__(self, a, argv: List[str], state: Optional[dict], methods: List[str], seeds: List[int],
+                 peft_spec, device: str):
+        self.a, self.argv, self.methods, self.seeds, self.peft_spec = a, argv, methods, seeds, peft_spec
+        self.t_start = time.perf_counter()
+        # Under torchrun: data parallel over the ranks (a no-op otherwise); rank 0 reports.
+        self.dist_on = zdist.init_from_env()
+        if self.dist_on:
+            device = zdist.local_device(device)
+            world = zdist.get_world_size()
+            fo = [m for m in methods if not is_zo(m)]
+            if fo and world > 1:
+                raise FinetuneError(f"--methods {','.join(fo)}: first-order baselines run in one process; "
+                                    f"under torchrun use ZO methods only")
+            if a.batch_size < world:
+                raise FinetuneError(f"--batch-size {a.batch_size} is smaller than the {world} ranks")
+            a.no_memory = True          # one measurement process per method does not mix with torchrun
+            a.no_progress = a.no_progress or not zdist.is_main_process()
+        self.device = device
+        self.main_rank = zdist.is_main_process()
+        self.threads = a.threads or usable_cores()
+        torch.set_num_threads(self.threads)
+        try:
+            os.makedirs(a.out, exist_ok=True)
+        except OSError as e:
+            raise FinetuneError(f"--out {a.out}: cannot create directory ({e.strerror})") from None
+        self.checkpointing = a.checkpoint_every > 0 or state is not None
+        if self.checkpointing and state is None:
+            state = {"argv": argv, "runs": [], "current": None}
+        self.state = state
+        if self.checkpointing and self.main_rank:
+            ck.remove_stale_temps(a.out)
+            ck.save(a.out, state)       # from here on, --resume DIR always finds a checkpoint
+        self.labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
+        self.model_path = resolve_model(a.model)
+        d = TrainConfig()
+        self.queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
+
+    # ------------------------------------------------------------ helpers
+    def say(self, *x) -> None:
+        if self.main_rank:
+            print(*x, flush=True)
+
+    def save_state(self) -> None:
+        if self.main_rank:
+            ck.save(self.a.out, self.state)
+
+    def config(self, seed: int, **run) -> TrainConfig:
+        return TrainConfig.from_args(self.a, **{"seed": seed, "queries": self.queries, "device": self.device,
+                                                "distributed": self.dist_on, **run})
+
+    def trainable(self, net):
+        if self.peft_spec is not None:
+            return trainable_parameters(net)
+        return select_trainable(net, self.a.partial, self.a.bitfit)
+
+    # --------------------------------------------------------------- seed
+    def prepare(self, seed: int) -> dict:
+        """This seed's data split, model (with its head) and tokenised splits."""
+        a = self.a
+        data = data_mod.load_text_classification(a.dataset, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test,
+                                                  seed=seed, text_column=a.text_column,
+                                                  label_column=a.label_column, labels=self.labels)
+        descriptions = None
+        if a.head == "description":
+            descriptions = ([x.strip() for x in a.label_descriptions.split("|")] if a.label_descriptions
+                            else default_descriptions(data.label_names))
+        net, tok = load_model_and_tokenizer(self.model_path, data.num_labels, a.dtype, self.device, seed,
+                                            head=a.head, descriptions=descriptions, temperature=a.temperature)
+        base_name = type(net).__name__
+        net = apply_peft(net, self.peft_spec) if self.peft_spec is not None else net
+        trainable = self.trainable(net)
+        max_length = a.max_length
+        cfg_net = getattr(net, "config", None)
+        for limit in (getattr(cfg_net, "max_position_embeddings", None), getattr(tok, "model_max_length", None)):
+            if isinstance(limit, int) and 0 < limit < max_length:
+                max_length = limit  # the model cannot take longer inputs
+        a.max_length = max_length
+        enc = {k: Encoded(tok, getattr(data, k).texts, getattr(data, k).labels, max_length, self.device)
+               for k in ("train", "val", "test")}
+        return {"data": data, "enc": enc, "descriptions": descriptions, "net": net,
+                "summary": {**model_summary(net, trainable), "architecture": base_name,
+                            "tuning": report.tuning_name(vars(a))}}
+
+    def _start(self, seed: int, net, enc, cfg: TrainConfig) -> dict:
+        """The seed's entry of the checkpoint with the start point, evaluated once for every method
+        (same weights, same head), or the one being resumed."""
+        state = self.state
+        if state is not None and state.get("current") and state["current"]["seed"] == seed:
+            return state["current"]
+        d = TrainConfig()
+        t0 = time.perf_counter()
+        te0 = evaluate(net, enc["test"], d.micro_batch)
+        tr0 = float(mean_loss(net, enc["train"], eval_train_index(enc["train"], cfg), d.micro_batch))
+        start = {"step": 0, "queries": 0, "train_loss": tr0, "test_acc": te0["acc"],
+                 "test_loss": te0["loss"], "train_s": 0.0}
+        cur = {"seed": seed, "start": start, "start_eval_s": time.perf_counter() - t0, "done": {}, "active": None}
+        if self.checkpointing:
+            state["current"] = cur
+            self.save_state()
+        return cur
+
+    def _run_method(self, m: str, seed: int, net, enc, cfg: TrainConfig, cur: dict) -> dict:
+        a = self.a
+        mr = MethodRun(m, net, self.trainable(net), enc, cfg, cur["start"], progress=not a.no_progress)
+        if cur.get("active") is not None and cur["active"]["method"] == m:
+            mr.load_state_dict(cur["active"])
+            self.say(f"{LABELS[m]}: resumed at step {mr.step} ({mr.meter.queries:,} queries)")
+
+        def checkpoint_fn(run_):
+            cur["active"] = run_.state_dict()
+            self.save_state()
+
+        r = mr.run(checkpoint_fn if self.checkpointing else None, a.checkpoint_every)
+        if a.save_weights and self.main_rank:
+            wdir = os.path.join(a.out, "weights")
+            os.makedirs(wdir, exist_ok=True)
+            ck.save_file(os.path.join(wdir, f"seed{seed}_{m}.pt"),
+                         {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+        rm = record(m, r)
+        self.say(f"{LABELS[m]} (lr {r.lr:g}): {r.steps} steps, {r.queries:,} queries, train loss "
+                 f"{rm['train_loss']:.4f}, val acc {rm['val_acc']:.3f}, test acc {rm['test_acc']:.3f} (start "
+                 f"{cur['start']['test_acc']:.3f}), {rm['wall_s']:.0f} s"
+                 + ("  (DIVERGED: loss not finite)" if r.diverged else ""))
+        return rm
+
+    def run_seed(self, seed: int) -> dict:
+        """Every method on this seed from the same start; returns the seed's entry of results.json."""
+        a, t_seed = self.a, time.perf_counter()
+        info = self.prepare(seed)
+        data, enc, net, summary = info["data"], info["enc"], info["net"], info["summary"]
+        cfg = self.config(seed)
+        self.say(f"zo-finetune: {summary['architecture']} ({a.head} head, {summary['tuning']} FT: "
+                 f"{summary['params_trainable']:,} of {summary['params_total']:,} params trained, {a.dtype}) on "
+                 f"{data.name}: {a.n_train}/{a.n_val}/{a.n_test} examples, {data.num_labels} labels, max "
+                 f"{a.max_length} tokens (mean {enc['train'].mean_tokens():.1f}); device {self.device}, "
+                 f"{self.threads} threads; seed {seed}; ZO budget {self.queries:,} queries each, objective "
+                 f"{a.objective}")
+        grad = [m for m in self.methods if not is_zo(m) or METHODS[m].differentiates]
+        if a.objective != "loss" and grad:
+            self.say(f"note: --objective {a.objective} applies to the ZO methods; first-order and forward-gradient "
+                     f"methods ({', '.join(grad)}) keep cross-entropy (they need a derivative)")
+        init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        cur = self._start(seed, net, enc, cfg)
+        start = cur["start"]
+        self.say(f"start (zero-shot, {a.head} head): train loss {start['train_loss']:.4f}, "
+                 f"test acc {start['test_acc']:.3f}")
+        results = {}
+        for m in self.methods:
+            if m in cur["done"]:
+                results[m] = cur["done"][m]
+                self.say(f"{LABELS[m]}: done before the resume")
+                continue
+            net.load_state_dict(init_state)
+            results[m] = self._run_method(m, seed, net, enc, cfg, cur)
+            if self.checkpointing:
+                cur["done"][m] = results[m]
+                cur["active"] = None
+                self.save_state()
+        self.info = info
+        # seed_wall_s: loading, start evaluation and every method of this seed (this process only)
+        return {"seed": seed, "start": start, "start_eval_s": cur["start_eval_s"], "methods": results,
+                "seed_wall_s": time.perf_counter() - t_seed}
+
+    # ------------------------------------------------------------ memory
+    def measure_memory(self, info: dict) -> dict:
+        """Peak memory: one process per kind, on the same fixed batch (the first training batch,
+        padded to max length)."""
+        a, enc = self.a, info["enc"]
+        batch_file = os.path.join(a.out, "memory_batch.pt")
+        b = enc["train"].batch(range(min(a.batch_size, len(enc["train"]))), pad_to=a.max_length)
+        torch.save({k: v.cpu() for k, v in b.items()}, batch_file)
+        cfg0 = self.config(self.seeds[0], distributed=False)
+        spec = {"model": self.model_path, "num_labels": info["data"].num_labels, "dtype": a.dtype,
+                "device": self.device, "seed": self.seeds[0], "partial": a.partial, "bitfit": a.bitfit,
+                "peft": None if self.peft_spec is None else asdict(self.peft_spec), "batch_file": batch_file,
+                "threads": self.threads, "head": a.head, "descriptions": info["descriptions"],
+                "temperature": a.temperature, "steps": max(a.memory_steps, cfg0.option("q") + 1),
+                "cfg": asdict(cfg0)}
+        memory = mem_mod.measure_all(["runtime", "inference"] + self.methods, spec,
+                                     workers=1 if self.device.startswith("cuda") else self.threads)
+        try:
+            os.remove(batch_file)
+        except OSError:
+            pass
+        for k in [k for k, v in memory.items() if "error" in v]:
+            self.say(f"memory measurement for {k} failed: {memory[k]['error']}")
+        return memory
+
+    # --------------------------------------------------------------- run
+    def run(self) -> dict:
+        a, state = self.a, self.state
+        runs = list(state["runs"]) if state is not None else []
+        done_seeds = {r["seed"] for r in runs}
+        self.info = None
+        for seed in self.seeds:
+            if seed in done_seeds:
+                continue
+            runs.append(self.run_seed(seed))
+            if self.checkpointing:
+                state["runs"] = runs
+                state["current"] = None
+                self.save_state()
+        info = self.info
+        if info is None:            # every seed was done before the resume: only the report is left
+            info = self.prepare(self.seeds[0])
+        memory = {} if a.no_memory else self.measure_memory(info)
+        return self.report(runs, info, memory)
+
+    def report(self, runs: list, info: dict, memory: dict) -> dict:
+        """results.json, curves.png and the printed table."""
+        a, data, enc = self.a, info["data"], info["enc"]
+        total = time.perf_counter() - self.t_start
+        agg = report.aggregate(runs)
+        tab = report.table(agg, memory)
+        device, threads = self.device, self.threads
+        machine = f"{cpu_name()}, {threads} threads" if device == "cpu" else torch.cuda.get_device_name(device)
+        model_name = "all-MiniLM-L6-v2" if a.model is None else os.path.basename(str(a.model).rstrip("/"))
+        out = {"config": {**vars(a), "methods": self.methods, "seeds": self.seeds, "queries": self.queries,
+                          "model_path": self.model_path, "model_name": model_name, "dataset_name": data.name,
+                          "labels": data.label_names, "label_descriptions": info["descriptions"],
+                          "threads": threads, "argv": self.argv},
+               "machine": {"cpu": cpu_name(), "device": device, "threads": threads,
+                           "python": platform.python_version(), "torch": torch.__version__,
+                           "platform": platform.platform(), "zo_backend": _backend_name(), "name": machine},
+               "model": info["summary"], "data": {"n_available": data.n_available, **data.meta,
+                                                  "mean_train_tokens": enc["train"].mean_tokens()},
+               # single-seed layout kept: "start" / "methods" are the first seed's; "runs" has every seed
+               "start": runs[0]["start"], "start_eval_s": runs[0]["start_eval_s"], "methods": runs[0]["methods"],
+               "runs": runs, "summary": agg, "memory": memory, "total_wall_s": total, "table": tab}
+        out["config"]["world_size"] = zdist.get_world_size()
+        if self.main_rank:
+            with open(os.path.join(a.out, "results.json"), "w") as f:
+                json.dump(out, f, indent=2, default=float)
+            report.plot(agg, os.path.join(a.out, "curves.png"), report.plot_title(out["config"], out["machine"]))
+        say = self.say
+        say("")
+        say(tab)
+        say("")
+        say("to MeZO peak: the first eval point whose test accuracy reaches MeZO's best eval point (after the "
+            "start) of the same seed; training seconds exclude evaluation"
+            + ("" if len(self.seeds) == 1 else "; mean over the seeds that reach it"))
+        say("memory: peak RSS of one process per method during a few steps on one batch of "
+            f"{a.batch_size} x {a.max_length} tokens; 'x inf' = / inference process, 'x inf-rt' = the same "
+            f"after subtracting the runtime baseline (imports, tokenizer, model code; no weights: "
+            f"{memory.get('runtime', {}).get('peak_rss_mb', float('nan')):.0f} MB)" if memory else "memory: skipped")
+        say(f"total wall time {total:.0f} s; wrote {os.path.join(a.out, 'results.json')} and "
+            f"{os.path.join(a.out, 'curves.png')}")
+        return out
