@@ -39,8 +39,7 @@ def why_not(backend: str, device: str, needs: Optional[str] = None) -> Optional[
     return None
 
 
-def pairs(needs: Optional[str] = None, *, reference: bool = True, device: Optional[str] = None,
-          names: Optional[tuple] = None) -> list:
+def pairs(*, reference: bool = True, device: Optional[str] = None, names: Optional[tuple] = None) -> list:
     """(backend, device) for every registered backend on every device it declares, filtered: without
     the reference (reference=False), on one device kind, or among `names`.  Unavailable pairs included."""
     out = []
@@ -54,18 +53,13 @@ def pairs(needs: Optional[str] = None, *, reference: bool = True, device: Option
 
 
 def targets(needs: Optional[str] = None, **filters) -> list:
-    """pairs(needs, **filters) as pytest parameters for "backend,device", id "backend-device", each
+    """pairs(**filters) as pytest parameters for "backend,device", id "backend-device", each
     pair that cannot run here marked skip with its reason (why_not)."""
     params = []
-    for b, d in pairs(needs, **filters):
+    for b, d in pairs(**filters):
         why = why_not(b, d, needs)
         params.append(pytest.param(b, d, id=f"{b}-{d}", marks=() if why is None else pytest.mark.skip(reason=why)))
     return params
-
-
-def runnable(needs: Optional[str] = None, **filters) -> list:
-    """The pairs of targets() that run here (for tests that pick among them rather than parametrise)."""
-    return [(b, d) for b, d in pairs(needs, **filters) if why_not(b, d, needs) is None]
 
 
 def skip_unless(backend: str, device: str, needs: Optional[str] = None):

@@ -1,11 +1,13 @@
-"""The backend contract (docs/spec.md §1-§3), once, for every backend that runs here.
+"""The backend contract (docs/spec.md), once, for every backend: noise_axpy_, noise_, the exact-restore
+form (undo= / planes=), lowrank_noise_axpy_ and noise_adam_.
 
-Each backend is checked against the PyTorch reference and a float64 evaluation of the same call;
-CUDA backends join when a GPU is present.  What is specific to one backend (instruction sets,
+Each backend is checked against the PyTorch reference and a float64 evaluation of the same call.
+The backends come from tests/backends_helpers.py (one list: CUDA backends join when a GPU is present,
+what cannot run here is skipped with its reason).  What is specific to one backend (instruction sets,
 thread counts, PTX, alignment paths, allocation) stays in its own file.
 
-To add an op or a case: add a row to CASES (a call of noise_axpy_) or OPCHECKS
-(opcheck runs once per OPCHECKS row and device, not per backend: see test_opcheck).
+To add an op or a case: add a row to CASES (a call of noise_axpy_), ADAM_CASES (a call of noise_adam_)
+or OPCHECKS (opcheck runs once per OPCHECKS row and device, not per backend: see test_opcheck).
 """
 from __future__ import annotations
 
