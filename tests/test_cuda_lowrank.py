@@ -1,7 +1,7 @@
 """The low-rank pass on the CUDA C++ kernel (csrc/cuda/lowrank_kernel.cu) on a GPU: bit-identity with the CPU
 kernel (same factors, same IEEE operations in the same order; the exact form's planes too), mixed dtypes
 in one call, unaligned views, bad input, streams.  Against the reference: tests/test_backend_conformance.py;
-shards and exact restore on the GPU: tests/test_lowrank.py (its ON_DEVICES)."""
+shards and exact restore on the GPU: tests/test_lowrank.py (every backend of tests/backends_helpers.py)."""
 import pytest
 import torch
 

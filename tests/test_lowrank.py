@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+from backends_helpers import skip_unless, targets
 
 import zo_kernels
 from zo_kernels import lowrank as L
@@ -19,11 +20,7 @@ VEC = spec_vectors()
 KU = [N.step_key(5, s) for s in range(3)]
 KV = N.step_key(5, 100)
 HALF = [torch.bfloat16, torch.float16]
-BACKENDS = [b for b in ("cpu", "triton") if b in zo_kernels.available_backends()]
-# (backend, device): the CPU ones, and the CUDA C++ kernel on a GPU
-ON_DEVICES = [("reference", "cpu")] + [(b, "cpu") for b in BACKENDS]
-if torch.cuda.is_available() and "cuda" in zo_kernels.available_backends():
-    ON_DEVICES.append(("cuda", "cuda"))
+LOWRANK = targets("lowrank")
 
 
 def _w(shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -103,7 +100,7 @@ def test_dense_u_space_term_is_beta_m_vt():
     assert (p.double() - want).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("backend,device", ON_DEVICES)
+@pytest.mark.parametrize("backend,device", LOWRANK)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dim0_shards_equal_the_whole(backend, device, dtype):
     whole = _w((9, 6), dtype, seed=7).to(device)
@@ -116,7 +113,7 @@ def test_dim0_shards_equal_the_whole(backend, device, dtype):
 
 # ------------------------------------------------------------------------------------ bad input
 def _bad_cases():
-    m = lambda: [_w((4, 3)), _w(5)]  # noqa: E731
+    m = lambda d: [_w((4, 3)).to(d), _w(5).to(d)]  # noqa: E731
     return [
         ("rank 0", m, dict(rank=0), ValueError, "rank=0"),
         ("rank 65", m, dict(rank=65), ValueError, "rank=65"),
@@ -130,22 +127,22 @@ def _bad_cases():
         ("exact + vector dense", m, dict(rank=2, dense=[torch.zeros(4, 2), torch.zeros(5)], undo=[0.0]), ValueError,
          "exact-restore form"),
         ("undo count", m, dict(rank=2, undo=[1.0, 2.0]), ValueError, "undo has 2 coefficients for 1 keys"),
-        ("non-contiguous", lambda: [_w((4, 3)).t()], dict(rank=2), ValueError, "not contiguous"),
+        ("non-contiguous", lambda d: [_w((4, 3)).to(d).t()], dict(rank=2), ValueError, "not contiguous"),
         ("aliased", None, dict(rank=2), ValueError, "share memory"),
         ("rounding", m, dict(rank=2, rounding="up"), ValueError, "rounding"),
     ]
 
 
 @pytest.mark.parametrize("name,make,kw,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
-@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
-def test_bad_input_raises_before_writing(name, make, kw, exc, match, backend):
+@pytest.mark.parametrize("backend,device", LOWRANK)
+def test_bad_input_raises_before_writing(name, make, kw, exc, match, backend, device):
     if make is None:
-        t = _w((4, 3))
+        t = _w((4, 3)).to(device)
         params = [t, t]
     else:
-        params = make()
+        params = make(device)
     before = [p.clone() for p in params]
-    kw = dict(kw)
+    kw = {k: [t.to(device) for t in v] if k == "dense" else v for k, v in kw.items()}
     args = (params, [KU[0]], kw.pop("key_v", KV), kw.pop("alphas", [1.0]))
     with pytest.raises(exc, match=match):
         zo_kernels.lowrank_noise_axpy_(*args, backend=backend, **kw)
@@ -154,7 +151,7 @@ def test_bad_input_raises_before_writing(name, make, kw, exc, match, backend):
 
 
 # ----------------------------------------------------------------------------- exact restore
-@pytest.mark.parametrize("backend,device", ON_DEVICES)
+@pytest.mark.parametrize("backend,device", LOWRANK)
 @pytest.mark.parametrize("dtype", HALF)
 def test_exact_restore_returns_to_theta(backend, device, dtype):
     """+μUVᵀ (θ0's residues written to the plane), −μ (undo +μ, plane read), then undo −μ (plane read):
@@ -210,6 +207,6 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif("cpu" not in zo_kernels.available_backends(), reason="no native CPU backend")
+@skip_unless("cpu", "cpu", "lowrank")
 def test_cpu_allocates_nothing_of_theta_size():
     assert_no_temporaries(_RSS_SCRIPT)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from backends_helpers import backends_on
 
 import zo_kernels
 from zo_kernels.optim import (
@@ -238,8 +239,7 @@ def test_zo_adam_matches_torch_adam_with_zo_grad(decoupled):
     assert rel(want, nspsa64(theta0, x, y, batches, 1)) > 1e-2
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in zo_kernels.available_backends()
-                                     and "cpu" in zo_kernels.backends.get(b).devices])
+@pytest.mark.parametrize("backend", backends_on("cpu", "adam", reference=False))
 def test_zo_adam_native_backends_track_the_reference(backend):
     runs = []
     for b in (BACKEND, backend):

@@ -3,6 +3,7 @@ independence and the unaligned-view path.  The backend contract it shares with t
 tests/test_backend_conformance.py; its PTX is checked in tests/test_triton_aot.py."""
 import pytest
 import torch
+from backends_helpers import skip_unless
 
 import zo_kernels
 from zo_kernels import noise as N
@@ -10,10 +11,8 @@ from zo_kernels import noise as N
 from helpers import exact_axpy
 from native_helpers import assert_close_to_reference, make_tensor, run
 
-pytestmark = pytest.mark.skipif("triton" not in zo_kernels.available_backends(),
-                                reason=f"triton backend unavailable: {zo_kernels.backend_status().get('triton')}")
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = skip_unless("triton", DEVICE)
 KEYS = [N.step_key(11, s) for s in range(4)]
 
 
