@@ -16,17 +16,17 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from adam_helpers import COEFFS as ADAM_COEFFS
-from adam_helpers import KEYS as ADAM_KEYS
-from adam_helpers import AdamCase, check_adam_case, check_three_steps
-from adam_helpers import inputs as adam_inputs
-from backends_helpers import devices, targets
 
 import zo_kernels
 from zo_kernels import backends
 from zo_kernels import noise as N
 from zo_kernels import restore as R
 
+from adam_helpers import COEFFS as ADAM_COEFFS
+from adam_helpers import KEYS as ADAM_KEYS
+from adam_helpers import AdamCase, check_adam_case, check_three_steps
+from adam_helpers import inputs as adam_inputs
+from backends_helpers import devices, targets
 from helpers import assert_verbose_allclose, exact_axpy, spec_vectors, z_bound
 from native_helpers import assert_close_to_reference, check_against_reference, make_tensor, ordered, run
 

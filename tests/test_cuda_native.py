@@ -8,11 +8,11 @@ expected to be bit-identical; against the reference the usual bounds apply.
 """
 import pytest
 import torch
-from backends_helpers import skip_unless
 
 import zo_kernels
 from zo_kernels import noise as N
 
+from backends_helpers import skip_unless
 from helpers import z_bound
 from native_helpers import make_tensor
 from test_backend_conformance import CASES, MIXED

@@ -3,6 +3,7 @@ is bit-identical after a run; it is refused with --partial/--peft."""
 import json
 
 import pytest
+
 from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 torch = pytest.importorskip("torch")

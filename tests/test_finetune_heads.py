@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 torch = pytest.importorskip("torch")

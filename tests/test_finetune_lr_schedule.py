@@ -3,6 +3,7 @@ ZO step runs at base rate x factor(queries spent / budget), and --anneal with a 
 import json
 
 import pytest
+
 from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 torch = pytest.importorskip("torch")

@@ -5,9 +5,9 @@ import json
 import pytest
 
 pytest.importorskip("peft")
-from test_finetune_cli import _base, tiny  # noqa: E402,F401 (fixture)
-
 from zo_kernels.finetune.cli import main  # noqa: E402
+
+from test_finetune_cli import _base, tiny  # noqa: E402,F401 (fixture)
 
 
 @pytest.mark.parametrize("head,methods,memory", [("description", "mezo,mezo-svrg,fo-sgd", True),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from test_finetune_cli import REPO, _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 pytest.importorskip("transformers")

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+
 from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 torch = pytest.importorskip("torch")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 

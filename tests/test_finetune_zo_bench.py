@@ -2,11 +2,12 @@
 the optimizer's own query count (so equal budgets stay equal)."""
 import pytest
 import torch
-from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 from zo_kernels import optim
 from zo_kernels.finetune.config import TrainConfig
 from zo_kernels.finetune.registry import METHODS
+
+from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 NEW = {"n-spsa": optim.MeZO, "zo-sgd-sign": optim.ZOSGDSign, "zo-sgd-cons": optim.ZOSGDCons,
        "zo-sgd-mmt": optim.ZOSGDMomentum, "zo-sgd-mmt-dense": optim.ZOSGDMomentum, "zo-adam": optim.ZOAdam,

@@ -6,13 +6,13 @@ import textwrap
 
 import pytest
 import torch
-from backends_helpers import skip_unless, targets
 
 import zo_kernels
 from zo_kernels import lowrank as L
 from zo_kernels import noise as N
 from zo_kernels import restore as R
 
+from backends_helpers import skip_unless, targets
 from helpers import spec_vectors
 from native_helpers import assert_no_temporaries, ordered
 

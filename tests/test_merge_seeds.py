@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 from helpers import load_script
+from test_finetune_cli import _base, tiny  # noqa: F401  (the tiny model + data fixture)
 
 torch = pytest.importorskip("torch")
 

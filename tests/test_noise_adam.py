@@ -6,12 +6,12 @@ import textwrap
 
 import pytest
 import torch
-from adam_helpers import COEFFS, KEYS, SHAPES, check_adam_case, check_three_steps, inputs, run_adam
-from backends_helpers import skip_unless, why_not
 
 import zo_kernels
 from zo_kernels.native import ISAS, cpu_isas, on_isa
 
+from adam_helpers import COEFFS, KEYS, SHAPES, check_adam_case, check_three_steps, inputs, run_adam
+from backends_helpers import skip_unless, why_not
 from native_helpers import assert_no_temporaries
 from test_backend_conformance import ADAM_CASES
 

@@ -5,6 +5,7 @@ needed (tests/test_cuda_native.py-style runs on a GPU are still to do)."""
 import re
 
 import pytest
+
 from nvcc_helpers import ARCHS, ROOT, assert_no_spills_or_stack, check_glue_compiles, kernels, needs_nvcc, ptx_fixture
 
 KERNEL = ROOT / "csrc" / "cuda" / "adam_kernel.cu"

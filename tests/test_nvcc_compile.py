@@ -8,6 +8,7 @@ Both the ordinary kernels (noise_axpy_kernel<P, D>) and the exact-restore kernel
 import re
 
 import pytest
+
 from nvcc_helpers import ARCHS, ROOT, check_glue_compiles, compile_ptx, kernels, needs_nvcc, resource_usage
 
 KERNEL = ROOT / "csrc" / "cuda" / "noise_kernel.cu"

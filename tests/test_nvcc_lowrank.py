@@ -5,6 +5,7 @@ runs on a GPU are tests/test_cuda_lowrank.py and the low-rank rows of tests/test
 import re
 
 import pytest
+
 from nvcc_helpers import ARCHS, ROOT, assert_no_spills_or_stack, check_glue_compiles, kernels, needs_nvcc, ptx_fixture
 
 KERNEL = ROOT / "csrc" / "cuda" / "lowrank_kernel.cu"

@@ -4,10 +4,11 @@ import warnings
 
 import pytest
 import torch
-from backends_helpers import backends_on
 
 import zo_kernels
 from zo_kernels import backends
+
+from backends_helpers import backends_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from backends_helpers import backends_on
 
 import zo_kernels
 from zo_kernels.optim import (
@@ -28,6 +27,7 @@ from zo_kernels.optim import (
 )
 from zo_kernels.optim.spsa import direction_key
 
+from backends_helpers import backends_on
 from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
 
 BACKEND = "reference"

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from backends_helpers import targets
 
 import zo_kernels
 from zo_kernels import noise as N
+
+from backends_helpers import targets
 
 HALF = [torch.bfloat16, torch.float16]
 

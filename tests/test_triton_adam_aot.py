@@ -2,6 +2,7 @@
 tests/test_triton_aot.py: no local memory, fast sin/cos, vector loads/stores of θ, m and v on the
 aligned path, and IEEE (round-to-nearest) sqrt and division."""
 import pytest
+
 from aot_helpers import aligned_cases, check_targets_and_no_local_memory, module_ptx, vector_access
 
 pytest.importorskip("triton")

@@ -7,6 +7,7 @@ sin/cos.  Compiled in a subprocess without TRITON_INTERPRET.
 import json
 
 import pytest
+
 from aot_helpers import WIDE, local_memory, run_compiled, vector_access
 
 pytest.importorskip("triton")

@@ -3,11 +3,11 @@ independence and the unaligned-view path.  The backend contract it shares with t
 tests/test_backend_conformance.py; its PTX is checked in tests/test_triton_aot.py."""
 import pytest
 import torch
-from backends_helpers import skip_unless
 
 import zo_kernels
 from zo_kernels import noise as N
 
+from backends_helpers import skip_unless
 from helpers import exact_axpy
 from native_helpers import assert_close_to_reference, make_tensor, run
 

@@ -2,6 +2,7 @@
 tests/test_triton_aot.py: the target, no local memory (spills), and θ's loads and stores vectorised on
 the aligned path (one quad: v4 for fp32, v2 for bf16)."""
 import pytest
+
 from aot_helpers import aligned_cases, check_targets_and_no_local_memory, module_ptx
 
 pytest.importorskip("triton")
