@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpy import (
+from .helpers import (
     _TL,
     _config,
     _invert_rounding,

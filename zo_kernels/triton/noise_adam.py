@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpy import (
+from .helpers import (
     _TL,
     DTYPES,
     INTERPRET,
