@@ -49,9 +49,10 @@ import torch
 
 from .. import distributed as _zdist
 from .._comm import ZOComm, make_comm
-from ..noise import M64, check_u64, mix_keys, step_key
-from ..ops import ROUNDINGS, noise_axpy_
+from ..noise import M64, check_u64
+from ..ops import noise_axpy_
 from ..restore import PLANE_BITS, PLANE_DTYPES, make_planes
+from ..rounding import ROUNDINGS, step_rounding_key
 from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
 from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
@@ -60,7 +61,6 @@ from .sharded_state import check_state
 NAN_POLICIES = ("raise", "skip")
 RESTORES = ("auto", "exact", "fused")
 _HALF = (torch.bfloat16, torch.float16)
-_ROUNDING_TAG = 0x524F554E44  # "ROUND": domain separation of the per-call stochastic-rounding keys
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -314,7 +314,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         keys = [k & M64 for k in call.keys]
         alphas = list(call.alphas)
         undo = None if call.undo is None else list(call.undo)
-        rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
+        rkey = step_rounding_key(self.seed, self._t, self._call_idx)
         self._call_idx += 1
         run_ts, run_ids, run_planes = tensors, tids, planes
         if offsets is not None:

@@ -51,8 +51,9 @@ from .. import distributed as _zdist
 from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, cols_of, lowrank_noise_axpy_
 from ..noise import M64, mix_keys, step_key
 from ..ops import noise_, noise_axpy_
+from ..rounding import step_rounding_key
 from ..validate import check_int
-from .base import _ROUNDING_TAG, ZOOptimizer
+from .base import ZOOptimizer
 from .points import Call, Point
 from .sharded_state import local_state, shard_like
 
@@ -94,7 +95,7 @@ class LOZO(ZOOptimizer):
         keys = [k & M64 for k in call.keys]
         alphas, gamma, rounding = list(call.alphas), call.gamma, call.rounding
         undo = None if call.undo is None else list(call.undo)
-        rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
+        rkey = step_rounding_key(self.seed, self._t, self._call_idx)
         self._call_idx += 1
         dense, beta = None, 0.0
         if MOMENTUM in keys:
