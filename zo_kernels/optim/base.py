@@ -2,10 +2,11 @@
 
 Every change a ZO optimizer makes to the weights is a move between bookkept points
 (`zo_kernels.optim.points`): the algorithm says *where the weights should be* and `_goto` works out
-the fused call that gets them there; `_noise_axpy` is the only place that calls
-`zo_kernels.noise_axpy_`.  Tensor ids: a parameter's id in the noise counter is its position in the
-optimizer's flattened parameter list (group 0's params in order, then group 1's, ...), frozen ones
-included, so freezing or unfreezing a tensor never changes the noise of the others.
+the fused call that gets them there; `_noise_axpy` is the one path from such a call to the ops
+(it prepares the pass, `_issue`s it -- noise_axpy_, or LOZO's low-rank op -- and records it).
+Tensor ids: a parameter's id in the noise counter is its position in the optimizer's flattened
+parameter list (group 0's params in order, then group 1's, ...), frozen ones included, so freezing
+or unfreezing a tensor never changes the noise of the others.
 
 How to add an optimizer (ZO-SGD-Sign, say: θ ← γθ − η·sign(l+ − l−)·z) -- one small file:
 
@@ -92,6 +93,23 @@ class LocalGroup:
     shards: List[torch.Tensor]      # what the pass writes: p.to_local(), or p itself
     tids: List[int]
     offsets: Optional[List[int]]    # None when no tensor is sharded (the op's default: all 0)
+
+
+@dataclass
+class Pass:
+    """One fused pass on the weights as `_noise_axpy` prepared it (empty shards left out)."""
+
+    tensors: List[torch.Tensor]
+    tids: List[int]
+    keys: List[int]                 # unsigned 64-bit
+    alphas: List[float]
+    undo: Optional[List[float]]     # the exact-restore form (docs/spec.md §4), or None
+    gamma: float
+    rounding: str
+    rounding_key: int
+    planes: Optional[list]
+    offsets: Optional[List[int]]
+    record_tids: List[int]          # every tensor's id, empty shards too: the record is the same on every rank
 
 
 # ------------------------------------------------------------------ validation
@@ -307,13 +325,19 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------- the noise path
     def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], call: Call, *, log: bool = True,
                     planes: Optional[list] = None, offsets: Optional[List[int]] = None) -> None:
-        """The only call of zo_kernels.noise_axpy_ in the optimizers (and its trajectory record).
+        """The one path from a planned call to the ops: prepare the pass, issue it, record it.
 
-        offsets: global element offsets of shards (DTensor local tensors); empty shards are dropped
-        here, after the call index (and so every later rounding key) advanced as on every rank."""
-        keys = [k & M64 for k in call.keys]
-        alphas = list(call.alphas)
-        undo = None if call.undo is None else list(call.undo)
+        offsets: global element offsets of shards (DTensor local tensors).  A subclass whose passes
+        are another op's (LOZO: the low-rank one) overrides `_issue` only."""
+        p = self._prepare_pass(tensors, tids, call, planes, offsets)
+        extra = self._issue(p)
+        if log and self.trajectory is not None:
+            self.trajectory.append(self._pass_record(p, extra))
+
+    def _prepare_pass(self, tensors: List[torch.Tensor], tids: List[int], call: Call, planes: Optional[list],
+                      offsets: Optional[List[int]]) -> Pass:
+        """The pass's arguments: unsigned keys, this pass's rounding key, and empty shards dropped --
+        after the call index (and so every later rounding key) advanced as on every rank."""
         rkey = step_rounding_key(self.seed, self._t, self._call_idx)
         self._call_idx += 1
         run_ts, run_ids, run_planes = tensors, tids, planes
@@ -323,18 +347,29 @@ class ZOOptimizer(torch.optim.Optimizer):
                 run_ts, run_ids = [tensors[i] for i in keep], [tids[i] for i in keep]
                 offsets = [offsets[i] for i in keep]
                 run_planes = None if planes is None else [planes[i] for i in keep]
-        if run_ts:
-            noise_axpy_(run_ts, keys, alphas, gamma=call.gamma, rounding=call.rounding, tensor_ids=run_ids,
-                        offsets=offsets, rounding_key=rkey, backend=self.backend, undo=undo, planes=run_planes)
-        if log and self.trajectory is not None:
-            rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
-                   "gamma": float(call.gamma), "tensor_ids": list(tids), "rounding": call.rounding,
-                   "rounding_key": rkey}
-            if undo is not None:
-                rec["undo"] = [float(u) for u in undo]
-                rec["plane"] = None if planes is None else ("read" if any(undo) else "write")
-                rec["plane_bits"] = self.plane_bits
-            self.trajectory.append(rec)
+        return Pass(run_ts, run_ids, [k & M64 for k in call.keys], list(call.alphas),
+                    None if call.undo is None else list(call.undo), call.gamma, call.rounding, rkey, run_planes,
+                    offsets, list(tids))
+
+    def _issue(self, p: Pass) -> dict:
+        """Run the pass: the only call of zo_kernels.noise_axpy_ on the weights.  Returns the op's
+        arguments beyond the Pass's fields, for the trajectory record (here none)."""
+        if p.tensors:
+            noise_axpy_(p.tensors, p.keys, p.alphas, gamma=p.gamma, rounding=p.rounding, tensor_ids=p.tids,
+                        offsets=p.offsets, rounding_key=p.rounding_key, backend=self.backend, undo=p.undo,
+                        planes=p.planes)
+        return {}
+
+    def _pass_record(self, p: Pass, extra: dict) -> dict:
+        """The trajectory entry of a pass (`replay` re-issues it)."""
+        rec = {"step": self._t, "keys": list(p.keys), "alphas": [float(a) for a in p.alphas],
+               "gamma": float(p.gamma), "tensor_ids": list(p.record_tids), "rounding": p.rounding,
+               "rounding_key": p.rounding_key, **extra}
+        if p.undo is not None:
+            rec["undo"] = [float(u) for u in p.undo]
+            rec["plane"] = None if p.planes is None else ("read" if any(p.undo) else "write")
+            rec["plane_bits"] = self.plane_bits
+        return rec
 
     def _exact_active(self, tensors: List[torch.Tensor]) -> bool:
         """Exact restore applies to half-precision weights by default (restore="auto")."""
