@@ -263,3 +263,22 @@ def f64_bits(xs) -> list:
 
 
 
+
+# ------------------------------------------------------------ ahead of time
+def compile_ptx(kernel, cc: int, signature: dict, constexprs: dict, *, aligned=(0,), num_warps: int = 4) -> str:
+    """PTX of `kernel` for sm_<cc>, without a GPU: what each kernel module's `aot_ptx` calls.
+
+    signature: the Triton type of every runtime argument ("*i64", "fp32", ...); every other argument
+    is a constexpr whose value `constexprs` gives (a dtype by its triton.language name, "float32").
+    aligned: the pointer arguments known to be 16-byte aligned, as every torch allocation is.
+    Run without TRITON_INTERPRET: under the interpreter triton.language's own helpers are
+    interpreted functions (see aot.py)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
+    const = {k: getattr(tl, v) if isinstance(v, str) else v for k, v in constexprs.items()}
+    src = ASTSource(kernel, sig, constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                       options={"num_warps": num_warps, "enable_fp_fusion": True})
+    return k.asm["ptx"]

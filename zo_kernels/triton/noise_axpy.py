@@ -1,4 +1,5 @@
-"""Triton kernel of the primitive: every tensor of a list in one launch, z regenerated in registers.
+"""Triton kernel of the primitive (docs/spec.md §2-§4): every tensor of a list in one launch, z regenerated
+in registers.
 
     θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t
 
@@ -29,6 +30,7 @@ from .helpers import (
     _round_store,
     _walk_quads,
     _write_plane,
+    compile_ptx,
     f64_bits,
 )
 
@@ -106,6 +108,38 @@ def _noise_axpy_kernel(tab, T, gamma, beta, stream,
                     (K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS),
                     n, off, t % nprog == pid, pid, nprog, ALIGNED, BLOCK)
 
+
+
+# ------------------------------------------------------------ ahead of time
+# (name, constexprs); dtype names are resolved against triton.language.
+AOT_CASES = [
+    ("k1_fp32", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32")),
+    ("k2_fp32_dense", dict(K=2, HAS_X=True, HAS_DENSE=True, SR=False, OUT="float32", DENSE="float32")),
+    ("k4_bf16", dict(K=4, HAS_X=True, HAS_DENSE=False, SR=False, OUT="bfloat16", DENSE="bfloat16")),
+    ("k2_bf16_dense_sr", dict(K=2, HAS_X=True, HAS_DENSE=True, SR=True, OUT="bfloat16", DENSE="float32")),
+    ("k1_fp16_sr", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=True, OUT="float16", DENSE="float16")),
+    ("noise_fp32", dict(K=1, HAS_X=False, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32")),
+    ("k2_fp32_unaligned", dict(K=2, HAS_X=True, HAS_DENSE=True, SR=False, OUT="float32", DENSE="float32",
+                               ALIGNED=False)),
+    # Exact restore: write the residue plane on +μ; invert (plane-resolved) on the next pass.
+    ("exact_bf16_write_plane2", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="bfloat16", DENSE="uint8",
+                                     EXACT=True, PLANE=1, PBITS=2)),
+    ("exact_bf16_invert_plane8", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="bfloat16", DENSE="int32",
+                                      EXACT=True, INVERT=True, PLANE=2, PBITS=8)),
+    ("exact_fp32_invert_noplane", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32",
+                                       EXACT=True, INVERT=True)),
+    ("k1_fp32_accurate_sincos", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32",
+                                     FAST=False)),
+]
+
+
+_AOT_SIGNATURE = {"tab": "*i64", "T": "i32", "gamma": "fp32", "beta": "fp32", "stream": "i32"}
+
+
+def aot_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
+    """PTX of the kernel for sm_<cc> without a GPU (helpers.compile_ptx; aot.py writes AOT_CASES)."""
+    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block, EXACT=False, INVERT=False, PLANE=0, PBITS=2), **const)
+    return compile_ptx(_noise_axpy_kernel, cc, _AOT_SIGNATURE, const, num_warps=num_warps)
 
 
 # --------------------------------------------------------------------- host
