@@ -8,29 +8,32 @@ Tensor ids: a parameter's id in the noise counter is its position in the optimiz
 parameter list (group 0's params in order, then group 1's, ...), frozen ones included, so freezing
 or unfreezing a tensor never changes the noise of the others.
 
-How to add an optimizer (ZO-SGD-Sign, say: θ ← γθ − η·sign(l+ − l−)·z) -- one small file:
+How to add an optimizer -- one small file.  A method that is a two-point SPSA estimate followed by
+an update subclasses `SPSAOptimizer` (zo_kernels.optim.spsa), whose `step` does the rest (q
+directions, the evaluations, failure and NaN handling, the distributed all-reduce, the step
+counter), and overrides one hook.  ZO-SGD-Sign (θ ← γθ − η·(1/q)Σ_j sign(d_j)·z_j,
+zo_kernels/optim/sign.py) is the whole of it:
 
-    class ZOSGDSign(ZOOptimizer):
-        def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, **options):
-            super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, **options)
+    class ZOSGDSign(SPSAOptimizer):
+        def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, *, n_directions=1, **core):
+            super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
+                             n_directions=n_directions, **core)
 
-        def step(self, closure=None):
-            if closure is None and self._closure_free_call():
-                return None
-            closure = self._require_closure(closure)
-            w = self._start_step()                          # layout, rank check, snapshot
-            k = step_key(self.seed, self._t)
-            entry = list(w.at)                              # where step found the weights
-            with self._failing_back(w, entry):              # an exception restores `entry`
-                lp, lm = self._sync_losses(*self._two_point(w, entry, k, closure))
-                if not (math.isfinite(lp) and math.isfinite(lm)):
-                    return self._failed_step(w, entry, {"loss+": lp, "loss-": lm})
-                s = math.copysign(1.0, lp - lm) if lp != lm else 0.0
-                self._goto(w, [Point(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * s)])
-                               for g in self.param_groups], final=True)
-                self._t += 1
-                return (lp + lm) / 2.0
+        def _coefficients(self, ds, group):         # c_j of the update θ ← γθ − η·Σ_j c_j z_j
+            q = len(ds)
+            return [((d > 0) - (d < 0)) / q for d in ds]
 
+The hooks (d_j = (l+_j − l−_j)/2 are the step's finite differences, keys[j] its directions' keys):
+    _coefficients(ds, group)       the c_j above (default d_j/(q·μ): ZO-SGD, which is MeZO)
+    _update(w, keys, ds, closure)  the whole update, when it is not γθ − η·Σ c_j z_j: move the weights
+                                   with self._goto(w, [Point(γ, [(key, coefficient), ...]) per group],
+                                   final=True) (momentum.py; zo_adam.py runs a fused noise_adam_ pass)
+    _before_perturb(closure)       evaluations at θ before the first perturbation (cons.py)
+    _snapshot_extra()              dense state the step writes before a failure can occur (snapshot=True)
+
+A method whose step is not of that shape (MeZO's lookahead, MeZO-SVRG's anchor, LOZO's low-rank
+passes) subclasses ZOOptimizer and writes `step` from the same parts: `_start_step`,
+`_failing_back`, `_two_point`, `_sync_losses`, `_failed_step`, `_goto` (see spsa.py's `step`).
 Options of the subclass that every rank must share go in `_options()`; `_exact_restore_allowed()`
 says whether the weights may use exact restore (not while they stay perturbed between steps);
 extra state goes through `_zo_state` / `_load_zo_state`.  The test for a new optimizer compares it
@@ -158,7 +161,8 @@ def _hooked_step(step):
 # ----------------------------------------------------------------------- base
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: layout, the one noise_axpy_ path, two-point evaluation, failure handling,
-    trajectory log, NaN policy, HF hooks.  Subclasses implement `step` (see the module docstring).
+    trajectory log, NaN policy, HF hooks.  Subclasses implement `step`, or subclass SPSAOptimizer and
+    override its hooks (see the module docstring).
 
     Options of every ZO optimizer (keyword arguments of MeZO, MeZOSVRG, ...):
         record: keep `opt.trajectory`, a list of every noise_axpy_ call on the weights (see `replay`).
