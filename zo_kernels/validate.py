@@ -1,11 +1,13 @@
 """Argument checks of the public ops, in one place: every call is checked before anything is written
 (docs/spec.md §2, "Validation contract").
 
-An op that writes tensors in place validates them with `check_tensors` (layout, dtype, device,
-autograd, inference tensors) and, first thing in its custom op's body, `check_no_overlap` (every
-written tensor against every other tensor of the call, by byte range), its coefficients with `check_scalar`, its keys with `check_key` and its
-integer lists with `check_index_list`.  A new op reuses these, so that "bad input raises before
-anything is written, naming the argument" holds for all of them.
+An op that writes tensors in place validates them with `check_tensors` or `check_params` (layout,
+dtype, device, autograd, inference tensors) and, first thing in its custom op's body,
+`check_no_overlap` (every written tensor against every other tensor of the call, by byte range),
+its coefficients with `check_scalar`, its keys with `check_key` and its integer lists with
+`check_index_list`.  A new op reuses these (and zo_kernels.rounding, .restore_args, .backends'
+`choose`), so that "bad input raises before anything is written, naming the argument" holds for
+all of them.
 """
 from __future__ import annotations
 
