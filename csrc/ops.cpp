@@ -1,8 +1,10 @@
-// zo_kernels._C: schemas of the native (internal) ops and the Python module stub.
+// zo_kernels._C: the schemas of every native (internal) op, and the Python module stub.
 //
-// The public ops zo_kernels::noise_axpy_ / noise_ are Python custom ops (zo_kernels/ops.py); their
-// "cpu" and "cuda" backends (zo_kernels/native.py) call these, whose CPU and CUDA dispatch keys get
-// the kernels of csrc/cpu and csrc/cuda. Keys are int64 two's complement of the unsigned 64-bit key.
+// The public ops zo_kernels::noise_axpy_ / noise_ (zo_kernels/ops.py), noise_adam_ (zo_kernels/adam.py)
+// and lowrank_noise_axpy_ (zo_kernels/lowrank.py) are Python custom ops; their "cpu" and "cuda" backends
+// (zo_kernels/native.py) call these, whose CPU and CUDA dispatch keys get the kernels of csrc/cpu and
+// csrc/cuda (each registers its implementations there, not a schema). Keys are int64 two's complement of
+// the unsigned 64-bit key.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -50,6 +52,10 @@ TORCH_LIBRARY_FRAGMENT(zo_kernels, m) {
   // scalars = (beta1, beta2, eps, step_size, bc2_sqrt, l2, gamma).
   m.def("_noise_adam_native(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int[] keys, "
         "float[] coeffs, float[] scalars, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
+  // The low-rank pass (zo_kernels/lowrank.py) for tensors with ndim >= 2; `undo` empty: no inversion.
+  m.def("_lowrank_axpy_native(Tensor(a!)[] params, int[] keys_u, int key_v, float[] alphas, float[] undo, "
+        "float gamma, Tensor[] dense, float beta, Tensor(b!)[] planes, int plane_bits, int rank, int stochastic, "
+        "int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
   // out float32/bfloat16/float16: z; out int32: the raw Philox words (the integer layer, for tests).
   m.def("_noise_native(Tensor(a!) out, int key, int tensor_id, int offset, int stream) -> ()");
   m.def("_philox4x32_native(int[] counter, int[] key) -> int[]", &philox4x32);

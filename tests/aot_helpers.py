@@ -18,7 +18,7 @@ mod = importlib.import_module(sys.argv[1])
 out = {}
 for cc in (80, 90):
     for name, const in mod.AOT_CASES:
-        out[f"{name}_sm{cc}"] = dict(const, cc=cc, ptx=mod.compile_ptx(cc, **dict(const)))
+        out[f"{name}_sm{cc}"] = dict(const, cc=cc, ptx=mod.aot_ptx(cc, **dict(const)))
 json.dump(out, open(sys.argv[2], "w"))
 """
 

@@ -1,4 +1,5 @@
-"""The fused ZO-Adam pass: custom op `zo_kernels::noise_adam_`, its validation and its reference.
+"""The fused ZO-Adam pass: custom op `zo_kernels::noise_adam_`, its validation and its reference
+(docs/spec.md §8).
 
 For every tensor t of the list, in fp32 registers (float64 for float64 tensors, reference only):
 
@@ -27,16 +28,8 @@ import torch
 
 from . import backends as _backends
 from .noise import DROPPED_BITS, normal, random_words, stochastic_round
-from .ops import (
-    ROUNDINGS,
-    _check_index_list,
-    _check_key,
-    _check_params,
-    _check_scalar,
-    _pick_backend,
-    default_rounding_key,
-)
-from .validate import check_no_overlap, named_tensors
+from .rounding import check_rounding, default_rounding_key
+from .validate import check_index_list, check_key, check_no_overlap, check_params, check_scalar, named_tensors
 
 
 @dataclass(frozen=True)
@@ -114,7 +107,7 @@ def _check_unaliased(*lists) -> None:
 
 
 def _check_range(x, name: str, lo: float, hi: float, lo_open=False, hi_open=True) -> float:
-    x = _check_scalar(x, name)
+    x = check_scalar(x, name)
     if (x < lo or (lo_open and x == lo)) or (x > hi or (hi_open and x == hi)):
         raise ValueError(f"{name}={x} is outside {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
     return x
@@ -135,7 +128,7 @@ def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step:
     rounding, tensor_ids, offsets, rounding_key, backend: as noise_axpy_ (θ's rounding only;
                  m and v are fp32 and round to nearest)
     """
-    params = _check_params(params)
+    params = check_params(params)
     exp_avgs = _check_states(exp_avgs, params, "exp_avgs")
     exp_avg_sqs = _check_states(exp_avg_sqs, params, "exp_avg_sqs")
     _check_unaliased(("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))
@@ -143,8 +136,8 @@ def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step:
         keys = [keys]
     if isinstance(coeffs, (int, float)):
         coeffs = [coeffs]
-    keys = [_check_key(k, f"keys[{j}]") for j, k in enumerate(keys)]
-    coeffs = [_check_scalar(c, f"coeffs[{j}]") for j, c in enumerate(coeffs)]
+    keys = [check_key(k, f"keys[{j}]") for j, k in enumerate(keys)]
+    coeffs = [check_scalar(c, f"coeffs[{j}]") for j, c in enumerate(coeffs)]
     if len(keys) != len(coeffs):
         raise ValueError(f"len(keys)={len(keys)} but len(coeffs)={len(coeffs)}: one coefficient per key")
     if not keys:
@@ -162,19 +155,16 @@ def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step:
         raise TypeError(f"decoupled must be a bool, got {type(decoupled).__name__}")
     if decoupled and lr * weight_decay >= 1.0:
         raise ValueError(f"lr * weight_decay = {lr * weight_decay} must be < 1 with decoupled weight decay")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    check_rounding(rounding)
     n = len(params)
-    tensor_ids = _check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
-    offsets = _check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
+    tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
+    offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
     sc = AdamScalars.make(lr, b1, b2, eps, step, weight_decay, decoupled)
     if rounding_key is None:
         rounding_key = default_rounding_key(keys, coeffs, sc.gamma, sc.step_size)
-    rounding_key = _check_key(rounding_key, "rounding_key")
-    chosen = _pick_backend(params, backend)
-    if chosen.adam is None:
-        raise NotImplementedError(f"backend {chosen.name!r} has no fused Adam pass; backends that do: "
-                                  f"{[b for b in _backends.available_backends() if _backends.get(b).adam]}")
+    rounding_key = check_key(rounding_key, "rounding_key")
+    chosen = _backends.choose(params, backend)
+    _backends.require(chosen, "adam", "has no fused Adam pass")
     with torch.no_grad():
         _noise_adam_op(params, exp_avgs, exp_avg_sqs, keys, coeffs, sc.as_list(), rounding, tensor_ids, offsets,
                        rounding_key, chosen.name)

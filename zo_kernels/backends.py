@@ -1,4 +1,5 @@
-"""Backend registry: which implementations of the primitive exist, and which one runs.
+"""Backend registry: which implementations of the primitive exist, and which one runs (docs/spec.md §2,
+"Op and backends").
 
 A backend is a pair of plain functions behind the one custom op:
 
@@ -12,7 +13,7 @@ A backend is a pair of plain functions behind the one custom op:
             tensor_ids, offsets, rounding_key)                 (optional; see zo_kernels.lowrank)
 
 Keys arrive as two's complement int64 Python ints (the form that crosses
-torch.library).  Arguments are already validated by zo_kernels.ops.
+torch.library).  Arguments are already validated by the public op (zo_kernels.ops, .adam, .lowrank).
 """
 from __future__ import annotations
 
@@ -86,6 +87,25 @@ def last_backend() -> Optional[str]:
 def _set_last(name: str) -> None:
     global _last_backend
     _last_backend = name
+
+
+def choose(params, requested: Optional[str] = None) -> Backend:
+    """The backend of one call on `params` (see `resolve`): one backend for all their dtypes."""
+    dtypes = {p.dtype for p in params}
+    chosen = {resolve(params[0].device, dt, requested).name for dt in dtypes}
+    if len(chosen) > 1:
+        # Only possible without an explicit request (float64 beside fp32, say): the reference
+        # computes every dtype in one call.
+        return get("reference")
+    return get(chosen.pop())
+
+
+def require(backend: Backend, capability: str, lacks: str) -> None:
+    """Raise NotImplementedError when `backend` lacks an optional pass (`capability`: a field of
+    Backend), naming the backends that have it; `lacks` says what is missing."""
+    if getattr(backend, capability) is None:
+        raise NotImplementedError(f"backend {backend.name!r} {lacks}; backends that do: "
+                                  f"{[n for n in available_backends() if getattr(get(n), capability)]}")
 
 
 def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:

@@ -1,9 +1,10 @@
-"""Low-rank noise (LOZO, Chen et al. ICLR 2025) and its fused primitive, with the PyTorch reference.
+"""Low-rank noise (LOZO, Chen et al. ICLR 2025) and its fused primitive, with the PyTorch reference
+(docs/spec.md §7).
 
     lowrank_noise_axpy_(params, keys_u, key_v, alphas, rank=r)
         θ ← gamma·θ + Σ_j alphas[j]·U_j Vᵀ          (one pass over θ, for every tensor)
 
-The noise (DESIGN.md §7).  A tensor with ndim ≥ 2 is viewed as (m, n) = (shape[0], numel/shape[0]);
+The noise (docs/spec.md §7, which also states the op's signature and arithmetic).  A tensor with ndim ≥ 2 is viewed as (m, n) = (shape[0], numel/shape[0]);
 its perturbation is Z = U Vᵀ with U ∈ R^{m×r}, V ∈ R^{n×r}, both zo-noise v1 normals on their own
 Philox streams:
 
@@ -40,22 +41,22 @@ from typing import List, Optional
 import torch
 
 from . import backends as _backends
-from .noise import DROPPED_BITS, M64, float_bits, mix_keys, normal, random_words, stochastic_round
-from .ops import (
-    ROUNDINGS,
-    _check_index_list,
-    _check_key,
-    _check_params,
-    _check_scalar,
-    _check_tensor,
-    _pick_backend,
-    check_exact_args,
+from .noise import DROPPED_BITS, M64, normal, random_words, stochastic_round
+from .restore_args import check_exact_args
+from .rounding import check_rounding, lowrank_rounding_key
+from .validate import (
+    check_index_list,
+    check_int,
+    check_key,
+    check_no_overlap,
+    check_params,
+    check_scalar,
+    check_tensor,
+    named_tensors,
 )
-from .validate import check_int, check_no_overlap, named_tensors
 
 U_STREAM, V_STREAM = 3, 4
 MAX_RANK = 64
-_LOWRANK_TAG = 0x10C0F4C7  # domain separation of the default rounding keys from noise_axpy_'s
 
 
 # ---------------------------------------------------------------- the noise
@@ -192,12 +193,6 @@ def _(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bit
     return None
 
 
-def default_rounding_key(keys_u, key_v, alphas, gamma, beta, rank) -> int:
-    """Stochastic-rounding key derived from the call: reproducible, new for every distinct call."""
-    return mix_keys(_LOWRANK_TAG, *keys_u, key_v, rank, *(float_bits(a) for a in alphas), float_bits(gamma),
-                    float_bits(beta))
-
-
 def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: float = 1.0, dense=None,
                         beta: float = 0.0, rounding: str = "nearest", tensor_ids=None, offsets=None,
                         rounding_key=None, backend: Optional[str] = None, undo=None, planes=None) -> None:
@@ -218,24 +213,23 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
 
     Checks everything before anything is written.  Scratch: (m + n)·r floats per matrix.
     """
-    params = _check_params(params)
+    params = check_params(params)
     rank = check_int(rank, "rank", 1, MAX_RANK)
     if isinstance(keys_u, int) or (isinstance(keys_u, torch.Tensor) and keys_u.dim() == 0):
         keys_u = [keys_u]
     if isinstance(alphas, (int, float)) or (isinstance(alphas, torch.Tensor) and alphas.dim() == 0):
         alphas = [alphas]
-    keys_u = [_check_key(k, f"keys_u[{j}]") for j, k in enumerate(keys_u)]
-    key_v = _check_key(key_v, "key_v")
-    alphas = [_check_scalar(a, f"alphas[{j}]") for j, a in enumerate(alphas)]
+    keys_u = [check_key(k, f"keys_u[{j}]") for j, k in enumerate(keys_u)]
+    key_v = check_key(key_v, "key_v")
+    alphas = [check_scalar(a, f"alphas[{j}]") for j, a in enumerate(alphas)]
     if len(keys_u) != len(alphas):
         raise ValueError(f"len(keys_u)={len(keys_u)} but len(alphas)={len(alphas)}: one coefficient per key")
-    gamma = _check_scalar(gamma, "gamma")
-    beta = _check_scalar(beta, "beta")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    gamma = check_scalar(gamma, "gamma")
+    beta = check_scalar(beta, "beta")
+    check_rounding(rounding)
     n = len(params)
-    tensor_ids = _check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
-    offsets = _check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
+    tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
+    offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
     for i, p in enumerate(params):
         if p.dim() >= 2:
             cols = cols_of(p.shape)
@@ -252,7 +246,7 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
         for i, (d, p) in enumerate(zip(dense, params)):
             if d is None:
                 continue
-            _check_tensor(d, f"dense[{i}]", p.device)
+            check_tensor(d, f"dense[{i}]", p.device)
             if p.dim() >= 2:
                 if d.dtype != torch.float32 or tuple(d.shape) != (p.shape[0], rank):
                     raise ValueError(f"dense[{i}] must be a float32 ({p.shape[0]}, {rank}) U-space term for "
@@ -271,12 +265,10 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
         if exact:
             dense = [d if p.dim() >= 2 else torch.zeros(0, device=p.device) for d, p in zip(dense, params)]
     if rounding_key is None:
-        rounding_key = default_rounding_key(keys_u, key_v, alphas, gamma, beta, rank)
-    rounding_key = _check_key(rounding_key, "rounding_key")
-    chosen = _pick_backend(params, backend)
-    if chosen.lowrank is None:
-        raise NotImplementedError(f"backend {chosen.name!r} has no low-rank pass; backends that do: "
-                                  f"{[b for b in _backends.available_backends() if _backends.get(b).lowrank]}")
+        rounding_key = lowrank_rounding_key(keys_u, key_v, alphas, gamma, beta, rank)
+    rounding_key = check_key(rounding_key, "rounding_key")
+    chosen = _backends.choose(params, backend)
+    _backends.require(chosen, "lowrank", "has no low-rank pass")
     bits = 2
     if exact:
         undo, planes, bits = check_exact_args(params, keys_u, undo, planes, offsets, chosen)

@@ -1,4 +1,5 @@
-"""The native backends "cpu" (C++, csrc/cpu) and "cuda" (CUDA C++, csrc/cuda): Python glue.
+"""The native backends "cpu" (C++, csrc/cpu) and "cuda" (CUDA C++, csrc/cuda): Python glue (the ops of
+docs/spec.md §2, §4, §7, §8).
 
 Both are the ops of the extension zo_kernels._C, built from source by setup.py:
 

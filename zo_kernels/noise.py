@@ -1,4 +1,5 @@
-"""zo-noise v1 in plain PyTorch: the reference every backend is checked against.
+"""zo-noise v1 in plain PyTorch: the reference every backend is checked against (docs/spec.md §1;
+stochastic rounding: §3).
 
 z depends only on (key, tensor id, global element index, stream); see
 docs/spec.md §1.  Integer work is done in int64 tensors that

@@ -1,4 +1,5 @@
-"""The public primitive: validated wrappers around the `zo_kernels::noise_axpy_` custom op.
+"""The public primitive: validated wrappers around the `zo_kernels::noise_axpy_` custom op
+(docs/spec.md §2, its rounding §3, its exact-restore form §4).
 
     noise_axpy_(params, keys, alphas, gamma=1, dense=None, beta=0)
         θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t   for every tensor t
@@ -9,12 +10,14 @@ bit-identical.  The op itself only forwards to the chosen backend.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
 from . import backends as _backends
-from .noise import STREAM_NOISE, float_bits, mix_keys
+from .noise import STREAM_NOISE
+from .restore_args import check_exact_args
+from .rounding import ROUNDINGS, check_rounding, default_rounding_key
 from .validate import (
     FP32_MAX,
     PARAM_DTYPES,
@@ -23,12 +26,10 @@ from .validate import (
     check_no_overlap,
     check_scalar,
     check_tensor,
-    check_tensor_list,
     check_tensors,
     named_tensors,
 )
 
-ROUNDINGS = ("nearest", "stochastic")
 __all__ = ["noise_axpy_", "noise_", "ROUNDINGS", "PARAM_DTYPES", "default_rounding_key"]
 
 
@@ -74,36 +75,6 @@ def _(out, key, tensor_id, offset, stream, backend):
     return None
 
 
-# ------------------------------------------------------------------ validation
-# The checks live in zo_kernels.validate, shared by every op; these names are the ones the other
-# ops' modules (adam.py, lowrank.py) import from here.
-_check_key, _check_scalar, _check_tensor, _check_index_list = check_key, check_scalar, check_tensor, check_index_list
-
-
-def _check_params(params, name: str = "params") -> list:
-    """A list of tensors an op writes: validate.check_tensor_list, and no two share a byte (eager; the
-    custom op's body checks again with real tensors under torch.compile)."""
-    params = check_tensor_list(params, name)
-    if not torch.compiler.is_compiling():
-        check_no_overlap([(f"{name}[{i}]", p, True) for i, p in enumerate(params)])
-    return params
-
-
-def _pick_backend(params, backend: Optional[str]):
-    dtypes = {p.dtype for p in params}
-    chosen = {_backends.resolve(params[0].device, dt, backend).name for dt in dtypes}
-    if len(chosen) > 1:
-        # Only possible without an explicit request (float64 beside fp32, say): the reference
-        # computes every dtype in one call.
-        return _backends.get("reference")
-    return _backends.get(chosen.pop())
-
-
-def default_rounding_key(keys: Sequence[int], alphas: Sequence[float], gamma: float, beta: float) -> int:
-    """Stochastic-rounding key derived from the call itself: reproducible, and new for every distinct call."""
-    return mix_keys(0x5EED5EED, *keys, *(float_bits(a) for a in alphas), float_bits(gamma), float_bits(beta))
-
-
 # ----------------------------------------------------------------- public API
 def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: float = 0.0,
                 rounding: str = "nearest", tensor_ids=None, offsets=None, rounding_key=None,
@@ -136,57 +107,20 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
         raise ValueError(f"len(keys)={len(keys)} but len(alphas)={len(alphas)}: one coefficient per key")
     gamma = check_scalar(gamma, "gamma", limit)
     beta = check_scalar(beta, "beta", limit)
-    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    check_rounding(rounding)
     n = len(params)
     tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
     offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
     if rounding_key is None:
         rounding_key = default_rounding_key(keys, alphas, gamma, beta)
     rounding_key = check_key(rounding_key, "rounding_key")
-    chosen = _pick_backend(params, backend)
+    chosen = _backends.choose(params, backend)
     if undo is not None or planes is not None:
         _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen)
         return
     with torch.no_grad():
         _noise_axpy_op(params, keys, alphas, gamma, dense or [], beta, rounding, tensor_ids, offsets,
                        rounding_key, chosen.name)
-
-
-def check_exact_args(params, keys, undo, planes, offsets, chosen):
-    """The exact-restore arguments of noise_axpy_ / lowrank_noise_axpy_: (undo, planes, plane bits)."""
-    from .restore import PLANE_BITS, PLANE_DTYPES, plane_numel_bytes
-
-    wide = [p.dtype for p in params if p.dtype not in PLANE_DTYPES]
-    if wide:
-        raise TypeError(f"the exact-restore form (undo/planes) inverts float32/bfloat16/float16 rounding; got "
-                        f"{wide[0]} params (float64 is computed exactly enough: use the plain form)")
-    if chosen.axpy_exact is None:
-        raise NotImplementedError(f"backend {chosen.name!r} does not implement exact restore (undo/planes); "
-                                  f"backends that do: {[n for n in _backends.available_backends() if _backends.get(n).axpy_exact]}")
-    if undo is not None and (isinstance(undo, (str, bytes)) or not hasattr(undo, "__len__")):
-        raise TypeError(f"undo must be a list of coefficients, one per key, got {type(undo).__name__}")
-    undo = [0.0] * len(keys) if undo is None else [check_scalar(u, f"undo[{j}]") for j, u in enumerate(undo)]
-    if len(undo) != len(keys):
-        raise ValueError(f"undo has {len(undo)} coefficients for {len(keys)} keys")
-    bits = 2
-    if planes is not None:
-        planes = list(planes)
-        if len(planes) != len(params):
-            raise ValueError(f"planes has {len(planes)} tensors for {len(params)} params")
-        sizes = []
-        for i, (pl, p) in enumerate(zip(planes, params)):
-            if not isinstance(pl, torch.Tensor) or pl.dtype != torch.uint8 or not pl.is_contiguous():
-                raise TypeError(f"planes[{i}] must be a contiguous uint8 tensor from zo_kernels.restore.make_planes")
-            if pl.device != p.device:
-                raise ValueError(f"planes[{i}] is on {pl.device}, params[{i}] on {p.device}")
-            sizes.append((pl.numel(), plane_numel_bytes(p.numel(), offsets[i], 2)))
-        live = [(have, unit) for have, unit in sizes if unit]
-        if live:
-            bits = 2 * live[0][0] // live[0][1]
-            if bits not in PLANE_BITS or any(have != unit * bits // 2 for have, unit in live):
-                raise ValueError("planes do not match the params' sizes (make them with restore.make_planes)")
-    return undo, planes, bits
 
 
 def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen):

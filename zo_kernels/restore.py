@@ -1,4 +1,5 @@
-"""Exact restore: undo a rounded perturbation by inverting the rounding, not by adding −μz again.
+"""Exact restore: undo a rounded perturbation by inverting the rounding, not by adding −μz again
+(docs/spec.md §4).
 
 A perturbation pass computes y = F(θ0) = round(θ0 + Σ_j u_j·z_j) (fp32, one
 rounding to θ's dtype).  F is monotone on the grid of θ's dtype, so its

@@ -1,10 +1,13 @@
-"""Argument checks of the public ops, in one place: every call is checked before anything is written.
+"""Argument checks of the public ops, in one place: every call is checked before anything is written
+(docs/spec.md §2, "Validation contract").
 
-An op that writes tensors in place validates them with `check_tensors` (layout, dtype, device,
-autograd, inference tensors) and, first thing in its custom op's body, `check_no_overlap` (every
-written tensor against every other tensor of the call, by byte range), its coefficients with `check_scalar`, its keys with `check_key` and its
-integer lists with `check_index_list`.  A new op reuses these, so that "bad input raises before
-anything is written, naming the argument" holds for all of them.
+An op that writes tensors in place validates them with `check_tensors` or `check_params` (layout,
+dtype, device, autograd, inference tensors) and, first thing in its custom op's body,
+`check_no_overlap` (every written tensor against every other tensor of the call, by byte range),
+its coefficients with `check_scalar`, its keys with `check_key` and its integer lists with
+`check_index_list`.  A new op reuses these (and zo_kernels.rounding, .restore_args, .backends'
+`choose`), so that "bad input raises before anything is written, naming the argument" holds for
+all of them.
 """
 from __future__ import annotations
 
@@ -183,3 +186,12 @@ def check_tensors(params, name: str = "params", *, dense=None):
             if d.shape != p.shape:
                 raise ValueError(f"dense[{i}] has shape {tuple(d.shape)} but {name}[{i}] has {tuple(p.shape)}")
     return params, dense
+
+
+def check_params(params, name: str = "params") -> list:
+    """A list of tensors an op writes: check_tensor_list, and no two share a byte (eager; the
+    custom op's body checks again with real tensors under torch.compile)."""
+    params = check_tensor_list(params, name)
+    if not torch.compiler.is_compiling():
+        check_no_overlap([(f"{name}[{i}]", p, True) for i, p in enumerate(params)])
+    return params

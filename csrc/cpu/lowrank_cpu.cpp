@@ -1,4 +1,4 @@
-// CPU kernel of the low-rank pass (zo_kernels/lowrank.py is the reference; DESIGN.md section 7):
+// CPU kernel of the low-rank pass (zo_kernels/lowrank.py is the reference; docs/spec.md §7):
 //
 //   W = sum_j alpha_j U_j (+ beta D),  Wu = sum_j undo_j U_j       (m x r, fp32, from +0, keys in order)
 //   s[i, j] = sum_k W[i, k] V[j, k]                                 (from W[i,0] V[j,0], k in order)
@@ -10,7 +10,7 @@
 // the factors' normals) run in the instruction set cpu_isa() selects: lowrank_isa.h, compiled per ISA in
 // kernel_<isa>.cpp.
 //
-// Op schema and CPU registration live here (a fragment of the zo_kernels library).
+// The op's schema is in csrc/ops.cpp with the others; its CPU registration is here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -119,13 +119,6 @@ void lowrank_axpy_cpu(const LowrankCall& c) {
 }  // namespace
 }  // namespace cpu
 }  // namespace zo
-
-TORCH_LIBRARY_FRAGMENT(zo_kernels, m) {
-  // The low-rank pass (zo_kernels/lowrank.py) for tensors with ndim >= 2; `undo` empty: no inversion.
-  m.def("_lowrank_axpy_native(Tensor(a!)[] params, int[] keys_u, int key_v, float[] alphas, float[] undo, "
-        "float gamma, Tensor[] dense, float beta, Tensor(b!)[] planes, int plane_bits, int rank, int stochastic, "
-        "int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(zo_kernels, CPU, m) {
   m.impl("_lowrank_axpy_native", &zo::lowrank_axpy_op<c10::DeviceType::CPU, &zo::cpu::lowrank_axpy_cpu>);

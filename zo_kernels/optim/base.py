@@ -2,34 +2,38 @@
 
 Every change a ZO optimizer makes to the weights is a move between bookkept points
 (`zo_kernels.optim.points`): the algorithm says *where the weights should be* and `_goto` works out
-the fused call that gets them there; `_noise_axpy` is the only place that calls
-`zo_kernels.noise_axpy_`.  Tensor ids: a parameter's id in the noise counter is its position in the
-optimizer's flattened parameter list (group 0's params in order, then group 1's, ...), frozen ones
-included, so freezing or unfreezing a tensor never changes the noise of the others.
+the fused call that gets them there; `_noise_axpy` is the one path from such a call to the ops
+(it prepares the pass, `_issue`s it -- noise_axpy_, or LOZO's low-rank op -- and records it).
+Tensor ids: a parameter's id in the noise counter is its position in the optimizer's flattened
+parameter list (group 0's params in order, then group 1's, ...), frozen ones included, so freezing
+or unfreezing a tensor never changes the noise of the others.
 
-How to add an optimizer (ZO-SGD-Sign, say: θ ← γθ − η·sign(l+ − l−)·z) -- one small file:
+How to add an optimizer -- one small file.  A method that is a two-point SPSA estimate followed by
+an update subclasses `SPSAOptimizer` (zo_kernels.optim.spsa), whose `step` does the rest (q
+directions, the evaluations, failure and NaN handling, the distributed all-reduce, the step
+counter), and overrides one hook.  ZO-SGD-Sign (θ ← γθ − η·(1/q)Σ_j sign(d_j)·z_j,
+zo_kernels/optim/sign.py) is the whole of it:
 
-    class ZOSGDSign(ZOOptimizer):
-        def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, **options):
-            super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, **options)
+    class ZOSGDSign(SPSAOptimizer):
+        def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, *, n_directions=1, **core):
+            super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
+                             n_directions=n_directions, **core)
 
-        def step(self, closure=None):
-            if closure is None and self._closure_free_call():
-                return None
-            closure = self._require_closure(closure)
-            w = self._start_step()                          # layout, rank check, snapshot
-            k = step_key(self.seed, self._t)
-            entry = list(w.at)                              # where step found the weights
-            with self._failing_back(w, entry):              # an exception restores `entry`
-                lp, lm = self._sync_losses(*self._two_point(w, entry, k, closure))
-                if not (math.isfinite(lp) and math.isfinite(lm)):
-                    return self._failed_step(w, entry, {"loss+": lp, "loss-": lm})
-                s = math.copysign(1.0, lp - lm) if lp != lm else 0.0
-                self._goto(w, [Point(self._decay(g["lr"], g["weight_decay"]), [(k, -g["lr"] * s)])
-                               for g in self.param_groups], final=True)
-                self._t += 1
-                return (lp + lm) / 2.0
+        def _coefficients(self, ds, group):         # c_j of the update θ ← γθ − η·Σ_j c_j z_j
+            q = len(ds)
+            return [((d > 0) - (d < 0)) / q for d in ds]
 
+The hooks (d_j = (l+_j − l−_j)/2 are the step's finite differences, keys[j] its directions' keys):
+    _coefficients(ds, group)       the c_j above (default d_j/(q·μ): ZO-SGD, which is MeZO)
+    _update(w, keys, ds, closure)  the whole update, when it is not γθ − η·Σ c_j z_j: move the weights
+                                   with self._goto(w, [Point(γ, [(key, coefficient), ...]) per group],
+                                   final=True) (momentum.py; zo_adam.py runs a fused noise_adam_ pass)
+    _before_perturb(closure)       evaluations at θ before the first perturbation (cons.py)
+    _snapshot_extra()              dense state the step writes before a failure can occur (snapshot=True)
+
+A method whose step is not of that shape (MeZO's lookahead, MeZO-SVRG's anchor, LOZO's low-rank
+passes) subclasses ZOOptimizer and writes `step` from the same parts: `_start_step`,
+`_failing_back`, `_two_point`, `_sync_losses`, `_failed_step`, `_goto` (see spsa.py's `step`).
 Options of the subclass that every rank must share go in `_options()`; `_exact_restore_allowed()`
 says whether the weights may use exact restore (not while they stay perturbed between steps);
 extra state goes through `_zo_state` / `_load_zo_state`.  The test for a new optimizer compares it
@@ -49,9 +53,10 @@ import torch
 
 from .. import distributed as _zdist
 from .._comm import ZOComm, make_comm
-from ..noise import M64, check_u64, mix_keys, step_key
-from ..ops import ROUNDINGS, noise_axpy_
+from ..noise import M64, check_u64
+from ..ops import noise_axpy_
 from ..restore import PLANE_BITS, PLANE_DTYPES, make_planes
+from ..rounding import ROUNDINGS, step_rounding_key
 from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
 from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
@@ -60,7 +65,6 @@ from .sharded_state import check_state
 NAN_POLICIES = ("raise", "skip")
 RESTORES = ("auto", "exact", "fused")
 _HALF = (torch.bfloat16, torch.float16)
-_ROUNDING_TAG = 0x524F554E44  # "ROUND": domain separation of the per-call stochastic-rounding keys
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,6 +96,23 @@ class LocalGroup:
     shards: List[torch.Tensor]      # what the pass writes: p.to_local(), or p itself
     tids: List[int]
     offsets: Optional[List[int]]    # None when no tensor is sharded (the op's default: all 0)
+
+
+@dataclass
+class Pass:
+    """One fused pass on the weights as `_noise_axpy` prepared it (empty shards left out)."""
+
+    tensors: List[torch.Tensor]
+    tids: List[int]
+    keys: List[int]                 # unsigned 64-bit
+    alphas: List[float]
+    undo: Optional[List[float]]     # the exact-restore form (docs/spec.md §4), or None
+    gamma: float
+    rounding: str
+    rounding_key: int
+    planes: Optional[list]
+    offsets: Optional[List[int]]
+    record_tids: List[int]          # every tensor's id, empty shards too: the record is the same on every rank
 
 
 # ------------------------------------------------------------------ validation
@@ -140,7 +161,8 @@ def _hooked_step(step):
 # ----------------------------------------------------------------------- base
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: layout, the one noise_axpy_ path, two-point evaluation, failure handling,
-    trajectory log, NaN policy, HF hooks.  Subclasses implement `step` (see the module docstring).
+    trajectory log, NaN policy, HF hooks.  Subclasses implement `step`, or subclass SPSAOptimizer and
+    override its hooks (see the module docstring).
 
     Options of every ZO optimizer (keyword arguments of MeZO, MeZOSVRG, ...):
         record: keep `opt.trajectory`, a list of every noise_axpy_ call on the weights (see `replay`).
@@ -307,14 +329,20 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------- the noise path
     def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], call: Call, *, log: bool = True,
                     planes: Optional[list] = None, offsets: Optional[List[int]] = None) -> None:
-        """The only call of zo_kernels.noise_axpy_ in the optimizers (and its trajectory record).
+        """The one path from a planned call to the ops: prepare the pass, issue it, record it.
 
-        offsets: global element offsets of shards (DTensor local tensors); empty shards are dropped
-        here, after the call index (and so every later rounding key) advanced as on every rank."""
-        keys = [k & M64 for k in call.keys]
-        alphas = list(call.alphas)
-        undo = None if call.undo is None else list(call.undo)
-        rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
+        offsets: global element offsets of shards (DTensor local tensors).  A subclass whose passes
+        are another op's (LOZO: the low-rank one) overrides `_issue` only."""
+        p = self._prepare_pass(tensors, tids, call, planes, offsets)
+        extra = self._issue(p)
+        if log and self.trajectory is not None:
+            self.trajectory.append(self._pass_record(p, extra))
+
+    def _prepare_pass(self, tensors: List[torch.Tensor], tids: List[int], call: Call, planes: Optional[list],
+                      offsets: Optional[List[int]]) -> Pass:
+        """The pass's arguments: unsigned keys, this pass's rounding key, and empty shards dropped --
+        after the call index (and so every later rounding key) advanced as on every rank."""
+        rkey = step_rounding_key(self.seed, self._t, self._call_idx)
         self._call_idx += 1
         run_ts, run_ids, run_planes = tensors, tids, planes
         if offsets is not None:
@@ -323,18 +351,29 @@ class ZOOptimizer(torch.optim.Optimizer):
                 run_ts, run_ids = [tensors[i] for i in keep], [tids[i] for i in keep]
                 offsets = [offsets[i] for i in keep]
                 run_planes = None if planes is None else [planes[i] for i in keep]
-        if run_ts:
-            noise_axpy_(run_ts, keys, alphas, gamma=call.gamma, rounding=call.rounding, tensor_ids=run_ids,
-                        offsets=offsets, rounding_key=rkey, backend=self.backend, undo=undo, planes=run_planes)
-        if log and self.trajectory is not None:
-            rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
-                   "gamma": float(call.gamma), "tensor_ids": list(tids), "rounding": call.rounding,
-                   "rounding_key": rkey}
-            if undo is not None:
-                rec["undo"] = [float(u) for u in undo]
-                rec["plane"] = None if planes is None else ("read" if any(undo) else "write")
-                rec["plane_bits"] = self.plane_bits
-            self.trajectory.append(rec)
+        return Pass(run_ts, run_ids, [k & M64 for k in call.keys], list(call.alphas),
+                    None if call.undo is None else list(call.undo), call.gamma, call.rounding, rkey, run_planes,
+                    offsets, list(tids))
+
+    def _issue(self, p: Pass) -> dict:
+        """Run the pass: the only call of zo_kernels.noise_axpy_ on the weights.  Returns the op's
+        arguments beyond the Pass's fields, for the trajectory record (here none)."""
+        if p.tensors:
+            noise_axpy_(p.tensors, p.keys, p.alphas, gamma=p.gamma, rounding=p.rounding, tensor_ids=p.tids,
+                        offsets=p.offsets, rounding_key=p.rounding_key, backend=self.backend, undo=p.undo,
+                        planes=p.planes)
+        return {}
+
+    def _pass_record(self, p: Pass, extra: dict) -> dict:
+        """The trajectory entry of a pass (`replay` re-issues it)."""
+        rec = {"step": self._t, "keys": list(p.keys), "alphas": [float(a) for a in p.alphas],
+               "gamma": float(p.gamma), "tensor_ids": list(p.record_tids), "rounding": p.rounding,
+               "rounding_key": p.rounding_key, **extra}
+        if p.undo is not None:
+            rec["undo"] = [float(u) for u in p.undo]
+            rec["plane"] = None if p.planes is None else ("read" if any(p.undo) else "write")
+            rec["plane_bits"] = self.plane_bits
+        return rec
 
     def _exact_active(self, tensors: List[torch.Tensor]) -> bool:
         """Exact restore applies to half-precision weights by default (restore="auto")."""

@@ -49,11 +49,11 @@ import torch
 
 from .. import distributed as _zdist
 from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, cols_of, lowrank_noise_axpy_
-from ..noise import M64, mix_keys, step_key
+from ..noise import mix_keys, step_key
 from ..ops import noise_, noise_axpy_
 from ..validate import check_int
-from .base import _ROUNDING_TAG, ZOOptimizer
-from .points import Call, Point
+from .base import Pass, ZOOptimizer
+from .points import Point
 from .sharded_state import local_state, shard_like
 
 # Pseudo-key of LOZO-M's momentum in the bookkeeping: the U-space term of the update pass.  Real keys
@@ -89,13 +89,11 @@ class LOZO(ZOOptimizer):
         return step_key(self.seed, self.nu * (t // self.nu))
 
     # ------------------------------------------------------------- the noise path
-    def _noise_axpy(self, tensors, tids, call: Call, *, log=True, planes=None, offsets=None):
-        """Every weight move of the step goes through the low-rank op under the period's key_v."""
-        keys = [k & M64 for k in call.keys]
-        alphas, gamma, rounding = list(call.alphas), call.gamma, call.rounding
-        undo = None if call.undo is None else list(call.undo)
-        rkey = mix_keys(_ROUNDING_TAG, step_key(self.seed, self._t), self._call_idx)
-        self._call_idx += 1
+    def _issue(self, p: Pass) -> dict:
+        """Every weight move of the step is one low-rank pass under the period's key_v; LOZO-M's
+        momentum pseudo-key becomes that pass's U-space term.  (LOZO-M refuses record=True, so a
+        recorded pass never carries the pseudo-key.)"""
+        keys, alphas, undo = p.keys, p.alphas, p.undo
         dense, beta = None, 0.0
         if MOMENTUM in keys:
             j = keys.index(MOMENTUM)
@@ -104,39 +102,24 @@ class LOZO(ZOOptimizer):
                 raise RuntimeError("internal: the momentum term cannot be part of a perturbation")
             keys, alphas = keys[:j] + keys[j + 1:], alphas[:j] + alphas[j + 1:]
             undo = None if undo is None else undo[:j] + undo[j + 1:]
-            dense = [self._dense[t] for t in tids]
-        run_ts, run_ids, run_planes, run_offs, run_dense = tensors, tids, planes, offsets, dense
-        if offsets is not None:
-            keep = [i for i, t in enumerate(tensors) if t.numel() > 0]
-            if len(keep) < len(tensors):
-                pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
-                run_ts, run_ids, run_planes, run_offs, run_dense = (pick(tensors), pick(tids), pick(planes),
-                                                                     pick(offsets), pick(dense))
-        if run_ts:
+            dense = [self._dense[t] for t in p.tids]
+        if p.tensors:
             after = None
-            if run_dense is not None and undo is not None and any(t.dim() < 2 for t in run_ts):
+            if dense is not None and undo is not None and any(t.dim() < 2 for t in p.tensors):
                 # The exact form takes no θ-shaped term: 1-D momenta follow in a plain pass (one rounding
                 # more, on the small tensors only).
-                vec = [i for i, t in enumerate(run_ts) if t.dim() < 2]
-                after = ([run_ts[i] for i in vec], [run_dense[i] for i in vec], [run_ids[i] for i in vec],
-                         None if run_offs is None else [run_offs[i] for i in vec])
-                run_dense = [d if t.dim() >= 2 else None for t, d in zip(run_ts, run_dense)]
-            lowrank_noise_axpy_(run_ts, keys, self._key_v, alphas, rank=self.rank, gamma=gamma, dense=run_dense,
-                                beta=beta, rounding=rounding, tensor_ids=run_ids, offsets=run_offs, rounding_key=rkey,
-                                backend=self.backend, undo=undo, planes=run_planes)
+                vec = [i for i, t in enumerate(p.tensors) if t.dim() < 2]
+                after = ([p.tensors[i] for i in vec], [dense[i] for i in vec], [p.tids[i] for i in vec],
+                         None if p.offsets is None else [p.offsets[i] for i in vec])
+                dense = [d if t.dim() >= 2 else None for t, d in zip(p.tensors, dense)]
+            lowrank_noise_axpy_(p.tensors, keys, self._key_v, alphas, rank=self.rank, gamma=p.gamma, dense=dense,
+                                beta=beta, rounding=p.rounding, tensor_ids=p.tids, offsets=p.offsets,
+                                rounding_key=p.rounding_key, backend=self.backend, undo=undo, planes=p.planes)
             if after:       # ids and offsets: the stochastic-rounding bits of a shard are the whole tensor's
                 ts, ds, ids, offs = after
-                noise_axpy_(ts, [], [], dense=ds, beta=beta, rounding=rounding, tensor_ids=ids, offsets=offs,
-                            rounding_key=mix_keys(rkey, 1), backend=self.backend)
-        if log and self.trajectory is not None:
-            rec = {"step": self._t, "keys": list(keys), "alphas": [float(a) for a in alphas],
-                   "gamma": float(gamma), "tensor_ids": list(tids), "rounding": rounding, "rounding_key": rkey,
-                   "key_v": self._key_v, "rank": self.rank}
-            if undo is not None:
-                rec["undo"] = [float(u) for u in undo]
-                rec["plane"] = None if planes is None else ("read" if any(undo) else "write")
-                rec["plane_bits"] = self.plane_bits
-            self.trajectory.append(rec)
+                noise_axpy_(ts, [], [], dense=ds, beta=beta, rounding=p.rounding, tensor_ids=ids, offsets=offs,
+                            rounding_key=mix_keys(p.rounding_key, 1), backend=self.backend)
+        return {"key_v": self._key_v, "rank": self.rank}
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Optional[Callable] = None) -> float:

@@ -1,4 +1,4 @@
-"""Triton kernel of the low-rank pass (zo_kernels.lowrank is the reference; DESIGN.md §7).
+"""Triton kernel of the low-rank pass (zo_kernels.lowrank is the reference; docs/spec.md §7).
 
     θ ← round(gamma·θ0 + Σ_k W[i, k]·V[j, k]),   W = Σ_j alphas[j]·U_j (+ beta·dense)
 
@@ -8,7 +8,8 @@ The host generates the factors of each tensor into scratch — U_j and V with th
 does, so residue-plane words and stochastic-rounding quads belong to one program.  Each element
 gathers its row of W and its row of V (both cached: a tile touches a few rows of W and BLOCK·4
 consecutive rows of V) and sums the r products in registers.  Exact restore (inverting the carried
-perturbation's rounding, the residue plane), rounding and the quad walk are the full-rank kernel's helpers.
+perturbation's rounding, the residue plane), rounding and the quad walk are helpers.py's, as the
+full-rank kernel's.
 """
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpy import (
+from .helpers import (
     _TL,
     _config,
     _invert_rounding,
     _round_store,
     _walk_quads,
     _write_plane,
+    compile_ptx,
 )
 from .noise_axpy import noise as _noise
 
@@ -83,22 +85,13 @@ AOT_CASES = [
 ]
 
 
-def compile_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
-    """PTX of the kernel for sm_<cc> without a GPU (run without TRITON_INTERPRET; see aot.py)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def aot_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
+    """PTX of the kernel for sm_<cc> without a GPU (helpers.compile_ptx); PP: the plane's dtype name."""
     const = dict(dict(ALIGNED=True, BLOCK=block, INVERT=False, PLANE=0, PBITS=2), **const)
     ptrs = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "uint8": "*u8", "int32": "*i32"}
     sig = {"p": ptrs[const["OUT"]], "w": "*fp32", "wu": "*fp32", "v": "*fp32", "pp": ptrs[const.pop("PP")],
            "meta": "*i64", "gamma": "fp32"}
-    const["OUT"] = getattr(tl, const["OUT"])
-    sig.update({c: "constexpr" for c in ("R", "SR", "OUT", "INVERT", "PLANE", "PBITS", "ALIGNED", "BLOCK")})
-    src = ASTSource(_lowrank_kernel, sig, constexprs=const,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in range(6)})
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": num_warps, "enable_fp_fusion": True})
-    return k.asm["ptx"]
+    return compile_ptx(_lowrank_kernel, cc, sig, const, aligned=range(6), num_warps=num_warps)
 
 
 # --------------------------------------------------------------------- host

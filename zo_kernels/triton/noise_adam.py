@@ -1,8 +1,9 @@
-"""Triton kernel of the fused ZO-Adam pass (zo_kernels.adam): θ, m, v of every tensor in one launch.
+"""Triton kernel of the fused ZO-Adam pass (zo_kernels.adam; docs/spec.md §8): θ, m, v of every tensor in
+one launch.
 
     g = Σ_j c_j·z(k_j, t) + λ₂θ;  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  θ ← γθ − s·m/(√v/√b₂ + ε)
 
-Same launch layout as noise_axpy.py (a persistent grid walks an int64 table; each thread owns whole
+Same launch layout as noise_axpy.py (helpers.py; a persistent grid walks an int64 table; each thread owns whole
 quads, so one Philox call feeds four elements, and loads/stores are vectorised on the aligned path);
 z comes from the same helpers, so this kernel and noise_axpy_ see the same noise.
 """
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .noise_axpy import (
+from .helpers import (
     _TL,
     DTYPES,
     INTERPRET,
@@ -24,6 +25,7 @@ from .noise_axpy import (
     _normals,
     _round_store,
     _walk_quads,
+    compile_ptx,
     f64_bits,
 )
 
@@ -102,17 +104,11 @@ AOT_CASES = [
 ]
 
 
-def compile_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
-    """PTX of the kernel for sm_<cc> without a GPU (run without TRITON_INTERPRET; see aot.py)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+_AOT_SIGNATURE = {"tab": "*i64", "T": "i32",
+                  **{n: "fp32" for n in ("b1", "omb1", "b2", "omb2", "eps", "step_size", "bc2_sqrt", "l2", "gamma")}}
 
+
+def aot_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
+    """PTX of the kernel for sm_<cc> without a GPU (helpers.compile_ptx)."""
     const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block), **const)
-    const["OUT"] = getattr(tl, const["OUT"])
-    sig = {"tab": "*i64", "T": "i32"}
-    sig.update({n: "fp32" for n in ("b1", "omb1", "b2", "omb2", "eps", "step_size", "bc2_sqrt", "l2", "gamma")})
-    sig.update({c: "constexpr" for c in ("K", "SR", "OUT", "ALIGNED", "FAST", "BLOCK")})
-    src = ASTSource(_noise_adam_kernel, sig, constexprs=const, attrs={(0,): [["tt.divisibility", 16]]})
-    k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": num_warps, "enable_fp_fusion": True})
-    return k.asm["ptx"]
+    return compile_ptx(_noise_adam_kernel, cc, _AOT_SIGNATURE, const, num_warps=num_warps)
