@@ -13,37 +13,16 @@ from test_finetune_cli import REPO, _base, tiny  # noqa: F401  (the tiny model +
 
 pytest.importorskip("transformers")
 
-SCRIPT = '''
-import sys
-from typing import List
 
-from zo_kernels.finetune.cli import main
-from zo_kernels.finetune.registry import Knob, Method, register, zo_extra
-from zo_kernels.optim.spsa import SPSAOptimizer
-
-
-class ZOSGDClip(SPSAOptimizer):
-    """ZO-SGD with the SPSA coefficient clipped to [-clip, clip]."""
-
-    def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, *, clip=1.0, **core):
-        self.clip = clip
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, **core)
-
-    def _coefficients(self, ds: List[float], group: dict) -> List[float]:
-        return [max(-self.clip, min(self.clip, c)) for c in super()._coefficients(ds, group)]
+def _doc_example() -> str:
+    """The python block under docs/optimizers.md's "Registering a method in zo-finetune": the test runs
+    the documented example itself."""
+    text = open(os.path.join(REPO, "docs", "optimizers.md"), encoding="utf-8").read()
+    section = text[text.index("## Registering a method in zo-finetune"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
 
 
-LR = Knob("lr_zo_sgd_clip", None, "zo-sgd-clip lr", derive=lambda c: c.option("lr_mezo"), rule="--lr-mezo",
-          minimum=0, rate=True)
-CLIP = Knob("clip", 1.0, "zo-sgd-clip: bound on |c|", minimum=0, strict=True)
-register(Method("zo-sgd-clip", "ZO-SGD-Clip", "zo",
-                lambda params, cfg: ZOSGDClip(params, lr=cfg.option("lr_zo_sgd_clip"), eps=cfg.eps,
-                                              weight_decay=cfg.weight_decay, seed=cfg.seed,
-                                              clip=cfg.option("clip"), **zo_extra(cfg)),
-                step_cost=lambda opt, cfg, large: opt.queries_per_step * cfg.batch_size, knobs=(LR, CLIP),
-                lr_knob="lr_zo_sgd_clip"))
-sys.exit(main(sys.argv[1:]))
-'''
+SCRIPT = _doc_example()
 
 
 def _run(tmp_path, *argv):
