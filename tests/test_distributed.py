@@ -188,7 +188,7 @@ def _padding_views(net):
 
 
 def scen_fsdp(rank, world):
-    import zo_kernels.optim.base as base
+    import zo_kernels.optim.noise_path as base
 
     X, Y = _data()
     res = {}

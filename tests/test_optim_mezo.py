@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import zo_kernels.optim.base as zo_base
+import zo_kernels.optim.noise_path as zo_base
 from zo_kernels.optim import MeZO, NonFiniteLossError, naive, replay
 
 from optim_helpers import Net, _one_thread, assert_same_weights, data, make_net, mlp, problem, rel, run_steps, z_of  # noqa: F401 (_one_thread: autouse)

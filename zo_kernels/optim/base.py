@@ -1,4 +1,6 @@
-"""The optimizer core: parameter layout, the one noise path, closures, failure, state (docs/spec.md §5-§6).
+"""The optimizer core: options, parameter layout, closures and the frame of a step (docs/spec.md §5-§6).
+`ZOOptimizer` is assembled from one module per concern: the noise path (noise_path.py), a failed
+step's way back (failure.py), settling a perturbed lookahead (settling.py), state_dict (state.py).
 
 Every change a ZO optimizer makes to the weights is a move between bookkept points
 (`zo_kernels.optim.points`): the algorithm says *where the weights should be* and `_goto` works out
@@ -41,49 +43,29 @@ step by step with a float64 transcription in `zo_kernels.optim.naive`.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .. import distributed as _zdist
 from .._comm import ZOComm, make_comm
-from ..noise import M64, check_u64
-from ..ops import noise_axpy_
-from ..restore import PLANE_BITS, PLANE_DTYPES, make_planes
-from ..rounding import ROUNDINGS, step_rounding_key
+from ..noise import check_u64
+from ..restore import PLANE_BITS, PLANE_DTYPES
+from ..rounding import ROUNDINGS
 from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
-from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
-from .sharded_state import check_state
+from .failure import FailedStepMixin, NonFiniteLossError  # noqa: F401  (re-exported)
+from .noise_path import NoisePathMixin
+from .points import Excursion, Point, Tracked, origin, spsa_pair
+from .settling import SettleMixin
+from .state import StateMixin
 
 NAN_POLICIES = ("raise", "skip")
 RESTORES = ("auto", "exact", "fused")
 _HALF = (torch.bfloat16, torch.float16)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A closure returned NaN/inf; the weights were restored to θ before the step."""
-
-
-class _Batch:
-    """The groups that share one call: their tensors, ids, residue planes and shard offsets."""
-
-    __slots__ = ("tensors", "tids", "planes", "offsets")
-
-    def __init__(self):
-        self.tensors, self.tids, self.planes, self.offsets = [], [], [], []
-
-    def add(self, ts, ids, planes, offs) -> None:
-        self.tensors.extend(ts)
-        self.tids.extend(ids)
-        self.planes.extend(planes or [])
-        self.offsets.extend(offs if offs is not None else [0] * len(ts))
 
 
 @dataclass
@@ -96,23 +78,6 @@ class LocalGroup:
     shards: List[torch.Tensor]      # what the pass writes: p.to_local(), or p itself
     tids: List[int]
     offsets: Optional[List[int]]    # None when no tensor is sharded (the op's default: all 0)
-
-
-@dataclass
-class Pass:
-    """One fused pass on the weights as `_noise_axpy` prepared it (empty shards left out)."""
-
-    tensors: List[torch.Tensor]
-    tids: List[int]
-    keys: List[int]                 # unsigned 64-bit
-    alphas: List[float]
-    undo: Optional[List[float]]     # the exact-restore form (docs/spec.md §4), or None
-    gamma: float
-    rounding: str
-    rounding_key: int
-    planes: Optional[list]
-    offsets: Optional[List[int]]
-    record_tids: List[int]          # every tensor's id, empty shards too: the record is the same on every rank
 
 
 # ------------------------------------------------------------------ validation
@@ -159,7 +124,7 @@ def _hooked_step(step):
 
 
 # ----------------------------------------------------------------------- base
-class ZOOptimizer(torch.optim.Optimizer):
+class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torch.optim.Optimizer):
     """Base class: layout, the one noise_axpy_ path, two-point evaluation, failure handling,
     trajectory log, NaN policy, HF hooks.  Subclasses implement `step`, or subclass SPSAOptimizer and
     override its hooks (see the module docstring).
@@ -326,134 +291,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._comm is not None:
             self._comm.refresh(self._comm.owners_of(tensors))
 
-    # -------------------------------------------------------- the noise path
-    def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], call: Call, *, log: bool = True,
-                    planes: Optional[list] = None, offsets: Optional[List[int]] = None) -> None:
-        """The one path from a planned call to the ops: prepare the pass, issue it, record it.
-
-        offsets: global element offsets of shards (DTensor local tensors).  A subclass whose passes
-        are another op's (LOZO: the low-rank one) overrides `_issue` only."""
-        p = self._prepare_pass(tensors, tids, call, planes, offsets)
-        extra = self._issue(p)
-        if log and self.trajectory is not None:
-            self.trajectory.append(self._pass_record(p, extra))
-
-    def _prepare_pass(self, tensors: List[torch.Tensor], tids: List[int], call: Call, planes: Optional[list],
-                      offsets: Optional[List[int]]) -> Pass:
-        """The pass's arguments: unsigned keys, this pass's rounding key, and empty shards dropped --
-        after the call index (and so every later rounding key) advanced as on every rank."""
-        rkey = step_rounding_key(self.seed, self._t, self._call_idx)
-        self._call_idx += 1
-        run_ts, run_ids, run_planes = tensors, tids, planes
-        if offsets is not None:
-            keep = [i for i, t in enumerate(tensors) if t.numel() > 0]
-            if len(keep) < len(tensors):
-                run_ts, run_ids = [tensors[i] for i in keep], [tids[i] for i in keep]
-                offsets = [offsets[i] for i in keep]
-                run_planes = None if planes is None else [planes[i] for i in keep]
-        return Pass(run_ts, run_ids, [k & M64 for k in call.keys], list(call.alphas),
-                    None if call.undo is None else list(call.undo), call.gamma, call.rounding, rkey, run_planes,
-                    offsets, list(tids))
-
-    def _issue(self, p: Pass) -> dict:
-        """Run the pass: the only call of zo_kernels.noise_axpy_ on the weights.  Returns the op's
-        arguments beyond the Pass's fields, for the trajectory record (here none)."""
-        if p.tensors:
-            noise_axpy_(p.tensors, p.keys, p.alphas, gamma=p.gamma, rounding=p.rounding, tensor_ids=p.tids,
-                        offsets=p.offsets, rounding_key=p.rounding_key, backend=self.backend, undo=p.undo,
-                        planes=p.planes)
-        return {}
-
-    def _pass_record(self, p: Pass, extra: dict) -> dict:
-        """The trajectory entry of a pass (`replay` re-issues it)."""
-        rec = {"step": self._t, "keys": list(p.keys), "alphas": [float(a) for a in p.alphas],
-               "gamma": float(p.gamma), "tensor_ids": list(p.record_tids), "rounding": p.rounding,
-               "rounding_key": p.rounding_key, **extra}
-        if p.undo is not None:
-            rec["undo"] = [float(u) for u in p.undo]
-            rec["plane"] = None if p.planes is None else ("read" if any(p.undo) else "write")
-            rec["plane_bits"] = self.plane_bits
-        return rec
-
-    def _exact_active(self, tensors: List[torch.Tensor]) -> bool:
-        """Exact restore applies to half-precision weights by default (restore="auto")."""
-        if self.restore == "fused" or not self._exact_restore_allowed():
-            return False
-        if any(t.dtype not in PLANE_DTYPES for t in tensors):
-            return False        # float64 beside half precision in one group (restore="auto"): fused
-        return self.restore == "exact" or any(t.dtype in _HALF for t in tensors)
-
-    def _exact_call(self, ts, ids, cur: Point, tgt: Point, final: bool,
-                    offs: Optional[List[int]] = None) -> Optional[Tuple[Call, Optional[list]]]:
-        """One group's move in exact-restore form (docs/spec.md §4): the call and the residue planes it
-        writes or reads, or None when nothing moves.
-
-        A non-final move with gamma = 1 is an excursion from the materialised point (perturbation,
-        or a jump to θ̄ ± μz): it rounds to nearest so the next move can invert it.  A final move
-        (an update) or one with gamma != 1 materialises its target, rounding with self.rounding."""
-        skey = tuple(t.data_ptr() for t in ts) + tuple(ids)     # ids: empty shards may share data_ptr 0
-        exc = self._excursions.get(skey)
-        if exc is None or not exc.point().same_as(cur):
-            exc = Excursion(cur)            # the weights are exactly what the bookkeeping says
-        undo = exc.open or {}
-        move = plan_move(exc.base, tgt)
-        excursion = move.gamma == 1.0 and not final
-        new = dict(move.pairs)
-        keys = list(undo) + [k for k in new if k not in undo]
-        if not keys and move.gamma == 1.0:
-            return None
-        planes = exc.planes
-        if not self.plane_bits:
-            planes = None
-        elif undo:
-            pass                            # read the planes written when this excursion began
-        elif excursion and new:
-            planes = make_planes(ts, self.plane_bits, offs)
-        else:
-            planes = None
-        opened = excursion and bool(new)
-        self._excursions[skey] = Excursion(exc.base, new, planes) if opened else Excursion(tgt)
-        call = Call(move.gamma, tuple(keys), tuple(new.get(k, 0.0) for k in keys),
-                    "nearest" if excursion else self.rounding,
-                    undo=tuple(undo.get(k, 0.0) for k in keys), with_planes=planes is not None)
-        return call, planes
-
-    def _goto(self, w: Tracked, tgt: List[Optional[Point]], *, log: bool = True, final: bool = False) -> None:
-        """Move each group's storage from w.at[g] to tgt[g] (None: stays); groups needing identical
-        calls share one.  Updates w.at.
-
-        `final` marks the update of a step: only it rounds with self.rounding (stochastic rounding
-        of a perturbation would only add noise that the restore cannot remove)."""
-        storages = w.tensors
-        offsets: List[Optional[List[int]]] = [None] * len(storages)
-        owners: list = []
-        if self._comm is not None:      # DTensors -> their local shards and global element offsets
-            storages, offsets, owners = self._comm.local_views(storages)
-        calls: Dict[Call, _Batch] = {}
-        for g, (ts, ids, offs) in enumerate(zip(storages, w.tids, offsets)):
-            if not ts or tgt[g] is None:
-                continue
-            planes = None
-            if self._exact_active(ts):
-                planned = self._exact_call(ts, ids, w.at[g], tgt[g], final, offs)
-                if planned is None:
-                    continue
-                call, planes = planned
-            else:
-                move = plan_move(w.at[g], tgt[g])
-                if move.is_identity:
-                    continue
-                call = Call(move.gamma, tuple(k for k, _ in move.pairs), tuple(a for _, a in move.pairs),
-                            self.rounding if final else "nearest")
-            calls.setdefault(call, _Batch()).add(ts, ids, planes, offs)
-        sharded = any(o is not None for o in offsets)
-        for call, batch in calls.items():
-            self._noise_axpy(batch.tensors, batch.tids, call, log=log, planes=batch.planes or None,
-                             offsets=batch.offsets if sharded else None)
-        if calls and owners:
-            self._comm.refresh(owners)  # FSDP2: the next forward must all-gather the new shards
-        w.at = [t if t is not None else c for c, t in zip(w.at, tgt)]
-
     # ------------------------------------------------------------- closures
     def _closure_loss(self, closure: Callable):
         """Run a closure: its loss as a float, or (distributed) a rank-local value for `_sync_losses`.
@@ -548,72 +385,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._take_snapshot(w.tensors, extra)
         return w
 
-    @contextlib.contextmanager
-    def _failing_back(self, w: Tracked, entry: List[Point], on_fail: Optional[Callable[[], None]] = None):
-        """The body of a step: if it raises before the update (the step counter did not advance), the
-        weights go back to `entry`, where step found them (`on_fail` first puts back any other state)."""
-        t = self._t
-        try:
-            yield
-        except BaseException:
-            if self._t == t:
-                self._restore_failed(w, entry, on_fail)
-            raise
-        finally:
-            self._snap = None
-            self._in_step = False
-
-    def _failed_step(self, w: Tracked, entry: List[Point], losses: dict,
-                     on_fail: Optional[Callable[[], None]] = None) -> float:
-        """A non-finite loss: restore `entry`, then raise NonFiniteLossError or (nan_policy="skip")
-        count the skip and return NaN."""
-        self._restore_failed(w, entry, on_fail)
-        desc = ", ".join(f"{k}={v}" for k, v in losses.items())
-        if self.nan_policy == "raise":
-            raise NonFiniteLossError(f"{type(self).__name__} step {self._t}: non-finite loss ({desc}); the "
-                                     f"weights were restored to their value before the step and the step "
-                                     f"counter was not advanced (nan_policy='skip' skips such steps instead)")
-        self.skipped_steps += 1
-        return float("nan")
-
-    def _take_snapshot(self, tensors: List[List[torch.Tensor]], extra: Sequence[torch.Tensor] = ()) -> None:
-        """snapshot=True: copy the trainable weights (and `extra` state the step writes, e.g. SVRG's
-        anchor buffers) before the step's first pass: one more read+write pass, their memory again."""
-        if not self.snapshot:
-            return
-        local = self._comm.local_views(tensors)[0] if self._comm is not None else tensors
-        targets = [x for ts in local for x in ts] + list(extra)
-        # The copies are kept between steps: the peak memory is the same, and a fresh CPU allocation
-        # costs page faults on every step (measured ~1.8x the time of a copy into a kept buffer).
-        keep = self._snap_bufs
-        if keep is None or len(keep) != len(targets) or any(
-                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device for b, t in zip(keep, targets)):
-            keep = self._snap_bufs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in targets]
-        with torch.no_grad():
-            for b, t in zip(keep, targets):
-                b.copy_(t)
-        self._snap = list(zip(targets, keep))
-
-    def _restore_failed(self, w: Tracked, entry: List[Point], on_fail: Optional[Callable[[], None]] = None) -> None:
-        """A step failed before its update: bring the weights back to `entry`, where step found them.
-
-        With snapshot=True the copy taken by `_take_snapshot` is written back: bit-identical for every
-        dtype and restore mode.  Otherwise the restore is one more move of the step's own kind (fused:
-        a third rounding; exact: the rounding is inverted), whose precision the class docstring states."""
-        if on_fail is not None:
-            on_fail()
-        snap, self._snap = self._snap, None
-        if snap is None:
-            self._goto(w, entry)
-            return
-        with torch.no_grad():
-            for t, copy in snap:
-                t.copy_(copy)
-        if self._comm is not None:
-            self._comm.refresh(self._comm.local_views(w.tensors)[2])   # FSDP2: re-gather the restored shards
-        self._excursions.clear()        # the weights are exactly `entry` again
-        w.at = list(entry)
-
     def _begin_step(self, first_call: int = 0):
         self._call_idx = first_call
         self._excursions.clear()    # between steps the weights are exactly what they hold
@@ -627,107 +398,3 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"lr * weight_decay = {lr * weight_decay} must be < 1")
         return gamma
 
-    # --------------------------------------------------- evaluation helpers
-    @property
-    def is_perturbed(self) -> bool:
-        """True when the weights sit at a perturbed point between steps (MeZO lookahead)."""
-        return False
-
-    def settle(self) -> None:
-        """Bring the weights to the current iterate θ_t (no-op unless they are perturbed)."""
-
-    def eval(self) -> None:
-        """Called by the HF Trainer before evaluation (the schedule-free protocol): settles."""
-        self.settle()
-
-    def train(self) -> None:
-        """Called by the HF Trainer in each training step: nothing to do."""
-
-    @contextlib.contextmanager
-    def settled(self):
-        """`with opt.settled(): evaluate(model)` -- the weights are θ_t inside (and stay so after)."""
-        self.settle()
-        yield self
-
-    def watch(self, module: torch.nn.Module, action: str = "settle"):
-        """Guard a module: a forward pass outside `step` while the weights are perturbed settles them
-        first (action="settle"), warns and settles ("warn"), or raises ("raise").  Returns the hook handle."""
-        if action not in ("settle", "warn", "raise"):
-            raise ValueError(f"action must be 'settle', 'warn' or 'raise', got {action!r}")
-
-        def hook(mod, args):
-            if self._in_step or not self.is_perturbed:
-                return None
-            if action == "raise":
-                raise RuntimeError(f"{type(self).__name__}: forward pass on perturbed weights outside step(); "
-                                   f"call opt.settle() (or use `with opt.settled():`) before evaluating")
-            if action == "warn":
-                warnings.warn(f"{type(self).__name__}: forward pass on perturbed weights outside step(); "
-                              f"settling them first", RuntimeWarning, stacklevel=2)
-            self.settle()
-            return None
-
-        return module.register_forward_pre_hook(hook)
-
-    # ------------------------------------------------------------ state
-    def _zo_state(self) -> dict:
-        return {"version": 1, "kind": type(self).__name__, "step": self._t, "seed": self.seed,
-                "skipped_steps": self.skipped_steps, "rounding": self.rounding,
-                "trajectory": None if self.trajectory is None else [dict(r) for r in self.trajectory]}
-
-    def _load_zo_state(self, zo: dict) -> None:
-        if zo.get("kind") != type(self).__name__:
-            raise ValueError(f"state_dict was saved by {zo.get('kind')}, not {type(self).__name__}")
-        self._t = int(zo["step"])
-        self.seed = check_u64(int(zo["seed"]), "seed")
-        self.skipped_steps = int(zo.get("skipped_steps", 0))
-        self.rounding = zo.get("rounding", self.rounding)
-        traj = zo.get("trajectory")
-        if traj is not None:
-            self.trajectory = [dict(r) for r in traj]
-            self.record = True
-
-    def _saved_state_by_param(self, state_dict: dict) -> list:
-        """(parameter, saved state) pairs of a state_dict, each value checked against its parameter."""
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != len(self.param_groups) or any(
-                len(g["params"]) != len(h["params"]) for g, h in zip(groups, self.param_groups)):
-            return []       # torch.optim's load raises its own error about the groups
-        ids = dict(zip(itertools.chain.from_iterable(g["params"] for g in groups),
-                       itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
-        out = []
-        for idx, st in state_dict.get("state", {}).items():
-            p = ids.get(idx)
-            if p is None:
-                continue
-            for k, v in st.items():
-                check_state(p, v, f"state_dict['state'][{idx}][{k!r}]")
-            out.append((p, st))
-        return out
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["zo"] = self._zo_state()
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's load, except that tensor state keeps the dtype it was saved with.
-
-        torch.optim casts floating state to its parameter's dtype (Adam's moments follow bf16
-        weights); the ZO optimizers keep float32 state for bf16/fp16 weights, so the cast would
-        round it (and the fused passes refuse non-float32 state).  State of DTensor (FSDP2-sharded)
-        parameters must be DTensors sharded like them (see zo_kernels.optim.sharded_state);
-        anything else is refused before anything is loaded."""
-        state_dict = dict(state_dict)
-        zo = state_dict.pop("zo", None)
-        if zo is None:
-            raise ValueError(f"not a {type(self).__name__} state_dict (no 'zo' entry)")
-        saved = self._saved_state_by_param(state_dict)
-        super().load_state_dict(state_dict)
-        for p, st in saved:
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "step":
-                    self.state[p][k] = v.to(device=p.device)
-        self._load_zo_state(zo)
-        if self._comm is not None:
-            self._comm.verified = False     # check the ranks again at the next step

@@ -52,7 +52,8 @@ from ..lowrank import MAX_RANK, U_STREAM, V_STREAM, cols_of, lowrank_noise_axpy_
 from ..noise import mix_keys, step_key
 from ..ops import noise_, noise_axpy_
 from ..validate import check_int
-from .base import Pass, ZOOptimizer
+from .base import ZOOptimizer
+from .noise_path import Pass
 from .points import Point
 from .sharded_state import local_state, shard_like
 
