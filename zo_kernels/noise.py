@@ -22,6 +22,10 @@ PHILOX_W1 = 0xBB67AE85
 
 STREAM_NOISE = 0
 STREAM_ROUNDING = 2
+STREAM_SIGN = 5
+
+# The noise forms of the primitive (docs/spec.md §9): z (§1) or Rademacher signs s (±1).
+NOISE_FORMS = ("gaussian", "rademacher")
 
 # Low mantissa bits that rounding fp32 to the target type drops.
 DROPPED_BITS = {torch.bfloat16: 16, torch.float16: 13}

@@ -225,6 +225,26 @@ def forward_grad(theta, loss_tensor: Callable, batches, *, lr, noise: DirNoise, 
     return theta
 
 
+# ------------------------------------------------------------------------------ FZOO (Dang et al. 2025)
+def fzoo(theta, loss: Loss, batches, *, lr, mu, n, noise: DirNoise, wd=0.0, steps=None):
+    """The authors' zo_step / zo_update (DKmiyan/FZOO, trainer.py): l_i = L(θ + μz_i) for the N
+    directions (each perturbation undone before the next), l_0 = L(θ);
+    projected_grad_i = (l_i − l_0) / (N·std(l_1 … l_N, unbiased=False));  θ ← θ − η(Σ_i projected_grad_i z_i + λθ)
+    (the authors apply no weight decay: λ = 0 is their update).  Equal losses (std 0): no gradient
+    move, where the authors' code would divide by zero.  Returns (θ_T, the l_0 of each step)."""
+    clean = []
+    for t in range(len(batches) if steps is None else steps):
+        batch = batches[t]
+        zs = [noise(t, i) for i in range(n)]
+        ls = torch.tensor([loss([p + mu * zi for p, zi in zip(theta, z)], batch) for z in zs], dtype=torch.float64)
+        l0 = loss(theta, batch)
+        std = ls.std(unbiased=False)
+        grads = [0.0] * n if bool((ls == ls[0]).all()) else ((ls - l0) / (n * std)).tolist()
+        theta = _axpy(theta, [(-lr * g, z) for g, z in zip(grads, zs)], lr, wd)
+        clean.append(l0)
+    return theta, clean
+
+
 # ------------------------------------------------------------------------------ LOZO (Chen et al. 2025)
 def lozo(theta, loss: Loss, batches, *, lr, mu, wd=0.0, seed: int, rank: int, nu: int, beta=None, steps=None):
     """The authors' loop (optsuite/LOZO, LOZOtrainer) in theta's dtype, U and V materialised from the
