@@ -61,6 +61,19 @@ def mezo(theta, loss: Loss, batches, *, lr, mu, noise: Noise, wd=0.0, steps=None
     return theta, losses
 
 
+def lezo(theta, loss: Loss, batches, *, lr, mu, noise: Noise, keep: Callable[[int], set], wd=0.0, steps=None):
+    """LeZO (Wang et al. 2024): MeZO on the tensors keep(t) of step t only -- the others are neither
+    perturbed nor updated (nor decayed): θ_i ← θ_i − η(g z_i + λθ_i) for i in keep(t), no 1/ρ rescaling."""
+    losses = []
+    for t in range(len(batches) if steps is None else steps):
+        kept = keep(t)
+        z = [zi if i in kept else torch.zeros_like(zi) for i, zi in enumerate(noise(t))]
+        d, mean = spsa(theta, z, mu, loss, batches[t])
+        theta = [p - lr * (d / mu * zi + wd * p) if i in kept else p for i, (p, zi) in enumerate(zip(theta, z))]
+        losses.append(mean)
+    return theta, losses
+
+
 def mezo_published_step(params, z, closure: Callable[[], float], *, lr, mu, wd=0.0) -> float:
     """One step as MeZO's code does it, in place: perturb(+1), loss1; perturb(−2), loss2; perturb(+1);
     θ ← θ − η(g z + λθ).  Each touch is `p.data = p.data + c·z` in p's dtype (z cast to it)."""
