@@ -55,7 +55,8 @@ from ..restore import PLANE_BITS, PLANE_DTYPES, make_planes
 from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
 from .points import Call, Excursion, Point, Tracked, origin, plan_move, spsa_pair
-from .sharded_state import check_state
+from .sharded_state import check_state, local_state
+from .state_check import all_or_nothing
 
 NAN_POLICIES = ("raise", "skip")
 RESTORES = ("auto", "exact", "fused")
@@ -282,7 +283,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             tensors.append(ts)
             tids.append(ids)
         if not any(tensors):
-            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+            ps = [p for g in self.param_groups for p in g["params"]]
+            empty = sum(p.requires_grad and p.numel() == 0 for p in ps)
+            raise ValueError(f"no trainable parameters: of {len(ps)}, {len(ps) - empty} have requires_grad=False "
+                             f"and {empty} have no elements")
         return Tracked(tensors, tids, list(at) if at is not None else origin(len(tensors)))
 
     def _local_group(self, tensors: List[torch.Tensor], tids: List[int]) -> LocalGroup:
@@ -530,6 +534,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         count the skip and return NaN."""
         self._restore_failed(w, entry, on_fail)
         desc = ", ".join(f"{k}={v}" for k, v in losses.items())
+        bad = next(((t, p) for ts, ids in zip(w.tensors, w.tids) for p, t in zip(ts, ids)
+                    if not bool(torch.isfinite(local_state(p)).all())), None)
+        if bad is not None:     # skipping cannot help: an earlier update overflowed the weights' dtype
+            raise NonFiniteLossError(f"{type(self).__name__} step {self._t}: non-finite loss ({desc}) because the "
+                                     f"weights themselves hold inf/NaN (tensor id {bad[0]}, {bad[1].dtype}, shape "
+                                     f"{tuple(bad[1].shape)}): an earlier update left the dtype's range; lower "
+                                     f"the learning rate or train in float32")
         if self.nan_policy == "raise":
             raise NonFiniteLossError(f"{type(self).__name__} step {self._t}: non-finite loss ({desc}); the "
                                      f"weights were restored to their value before the step and the step "
@@ -671,6 +682,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         sd["zo"] = self._zo_state()
         return sd
 
+    @all_or_nothing     # checks class, groups and every state tensor first; a refused load changes nothing
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's load, except that tensor state keeps the dtype it was saved with.
 
