@@ -31,12 +31,8 @@ def path(out_dir: str) -> str:
 
 
 def save(out_dir: str, state: dict) -> None:
-    save_file(path(out_dir), dict(state, version=VERSION))
-
-
-def save_file(final: str, obj) -> None:
-    """torch.save `obj` to `final` atomically (one FinetuneError line if the disk is full)."""
-    files.torch_save(final, obj)
+    """Atomically (one FinetuneError line, the previous checkpoint intact, if the disk is full)."""
+    files.torch_save(path(out_dir), dict(state, version=VERSION))
 
 
 # ------------------------------------------------------------------ structure
@@ -133,11 +129,6 @@ def load(out_dir: str) -> dict:
     except FinetuneError as e:
         raise FinetuneError(f"--resume {out_dir}: {e}") from None
     return state
-
-
-def remove_stale_temps(out_dir: str) -> None:
-    """Temporary files left by processes killed mid-write (never read); a live process's stay."""
-    files.remove_dead_temps(out_dir)
 
 
 def find(out_dir: str) -> Optional[str]:

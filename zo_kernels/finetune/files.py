@@ -58,6 +58,17 @@ def _cause(e: OSError) -> str:
     return e.strerror or str(e).splitlines()[0]
 
 
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`: torch.save's zip writer replaces a failed write's OSError by its own
+    RuntimeError ("unexpected pos ...") when it closes the archive."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def write_atomic(final: str, write: Callable, mode: str = "wb") -> None:
     """Call write(f) on a temporary file beside `final`, then rename it over `final`.
 
@@ -72,9 +83,10 @@ def write_atomic(final: str, write: Callable, mode: str = "wb") -> None:
         os.replace(tmp, final)
     except BaseException as e:      # KeyboardInterrupt too: no half-written temporary file stays
         _remove(tmp)
-        if isinstance(e, OSError):
+        os_error = _os_error(e)
+        if os_error is not None:
             kept = "the previous file is unchanged" if os.path.exists(final) else "nothing was written"
-            raise FinetuneError(f"cannot write {final}: {_cause(e)} ({kept})") from None
+            raise FinetuneError(f"cannot write {final}: {_cause(os_error)} ({kept})") from None
         raise
     _fsync_dir(final)
 
