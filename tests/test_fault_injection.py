@@ -338,3 +338,22 @@ def test_dropped_rows_are_counted_and_the_label_ids_recorded(tiny, tmp_path, cap
     assert res["data"]["label_ids"] == {"neg": 0, "pos": 1}
     assert res["data"]["dropped_rows"] == {"missing_text_or_label": 2}
     assert not os.path.exists(out / files.LOCK)
+
+
+def test_real_full_disk_on_a_small_tmpfs(tmp_path):
+    """The same with a real full file system where one can be mounted (root): torch.save of 4 MB over a
+    kept file on a 1 MB tmpfs."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        kept = mnt / "checkpoint.pt"
+        torch.save({"w": torch.zeros(1000)}, kept)
+        before = kept.read_bytes()
+        with pytest.raises(files.FinetuneError, match="no space left on device.*previous file is unchanged"):
+            ck.save(str(mnt), {"w": torch.zeros(1 << 20)})
+        assert os.listdir(mnt) == ["checkpoint.pt"] and kept.read_bytes() == before
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
