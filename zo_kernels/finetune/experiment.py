@@ -4,7 +4,6 @@ results.json, curves.png and the table.  The CLI (zo_kernels.finetune.cli) parse
 arguments and hands them here."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -17,8 +16,8 @@ from .. import distributed as zdist
 from ..machine import cpu_name
 from . import checkpoint as ck
 from . import data as data_mod
+from . import files, report
 from . import memory as mem_mod
-from . import report
 from .adapters import apply_peft, trainable_parameters
 from .config import TrainConfig
 from .errors import FinetuneError
@@ -59,6 +58,18 @@ def record(m: str, r) -> dict:
             "step_losses": r.step_losses, "lr_history": r.lr_history}
 
 
+def check_backend(name: Optional[str], device: str, dtype: str) -> None:
+    """--backend: known, available here and able to run `dtype` on `device`, before the model loads."""
+    if name is None:
+        return
+    from .. import backends
+
+    try:
+        backends.resolve(torch.device(device), getattr(torch, dtype), name)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise FinetuneError(f"--backend {name}: {str(e).splitlines()[0]}") from None
+
+
 def _backend_name():
     try:
         import zo_kernels
@@ -93,23 +104,31 @@ class Experiment:
         self.main_rank = zdist.is_main_process()
         self.threads = a.threads or usable_cores()
         torch.set_num_threads(self.threads)
+        check_backend(a.backend, device, a.dtype)
+        # The directory before any work: writable, this run's alone (a lock naming the PID), dead
+        # processes' temporary files gone.  Nothing in it is written until the model is loaded and
+        # the start evaluated: a run that fails before training leaves its files as they were.
+        self.lock = files.open_run_dir(a.out) if self.main_rank else None
         try:
-            os.makedirs(a.out, exist_ok=True)
-        except OSError as e:
-            raise FinetuneError(f"--out {a.out}: cannot create directory ({e.strerror})") from None
-        self.checkpointing = a.checkpoint_every > 0 or state is not None
-        if self.checkpointing and state is None:
-            state = {"argv": argv, "runs": [], "current": None}
-        self.state = state
-        if self.checkpointing and self.main_rank:
-            ck.remove_stale_temps(a.out)
-            ck.save(a.out, state)       # from here on, --resume DIR always finds a checkpoint
-        self.labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
-        self.model_path = resolve_model(a.model)
+            self.checkpointing = a.checkpoint_every > 0 or state is not None
+            if self.checkpointing and state is None:
+                state = {"argv": argv, "runs": [], "current": None}
+            self.state = state
+            self.labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
+            self.model_path = resolve_model(a.model)
+        except BaseException:
+            self.release()
+            raise
         d = TrainConfig()
         self.queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
 
     # ------------------------------------------------------------ helpers
+    def release(self) -> None:
+        """Give the output directory back (the lock file goes)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def say(self, *x) -> None:
         if self.main_rank:
             print(*x, flush=True)
@@ -177,7 +196,12 @@ class Experiment:
         a = self.a
         mr = MethodRun(m, net, self.trainable(net), enc, cfg, cur["start"], progress=not a.no_progress)
         if cur.get("active") is not None and cur["active"]["method"] == m:
-            mr.load_state_dict(cur["active"])
+            try:
+                mr.load_state_dict(cur["active"])
+            except (ValueError, TypeError, RuntimeError, KeyError) as e:   # checkpoint.check passed, the fit did not
+                text = str(e).strip().splitlines()
+                raise FinetuneError(f"--resume {a.out}: {ck.FILE} does not fit this run's {m} "
+                                    f"({text[0] if text else type(e).__name__}); the file is unchanged") from None
             self.say(f"{LABELS[m]}: resumed at step {mr.step} ({mr.meter.queries:,} queries)")
 
         def checkpoint_fn(run_):
@@ -187,8 +211,8 @@ class Experiment:
         r = mr.run(checkpoint_fn if self.checkpointing else None, a.checkpoint_every)
         if a.save_weights and self.main_rank:
             wdir = os.path.join(a.out, "weights")
-            os.makedirs(wdir, exist_ok=True)
-            ck.save_file(os.path.join(wdir, f"seed{seed}_{m}.pt"),
+            files.check_writable(wdir, "--save-weights")
+            files.torch_save(os.path.join(wdir, f"seed{seed}_{m}.pt"),
                          {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
         rm = record(m, r)
         self.say(f"{LABELS[m]} (lr {r.lr:g}): {r.steps} steps, {r.queries:,} queries, train loss "
@@ -209,6 +233,12 @@ class Experiment:
                  f"{a.max_length} tokens (mean {enc['train'].mean_tokens():.1f}); device {self.device}, "
                  f"{self.threads} threads; seed {seed}; ZO budget {self.queries:,} queries each, objective "
                  f"{a.objective}")
+        if data.meta.get("dropped_rows"):
+            self.say(f"data: {data.meta['rows']:,} rows, {data.n_available:,} kept; dropped "
+                     + ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in data.meta["dropped_rows"].items()))
+        for m in self.methods:      # a budget below one step of a method: refused before any training
+            if is_zo(m):
+                MethodRun(m, net, self.trainable(net), enc, cfg, {}, progress=False)
         grad = [m for m in self.methods if not is_zo(m) or METHODS[m].differentiates]
         if a.objective != "loss" and grad:
             self.say(f"note: --objective {a.objective} applies to the ZO methods; first-order and forward-gradient "
@@ -242,7 +272,7 @@ class Experiment:
         a, enc = self.a, info["enc"]
         batch_file = os.path.join(a.out, "memory_batch.pt")
         b = enc["train"].batch(range(min(a.batch_size, len(enc["train"]))), pad_to=a.max_length)
-        torch.save({k: v.cpu() for k, v in b.items()}, batch_file)
+        files.torch_save(batch_file, {k: v.cpu() for k, v in b.items()})
         cfg0 = self.config(self.seeds[0], distributed=False)
         spec = {"model": self.model_path, "num_labels": info["data"].num_labels, "dtype": a.dtype,
                 "device": self.device, "seed": self.seeds[0], "partial": a.partial, "bitfit": a.bitfit,
@@ -262,6 +292,12 @@ class Experiment:
 
     # --------------------------------------------------------------- run
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         a, state = self.a, self.state
         runs = list(state["runs"]) if state is not None else []
         done_seeds = {r["seed"] for r in runs}
@@ -303,8 +339,7 @@ class Experiment:
                "runs": runs, "summary": agg, "memory": memory, "total_wall_s": total, "table": tab}
         out["config"]["world_size"] = zdist.get_world_size()
         if self.main_rank:
-            with open(os.path.join(a.out, "results.json"), "w") as f:
-                json.dump(out, f, indent=2, default=float)
+            files.write_json(os.path.join(a.out, "results.json"), out)
             report.plot(agg, os.path.join(a.out, "curves.png"), report.plot_title(out["config"], out["machine"]))
         say = self.say
         say("")
