@@ -1,0 +1,128 @@
+"""The model side of a zo-finetune seed log: the recipe of the starting model, its rebuild, the save.
+
+A log does not carry the base model: `zo-replay --base MODEL` is the same public model zo-finetune
+started from (a local directory or hub name).  The log records how zo-finetune built the initial
+model from it (head, label descriptions, temperature, labels, seed, dtype, trainable selection,
+peft adapters), and carries the initial description head itself: that head is the encoder's pooled
+embedding of the descriptions, a forward pass whose bits another CPU's BLAS need not reproduce.
+The fresh head and LoRA adapters are drawn from `torch.manual_seed(seed)` on the CPU and rebuilt.
+The initial weights' SHA-256 then decides: a different base model is refused before any pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from typing import List, Optional, Tuple
+
+import torch
+
+from .format import SeedLogError
+
+RECIPE_KIND = "zo-finetune"
+
+
+def recipe(*, name: str, num_labels: int, labels, dtype: str, seed: int, head: str, descriptions, temperature: float,
+           partial, bitfit: bool, peft_spec) -> dict:
+    """What zo-replay needs to rebuild zo-finetune's initial model from the base model."""
+    return {"kind": RECIPE_KIND, "name": name, "num_labels": int(num_labels), "labels": [str(x) for x in labels],
+            "dtype": dtype, "seed": int(seed), "head": head,
+            "descriptions": None if descriptions is None else list(descriptions), "temperature": float(temperature),
+            "partial": partial, "bitfit": bool(bitfit), "peft": None if peft_spec is None else asdict(peft_spec)}
+
+
+def named_trainable(net: torch.nn.Module, trainable) -> List[Tuple[str, torch.Tensor]]:
+    names = {id(p): n for n, p in net.named_parameters()}
+    return [(names[id(p)], p) for p in trainable]
+
+
+def embedded_names(net: torch.nn.Module, head: str, trainable) -> List[str]:
+    """The trainable tensors whose initial values the log carries: the description head's weight."""
+    if head != "description":
+        return []
+    return [n for n, _ in named_trainable(net, trainable) if n.split(".")[-2:] == ["classifier", "weight"]]
+
+
+def rebuild(base: str, r: dict, device: str = "cpu"):
+    """(net, tokenizer, named trainable tensors) of the initial model the recipe describes."""
+    from ..finetune.adapters import PeftSpec, apply_peft, trainable_parameters
+    from ..finetune.errors import FinetuneError
+    from ..finetune.model import load_model_and_tokenizer, resolve_model, select_trainable
+
+    if r.get("kind") != RECIPE_KIND:
+        raise SeedLogError(f"this log's base is {r.get('kind')!r}, not a zo-finetune model: replay it with "
+                           f"zo_kernels.seedlog.replay_log on the parameters it names")
+    try:
+        net, tok = load_model_and_tokenizer(resolve_model(base), int(r["num_labels"]), r["dtype"], device,
+                                            int(r["seed"]), head=r["head"], descriptions=r["descriptions"],
+                                            temperature=float(r["temperature"]))
+        if r.get("peft"):
+            net = apply_peft(net, PeftSpec(**r["peft"]))
+            trainable = trainable_parameters(net)
+        else:
+            trainable = select_trainable(net, r.get("partial"), bool(r.get("bitfit")))
+    except FinetuneError as e:
+        raise SeedLogError(f"--base {base}: {e}") from None
+    return net, tok, named_trainable(net, trainable)
+
+
+def check_out(out: str) -> None:
+    """Refuse an output directory that exists and is not empty (before any work)."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise SeedLogError(f"--out {out} exists and is not an empty directory")
+
+
+def save(net, tok, r: dict, out: str, provenance: dict) -> None:
+    """Write the replayed model to `out` in the usual format, all or nothing (a temp directory renamed).
+
+    fresh head: the transformers model's save_pretrained (config + model.safetensors); peft: the
+    adapter's save_pretrained; description head: the encoder's save_pretrained plus the head in
+    zo_head.safetensors and zo_head.json (temperature, labels, descriptions).  zo_replay.json
+    says which log made it."""
+    from safetensors.torch import save_file
+
+    from ..finetune.heads import DescriptionClassifier
+
+    check_out(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-zo-replay-", dir=parent)
+    try:
+        if isinstance(net, DescriptionClassifier):
+            net.encoder.save_pretrained(tmp)
+            save_file({"classifier.weight": net.classifier.weight.detach().cpu().contiguous()},
+                      os.path.join(tmp, "zo_head.safetensors"))
+            _json(os.path.join(tmp, "zo_head.json"), {"head": "description", "temperature": net.temperature,
+                                                      "labels": r["labels"], "descriptions": r["descriptions"]})
+        else:
+            net.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _json(os.path.join(tmp, "zo_replay.json"), provenance)
+        if os.path.isdir(out):
+            os.rmdir(out)           # empty (check_out): the rename needs it gone
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_description_model(out: str, device: str = "cpu"):
+    """A description-head model saved by `save`, back as zo-finetune's classifier (and its tokenizer)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from ..finetune.heads import DescriptionClassifier
+
+    with open(os.path.join(out, "zo_head.json")) as f:
+        head = json.load(f)
+    enc = AutoModel.from_pretrained(out)
+    w = load_file(os.path.join(out, "zo_head.safetensors"))["classifier.weight"]
+    net = DescriptionClassifier(enc, w, head["temperature"]).to(device).eval()
+    return net, AutoTokenizer.from_pretrained(out)
+
+
+def _json(path: str, obj: Optional[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
