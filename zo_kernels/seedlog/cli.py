@@ -25,7 +25,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zo-replay", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="the base model zo-finetune started from (directory or hub name)")
+    p.add_argument("--base", default=None,
+                   help="the base model zo-finetune started from (directory or hub name; default: the --model "
+                        "the log names, or zo-finetune's default model)")
     p.add_argument("--log", required=True, help="a .zolog file written by zo-finetune --save-log")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (the result does not depend on it)")
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def replay_model(base: str, log_path: str, out: str, *, threads: Optional[int] = None, device: str = "cpu",
+def replay_model(base: Optional[str], log_path: str, out: str, *, threads: Optional[int] = None, device: str = "cpu",
                  backend: Optional[str] = None, progress: bool = True) -> dict:
     """zo-replay as a function: returns {"sha256", "steps", "passes", "replay_s", ...}; SeedLogError on refusal."""
     import torch

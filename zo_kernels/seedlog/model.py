@@ -24,10 +24,10 @@ from .format import SeedLogError
 RECIPE_KIND = "zo-finetune"
 
 
-def recipe(*, name: str, num_labels: int, labels, dtype: str, seed: int, head: str, descriptions, temperature: float,
+def recipe(*, model: Optional[str], name: str, num_labels: int, labels, dtype: str, seed: int, head: str, descriptions, temperature: float,
            partial, bitfit: bool, peft_spec) -> dict:
     """What zo-replay needs to rebuild zo-finetune's initial model from the base model."""
-    return {"kind": RECIPE_KIND, "name": name, "num_labels": int(num_labels), "labels": [str(x) for x in labels],
+    return {"kind": RECIPE_KIND, "model": model, "name": name, "num_labels": int(num_labels), "labels": [str(x) for x in labels],
             "dtype": dtype, "seed": int(seed), "head": head,
             "descriptions": None if descriptions is None else list(descriptions), "temperature": float(temperature),
             "partial": partial, "bitfit": bool(bitfit), "peft": None if peft_spec is None else asdict(peft_spec)}
@@ -45,8 +45,9 @@ def embedded_names(net: torch.nn.Module, head: str, trainable) -> List[str]:
     return [n for n, _ in named_trainable(net, trainable) if n.split(".")[-2:] == ["classifier", "weight"]]
 
 
-def rebuild(base: str, r: dict, device: str = "cpu"):
-    """(net, tokenizer, named trainable tensors) of the initial model the recipe describes."""
+def rebuild(base: Optional[str], r: dict, device: str = "cpu"):
+    """(net, tokenizer, named trainable tensors) of the initial model the recipe describes, from the
+    base model `base` (None: the --model zo-finetune was given, None there too: its default)."""
     from ..finetune.adapters import PeftSpec, apply_peft, trainable_parameters
     from ..finetune.errors import FinetuneError
     from ..finetune.model import load_model_and_tokenizer, resolve_model, select_trainable
@@ -55,6 +56,8 @@ def rebuild(base: str, r: dict, device: str = "cpu"):
         raise SeedLogError(f"this log's base is {r.get('kind')!r}, not a zo-finetune model: replay it with "
                            f"zo_kernels.seedlog.replay_log on the parameters it names")
     try:
+        if base is None:
+            base = r.get("model")
         net, tok = load_model_and_tokenizer(resolve_model(base), int(r["num_labels"]), r["dtype"], device,
                                             int(r["seed"]), head=r["head"], descriptions=r["descriptions"],
                                             temperature=float(r["temperature"]))
@@ -64,7 +67,7 @@ def rebuild(base: str, r: dict, device: str = "cpu"):
         else:
             trainable = select_trainable(net, r.get("partial"), bool(r.get("bitfit")))
     except FinetuneError as e:
-        raise SeedLogError(f"--base {base}: {e}") from None
+        raise SeedLogError(f"--base {base or r.get('name')}: {e}") from None
     return net, tok, named_trainable(net, trainable)
 
 
