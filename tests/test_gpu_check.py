@@ -13,7 +13,8 @@ from helpers import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-PARTS = ["env", "build", "pytest_cuda", "pytest_gpu", "bench_noise", "bench_lowrank", "bench_step", "finetune"]
+PARTS = ["env", "build", "pytest_cuda", "pytest_gpu", "bench_noise", "bench_lowrank", "bench_step", "seedlog",
+         "finetune"]
 
 
 def _env(**extra):

@@ -20,13 +20,13 @@ from .replay import Recorder
 
 def why_not_loggable(method: str, cfg) -> Optional[str]:
     """None when `method` can be logged, else the reason (probed: its optimizer built with record=True
-    on a 1-parameter module, so the optimizers' own rule decides)."""
+    on a small module, so the optimizers' own rule decides)."""
     from ..finetune.registry import METHODS
 
     spec = METHODS[method]
     if spec.kind != "zo":
         return "first-order: its updates are gradients, not noise passes"
-    probe = torch.nn.Linear(1, 1, bias=False)
+    probe = torch.nn.Linear(4, 4, bias=False)
     try:
         spec.build(probe, list(probe.parameters()), dataclasses.replace(cfg, record=True, distributed=False))
     except (ValueError, TypeError) as e:
