@@ -239,6 +239,7 @@ def _saved_weights(path):
     return {**{"encoder." + k: v for k, v in enc.items()}, **head}
 
 
+@pytest.mark.slow
 def test_replay_in_fresh_processes_on_every_isa_and_thread_count(finetuned):
     out, root = finetuned["out"], finetuned["root"]
     logs = [str(out / "logs" / f"seed0_{m}.zolog") for m in LOGGED]

@@ -5,9 +5,10 @@
 The payload is a JSON header (u32 length, then UTF-8) followed by byte streams, one per record
 field (columns compress far better than rows): the records are `opt.trajectory`'s dicts, every
 noise_axpy_ call on the weights, perturbation and restore passes included -- they round θ too, so
-the final weights depend on them.  Keys are stored once in a key table, as the step they are the
-step key of (`step_key(seed, s)`) where they are one, else literally; rounding keys as the call
-index they derive from (base.py's rule) where they do, else literally.
+the final weights depend on them.  Keys are stored once, where they first appear, as what they
+derive from -- the step key of step s or the key of direction j of step s (s relative to the pass's
+step: 0 or 1 almost always) -- else literally; rounding keys as the call index they derive from
+(base.py's rule) where they do, else literally.
 
 Reading checks, in order: magic, version, length (truncation), checksum (damage), noise spec,
 then the structure; any failure is a SeedLogError with one line.
@@ -24,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..noise import mix_keys, step_key
 from ..optim.base import _ROUNDING_TAG
+from ..optim.spsa import direction_key
 
 MAGIC = b"ZOSEEDLG"
 FORMAT_VERSION = 1
@@ -31,6 +33,8 @@ NOISE_SPEC = "zo-noise v1"        # docs/spec.md §1: the noise the keys stand f
 _PREFIX = struct.Struct("<8sHQ")   # magic, version, payload length
 _DIGEST = 32
 _MAX_CALL_INDEX = 64               # rounding keys: call indices tried before storing the key literally
+_MAX_DIRECTION = 64                # keys: directions j tried (at the pass's step and the next)
+_LITERAL, _STEP_KEY, _DIRECTION_KEY = 0, 1, 2     # key-table entry kinds
 
 # flags byte of a record
 _STOCHASTIC, _UNDO, _PLANE_READ, _PLANE_WRITE, _LOWRANK, _RKEY_LITERAL = 1, 2, 4, 8, 16, 32
@@ -43,6 +47,14 @@ class SeedLogError(ValueError):
 
 
 # ------------------------------------------------------------------ varints
+def _zigzag(v: int) -> int:
+    return 2 * v if v >= 0 else -2 * v - 1
+
+
+def _unzigzag(v: int) -> int:
+    return v // 2 if v % 2 == 0 else -(v + 1) // 2
+
+
 def _put_varint(buf: bytearray, v: int) -> None:
     if v < 0:
         raise ValueError(f"internal: negative varint {v}")
@@ -100,15 +112,28 @@ def encode(header: dict, records: List[dict], seed: int, init: bytes = b"") -> b
     keytab: Dict[int, int] = {}
     tid_table: Dict[Tuple[int, ...], int] = {}
 
-    def keyref(k: int) -> int:
+    def new_key(k: int, step: int) -> None:
+        """The key-table entry of key k, first used by a pass of step `step`."""
+        out = s["keytab"]
+        if k in by_step:
+            _put_varint(out, _STEP_KEY)
+            _put_varint(out, _zigzag(by_step[k] - step))
+            return
+        for t in (step, step + 1):
+            j = next((j for j in range(1, _MAX_DIRECTION) if direction_key(seed, t, j) == k), None)
+            if j is not None:
+                _put_varint(out, _DIRECTION_KEY)
+                _put_varint(out, _zigzag(t - step))
+                _put_varint(out, j)
+                return
+        _put_varint(out, _LITERAL)
+        s["keylit"] += struct.pack("<Q", k)
+
+    def keyref(k: int, step: int) -> int:
         k = int(k)
         if k not in keytab:
             keytab[k] = len(keytab)
-            if k in by_step:
-                _put_varint(s["keytab"], by_step[k] + 1)
-            else:
-                _put_varint(s["keytab"], 0)
-                s["keylit"] += struct.pack("<Q", k)
+            new_key(k, step)
         return keytab[k]
 
     prev = 0
@@ -135,7 +160,7 @@ def encode(header: dict, records: List[dict], seed: int, init: bytes = b"") -> b
         s["flags"].append(flags)
         _put_varint(s["nkeys"], len(keys))
         for k in keys:
-            _put_varint(s["keyref"], keyref(k))
+            _put_varint(s["keyref"], keyref(k, step))
         s["alpha"] += struct.pack(f"<{len(alphas)}d", *alphas)
         if undo is not None:
             s["undo"] += struct.pack(f"<{len(keys)}d", *[float(u) for u in undo])
@@ -144,7 +169,7 @@ def encode(header: dict, records: List[dict], seed: int, init: bytes = b"") -> b
         tids = tuple(int(t) for t in r["tensor_ids"])
         _put_varint(s["tids"], tid_table.setdefault(tids, len(tid_table)))
         if flags & _LOWRANK:
-            _put_varint(s["lowrank"], keyref(r["key_v"]))
+            _put_varint(s["lowrank"], keyref(r["key_v"], step))
             _put_varint(s["lowrank"], int(r["rank"]))
     s["init"] += init
     head = dict(header, format=FORMAT_VERSION, noise_spec=NOISE_SPEC, seed=int(seed), passes=len(records),
@@ -208,17 +233,34 @@ def decode(data: bytes) -> Tuple[dict, List[dict], bytes]:
 
 def _records(header: dict, s: Dict[str, _Cursor]) -> List[dict]:
     seed = int(header["seed"])
-    keys = []
-    for _ in range(int(header["keys"])):
-        tag = s["keytab"].varint()
-        keys.append(s["keylit"].u64() if tag == 0 else step_key(seed, tag - 1))
+    keys: List[int] = []
+
+    def key(step: int, ref: _Cursor) -> int:
+        """The key `ref`'s next index names; the next key-table entry when it is the key's first use."""
+        i = ref.varint()
+        if i < len(keys):
+            return keys[i]
+        if i > len(keys):
+            raise SeedLogError("malformed log: a key is used before it is defined")
+        kind, tab = s["keytab"].varint(), s["keytab"]
+        if kind == _LITERAL:
+            keys.append(s["keylit"].u64())
+        elif kind == _STEP_KEY:
+            keys.append(step_key(seed, step + _unzigzag(tab.varint())))
+        elif kind == _DIRECTION_KEY:
+            t = step + _unzigzag(tab.varint())
+            keys.append(direction_key(seed, t, tab.varint()))
+        else:
+            raise SeedLogError(f"malformed log: unknown key kind {kind}")
+        return keys[-1]
+
     tids = [[int(t) for t in ts] for ts in header["tensor_id_table"]]
     out, step = [], 0
     for _ in range(int(header["passes"])):
         step += s["step"].varint()
         flags = s["flags"].take(1)[0]
         n = s["nkeys"].varint()
-        rec = {"step": step, "keys": [keys[s["keyref"].varint()] for _ in range(n)], "alphas": s["alpha"].f64s(n),
+        rec = {"step": step, "keys": [key(step, s["keyref"]) for _ in range(n)], "alphas": s["alpha"].f64s(n),
                "rounding": "stochastic" if flags & _STOCHASTIC else "nearest"}
         if flags & _UNDO:
             rec["undo"] = s["undo"].f64s(n)
@@ -229,10 +271,10 @@ def _records(header: dict, s: Dict[str, _Cursor]) -> List[dict]:
         rec["rounding_key"] = (s["rkey_lit"].u64() if flags & _RKEY_LITERAL
                                else _rounding_key(seed, step, s["rkey"].varint()))
         if flags & _LOWRANK:
-            rec["key_v"] = keys[s["lowrank"].varint()]
+            rec["key_v"] = key(step, s["lowrank"])
             rec["rank"] = s["lowrank"].varint()
         out.append(rec)
-    if not all(c.done() for name, c in s.items() if name != "init"):
+    if len(keys) != int(header["keys"]) or not all(c.done() for name, c in s.items() if name != "init"):
         raise SeedLogError("malformed log: record streams longer than the header's pass count")
     return out
 
