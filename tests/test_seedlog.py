@@ -292,3 +292,27 @@ def test_zo_replay_refuses_with_one_line_and_writes_nothing(finetuned, tmp_path)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("zo-replay: error:") and why in lines[0], r.stderr
         assert not dest.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_fresh_head_lora_run_replays_to_the_saved_adapter(finetuned, tmp_path):
+    """--head fresh --peft lora: the rebuilt start (seeded head and adapters, nothing carried) replays to
+    the trained adapter; zo-replay writes peft's own adapter files."""
+    pytest.importorskip("peft")
+    from zo_kernels.finetune.cli import main
+    from zo_kernels.seedlog import replay_model
+
+    root, out = finetuned["root"], tmp_path / "run"
+    rc = main(["--model", finetuned["model"], "--dataset", str(root / "data.csv"), "--n-train", "24", "--n-val", "8",
+               "--n-test", "8", "--batch-size", "4", "--max-length", "12", "--threads", "1", "--out", str(out),
+               "--no-progress", "--no-memory", "--evals", "1", "--queries", "64", "--lr-mezo", "1e-2",
+               "--methods", "mezo", "--head", "fresh", "--peft", "lora", "--lora-rank", "2",
+               "--save-log", "--save-weights"])
+    assert rc == 0
+    log = out / "logs" / "seed0_mezo.zolog"
+    assert load_log(log.read_bytes()).header["init_tensors"] == []        # nothing carried: all seeded
+    info = replay_model(finetuned["model"], str(log), str(tmp_path / "tuned"), progress=False)
+    saved = load_file(str(tmp_path / "tuned" / "adapter_model.safetensors"))
+    trained = {k.replace(".modules_to_save.default", "").replace(".default", ""): v for k, v in
+               torch.load(out / "weights" / "seed0_mezo.pt", weights_only=True).items() if "original_module" not in k}
+    assert any("lora_A" in k for k in saved) and all(torch.equal(v, trained[k]) for k, v in saved.items())
+    assert info["sha256"] == load_log(log.read_bytes()).header["final_sha256"]

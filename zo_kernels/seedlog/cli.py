@@ -10,12 +10,10 @@ stderr, exit code 2, and nothing written.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from typing import List, Optional
 
-from .format import SeedLogError, describe
+from .format import SeedLogError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,40 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def replay_model(base: Optional[str], log_path: str, out: str, *, threads: Optional[int] = None, device: str = "cpu",
-                 backend: Optional[str] = None, progress: bool = True) -> dict:
-    """zo-replay as a function: returns {"sha256", "steps", "passes", "replay_s", ...}; SeedLogError on refusal."""
-    import torch
-
-    from . import model
-    from .replay import read_log, replay_log
-
-    if threads is not None:
-        if threads < 1:
-            raise SeedLogError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SeedLogError(f"--device {device}: no CUDA GPU is available here")
-    log = read_log(log_path)
-    model.check_out(out)
-    if backend is None and device == "cpu":
-        backend = log.header["replay"].get("backend")
-        if backend not in ("cpu", "reference"):
-            backend = None
-    net, tok, named = model.rebuild(base, log.header["base"], device)
-    t0 = time.perf_counter()
-    sha = replay_log(named, log, backend=backend, progress=progress)
-    dt = time.perf_counter() - t0
-    info = {"log": os.path.abspath(log_path), "log_sha256": log.sha256, "sha256": sha, "steps": log.header["steps"],
-            "passes": len(log.records), "replay_s": dt, "backend": backend, "device": device,
-            "optimizer": log.header["optimizer"], "base": log.header["base"]}
-    model.save(net, tok, log.header["base"], out, info)
-    info["summary"] = describe(log.header, log.size)
-    return info
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     a = build_parser().parse_args(argv)
+    from .model import replay_model
+
     try:
         info = replay_model(a.base, a.log, a.out, threads=a.threads, device=a.device, backend=a.backend,
                             progress=not a.no_progress)

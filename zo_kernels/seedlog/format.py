@@ -288,11 +288,20 @@ def read_bytes(path: str) -> bytes:
         raise SeedLogError(f"cannot read log {path}: {e.strerror}") from None
 
 
+def kept_mode(directory: bool = False) -> int:
+    """The mode of a file (directory) the user keeps: mkstemp's / mkdtemp's 0600 / 0700 are for the
+    temporary only, the kept one gets what the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write to a temp file beside `path` and rename it: a reader never sees half a log."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".zolog", dir=d)
     try:
+        os.fchmod(fd, kept_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -14,12 +14,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from typing import List, Optional, Tuple
 
 import torch
 
-from .format import SeedLogError
+from .format import SeedLogError, describe, kept_mode
+from .replay import read_log, replay_log
 
 RECIPE_KIND = "zo-finetune"
 
@@ -103,6 +105,9 @@ def save(net, tok, r: dict, out: str, provenance: dict) -> None:
             net.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _json(os.path.join(tmp, "zo_replay.json"), provenance)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), kept_mode())
+        os.chmod(tmp, kept_mode(directory=True))
         if os.path.isdir(out):
             os.rmdir(out)           # empty (check_out): the rename needs it gone
         os.rename(tmp, out)
@@ -129,3 +134,31 @@ def load_description_model(out: str, device: str = "cpu"):
 def _json(path: str, obj: Optional[dict]) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def replay_model(base: Optional[str], log_path: str, out: str, *, threads: Optional[int] = None, device: str = "cpu",
+                 backend: Optional[str] = None, progress: bool = True) -> dict:
+    """zo-replay as a function (zo_kernels.seedlog.cli): returns {"sha256", "steps", "passes", "replay_s",
+    ...}; SeedLogError on any refusal, with nothing written."""
+    if threads is not None:
+        if threads < 1:
+            raise SeedLogError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SeedLogError(f"--device {device}: no CUDA GPU is available here")
+    log = read_log(log_path)
+    check_out(out)
+    if backend is None and device == "cpu":
+        backend = log.header["replay"].get("backend")
+        if backend not in ("cpu", "reference"):
+            backend = None
+    net, tok, named = rebuild(base, log.header["base"], device)
+    t0 = time.perf_counter()
+    sha = replay_log(named, log, backend=backend, progress=progress)
+    dt = time.perf_counter() - t0
+    info = {"log": os.path.abspath(log_path), "log_sha256": log.sha256, "sha256": sha, "steps": log.header["steps"],
+            "passes": len(log.records), "replay_s": dt, "backend": backend, "device": device,
+            "optimizer": log.header["optimizer"], "base": log.header["base"]}
+    save(net, tok, log.header["base"], out, info)
+    info["summary"] = describe(log.header, log.size)
+    return info
