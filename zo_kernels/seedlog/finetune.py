@@ -28,9 +28,11 @@ def why_not_loggable(method: str, cfg) -> Optional[str]:
         return "first-order: its updates are gradients, not noise passes"
     probe = torch.nn.Linear(4, 4, bias=False)
     try:
-        spec.build(probe, list(probe.parameters()), dataclasses.replace(cfg, record=True, distributed=False))
+        opt = spec.build(probe, list(probe.parameters()), dataclasses.replace(cfg, record=True, distributed=False))
     except (ValueError, TypeError) as e:
         return str(e).splitlines()[0]
+    if getattr(opt, "trajectory", None) is None:
+        return f"{type(opt).__name__} keeps no trajectory of noise passes"
     return None
 
 
