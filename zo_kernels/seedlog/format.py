@@ -8,7 +8,7 @@ noise_axpy_ call on the weights, perturbation and restore passes included -- the
 the final weights depend on them.  Keys are stored once, where they first appear, as what they
 derive from -- the step key of step s or the key of direction j of step s (s relative to the pass's
 step: 0 or 1 almost always) -- else literally; rounding keys as the call index they derive from
-(base.py's rule) where they do, else literally.
+(zo_kernels.rounding.step_rounding_key) where they do, else literally.
 
 Reading checks, in order: magic, version, length (truncation), checksum (damage), noise spec,
 then the structure; any failure is a SeedLogError with one line.
@@ -23,9 +23,9 @@ import struct
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
-from ..noise import mix_keys, step_key
-from ..optim.base import _ROUNDING_TAG
+from ..noise import step_key
 from ..optim.spsa import direction_key
+from ..rounding import step_rounding_key
 
 MAGIC = b"ZOSEEDLG"
 FORMAT_VERSION = 1
@@ -99,10 +99,6 @@ class _Cursor:
 
 
 # ------------------------------------------------------------------ encoding
-def _rounding_key(seed: int, step: int, call: int) -> int:
-    return mix_keys(_ROUNDING_TAG, step_key(seed, step), call)
-
-
 def encode(header: dict, records: List[dict], seed: int, init: bytes = b"") -> bytes:
     """The file's bytes: `header` (JSON-able; the record tables are added here), the records
     (opt.trajectory's dicts, optimizer seed `seed`) and `init` (raw initial tensors, see the header)."""
@@ -151,7 +147,7 @@ def encode(header: dict, records: List[dict], seed: int, init: bytes = b"") -> b
         if r.get("key_v") is not None:
             flags |= _LOWRANK
         rkey = int(r["rounding_key"])
-        call = next((c for c in range(_MAX_CALL_INDEX) if _rounding_key(seed, step, c) == rkey), None)
+        call = next((c for c in range(_MAX_CALL_INDEX) if step_rounding_key(seed, step, c) == rkey), None)
         if call is None:
             flags |= _RKEY_LITERAL
             s["rkey_lit"] += struct.pack("<Q", rkey)
@@ -269,7 +265,7 @@ def _records(header: dict, s: Dict[str, _Cursor]) -> List[dict]:
         rec["gamma"] = s["gamma"].f64s(1)[0]
         rec["tensor_ids"] = tids[s["tids"].varint()]
         rec["rounding_key"] = (s["rkey_lit"].u64() if flags & _RKEY_LITERAL
-                               else _rounding_key(seed, step, s["rkey"].varint()))
+                               else step_rounding_key(seed, step, s["rkey"].varint()))
         if flags & _LOWRANK:
             rec["key_v"] = key(step, s["lowrank"])
             rec["rank"] = s["lowrank"].varint()
