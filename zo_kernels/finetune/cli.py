@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--save-weights", action="store_true",
                    help="write each method's final weights to OUT/weights/seed<S>_<method>.pt")
+    g.add_argument("--save-log", action="store_true",
+                   help="write OUT/logs/seed<S>_<method>.zolog, a seed log of kilobytes from which zo-replay "
+                        "rebuilds the trained model bit for bit (every ZO method whose updates are noise "
+                        "passes; docs/seedlog.md)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write OUT/checkpoint.pt (atomically) every N steps and after every method; 0: never")
     g.add_argument("--resume", default=None, metavar="DIR",

@@ -4,6 +4,7 @@ results.json, curves.png and the table.  The CLI (zo_kernels.finetune.cli) parse
 arguments and hands them here."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -14,6 +15,8 @@ import torch
 
 from .. import distributed as zdist
 from ..machine import cpu_name
+from ..seedlog import finetune as seedlog_ft
+from ..seedlog import model as seedlog_model
 from . import checkpoint as ck
 from . import data as data_mod
 from . import files, report
@@ -120,6 +123,7 @@ class Experiment:
             self.release()
             raise
         d = TrainConfig()
+        self.unloggable: Optional[dict] = None    # --save-log: method -> why it cannot be logged
         self.queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
 
     # ------------------------------------------------------------ helpers
@@ -145,6 +149,19 @@ class Experiment:
         if self.peft_spec is not None:
             return trainable_parameters(net)
         return select_trainable(net, self.a.partial, self.a.bitfit)
+
+    def log_recipe(self, seed: int, info: dict) -> dict:
+        """--save-log: the starting model as zo-replay rebuilds it (zo_kernels.seedlog.model)."""
+        a = self.a
+        if self.unloggable is None:
+            cfg = self.config(seed)
+            self.unloggable = {m: why for m in self.methods if (why := seedlog_ft.why_not_loggable(m, cfg))}
+            for m, why in self.unloggable.items():
+                self.say(f"--save-log: no log for {LABELS[m]} ({why})")
+        return seedlog_model.recipe(model=a.model, name=os.path.basename(str(a.model or "all-MiniLM-L6-v2").rstrip("/")), num_labels=info["data"].num_labels,
+                                    labels=info["data"].label_names, dtype=a.dtype, seed=seed, head=a.head,
+                                    descriptions=info["descriptions"], temperature=a.temperature,
+                                    partial=a.partial, bitfit=a.bitfit, peft_spec=self.peft_spec)
 
     # --------------------------------------------------------------- seed
     def prepare(self, seed: int) -> dict:
@@ -192,9 +209,14 @@ class Experiment:
             self.save_state()
         return cur
 
-    def _run_method(self, m: str, seed: int, net, enc, cfg: TrainConfig, cur: dict) -> dict:
+    def _run_method(self, m: str, seed: int, net, enc, cfg: TrainConfig, cur: dict,
+                    recipe: Optional[dict] = None) -> dict:
         a = self.a
+        log = recipe is not None and m not in self.unloggable
+        if log:
+            cfg = dataclasses.replace(cfg, record=True)
         mr = MethodRun(m, net, self.trainable(net), enc, cfg, cur["start"], progress=not a.no_progress)
+        recorder = seedlog_ft.start(mr.opt, net, mr.trainable, recipe) if log else None   # hashes θ_0
         if cur.get("active") is not None and cur["active"]["method"] == m:
             try:
                 mr.load_state_dict(cur["active"])
@@ -215,6 +237,8 @@ class Experiment:
             files.torch_save(os.path.join(wdir, f"seed{seed}_{m}.pt"),
                          {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
         rm = record(m, r)
+        if recorder is not None and self.main_rank:
+            rm["seed_log"] = seedlog_ft.finish(recorder, a.out, seed, m)
         self.say(f"{LABELS[m]} (lr {r.lr:g}): {r.steps} steps, {r.queries:,} queries, train loss "
                  f"{rm['train_loss']:.4f}, val acc {rm['val_acc']:.3f}, test acc {rm['test_acc']:.3f} (start "
                  f"{cur['start']['test_acc']:.3f}), {rm['wall_s']:.0f} s"
@@ -248,6 +272,7 @@ class Experiment:
         start = cur["start"]
         self.say(f"start (zero-shot, {a.head} head): train loss {start['train_loss']:.4f}, "
                  f"test acc {start['test_acc']:.3f}")
+        recipe = self.log_recipe(seed, info) if a.save_log else None
         results = {}
         for m in self.methods:
             if m in cur["done"]:
@@ -255,7 +280,7 @@ class Experiment:
                 self.say(f"{LABELS[m]}: done before the resume")
                 continue
             net.load_state_dict(init_state)
-            results[m] = self._run_method(m, seed, net, enc, cfg, cur)
+            results[m] = self._run_method(m, seed, net, enc, cfg, cur, recipe)
             if self.checkpointing:
                 cur["done"][m] = results[m]
                 cur["active"] = None
