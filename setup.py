@@ -125,7 +125,8 @@ setup(
         "datasets": ["datasets>=2.19"],
         "dev": ["pytest"],
     },
-    entry_points={"console_scripts": ["zo-finetune=zo_kernels.finetune.cli:main"]},
+    entry_points={"console_scripts": ["zo-finetune=zo_kernels.finetune.cli:main",
+                                     "zo-replay=zo_kernels.seedlog.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -16,6 +16,7 @@
 #   bench_noise  benchmarks/bench_noise.py --device cuda: GB/s and % of copy_ per dtype and key count
 #   bench_lowrank benchmarks/bench_noise.py --lowrank --device cuda: the LOZO pass vs rank (table in the log)
 #   bench_step   benchmarks/bench_step.py --device cuda: OPT-125m / OPT-1.3b configs, forward vs noise
+#   seedlog      a seed log made on the CPU replayed on the GPU: equal bits or the max difference (in the log)
 #   finetune     zo-finetune on CUDA (MeZO, MeZO-SVRG, LOZO, FO-SGD) on a
 #                synthetic task with a MiniLM-shaped random model (scripts/synthetic_task.py)
 # Writes OUTDIR/gpu_check.log (everything), OUTDIR/summary.json (per part: status, exit code, seconds,
@@ -135,6 +136,8 @@ check_parts() {
         --dtypes float32,bfloat16 --out "$WORK/bench_lowrank"
     part bench_step 50 benchmarks/bench_step.py --device cuda --models opt-125m,opt-1.3b --repeats 5 \
         --out "$OUTDIR/bench"
+
+    part seedlog 20 scripts/gpu_check_tools.py seedlog
 
     # zo-finetune on a synthetic task (scripts/synthetic_task.py; a tiny model in a dry run): the default
     # model and data packages are not on the lent machine.

@@ -4,6 +4,7 @@ stand-in of a CUDA command, and the summary writer.
     python scripts/gpu_check_tools.py env JSON            # versions, GPU, compilers -> JSON (and stdout)
     python scripts/gpu_check_tools.py finetune DIR [--shape S] [--want M,...] -- ARGS
                                                           # zo-finetune ARGS on a synthetic task in DIR
+    python scripts/gpu_check_tools.py seedlog             # a CPU-made seed log replayed on the GPU
     python scripts/gpu_check_tools.py dry-run ARGV...     # run `python ARGV...` up to its first CUDA call
     python scripts/gpu_check_tools.py summary PARTS ENV JUNIT_DIR OUT.json [--dry-run] [--budget S]
 
@@ -115,6 +116,39 @@ def finetune(argv: List[str]) -> int:
     if not have:
         return 1
     return zo_finetune(["--model", model, "--dataset", data, "--methods", ",".join(have)] + rest)
+
+
+# -------------------------------------------------------------------------------------- seedlog
+def seedlog(argv: List[str]) -> int:
+    """A seed log made on the CPU (MeZO, 100 steps, fp32 and bf16) replayed on the GPU: equal bits, or
+    the largest difference from the CPU-trained weights (docs/seedlog.md, "Bit-identity")."""
+    import torch
+
+    from zo_kernels import last_backend, optim
+    from zo_kernels.seedlog import Recorder, load_log, replay_log
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(384, 384), torch.nn.Tanh(), torch.nn.Linear(384, 2)).to(dtype)
+
+        net = make()
+        opt = optim.MeZO(net.parameters(), lr=1e-3, record=True, backend="cpu")
+        rec = Recorder(opt, net.named_parameters(), base={"name": "mlp"})
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(32, 384, generator=g).to(dtype), torch.randint(0, 2, (32,), generator=g)
+        for _ in range(100):
+            opt.step(lambda: torch.nn.functional.cross_entropy(net(x).float(), y))
+        log = load_log(rec.encode())
+        gpu = make().to("cuda")
+        same = replay_log(gpu.named_parameters(), log, check_final=False) == log.header["final_sha256"]
+        diff = max(float((p.detach().cpu().double() - q.detach().double()).abs().max())
+                   for p, q in zip(gpu.parameters(), net.parameters()))
+        rows.append({"dtype": str(dtype), "replay_backend": last_backend(), "equal_bits": same,
+                     "max_abs_diff": diff, "log_bytes": log.size})
+        print(json.dumps(rows[-1]), flush=True)
+    return 0
 
 
 # --------------------------------------------------------------------------------------- dry run
@@ -257,6 +291,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return env(rest[0])
     if cmd == "finetune":
         return finetune(rest)
+    if cmd == "seedlog":
+        return seedlog(rest)
     if cmd == "dry-run":
         return dry_run(rest)
     if cmd == "summary" and len(rest) >= 4:

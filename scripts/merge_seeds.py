@@ -56,12 +56,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     out = merge([_load(d) for d in a.dirs])
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=2, default=float)
-    from zo_kernels.finetune import report
+    from zo_kernels.finetune import FinetuneError, files, report
 
-    report.plot(out["summary"], os.path.join(a.out, "curves.png"), report.plot_title(out["config"], out["machine"]))
+    try:        # each file whole or not at all (a temporary file renamed), as zo-finetune writes them
+        files.check_writable(a.out)
+        files.write_json(os.path.join(a.out, "results.json"), out)
+        report.plot(out["summary"], os.path.join(a.out, "curves.png"),
+                    report.plot_title(out["config"], out["machine"]))
+    except FinetuneError as e:
+        raise SystemExit(f"merge_seeds: {e}") from None
     print(out["table"])
     return 0
 

@@ -13,7 +13,8 @@ from helpers import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-PARTS = ["env", "build", "pytest_cuda", "pytest_gpu", "bench_noise", "bench_lowrank", "bench_step", "finetune"]
+PARTS = ["env", "build", "pytest_cuda", "pytest_gpu", "bench_noise", "bench_lowrank", "bench_step", "seedlog",
+         "finetune"]
 
 
 def _env(**extra):
@@ -38,7 +39,7 @@ def dry(tmp_path_factory):
     return {"r": r, "out": out, "cwd": cwd, "summary": json.loads((out / "summary.json").read_text())}
 
 
-@pytest.mark.slow  # ~25 s of CPU: eight python processes importing torch
+@pytest.mark.slow  # ~30 s of CPU: nine python processes importing torch
 def test_dry_run_reaches_every_part(dry):
     r, s = dry["r"], dry["summary"]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
@@ -49,7 +50,7 @@ def test_dry_run_reaches_every_part(dry):
         assert 0 < p["seconds"] <= p["limit_s"], p
     log = (dry["out"] / "gpu_check.log").read_text()
     # The CUDA parts ran for real up to their first CUDA call (arguments parsed, files and imports found).
-    assert log.count("dry-run: OK, reached the first CUDA call") == 5, log[-3000:]
+    assert log.count("dry-run: OK, reached the first CUDA call") == 6, log[-3000:]   # + seedlog
     for flag in ("--device cuda", "--sizes 1e6,1e7,1e8", "--lowrank", "--models opt-125m,opt-1.3b", "-m cuda"):
         assert flag in log
     import torch

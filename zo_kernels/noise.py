@@ -8,6 +8,7 @@ hold uint32 values, so every step is exact; nothing loops over elements.
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 
 import torch
@@ -42,14 +43,16 @@ def splitmix64(x: int) -> int:
 
 def step_key(base_seed: int, step: int) -> int:
     """The 64-bit Philox key of one optimizer step: splitmix64(splitmix64(seed) ^ step)."""
-    check_u64(base_seed, "base_seed")
-    check_u64(step, "step")
+    base_seed, step = check_u64(base_seed, "base_seed"), check_u64(step, "step")
     return splitmix64(splitmix64(base_seed) ^ step)
 
 
 def check_u64(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    """`value` as a Python int in [0, 2**64): ints and numpy integers (a seed drawn with numpy) pass;
+    bools, floats (even 3.0) and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)      # numpy integers would wrap or turn float in the 64-bit arithmetic
     if not 0 <= value <= M64:
         raise ValueError(f"{name}={value} is outside the unsigned 64-bit range [0, 2**64)")
     return value

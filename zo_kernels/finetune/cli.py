@@ -24,6 +24,12 @@ from .errors import FinetuneError
 DEFAULT_METHODS = "mezo,mezo-svrg"
 
 
+# Machine epsilon of each --dtype (torch.finfo(dtype).eps; cli imports torch only when a run starts).  A
+# perturbation eps below EPS_FLOOR of it moves no weight of magnitude above 2e-3 (|z| ~ 1).
+DTYPE_EPS = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}
+EPS_FLOOR = 1e-3
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own convention too)
         self.exit(2, f"zo-finetune: error: {message}\n")
@@ -110,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--save-weights", action="store_true",
                    help="write each method's final weights to OUT/weights/seed<S>_<method>.pt")
+    g.add_argument("--save-log", action="store_true",
+                   help="write OUT/logs/seed<S>_<method>.zolog, a seed log of kilobytes from which zo-replay "
+                        "rebuilds the trained model bit for bit (every ZO method whose updates are noise "
+                        "passes; docs/seedlog.md)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write OUT/checkpoint.pt (atomically) every N steps and after every method; 0: never")
     g.add_argument("--resume", default=None, metavar="DIR",
@@ -185,6 +195,10 @@ def _check_args(a) -> List[str]:
         raise FinetuneError(f"--batch-size {a.batch_size} is larger than --n-train {a.n_train}")
     if a.eps <= 0:
         raise FinetuneError("--eps must be > 0")
+    if a.eps < EPS_FLOOR * DTYPE_EPS[a.dtype]:
+        raise FinetuneError(f"--eps {a.eps:g} is too small for {a.dtype} weights: θ ± eps·z rounds back to θ for "
+                            f"every weight above {2 * a.eps / DTYPE_EPS[a.dtype]:.1e} in magnitude, so the run "
+                            f"would change nothing; use >= {EPS_FLOOR * DTYPE_EPS[a.dtype]:.1e}")
     if a.partial is not None and a.partial < 1:
         raise FinetuneError("--partial must be >= 1")
     from .model import check_selection  # model.py imports torch; cli defers that until a run starts

@@ -9,6 +9,7 @@ one pandas frame (column picking, label mapping, the random split).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -96,6 +97,85 @@ def _to_frame(dd):
     return pd.concat(frames, ignore_index=True)
 
 
+def _cause(e: BaseException, files: Sequence[str]) -> str:
+    """The reason behind datasets' generic "An error occurred while generating the dataset": the
+    first exception of its chain that says something a user can act on, as one line."""
+    import gzip
+    import lzma
+    import zipfile
+
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        name, text = type(x).__name__, str(x)
+        if name == "EmptyDataError":
+            return "the file is empty"
+        if "corresponds to no data" in text:
+            return "it holds no rows (a header only?)"
+        if isinstance(x, UnicodeDecodeError):
+            return (f"it is not UTF-8 text (byte 0x{x.object[x.start]:02x} at offset {x.start}); "
+                    f"re-save it as UTF-8")
+        if isinstance(x, (gzip.BadGzipFile, lzma.LZMAError, zipfile.BadZipFile, EOFError)) or (
+                isinstance(x, OSError) and "compressed" in text.lower()):
+            return f"its compression is damaged or not what the suffix says ({_first_line(x)})"
+        if "Schema at index" in text and len(files) > 1:
+            return "its files have different columns: " + _columns_by_file(files)
+        if name in ("JSONDecodeError", "ArrowInvalid") and "JSON" in text:
+            return f"it is not valid JSON ({_first_line(x)})"
+    return _first_line(chain[-1])
+
+
+def _columns_by_file(files: Sequence[str]) -> str:
+    """'a.csv: [text, label]; b.csv: [sentence, y]' -- read one file at a time (an error path only)."""
+    parts = []
+    for f in files:
+        try:
+            cols = list(_load_local([f], f).columns)
+        except FinetuneError:
+            cols = ["unreadable"]
+        parts.append(f"{os.path.basename(f)}: {cols}")
+    return "; ".join(parts)
+
+
+def _check_json_records(path: str) -> None:
+    """A .json/.jsonl file must hold records (objects): a top-level array of numbers or strings would be
+    read as one column named 'text'."""
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}
+    opener = openers.get(os.path.splitext(path)[1].lower(), open)
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(1 << 16).lstrip()
+    except Exception:
+        return                      # unreadable: datasets reports it, through _cause
+    if head.startswith(b"["):
+        inner = head[1:].lstrip()
+        if inner and not inner.startswith((b"{", b"]")):
+            kind = "strings" if inner.startswith(b'"') else "values"
+            raise FinetuneError(f"cannot read dataset file {path}: it holds a JSON array of {kind}, not "
+                                f"records; expected one object per example, e.g. "
+                                f"{{'text': ..., 'label': ...}} (a list of them, or JSON Lines)")
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs a parser error on its own line before raising; the one-line error says it."""
+    import logging
+
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _load_local(files: Sequence[str], shown: str):
     """Read local data files with `datasets.load_dataset(<builder>, data_files=...)` (offline; the
     arrow cache goes to a temporary directory, so nothing is left behind)."""
@@ -109,16 +189,21 @@ def _load_local(files: Sequence[str], shown: str):
         if suffix is None:
             raise FinetuneError(f"cannot read dataset file {f}: unknown format "
                                 f"(expected {', '.join(SUFFIXES)}, optionally .bz2/.gz/.xz/.zip)")
+        if suffix in (".json", ".jsonl"):
+            _check_json_records(f)
         by_builder.setdefault(BUILDERS[suffix], []).append(f)
     import pandas as pd
 
-    with tempfile.TemporaryDirectory(prefix="zo-finetune-data-") as cache:
+    with tempfile.TemporaryDirectory(prefix="zo-finetune-data-") as cache, _quiet_datasets():
         for (builder, options), group in by_builder.items():
             try:
                 dd = datasets.load_dataset(builder, data_files=group, cache_dir=cache, **dict(options))
             except Exception as e:  # datasets wraps parser / decompression errors in many types
-                raise FinetuneError(f"cannot read dataset file {shown}: {_first_line(e)}") from None
+                raise FinetuneError(f"cannot read dataset file {shown}: {_cause(e, group)}") from None
             frames.append(_to_frame(dd))
+    if len({tuple(f.columns) for f in frames}) > 1:
+        raise FinetuneError(f"cannot read dataset directory {shown}: its files have different columns: "
+                            + _columns_by_file(files))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -194,12 +279,29 @@ def load_text_classification(dataset: Optional[str], *, n_train: int, n_val: int
         raise FinetuneError(f"dataset {name} is empty")
     tcol = _pick_column(df, text_column, TEXT_COLUMNS, "text", "--text-column")
     lcol = _pick_column(df, label_column, LABEL_COLUMNS, "label", "--label-column")
+    if tcol == lcol:
+        raise FinetuneError(f"column {tcol!r} of dataset {name} is picked as both the text and the label "
+                            f"column; pass different --text-column and --label-column")
+    for col in (tcol, lcol):
+        nested = df[col].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))
+        if nested.any():
+            raise FinetuneError(f"column {col!r} of dataset {name} holds lists, not one value per example "
+                                f"(a JSON object of columns? write one record per example: JSON Lines or a "
+                                f"list of objects)")
+    n_rows = len(df)
     df = df[[tcol, lcol]].dropna()
     df = df[df[lcol].astype(str).str.strip() != ""]
+    dropped = {"missing_text_or_label": n_rows - len(df)}
     values = df[lcol]
     import pandas as pd
 
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        fractional = values[values != np.floor(values)]
+        if len(fractional):
+            raise FinetuneError(f"label column {lcol!r} of dataset {name} holds numbers that are not integers "
+                                f"({', '.join(map(str, sorted(set(fractional))[:4]))}); labels must be "
+                                f"integer class ids or strings")
+        dropped["unlabelled_negative"] = int((values < 0).sum())
         df = df[values >= 0]  # hub test splits mark "no label" as -1
         values = df[lcol]
         keys = values.astype(np.int64).astype(str)
@@ -216,6 +318,7 @@ def load_text_classification(dataset: Optional[str], *, n_train: int, n_val: int
         raise FinetuneError(f"label value(s) {missing} do not occur in column {lcol!r} of dataset {name}")
     index = {v: i for i, v in enumerate(labels)}
     keep = keys.isin(index).to_numpy()
+    dropped["other_label_values"] = int((~keep).sum())
     texts = df[tcol].astype(str).to_numpy()[keep]
     y = keys[keep].map(index).to_numpy().astype(np.int64)
     need = n_train + n_val + n_test
@@ -229,4 +332,5 @@ def load_text_classification(dataset: Optional[str], *, n_train: int, n_val: int
         return Split([texts[i] for i in ix], y[ix])
 
     return TextData(name, take(parts[0]), take(parts[1]), take(parts[2]), labels, int(len(texts)),
-                    meta={"text_column": str(tcol), "label_column": str(lcol)})
+                    meta={"text_column": str(tcol), "label_column": str(lcol), "label_ids": index,
+                          "rows": n_rows, "dropped_rows": {k: v for k, v in dropped.items() if v}})

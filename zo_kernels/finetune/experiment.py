@@ -4,7 +4,7 @@ results.json, curves.png and the table.  The CLI (zo_kernels.finetune.cli) parse
 arguments and hands them here."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import platform
 import time
@@ -15,10 +15,12 @@ import torch
 
 from .. import distributed as zdist
 from ..machine import cpu_name
+from ..seedlog import finetune as seedlog_ft
+from ..seedlog import model as seedlog_model
 from . import checkpoint as ck
 from . import data as data_mod
+from . import files, report
 from . import memory as mem_mod
-from . import report
 from .adapters import apply_peft, trainable_parameters
 from .config import TrainConfig
 from .errors import FinetuneError
@@ -59,6 +61,18 @@ def record(m: str, r) -> dict:
             "step_losses": r.step_losses, "lr_history": r.lr_history}
 
 
+def check_backend(name: Optional[str], device: str, dtype: str) -> None:
+    """--backend: known, available here and able to run `dtype` on `device`, before the model loads."""
+    if name is None:
+        return
+    from .. import backends
+
+    try:
+        backends.resolve(torch.device(device), getattr(torch, dtype), name)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise FinetuneError(f"--backend {name}: {str(e).splitlines()[0]}") from None
+
+
 def _backend_name():
     try:
         import zo_kernels
@@ -93,23 +107,32 @@ class Experiment:
         self.main_rank = zdist.is_main_process()
         self.threads = a.threads or usable_cores()
         torch.set_num_threads(self.threads)
+        check_backend(a.backend, device, a.dtype)
+        # The directory before any work: writable, this run's alone (a lock naming the PID), dead
+        # processes' temporary files gone.  Nothing in it is written until the model is loaded and
+        # the start evaluated: a run that fails before training leaves its files as they were.
+        self.lock = files.open_run_dir(a.out) if self.main_rank else None
         try:
-            os.makedirs(a.out, exist_ok=True)
-        except OSError as e:
-            raise FinetuneError(f"--out {a.out}: cannot create directory ({e.strerror})") from None
-        self.checkpointing = a.checkpoint_every > 0 or state is not None
-        if self.checkpointing and state is None:
-            state = {"argv": argv, "runs": [], "current": None}
-        self.state = state
-        if self.checkpointing and self.main_rank:
-            ck.remove_stale_temps(a.out)
-            ck.save(a.out, state)       # from here on, --resume DIR always finds a checkpoint
-        self.labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
-        self.model_path = resolve_model(a.model)
+            self.checkpointing = a.checkpoint_every > 0 or state is not None
+            if self.checkpointing and state is None:
+                state = {"argv": argv, "runs": [], "current": None}
+            self.state = state
+            self.labels = [x.strip() for x in a.labels.split(",")] if a.labels else None
+            self.model_path = resolve_model(a.model)
+        except BaseException:
+            self.release()
+            raise
         d = TrainConfig()
+        self.unloggable: Optional[dict] = None    # --save-log: method -> why it cannot be logged
         self.queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
 
     # ------------------------------------------------------------ helpers
+    def release(self) -> None:
+        """Give the output directory back (the lock file goes)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def say(self, *x) -> None:
         if self.main_rank:
             print(*x, flush=True)
@@ -126,6 +149,19 @@ class Experiment:
         if self.peft_spec is not None:
             return trainable_parameters(net)
         return select_trainable(net, self.a.partial, self.a.bitfit)
+
+    def log_recipe(self, seed: int, info: dict) -> dict:
+        """--save-log: the starting model as zo-replay rebuilds it (zo_kernels.seedlog.model)."""
+        a = self.a
+        if self.unloggable is None:
+            cfg = self.config(seed)
+            self.unloggable = {m: why for m in self.methods if (why := seedlog_ft.why_not_loggable(m, cfg))}
+            for m, why in self.unloggable.items():
+                self.say(f"--save-log: no log for {LABELS[m]} ({why})")
+        return seedlog_model.recipe(model=a.model, name=os.path.basename(str(a.model or "all-MiniLM-L6-v2").rstrip("/")), num_labels=info["data"].num_labels,
+                                    labels=info["data"].label_names, dtype=a.dtype, seed=seed, head=a.head,
+                                    descriptions=info["descriptions"], temperature=a.temperature,
+                                    partial=a.partial, bitfit=a.bitfit, peft_spec=self.peft_spec)
 
     # --------------------------------------------------------------- seed
     def prepare(self, seed: int) -> dict:
@@ -173,11 +209,21 @@ class Experiment:
             self.save_state()
         return cur
 
-    def _run_method(self, m: str, seed: int, net, enc, cfg: TrainConfig, cur: dict) -> dict:
+    def _run_method(self, m: str, seed: int, net, enc, cfg: TrainConfig, cur: dict,
+                    recipe: Optional[dict] = None) -> dict:
         a = self.a
+        log = recipe is not None and m not in self.unloggable
+        if log:
+            cfg = dataclasses.replace(cfg, record=True)
         mr = MethodRun(m, net, self.trainable(net), enc, cfg, cur["start"], progress=not a.no_progress)
+        recorder = seedlog_ft.start(mr.opt, net, mr.trainable, recipe) if log else None   # hashes θ_0
         if cur.get("active") is not None and cur["active"]["method"] == m:
-            mr.load_state_dict(cur["active"])
+            try:
+                mr.load_state_dict(cur["active"])
+            except (ValueError, TypeError, RuntimeError, KeyError) as e:   # checkpoint.check passed, the fit did not
+                text = str(e).strip().splitlines()
+                raise FinetuneError(f"--resume {a.out}: {ck.FILE} does not fit this run's {m} "
+                                    f"({text[0] if text else type(e).__name__}); the file is unchanged") from None
             self.say(f"{LABELS[m]}: resumed at step {mr.step} ({mr.meter.queries:,} queries)")
 
         def checkpoint_fn(run_):
@@ -187,10 +233,12 @@ class Experiment:
         r = mr.run(checkpoint_fn if self.checkpointing else None, a.checkpoint_every)
         if a.save_weights and self.main_rank:
             wdir = os.path.join(a.out, "weights")
-            os.makedirs(wdir, exist_ok=True)
-            ck.save_file(os.path.join(wdir, f"seed{seed}_{m}.pt"),
+            files.check_writable(wdir, "--save-weights")
+            files.torch_save(os.path.join(wdir, f"seed{seed}_{m}.pt"),
                          {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
         rm = record(m, r)
+        if recorder is not None and self.main_rank:
+            rm["seed_log"] = seedlog_ft.finish(recorder, a.out, seed, m)
         self.say(f"{LABELS[m]} (lr {r.lr:g}): {r.steps} steps, {r.queries:,} queries, train loss "
                  f"{rm['train_loss']:.4f}, val acc {rm['val_acc']:.3f}, test acc {rm['test_acc']:.3f} (start "
                  f"{cur['start']['test_acc']:.3f}), {rm['wall_s']:.0f} s"
@@ -209,6 +257,12 @@ class Experiment:
                  f"{a.max_length} tokens (mean {enc['train'].mean_tokens():.1f}); device {self.device}, "
                  f"{self.threads} threads; seed {seed}; ZO budget {self.queries:,} queries each, objective "
                  f"{a.objective}")
+        if data.meta.get("dropped_rows"):
+            self.say(f"data: {data.meta['rows']:,} rows, {data.n_available:,} kept; dropped "
+                     + ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in data.meta["dropped_rows"].items()))
+        for m in self.methods:      # a budget below one step of a method: refused before any training
+            if is_zo(m):
+                MethodRun(m, net, self.trainable(net), enc, cfg, {}, progress=False)
         grad = [m for m in self.methods if not is_zo(m) or METHODS[m].differentiates]
         if a.objective != "loss" and grad:
             self.say(f"note: --objective {a.objective} applies to the ZO methods; first-order and forward-gradient "
@@ -218,6 +272,7 @@ class Experiment:
         start = cur["start"]
         self.say(f"start (zero-shot, {a.head} head): train loss {start['train_loss']:.4f}, "
                  f"test acc {start['test_acc']:.3f}")
+        recipe = self.log_recipe(seed, info) if a.save_log else None
         results = {}
         for m in self.methods:
             if m in cur["done"]:
@@ -225,7 +280,7 @@ class Experiment:
                 self.say(f"{LABELS[m]}: done before the resume")
                 continue
             net.load_state_dict(init_state)
-            results[m] = self._run_method(m, seed, net, enc, cfg, cur)
+            results[m] = self._run_method(m, seed, net, enc, cfg, cur, recipe)
             if self.checkpointing:
                 cur["done"][m] = results[m]
                 cur["active"] = None
@@ -242,7 +297,7 @@ class Experiment:
         a, enc = self.a, info["enc"]
         batch_file = os.path.join(a.out, "memory_batch.pt")
         b = enc["train"].batch(range(min(a.batch_size, len(enc["train"]))), pad_to=a.max_length)
-        torch.save({k: v.cpu() for k, v in b.items()}, batch_file)
+        files.torch_save(batch_file, {k: v.cpu() for k, v in b.items()})
         cfg0 = self.config(self.seeds[0], distributed=False)
         spec = {"model": self.model_path, "num_labels": info["data"].num_labels, "dtype": a.dtype,
                 "device": self.device, "seed": self.seeds[0], "partial": a.partial, "bitfit": a.bitfit,
@@ -262,6 +317,12 @@ class Experiment:
 
     # --------------------------------------------------------------- run
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         a, state = self.a, self.state
         runs = list(state["runs"]) if state is not None else []
         done_seeds = {r["seed"] for r in runs}
@@ -303,8 +364,7 @@ class Experiment:
                "runs": runs, "summary": agg, "memory": memory, "total_wall_s": total, "table": tab}
         out["config"]["world_size"] = zdist.get_world_size()
         if self.main_rank:
-            with open(os.path.join(a.out, "results.json"), "w") as f:
-                json.dump(out, f, indent=2, default=float)
+            files.write_json(os.path.join(a.out, "results.json"), out)
             report.plot(agg, os.path.join(a.out, "curves.png"), report.plot_title(out["config"], out["machine"]))
         say = self.say
         say("")

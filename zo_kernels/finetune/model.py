@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from typing import Dict, List, Optional
 
@@ -198,8 +197,3 @@ def model_summary(net, trainable) -> dict:
             "params_trainable": int(sum(p.numel() for p in trainable)),
             "architecture": type(net).__name__,
             "dtype": str(next(net.parameters()).dtype).replace("torch.", "")}
-
-
-def save_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)

@@ -11,6 +11,7 @@ import math
 import textwrap
 from typing import Dict, List, Optional
 
+from .files import save_figure
 from .registry import LABELS, METHODS
 
 
@@ -232,5 +233,7 @@ def plot(agg: dict, path: str, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=9)  # one line of 200+ characters is cut off
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=100)         # a temporary file renamed over `path`
+    finally:
+        plt.close(fig)

@@ -173,6 +173,10 @@ class MethodRun:
             self.batch = cfg.batch_size
             self.total = cfg.queries
             self.large = min(cfg.option("large_batch"), len(train))
+            first = self.spec.step_cost(self.opt, cfg, self.large)
+            if first > self.total:      # it would end after 0 steps, as if it had run
+                raise FinetuneError(f"the ZO budget of {self.total:,} queries is below one {self.spec.label} step "
+                                    f"({first:,} queries); raise --queries or --steps")
             steps_per_epoch = max(1, len(train) // cfg.batch_size)
             self.annealer = make_annealer(self.opt, steps_per_epoch, cfg) if cfg.anneal else None
         else:

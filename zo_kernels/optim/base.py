@@ -275,7 +275,10 @@ class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torc
             tensors.append(ts)
             tids.append(ids)
         if not any(tensors):
-            raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+            ps = [p for g in self.param_groups for p in g["params"]]
+            empty = sum(p.requires_grad and p.numel() == 0 for p in ps)
+            raise ValueError(f"no trainable parameters: of {len(ps)}, {len(ps) - empty} have requires_grad=False "
+                             f"and {empty} have no elements")
         return Tracked(tensors, tids, list(at) if at is not None else origin(len(tensors)))
 
     def _local_group(self, tensors: List[torch.Tensor], tids: List[int]) -> LocalGroup:

@@ -8,6 +8,7 @@ ranks as Σ_r mean_r·count_r / Σ_r count_r, the mean over the whole global bat
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional, Tuple
 
 import torch
@@ -38,5 +39,19 @@ def split_loss(out) -> Tuple[Any, Optional[float]]:
         count = float(count)
         if not math.isfinite(count) or count < 0:
             raise ValueError(f"the count must be finite and >= 0, got {count}")
-        return loss, count
-    return out, None
+        return _check_loss(loss), count
+    return _check_loss(out), None
+
+
+def _check_loss(loss):
+    """A real scalar tensor or a real number: None, strings, bools and complex values are refused
+    (float('0.5') would read a string, and complex -> float drops the imaginary part silently)."""
+    if isinstance(loss, torch.Tensor):
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise TypeError(f"the closure must return a real loss, got a {loss.dtype} tensor")
+        return loss
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        got = "None (did it forget to `return` the loss?)" if loss is None else type(loss).__name__
+        raise TypeError(f"the closure must return the mean loss (a real scalar tensor or number) or a pair "
+                        f"(mean loss, count), got {got}")
+    return loss

@@ -10,6 +10,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .points import Point, Tracked
+from .sharded_state import local_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,6 +41,13 @@ class FailedStepMixin:
         count the skip and return NaN."""
         self._restore_failed(w, entry, on_fail)
         desc = ", ".join(f"{k}={v}" for k, v in losses.items())
+        bad = next(((t, p) for ts, ids in zip(w.tensors, w.tids) for p, t in zip(ts, ids)
+                    if not bool(torch.isfinite(local_state(p)).all())), None)
+        if bad is not None:     # skipping cannot help: an earlier update overflowed the weights' dtype
+            raise NonFiniteLossError(f"{type(self).__name__} step {self._t}: non-finite loss ({desc}) because the "
+                                     f"weights themselves hold inf/NaN (tensor id {bad[0]}, {bad[1].dtype}, shape "
+                                     f"{tuple(bad[1].shape)}): an earlier update left the dtype's range; lower "
+                                     f"the learning rate or train in float32")
         if self.nan_policy == "raise":
             raise NonFiniteLossError(f"{type(self).__name__} step {self._t}: non-finite loss ({desc}); the "
                                      f"weights were restored to their value before the step and the step "

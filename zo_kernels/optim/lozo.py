@@ -198,6 +198,11 @@ class LOZOM(LOZO):
         return noise_(torch.empty(count, dtype=torch.float32, device=device), key, tid, offset, stream=stream,
                       backend=self.backend)
 
+    def _state_layout(self, p: torch.Tensor) -> dict:
+        """The tensor state kept for p (what load_state_dict accepts): float32 momentum, rows x r for a
+        matrix (its U-space), p's shape otherwise (as _after_update stores it)."""
+        return {"momentum": ((p.shape[0], self.rank) if p.dim() >= 2 else tuple(p.shape), torch.float32)}
+
     def _carried(self, p: torch.Tensor, tid: int) -> torch.Tensor:
         """The stored momentum (this rank's rows), carried onto the current V: M V_oldᵀ V_new / n at a
         period change.  p: the parameter (a DTensor's global shape gives n)."""

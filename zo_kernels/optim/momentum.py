@@ -102,6 +102,10 @@ class ZOSGDMomentum(SPSAOptimizer):
                         backend=self.backend, **noise_kw(self.noise))
             self._refresh(loc.params)
 
+    def _state_layout(self, p: torch.Tensor) -> dict:
+        """The tensor state kept for p (what load_state_dict accepts): dense mode's float32 buffer."""
+        return {"momentum_buffer": (tuple(p.shape), torch.float32)} if self.state_mode == "dense" else {}
+
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
         """m of p as the passes see it (the local shard of a DTensor buffer); created at zero."""
         st = self.state[p]

@@ -9,6 +9,7 @@ import torch
 from ..noise import check_u64
 from .noise_form import GAUSSIAN
 from .sharded_state import check_state
+from .state_check import all_or_nothing
 
 
 class StateMixin:
@@ -57,6 +58,7 @@ class StateMixin:
         sd["zo"] = self._zo_state()
         return sd
 
+    @all_or_nothing     # checks class, groups and every state tensor first; a refused load changes nothing
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim's load, except that tensor state keeps the dtype it was saved with.
 

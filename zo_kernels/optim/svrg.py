@@ -114,6 +114,10 @@ class MeZOSVRG(ZOOptimizer):
         return self._t % self.q == 0
 
     # ---------------------------------------------------------- dense buffers
+    def _state_layout(self, p: torch.Tensor) -> dict:
+        """The tensor state kept for p (what load_state_dict accepts): the dense anchor, p's copy."""
+        return {"anchor": (tuple(p.shape), p.dtype)} if self.anchor == "dense" else {}
+
     def _buffers(self, layout: Tracked, create: bool) -> List[List[torch.Tensor]]:
         out = []
         for ts in layout.tensors:

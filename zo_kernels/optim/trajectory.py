@@ -1,7 +1,7 @@
 """Trajectory replay: a run is (θ0, seed, the list of calls); re-issuing the calls reproduces θ_T."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from ..ops import noise_axpy_
 from ..restore import make_planes
@@ -9,14 +9,15 @@ from .base import _flatten_params
 from .noise_form import GAUSSIAN, check_noise_form, noise_kw
 
 
-def replay(params, log, *, backend: Optional[str] = None) -> None:
+def replay(params, log, *, backend: Optional[str] = None,
+           progress: Optional[Callable[[int], None]] = None) -> None:
     """Re-issue a recorded trajectory (opt.trajectory) on `params`, in place.
 
     params: the optimizer's parameters in the same order (a list, the param groups, or an
     nn.Module whose .parameters() the optimizer was built from), holding the initial
     weights.  Every noise_axpy_ call that touched the weights is repeated with the same
     keys, coefficients, gamma, tensor ids, rounding key and noise form, so on the same backend the
-    result is bit-identical to the recorded run.
+    result is bit-identical to the recorded run.  progress(i), if given, is called after entry i.
     """
     flat = _flatten_params(params)
     planes: Dict[tuple, list] = {}  # exact-restore residue planes, by the tensor ids they cover
@@ -41,3 +42,5 @@ def replay(params, log, *, backend: Optional[str] = None) -> None:
             lowrank_noise_axpy_(ts, keys, int(rec["key_v"]), alphas, rank=int(rec["rank"]), **kw)
         else:
             noise_axpy_(ts, keys, alphas, **kw)
+        if progress is not None:
+            progress(i)

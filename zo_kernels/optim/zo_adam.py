@@ -57,6 +57,10 @@ class ZOAdam(SPSAOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, betas=tuple(float(b) for b in betas), adam_eps=adam_eps,
                                       weight_decay=weight_decay), seed=seed, n_directions=n_directions, **core)
 
+    def _state_layout(self, p: torch.Tensor) -> dict:
+        """The tensor state kept for p (what load_state_dict accepts): float32 m and v shaped like p."""
+        return {"exp_avg": (tuple(p.shape), torch.float32), "exp_avg_sq": (tuple(p.shape), torch.float32)}
+
     def _states(self, p: torch.Tensor):
         """(m, v) of p as the Adam pass sees them (local shards of DTensor state); created at zero."""
         st = self.state[p]
