@@ -17,7 +17,6 @@ from zo_kernels.optim.fzoo import fzoo_coefficients
 from zo_kernels.optim.spsa import direction_key
 
 from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
-from noise_helpers import needs_rademacher
 
 BACKEND = "reference"
 LR, MU, SEED, N, STEPS = 2.0 ** -7, 1e-2, 11, 4, 12
@@ -48,7 +47,7 @@ def make(params, **kw):
     return FZOO(params, **args)
 
 
-NOISES = ["gaussian", pytest.param("rademacher", marks=needs_rademacher)]
+NOISES = ["gaussian", "rademacher"]
 
 
 # ------------------------------------------------------------------------------ the update
@@ -184,7 +183,6 @@ def test_replay_bit_identical(noise):
     assert not all(torch.equal(a, b) for a, b in zip(ps, start))
 
 
-@needs_rademacher
 def test_default_noise_is_rademacher_and_differs_from_gaussian():
     runs = {}
     for kw in ({}, {"noise": "rademacher"}, {"noise": "gaussian"}):
@@ -210,7 +208,6 @@ def test_bad_arguments():
 
 
 
-@needs_rademacher
 def test_bf16_exact_restore_through_the_n_moves():
     """bf16 weights (exact restore): the N moves θ → θ+μz_1 → … → θ+μz_N are one excursion from θ, so a
     σ = 0 step (update: only remove μz_N) brings θ back bit-identical except the ambiguous tiny elements

@@ -26,7 +26,6 @@ from zo_kernels.optim import (
 from zo_kernels.optim.spsa import direction_key
 
 from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
-from noise_helpers import RADEMACHER_OK, needs_rademacher
 
 BACKEND = "reference"
 LR, MU, SEED, STEPS = 2.0 ** -7, 1e-2, 11, 8
@@ -74,8 +73,6 @@ def test_explicit_default_is_bit_identical(kind):
     """Every optimizer's default form given explicitly changes nothing: weights and trajectory (FZOO's
     default is ±1; a Gaussian run's records carry no noise field, as before the option existed)."""
     default = "rademacher" if kind == "fzoo" else "gaussian"
-    if default == "rademacher" and not RADEMACHER_OK:
-        pytest.skip("needs noise='rademacher' in zo_kernels.noise_axpy_")
     out = []
     for kw in ({}, {"noise": default}):
         net = make_net(0)
@@ -130,7 +127,6 @@ def transcription(kind, theta, x, y, batches):
     raise AssertionError(kind)
 
 
-@needs_rademacher
 @pytest.mark.parametrize("kind", ["mezo", "nspsa", "sign", "mmt_dense", "adam", "fwd", "fzoo"])
 def test_rademacher_matches_transcription(kind):
     x, y, batches = data(steps=40)
@@ -142,7 +138,6 @@ def test_rademacher_matches_transcription(kind):
     assert rel(want, theta0) > 1e-4          # it moved
 
 
-@needs_rademacher
 @pytest.mark.parametrize("kind", ["mezo", "mezo-lookahead", "svrg", "sign", "cons", "fzoo"])
 def test_rademacher_replays_bit_identically(kind):
     net = make_net(0)
@@ -161,7 +156,6 @@ def test_rademacher_replays_bit_identically(kind):
     assert not all(torch.equal(a, b) for a, b in zip(g, got))     # the form matters to replay
 
 
-@needs_rademacher
 def test_state_dict_carries_the_form():
     net = make_net(0)
     opt = make("sign", net, noise="rademacher")
