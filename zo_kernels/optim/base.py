@@ -57,8 +57,8 @@ from ..restore import PLANE_BITS, PLANE_DTYPES
 from ..rounding import ROUNDINGS
 from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
-from .noise_form import check_noise_form
 from .failure import FailedStepMixin, NonFiniteLossError  # noqa: F401  (re-exported)
+from .noise_form import check_noise_form
 from .noise_path import NoisePathMixin
 from .points import Excursion, Point, Tracked, origin, spsa_pair
 from .settling import SettleMixin
