@@ -470,34 +470,39 @@ def _key(s=2):
     return N.to_signed64(N.step_key(1, s))
 
 
-def _axpy_args(backend, device):
+def _axpy_args(backend, device, noise="gaussian"):
     p = [make_tensor(37, torch.float32, 0).to(device), make_tensor((3, 5), torch.bfloat16, 1).to(device)]
-    return (p, [_key()], [0.5], 0.9, [], 0.0, "stochastic", [0, 1], [0, 3], 7, backend)
+    return (p, [_key()], [0.5], 0.9, [], 0.0, "stochastic", [0, 1], [0, 3], 7, noise, backend)
 
 
-def _axpy_dense_args(backend, device):
+def _axpy_dense_args(backend, device, noise="gaussian"):
     p = [make_tensor(10, torch.float32, 0).to(device), make_tensor((3, 5), torch.float32, 1).to(device)]
     d = [make_tensor(10, torch.float32, 2).to(device), make_tensor((3, 5), torch.bfloat16, 3).to(device)]
-    return (p, [_key(), _key(3)], [0.5, -0.1], 1.0, d, 0.25, "nearest", [0, 1], [0, 0], 0, backend)
+    return (p, [_key(), _key(3)], [0.5, -0.1], 1.0, d, 0.25, "nearest", [0, 1], [0, 0], 0, noise, backend)
 
 
-def _exact_args(backend, device):
+def _exact_args(backend, device, noise="gaussian"):
     q = [make_tensor(37, torch.bfloat16, 4).to(device)]
-    return (q, [_key()], [1e-3], [0.0], 1.0, R.make_planes(q, 2), 2, "nearest", [0], [0], 7, backend)
+    return (q, [_key()], [1e-3], [0.0], 1.0, R.make_planes(q, 2), 2, "nearest", [0], [0], 7, noise, backend)
 
 
-def _noise_args(backend, device):
-    return (torch.empty(9, device=device), _key(), 3, 2, 0, backend)
+def _noise_args(backend, device, noise="gaussian"):
+    return (torch.empty(9, device=device), _key(), 3, 2, N.default_stream(noise), noise, backend)
 
 
-def _adam_args(backend, device):
+def _adam_args(backend, device, noise="gaussian"):
     from zo_kernels.adam import AdamScalars
 
     p = [make_tensor(10, torch.float32, 0).to(device), make_tensor((3, 5), torch.bfloat16, 1).to(device)]
     m = [torch.zeros(t.shape, device=device) for t in p]
     v = [torch.ones(t.shape, device=device) for t in p]
     scal = AdamScalars.make(1e-3, 0.9, 0.999, 1e-8, 1).as_list()
-    return (p, m, v, [_key()], [0.5], scal, "nearest", [0, 1], [0, 0], 0, backend)
+    return (p, m, v, [_key()], [0.5], scal, "nearest", [0, 1], [0, 0], 0, noise, backend)
+
+
+def _rademacher(args):
+    """An args function of the table above with noise="rademacher"."""
+    return lambda backend, device: args(backend, device, "rademacher")
 
 
 def _lowrank_args(backend, device):
@@ -512,6 +517,11 @@ OPCHECKS = [
     OpCall("noise_axpy_exact_", lambda: OPS.noise_axpy_exact_.default, _exact_args, "axpy_exact"),
     OpCall("noise_", lambda: OPS.noise_.default, _noise_args),
     OpCall("noise_adam_", lambda: OPS.noise_adam_.default, _adam_args, "adam"),
+    OpCall("noise_axpy_-rademacher", lambda: OPS.noise_axpy_.default, _rademacher(_axpy_dense_args)),
+    OpCall("noise_axpy_exact_-rademacher", lambda: OPS.noise_axpy_exact_.default, _rademacher(_exact_args),
+           "axpy_exact"),
+    OpCall("noise_-rademacher", lambda: OPS.noise_.default, _rademacher(_noise_args)),
+    OpCall("noise_adam_-rademacher", lambda: OPS.noise_adam_.default, _rademacher(_adam_args), "adam"),
     OpCall("lowrank_noise_axpy_", lambda: OPS.lowrank_noise_axpy_.default, _lowrank_args, "lowrank"),
 ]
 # The native backends' internal ops (registered by zo_kernels._C) are ops too: args(backend, device)
@@ -519,11 +529,11 @@ OPCHECKS = [
 NATIVE_OPCHECKS = [
     OpCall("_noise_axpy_native", lambda: OPS._noise_axpy_native.default,
            lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0)),
-    OpCall("_noise_native", lambda: OPS._noise_native.default, lambda d: _noise_args(None, d)[:-1]),
+    OpCall("_noise_native", lambda: OPS._noise_native.default, lambda d: _noise_args(None, d)[:-2]),
     OpCall("_noise_axpy_exact_native", lambda: OPS._noise_axpy_exact_native.default,
-           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-1]),
+           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-2]),
     OpCall("_noise_adam_native", lambda: OPS._noise_adam_native.default,
-           lambda d: _adam_args(None, d)[:6] + (0,) + _adam_args(None, d)[7:-1]),
+           lambda d: _adam_args(None, d)[:6] + (0,) + _adam_args(None, d)[7:-2]),
     OpCall("_lowrank_axpy_native", lambda: OPS._lowrank_axpy_native.default,
            lambda d: (lambda a: ([a[0][0]],) + a[1:8] + (a[8], a[9], a[10], 0, [0], [0], 0))(_lowrank_args(None, d))),
 ]

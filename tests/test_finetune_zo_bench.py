@@ -122,7 +122,8 @@ def _rules():
             "zo-sgd-sign": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "zo-sgd-cons": lambda c: o(c, "lr_mezo"),
             "zo-sgd-mmt": lambda c: 0.1 * o(c, "lr_mezo"), "zo-sgd-mmt-dense": lambda c: 0.1 * o(c, "lr_mezo"),
             "zo-adam": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "lozo": lambda c: o(c, "lr_mezo") / o(c, "lozo_rank"),
-            "lozo-m": lambda c: o(c, "lr_mezo") / o(c, "lozo_rank"), "forward-grad": lambda c: o(c, "lr_mezo")}
+            "lozo-m": lambda c: o(c, "lr_mezo") / o(c, "lozo_rank"), "forward-grad": lambda c: o(c, "lr_mezo"),
+            "fzoo": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "mezo-lezo": lambda c: o(c, "lr_mezo") / o(c, "layer_fraction")}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

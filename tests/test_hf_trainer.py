@@ -232,3 +232,23 @@ def test_lozo_through_the_trainer(tmp_path):
     opt = trainer.zo_optimizer
     assert isinstance(opt, LOZO) and (opt.rank, opt.nu) == (3, 5) and opt.step_count == 2
     assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer, knobs", [("fzoo", dict(fzoo_directions=3)),
+                                              ("mezo-lezo", dict(layer_fraction=0.5, noise="rademacher"))])
+def test_fzoo_and_layer_sampling_through_the_trainer(tmp_path, optimizer, knobs):
+    """FZOO (its N and ±1 default from ZOArguments) and layer-sampled MeZO train through ZOTrainer."""
+    from zo_kernels.optim import FZOO
+
+    model = tiny_bert()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = ZOTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(8),
+                        zo_args=ZOArguments(optimizer=optimizer, backend="reference", **knobs))
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert opt.step_count == 2 and opt.noise == "rademacher"
+    if optimizer == "fzoo":
+        assert isinstance(opt, FZOO) and opt.n_directions == 3
+    else:
+        assert isinstance(opt, MeZO) and opt.layer_fraction == 0.5
+    assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))

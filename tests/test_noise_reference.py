@@ -94,3 +94,43 @@ def test_step_key_rejects_out_of_range():
         N.step_key(0, -1)
     with pytest.raises(TypeError):
         N.step_key(1.5, 0)
+
+
+# ----------------------------------------------------------------- Rademacher form (docs/spec.md §9)
+@pytest.mark.parametrize("case", VEC["sign"])
+def test_sign_vectors(case):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        s = N.rademacher(case["key"], case["tensor_id"], 1, offset=case["index"], stream=case["stream"], dtype=dtype)
+        assert s.item() == case["z"], (case, dtype)
+
+
+def test_sign_block_vector():
+    v = VEC["sign_block"]
+    s = N.rademacher(v["key"], v["tensor_id"], len(v["z"]), offset=v["first"])
+    assert s.tolist() == v["z"]
+
+
+def sign_scalar(key, tid, i, stream=5):
+    """s of element i from the spec's words, on Python ints: bit i % 32 of word (i % 128) // 32 of block i // 128."""
+    b = i // 128
+    w = philox_scalar([b & 0xFFFFFFFF, b >> 32, tid, stream], [key & 0xFFFFFFFF, key >> 32])[(i % 128) // 32]
+    return -1.0 if (w >> (i % 32)) & 1 else 1.0
+
+
+@pytest.mark.parametrize("offset,numel", [(0, 300), (5, 251), (127, 2), (2**32 - 130, 263), (2**40 + 3, 129)])
+def test_rademacher_matches_scalar_transcription_across_blocks(offset, numel):
+    key, tid = N.step_key(9, 4), 7
+    s = N.rademacher(key, tid, numel, offset=offset)
+    assert s.tolist() == [sign_scalar(key, tid, offset + i) for i in range(numel)]
+
+
+def test_rademacher_slices_and_noise_values():
+    key = N.step_key(3, 1)
+    whole = N.rademacher(key, 2, 1000)
+    for a, b in ((0, 1), (1, 129), (127, 385), (999, 1000)):
+        assert torch.equal(N.rademacher(key, 2, b - a, offset=a), whole[a:b])
+    assert torch.equal(N.noise_values("rademacher", key, 2, 1000), whole)
+    assert torch.equal(N.noise_values("gaussian", key, 2, 1000), N.normal(key, 2, 1000))
+    assert N.default_stream("rademacher") == N.STREAM_SIGN == 5 and N.default_stream("gaussian") == 0
+    # a fair coin: 1000 signs have mean within 4 sigma of 0
+    assert abs(whole.mean().item()) < 4 / 1000 ** 0.5

@@ -39,6 +39,10 @@ BAD = [
     ("negative offset", lambda p: (p, [1], [1.0]), {"offsets": [0, -4]}, ValueError, r"offsets\[1\]"),
     ("aliased", lambda p: ([p[0], p[0]], [1], [1.0]), {}, ValueError, "share memory"),
     ("unknown backend", lambda p: (p, [1], [1.0]), {"backend": "fpga"}, ValueError, "unknown backend"),
+    ("unknown noise", lambda p: (p, [1], [1.0]), {"noise": "uniform"}, ValueError, "noise.*'uniform'"),
+    ("noise not a str", lambda p: (p, [1], [1.0]), {"noise": 1}, ValueError, "noise must be one of"),
+    ("unknown noise, exact form", lambda p: (p, [1], [1.0]), {"noise": "sign", "undo": [0.0]}, ValueError,
+     "noise.*'sign'"),
 ]
 
 
@@ -231,3 +235,26 @@ def test_adam_states_overlapping_each_other_are_refused():
     m, v = buf[:16], buf[8:24]
     _untouched(lambda: noise_adam_([p], [m], [v], [1], [1.0], lr=1e-3, step=1, backend="reference"), ValueError,
                r"exp_avgs\[0\] and exp_avg_sqs\[0\] share memory", p, buf)
+
+
+def test_unknown_noise_form_of_noise_and_adam_is_one_line_value_error():
+    out = torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="noise must be one of .*'gaussian', 'rademacher'.*got 'Rademacher'"):
+        zo_kernels.noise_(out, 1, noise="Rademacher")
+    p = _params()
+    before = [t.clone() for t in p]
+    m = [torch.zeros_like(t) for t in p]
+    with pytest.raises(ValueError, match="got 'bernoulli'"):
+        zo_kernels.noise_adam_(p, m, [t.clone() for t in m], [1], [1.0], lr=0.1, step=1, noise="bernoulli")
+    assert all(torch.equal(a, b) for a, b in zip(p, before)) and not any(t.any() for t in m)
+
+
+def test_backend_without_a_noise_form_names_it_and_the_form(monkeypatch):
+    """A backend lacking a form refuses it (never a silent Gaussian fallback), naming backend and form."""
+    b = backends.get("reference")
+    monkeypatch.setattr(b, "noise_forms", frozenset({"gaussian"}))
+    p = _params()
+    before = [t.clone() for t in p]
+    with pytest.raises(NotImplementedError, match="backend 'reference' does not implement noise='rademacher'"):
+        zo_kernels.noise_axpy_(p, [1], [1.0], noise="rademacher", backend="reference")
+    assert all(torch.equal(a, c) for a, c in zip(p, before))

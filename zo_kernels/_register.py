@@ -8,7 +8,7 @@ import torch
 from . import backends
 from .adam import noise_adam_reference
 from .lowrank import lowrank_axpy_reference
-from .noise import noise_axpy_reference, noise_reference
+from .noise import NOISE_FORMS, noise_axpy_reference, noise_reference
 from .restore import noise_axpy_exact_reference
 
 _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
@@ -18,7 +18,7 @@ def _register_reference() -> None:
     backends.register(backends.Backend("reference", ("cpu", "cuda"), _ALL_DTYPES,
                                        noise_axpy_reference, noise_reference,
                                        axpy_exact=noise_axpy_exact_reference, adam=noise_adam_reference,
-                                       lowrank=lowrank_axpy_reference))
+                                       lowrank=lowrank_axpy_reference, noise_forms=NOISE_FORMS))
 
 
 def _register_triton() -> None:

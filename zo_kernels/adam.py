@@ -14,6 +14,8 @@ torch.optim.Adam's update with the gradient g = c·z of a ZO estimate: ZO-Bench'
 `param.grad = c·z` into a weight-sized tensor and calls the torch optimizer; here the pass reads
 θ, m, v once and writes them once, and no z or gradient tensor exists.
 
+With noise="rademacher" z is the sign vector s = ±1 of docs/spec.md §9 (g = Σ_j c_j·s_j).
+
 m and v are float32 (float64 beside float64 parameters, on the reference).  Every backend
 computes the same sequence of IEEE operations (no fused multiply-add), so results differ only
 through z (each backend's z is within the spec's tolerance of the float64 one).
@@ -27,9 +29,17 @@ from typing import List, Optional
 import torch
 
 from . import backends as _backends
-from .noise import DROPPED_BITS, normal, random_words, stochastic_round
+from .noise import DROPPED_BITS, noise_values, random_words, stochastic_round
 from .rounding import check_rounding, default_rounding_key
-from .validate import check_index_list, check_key, check_no_overlap, check_params, check_scalar, named_tensors
+from .validate import (
+    check_index_list,
+    check_key,
+    check_no_overlap,
+    check_noise,
+    check_params,
+    check_scalar,
+    named_tensors,
+)
 
 
 @dataclass(frozen=True)
@@ -57,16 +67,18 @@ class AdamScalars:
 @torch.library.custom_op("zo_kernels::noise_adam_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
 def _noise_adam_op(params: List[torch.Tensor], exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
                    keys: List[int], coeffs: List[float], scalars: List[float], rounding: str,
-                   tensor_ids: List[int], offsets: List[int], rounding_key: int, backend: str) -> None:
+                   tensor_ids: List[int], offsets: List[int], rounding_key: int, noise: str, backend: str) -> None:
     # any shared byte between θ, m and v (by byte range; real tensors here, also under torch.compile)
     check_no_overlap(named_tensors(params, written=[("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]))
+    _backends.require_noise(_backends.get(backend), noise)
     _backends.get(backend).adam(params, exp_avgs, exp_avg_sqs, list(keys), list(coeffs), AdamScalars(*scalars),
-                                rounding, list(tensor_ids), list(offsets), rounding_key)
+                                rounding, list(tensor_ids), list(offsets), rounding_key, noise)
     _backends._set_last(backend)
 
 
 @_noise_adam_op.register_fake
-def _(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key, backend):
+def _(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key, noise,
+      backend):
     return None
 
 
@@ -117,7 +129,7 @@ def _check_range(x, name: str, lo: float, hi: float, lo_open=False, hi_open=True
 def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step: int,
                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False,
                 rounding: str = "nearest", tensor_ids=None, offsets=None, rounding_key=None,
-                backend: Optional[str] = None) -> None:
+                backend: Optional[str] = None, noise: str = "gaussian") -> None:
     """One fused Adam step with the gradient g_t = Σ_j coeffs[j]·z(keys[j], t), in place (see module doc).
 
     params       contiguous floating tensors on one device (fp32, bf16, fp16; fp64 via the reference)
@@ -127,6 +139,7 @@ def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step:
     decoupled    weight decay as AdamW (θ ← (1 − ηλ)θ − ...) instead of Adam's L2 term in g
     rounding, tensor_ids, offsets, rounding_key, backend: as noise_axpy_ (θ's rounding only;
                  m and v are fp32 and round to nearest)
+    noise        "gaussian" (z) or "rademacher" (g = Σ_j c_j·s_j with signs s = ±1, docs/spec.md §9)
     """
     params = check_params(params)
     exp_avgs = _check_states(exp_avgs, params, "exp_avgs")
@@ -156,6 +169,7 @@ def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step:
     if decoupled and lr * weight_decay >= 1.0:
         raise ValueError(f"lr * weight_decay = {lr * weight_decay} must be < 1 with decoupled weight decay")
     check_rounding(rounding)
+    check_noise(noise)
     n = len(params)
     tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
     offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
@@ -167,7 +181,7 @@ def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step:
     _backends.require(chosen, "adam", "has no fused Adam pass")
     with torch.no_grad():
         _noise_adam_op(params, exp_avgs, exp_avg_sqs, keys, coeffs, sc.as_list(), rounding, tensor_ids, offsets,
-                       rounding_key, chosen.name)
+                       rounding_key, noise, chosen.name)
 
 
 # ------------------------------------------------------------------- reference
@@ -184,8 +198,9 @@ def adam_update(theta, m, v, g, sc: AdamScalars):
 
 
 def noise_adam_reference(params, exp_avgs, exp_avg_sqs, keys, coeffs, sc: AdamScalars, rounding, tensor_ids,
-                         offsets, rounding_key):
-    """The pass in plain PyTorch: fp32 math for fp32/bf16/fp16 params, float64 for float64 (the oracle)."""
+                         offsets, rounding_key, noise="gaussian"):
+    """The pass in plain PyTorch: fp32 math for fp32/bf16/fp16 params, float64 for float64 (the oracle);
+    g = Σ_j c_j·z_j with z of the noise form `noise` (docs/spec.md §9)."""
     for i, p in enumerate(params):
         n, tid, off = p.numel(), tensor_ids[i], offsets[i]
         if n == 0:
@@ -193,7 +208,7 @@ def noise_adam_reference(params, exp_avgs, exp_avg_sqs, keys, coeffs, sc: AdamSc
         work = torch.float64 if p.dtype == torch.float64 else torch.float32
         g = torch.zeros(n, dtype=work, device=p.device)
         for key, c in zip(keys, coeffs):
-            g = g + c * normal(key, tid, n, offset=off, dtype=work, device=p.device)
+            g = g + c * noise_values(noise, key, tid, n, offset=off, dtype=work, device=p.device)
         theta, m, v = adam_update(p.reshape(-1).to(work), exp_avgs[i].reshape(-1), exp_avg_sqs[i].reshape(-1), g, sc)
         if rounding == "stochastic" and p.dtype in DROPPED_BITS:
             out = stochastic_round(theta, p.dtype, random_words(rounding_key, tid, n, offset=off, device=p.device))

@@ -3,12 +3,15 @@
 
 A backend is a pair of plain functions behind the one custom op:
 
-    axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key)
-    noise(out, key, tensor_id, offset, stream)
+    axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key, noise)
+    noise(out, key, tensor_id, offset, stream, noise)
     axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
-               rounding_key)                                   (optional; see zo_kernels.restore)
+               rounding_key, noise)                            (optional; see zo_kernels.restore)
     adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets,
-         rounding_key)                                         (optional; see zo_kernels.adam)
+         rounding_key, noise)                                  (optional; see zo_kernels.adam)
+
+`noise` is the noise form (docs/spec.md §9), "gaussian" when omitted; a backend lists the forms it
+implements in `noise_forms`.
     lowrank(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,
             tensor_ids, offsets, rounding_key)                 (optional; see zo_kernels.lowrank)
 
@@ -45,6 +48,8 @@ class Backend:
     adam: Optional[Callable] = None
     # The low-rank pass of zo_kernels.lowrank (tensors with ndim >= 2), where the backend implements it.
     lowrank: Optional[Callable] = None
+    # The noise forms (zo_kernels.noise.NOISE_FORMS) its axpy, noise, axpy_exact and adam implement.
+    noise_forms: frozenset = frozenset({"gaussian"})
     notes: dict = field(default_factory=dict)
 
 
@@ -106,6 +111,13 @@ def require(backend: Backend, capability: str, lacks: str) -> None:
     if getattr(backend, capability) is None:
         raise NotImplementedError(f"backend {backend.name!r} {lacks}; backends that do: "
                                   f"{[n for n in available_backends() if getattr(get(n), capability)]}")
+
+
+def require_noise(backend: Backend, noise: str) -> None:
+    """Raise NotImplementedError when `backend` lacks the noise form `noise` (never a silent fallback)."""
+    if noise not in backend.noise_forms:
+        raise NotImplementedError(f"backend {backend.name!r} does not implement noise={noise!r}; backends "
+                                  f"that do: {[n for n in available_backends() if noise in get(n).noise_forms]}")
 
 
 def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:

@@ -40,7 +40,7 @@ def load():
     return torch.ops.zo_kernels
 
 
-def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key):
+def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key, noise="gaussian"):
     torch.ops.zo_kernels._noise_axpy_native(params, list(keys), [float(a) for a in alphas], float(gamma),
                                             list(dense) if dense is not None else [], float(beta),
                                             int(rounding == "stochastic"), list(tensor_ids), list(offsets),
@@ -48,7 +48,7 @@ def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, o
 
 
 def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
-                     rounding_key):
+                     rounding_key, noise="gaussian"):
     torch.ops.zo_kernels._noise_axpy_exact_native(params, list(keys), [float(a) for a in alphas],
                                                   [float(u) for u in undo], float(gamma),
                                                   list(planes) if planes else [], int(plane_bits),
@@ -56,7 +56,8 @@ def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, roun
                                                   int(rounding_key))
 
 
-def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key):
+def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key,
+               noise="gaussian"):
     torch.ops.zo_kernels._noise_adam_native(params, exp_avgs, exp_avg_sqs, list(keys), [float(c) for c in coeffs],
                                             [float(s) for s in scalars.as_list()], int(rounding == "stochastic"),
                                             list(tensor_ids), list(offsets), int(rounding_key))
@@ -71,7 +72,7 @@ def lowrank_axpy(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes
                                               int(rounding_key))
 
 
-def noise(out, key, tensor_id, offset, stream):
+def noise(out, key, tensor_id, offset, stream, noise="gaussian"):
     torch.ops.zo_kernels._noise_native(out, int(key), int(tensor_id), int(offset), int(stream))
 
 

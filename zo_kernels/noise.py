@@ -1,5 +1,5 @@
 """zo-noise v1 in plain PyTorch: the reference every backend is checked against (docs/spec.md §1;
-stochastic rounding: §3).
+stochastic rounding: §3; the Rademacher form: §9).
 
 z depends only on (key, tensor id, global element index, stream); see
 docs/spec.md §1.  Integer work is done in int64 tensors that
@@ -23,6 +23,10 @@ PHILOX_W1 = 0xBB67AE85
 
 STREAM_NOISE = 0
 STREAM_ROUNDING = 2
+STREAM_SIGN = 5
+
+# The noise forms of the primitive (docs/spec.md §9): z (§1) or Rademacher signs s (±1).
+NOISE_FORMS = ("gaussian", "rademacher")
 
 # Low mantissa bits that rounding fp32 to the target type drops.
 DROPPED_BITS = {torch.bfloat16: 16, torch.float16: 13}
@@ -147,6 +151,40 @@ def normal(key: int, tensor_id: int, numel: int, *, offset: int = 0, stream: int
     return torch.stack(out, dim=1).reshape(-1)[start:start + numel].to(dtype)
 
 
+def _sign_bits(key: int, tensor_id: int, numel: int, offset: int, stream: int, device) -> torch.Tensor:
+    """The sign bit (0: +1, 1: −1) of elements offset .. offset+numel−1 (int64 tensor): block b = i // 128
+    is one Philox call on counter (lo32(b), hi32(b), t, stream); element i takes bit i % 32 of word
+    (i % 128) // 32."""
+    key = to_unsigned64(key)
+    first, last = offset // 128, (offset + numel - 1) // 128
+    b = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32_10(b & M32, b >> 32, tensor_id & M32, stream & M32, key & M32, key >> 32), dim=1)
+    bits = (words[:, :, None] >> torch.arange(32, device=device)) & 1      # [block, word, bit]
+    start = offset - 128 * first
+    return bits.reshape(-1)[start:start + numel]
+
+
+def rademacher(key: int, tensor_id: int, numel: int, *, offset: int = 0, stream: int = STREAM_SIGN,
+               dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """s for elements offset .. offset+numel−1 of tensor `tensor_id` under `key`: ±1, exact in every dtype."""
+    if numel == 0:
+        return torch.empty(0, dtype=dtype, device=device)
+    return (1 - 2 * _sign_bits(key, tensor_id, numel, offset, stream, device)).to(dtype)
+
+
+def noise_values(noise: str, key: int, tensor_id: int, numel: int, *, offset: int = 0, dtype=torch.float32,
+                 device="cpu") -> torch.Tensor:
+    """The noise of one key in the form `noise` ("gaussian": z on stream 0, "rademacher": s on stream 5)."""
+    if noise == "rademacher":
+        return rademacher(key, tensor_id, numel, offset=offset, dtype=dtype, device=device)
+    return normal(key, tensor_id, numel, offset=offset, dtype=dtype, device=device)
+
+
+def default_stream(noise: str) -> int:
+    """The stream a form draws from unless told otherwise (noise_'s `stream`)."""
+    return STREAM_SIGN if noise == "rademacher" else STREAM_NOISE
+
+
 # -------------------------------------------------------------------- rounding
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, words: torch.Tensor) -> torch.Tensor:
     """Round float32 `x` to bf16/fp16, up with probability equal to the dropped fraction.
@@ -177,8 +215,10 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, words: torch.Tensor) -
 
 
 # --------------------------------------------------- the primitive, reference
-def noise_axpy_reference(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key):
-    """θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t, fp32 math, one rounding.
+def noise_axpy_reference(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key,
+                         noise="gaussian"):
+    """θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t, fp32 math, one rounding (z: the
+    noise form `noise`, docs/spec.md §9).
 
     float64 parameters are computed in float64 (z too): the precision oracle.
 
@@ -189,7 +229,7 @@ def noise_axpy_reference(params, keys, alphas, gamma, dense, beta, rounding, ten
         work = torch.float64 if p.dtype == torch.float64 else torch.float32
         acc = p.reshape(-1).to(work) * gamma
         for key, alpha in zip(keys, alphas):
-            acc = acc + alpha * normal(key, tid, n, offset=off, dtype=work, device=p.device)
+            acc = acc + alpha * noise_values(noise, key, tid, n, offset=off, dtype=work, device=p.device)
         if dense is not None:
             acc = acc + beta * dense[i].reshape(-1).to(work)
         if rounding == "stochastic" and p.dtype in DROPPED_BITS:
@@ -200,6 +240,7 @@ def noise_axpy_reference(params, keys, alphas, gamma, dense, beta, rounding, ten
         p.copy_(out.view_as(p))
 
 
-def noise_reference(out, key, tensor_id, offset, stream):
-    out.copy_(normal(key, tensor_id, out.numel(), offset=offset, stream=stream,
-                     device=out.device).view_as(out).to(out.dtype))
+def noise_reference(out, key, tensor_id, offset, stream, noise="gaussian"):
+    form = rademacher if noise == "rademacher" else normal
+    out.copy_(form(key, tensor_id, out.numel(), offset=offset, stream=stream,
+                   device=out.device).view_as(out).to(out.dtype))

@@ -1,8 +1,9 @@
 """The public primitive: validated wrappers around the `zo_kernels::noise_axpy_` custom op
-(docs/spec.md §2, its rounding §3, its exact-restore form §4).
+(docs/spec.md §2, its rounding §3, its exact-restore form §4, its Rademacher form §9).
 
-    noise_axpy_(params, keys, alphas, gamma=1, dense=None, beta=0)
+    noise_axpy_(params, keys, alphas, gamma=1, dense=None, beta=0, noise="gaussian")
         θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t   for every tensor t
+        (z: Gaussian, or with noise="rademacher" the signs s = ±1)
 
 All checks run before anything is written, so bad input leaves the weights
 bit-identical.  The op itself only forwards to the chosen backend.
@@ -15,7 +16,7 @@ from typing import List, Optional
 import torch
 
 from . import backends as _backends
-from .noise import STREAM_NOISE
+from .noise import default_stream
 from .restore_args import check_exact_args
 from .rounding import ROUNDINGS, check_rounding, default_rounding_key
 from .validate import (
@@ -24,6 +25,7 @@ from .validate import (
     check_index_list,
     check_key,
     check_no_overlap,
+    check_noise,
     check_scalar,
     check_tensor,
     check_tensors,
@@ -36,49 +38,55 @@ __all__ = ["noise_axpy_", "noise_", "ROUNDINGS", "PARAM_DTYPES", "default_roundi
 @torch.library.custom_op("zo_kernels::noise_axpy_", mutates_args=("params",))
 def _noise_axpy_op(params: List[torch.Tensor], keys: List[int], alphas: List[float], gamma: float,
                    dense: List[torch.Tensor], beta: float, rounding: str, tensor_ids: List[int],
-                   offsets: List[int], rounding_key: int, backend: str) -> None:
+                   offsets: List[int], rounding_key: int, noise: str, backend: str) -> None:
     # An empty `dense` list means no dense term (the schema has no optional tensor lists).
     check_no_overlap(named_tensors(params, dense))     # here, not in the wrapper: real tensors under compile too
+    _backends.require_noise(_backends.get(backend), noise)
     _backends.get(backend).axpy(params, list(keys), list(alphas), gamma, list(dense) or None, beta, rounding,
-                                list(tensor_ids), list(offsets), rounding_key)
+                                list(tensor_ids), list(offsets), rounding_key, noise)
     _backends._set_last(backend)
 
 
 @_noise_axpy_op.register_fake
-def _(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key, backend):
+def _(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key, noise, backend):
     return None
 
 
 @torch.library.custom_op("zo_kernels::noise_axpy_exact_", mutates_args=("params", "planes"))
 def _noise_axpy_exact_op(params: List[torch.Tensor], keys: List[int], alphas: List[float], undo: List[float],
                          gamma: float, planes: List[torch.Tensor], plane_bits: int, rounding: str,
-                         tensor_ids: List[int], offsets: List[int], rounding_key: int, backend: str) -> None:
+                         tensor_ids: List[int], offsets: List[int], rounding_key: int, noise: str,
+                         backend: str) -> None:
     check_no_overlap(named_tensors(params, planes=planes))
+    _backends.require_noise(_backends.get(backend), noise)
     _backends.get(backend).axpy_exact(params, list(keys), list(alphas), list(undo), gamma, list(planes) or None,
-                                      plane_bits, rounding, list(tensor_ids), list(offsets), rounding_key)
+                                      plane_bits, rounding, list(tensor_ids), list(offsets), rounding_key, noise)
     _backends._set_last(backend)
 
 
 @_noise_axpy_exact_op.register_fake
-def _(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets, rounding_key, backend):
+def _(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets, rounding_key, noise,
+      backend):
     return None
 
 
 @torch.library.custom_op("zo_kernels::noise_", mutates_args=("out",))
-def _noise_op(out: torch.Tensor, key: int, tensor_id: int, offset: int, stream: int, backend: str) -> None:
-    _backends.get(backend).noise(out, key, tensor_id, offset, stream)
+def _noise_op(out: torch.Tensor, key: int, tensor_id: int, offset: int, stream: int, noise: str,
+              backend: str) -> None:
+    _backends.require_noise(_backends.get(backend), noise)
+    _backends.get(backend).noise(out, key, tensor_id, offset, stream, noise)
     _backends._set_last(backend)
 
 
 @_noise_op.register_fake
-def _(out, key, tensor_id, offset, stream, backend):
+def _(out, key, tensor_id, offset, stream, noise, backend):
     return None
 
 
 # ----------------------------------------------------------------- public API
 def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: float = 0.0,
                 rounding: str = "nearest", tensor_ids=None, offsets=None, rounding_key=None,
-                backend: Optional[str] = None, undo=None, planes=None) -> None:
+                backend: Optional[str] = None, undo=None, planes=None, noise: str = "gaussian") -> None:
     """In place, for every tensor t: θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t.
 
     params      list of contiguous floating tensors on one device (fp32, bf16, fp16; fp64 via the reference)
@@ -87,6 +95,7 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     offsets     global index of each tensor's first element (a shard of a larger tensor)
     rounding    "nearest" or "stochastic" (bf16/fp16: Philox stream 2 under rounding_key)
     backend     force "reference", "triton", "cpu", "cuda" (else $ZO_KERNELS_BACKEND, else the best)
+    noise       "gaussian" (z, docs/spec.md §1) or "rademacher" (s = ±1, one bit per element, §9)
 
     Exact restore (zo_kernels.restore): `undo` gives, per key, the coefficient of the perturbation
     θ carries now (applied by an earlier call of this form with gamma=1 and nearest rounding); θ is
@@ -108,6 +117,7 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     gamma = check_scalar(gamma, "gamma", limit)
     beta = check_scalar(beta, "beta", limit)
     check_rounding(rounding)
+    check_noise(noise)
     n = len(params)
     tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
     offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
@@ -116,31 +126,38 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     rounding_key = check_key(rounding_key, "rounding_key")
     chosen = _backends.choose(params, backend)
     if undo is not None or planes is not None:
-        _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen)
+        _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, noise,
+               chosen)
         return
     with torch.no_grad():
         _noise_axpy_op(params, keys, alphas, gamma, dense or [], beta, rounding, tensor_ids, offsets,
-                       rounding_key, chosen.name)
+                       rounding_key, noise, chosen.name)
 
 
-def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, chosen):
+def _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, noise,
+           chosen):
     if dense is not None:
         raise ValueError("the exact-restore form (undo/planes) takes no dense term")
     undo, planes, bits = check_exact_args(params, keys, undo, planes, offsets, chosen)
     with torch.no_grad():
         _noise_axpy_exact_op(params, keys, alphas, undo, gamma, planes or [], bits, rounding, tensor_ids, offsets,
-                             rounding_key, chosen.name)
+                             rounding_key, noise, chosen.name)
 
 
-def noise_(out: torch.Tensor, key: int, tensor_id: int = 0, offset: int = 0, *, stream: int = STREAM_NOISE,
-           backend: Optional[str] = None) -> torch.Tensor:
-    """Fill `out` with z(key, tensor_id) for its elements offset .. offset+numel-1; returns out."""
+def noise_(out: torch.Tensor, key: int, tensor_id: int = 0, offset: int = 0, *, stream: Optional[int] = None,
+           backend: Optional[str] = None, noise: str = "gaussian") -> torch.Tensor:
+    """Fill `out` with the noise of key for tensor_id's elements offset .. offset+numel-1; returns out.
+
+    noise="gaussian": z (docs/spec.md §1, stream 0 unless `stream` says otherwise); noise="rademacher":
+    the signs s = ±1 (§9, stream 5 by default)."""
     check_tensor(out, "out")
+    check_noise(noise)
     key = check_key(key, "key")
     tensor_id = check_index_list([tensor_id], 1, "tensor_id", None, 0, 1 << 32)[0]
     offset = check_index_list([offset], 1, "offset", None, 0, 1 << 62)[0]
+    stream = default_stream(noise) if stream is None else stream
     stream = check_index_list([stream], 1, "stream", None, 0, 1 << 32)[0]
     chosen = _backends.resolve(out.device, out.dtype, backend)
     with torch.no_grad():
-        _noise_op(out, key, tensor_id, offset, stream, chosen.name)
+        _noise_op(out, key, tensor_id, offset, stream, noise, chosen.name)
     return out

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .noise import M64, to_signed64
+from .noise import M64, NOISE_FORMS, to_signed64
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -33,6 +33,13 @@ def check_key(k, name: str) -> int:
     if not -(1 << 63) <= k <= M64:
         raise ValueError(f"{name}={k} does not fit in 64 bits")
     return to_signed64(k & M64)
+
+
+def check_noise(noise) -> str:
+    """The `noise=` keyword of the ops: one of NOISE_FORMS (docs/spec.md §9)."""
+    if not isinstance(noise, str) or noise not in NOISE_FORMS:
+        raise ValueError(f"noise must be one of {NOISE_FORMS}, got {noise!r}")
+    return noise
 
 
 def check_int(value, name: str, lo: int, hi: int) -> int:

@@ -6,7 +6,13 @@ Default learning rates of the ZO methods beyond MeZO / MeZO-SVRG are MeZO's matc
 update rule (docs/zo_bench.md, "Default learning rates"): n-SPSA q·lr (1/q of the variance per
 step: the MeZO paper's n/(n + d − 1) effective rate); Sign and Adam lr·GRAD_SCALE (steps
 normalised by |c|); Cons lr; momentum (1 − β)·lr (its steady-state drift is lr/(1 − β)); LOZO /
-LOZO-M lr/r (Var(Z_ij) = r); forward-grad lr (c is ∇f·z itself).  Each has its own --lr-* flag.
+LOZO-M lr/r (Var(Z_ij) = r); forward-grad lr (c is ∇f·z itself); FZOO lr·GRAD_SCALE (its step
+Σ c_i z_i ≈ ∇f/|∇f| is normalised by the spread σ ≈ μ|∇f| of its losses, like Sign's); MeZO with layer
+sampling lr/ρ (the same expected step and per-coordinate variance per step as MeZO: a tensor is
+drawn with probability ρ and then moved 1/ρ as far, docs/fzoo.md).  Each has its own --lr-* flag.
+
+--noise picks the directions' form (Gaussian, or Rademacher ±1) for every ZO method but LOZO (its U Vᵀ
+factors are Gaussian) and FZOO, whose own --fzoo-noise defaults to the paper's ±1.
 
 Forward gradient is charged `fg_query_cost` (default 2) queries per example of its one jvp:
 the jvp carries the primal and a tangent through every layer (each linear layer computes
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..noise import NOISE_FORMS
 from .errors import FinetuneError
 from .registry import Knob, Method, import_optim, is_full_step, register, zo_extra
 
@@ -77,6 +84,18 @@ LR_LOZO = _rate("lr_lozo", "lozo lr", lambda c: c.option("lr_mezo") / c.option("
 LOZO_RANK = Knob("lozo_rank", 2, "lozo, lozo-m: rank r of the U Vᵀ perturbation", type=int, minimum=1)
 LOZO_NU = Knob("lozo_nu", 10, "lozo, lozo-m: steps a V is kept (lazy subspace sampling; 10 measured better than "
                "the paper's 50 here, docs/lozo.md)", type=int, minimum=1)
+NOISE = Knob("noise", "gaussian", "the ZO directions' form: gaussian (z) or rademacher (signs ±1)", type=str,
+              choices=NOISE_FORMS)
+LR_FZOO = _rate("lr_fzoo", "fzoo lr", lambda c: GRAD_SCALE * c.option("lr_mezo"),
+                f"{GRAD_SCALE:g} x --lr-mezo (its step is normalised by the losses' spread, like Sign's)")
+FZOO_DIRECTIONS = Knob("fzoo_directions", 8, "fzoo: N one-sided directions per step (N + 1 queries per example; "
+                       "the paper's 8)", type=int, minimum=2)
+FZOO_NOISE = Knob("fzoo_noise", "rademacher", "fzoo: the directions' form (the paper's rademacher ±1, or gaussian)",
+                  type=str, choices=NOISE_FORMS)
+LAYER_FRACTION = Knob("layer_fraction", 0.5, "mezo-lezo: fraction of the trainable tensors each step perturbs and "
+                      "updates (LeZO layer sampling, drawn from the step key)", minimum=0, strict=True, maximum=1)
+LR_LEZO = _rate("lr_mezo_lezo", "mezo-lezo lr", lambda c: c.option("lr_mezo") / c.option("layer_fraction"),
+                "--lr-mezo / --layer-fraction (MeZO's expected step and variance per coordinate)")
 LR_FG = _rate("lr_forward_grad", "forward-grad lr", lambda c: c.option("lr_mezo"), "--lr-mezo")
 FG_QUERY_COST = Knob("fg_query_cost", 2, "queries charged per example of one forward-grad jvp: 2 = MeZO's two "
                      "forward passes (equal queries = equal steps; a jvp costs 2-3 forwards of arithmetic), 1 = "
@@ -88,12 +107,22 @@ LR_FO_ADAM = Knob("lr_fo_adam", 1e-5, "FO-Adam lr", minimum=0)
 
 
 # ----------------------------------------------------------------- makers
-def _make(cls_name: str, lr: Knob, options=None, **fixed):
+def _noise(cfg: TrainConfig, knob: str = "noise", default: str = "gaussian") -> dict:
+    """The noise form of knob `knob`, passed only when it is not the class's own `default` (so a Gaussian
+    run builds its optimizer exactly as before the knob existed)."""
+    form = cfg.option(knob)
+    return {} if form == default else {"noise": form}
+
+
+def _make(cls_name: str, lr: Knob, options=None, noise_knob="noise", noise_default="gaussian", **fixed):
     """make_optimizer of a zo_kernels.optim class: lr from its knob, options(cfg) from other knobs,
+    the noise form from `noise_knob` (None: the class has one form; `noise_default`: the class's),
     fixed options, and the run-wide ZO options."""
     def make(params, cfg: TrainConfig):
         optim = import_optim()
         extra = {} if options is None else options(cfg)
+        if noise_knob is not None:
+            extra.update(_noise(cfg, noise_knob, noise_default))
         return getattr(optim, cls_name)(params, lr=cfg.option(lr.name), eps=cfg.eps, weight_decay=cfg.weight_decay,
                                         seed=cfg.seed, **fixed, **extra, **zo_extra(cfg))
     return make
@@ -124,7 +153,7 @@ def _make_forward_grad(params, cfg: TrainConfig, module: torch.nn.Module):
     """ForwardGrad trains the module's parameters that require grad: they must be `params`."""
     optim = import_optim()
     opt = optim.ForwardGrad(module, lr=cfg.option("lr_forward_grad"), weight_decay=cfg.weight_decay,
-                            seed=cfg.seed, **zo_extra(cfg))
+                            seed=cfg.seed, **_noise(cfg), **zo_extra(cfg))
     mine = {id(p) for g in opt.param_groups for p in g["params"]}
     if mine != {id(p) for p in params}:
         raise FinetuneError("forward-grad trains the model's parameters with requires_grad=True, which differ "
@@ -146,9 +175,9 @@ def _svrg_cost(opt, cfg: TrainConfig, large: int) -> int:
 
 # ------------------------------------------------------------------ entries
 register(Method("mezo", "MeZO", "zo", _make("MeZO", LR_MEZO, _mezo_options), _queries_per_step, "tab:blue",
-                knobs=(LR_MEZO, LOOKAHEAD, N_DIRECTIONS), lr_knob="lr_mezo"))
+                knobs=(LR_MEZO, LOOKAHEAD, N_DIRECTIONS, NOISE), lr_knob="lr_mezo"))
 register(Method("mezo-svrg", "MeZO-SVRG", "zo", _make("MeZOSVRG", LR_SVRG, _svrg_options), _svrg_cost, "tab:red",
-                knobs=(LR_SVRG, LR_SVRG_FULL, Q, LARGE_BATCH, ANCHOR), lr_knob="lr_svrg"))
+                knobs=(LR_SVRG, LR_SVRG_FULL, Q, LARGE_BATCH, ANCHOR, NOISE), lr_knob="lr_svrg"))
 register(Method("fo-sgd", "FO-SGD", "fo",
                 lambda params, cfg: torch.optim.SGD(params, lr=cfg.option("lr_fo_sgd"), weight_decay=cfg.weight_decay),
                 color="tab:green", knobs=(LR_FO_SGD, FO_EPOCHS, FO_BATCH_SIZE), lr_knob="lr_fo_sgd"))
@@ -157,29 +186,39 @@ register(Method("fo-adam", "FO-Adam", "fo",
                 color="tab:purple", knobs=(LR_FO_ADAM, FO_EPOCHS, FO_BATCH_SIZE), lr_knob="lr_fo_adam"))
 register(Method("n-spsa", "n-SPSA", "zo",
                 _make("MeZO", LR_N_SPSA, lambda c: {"n_directions": c.option("q")}), _queries_per_step, "tab:cyan",
-                knobs=(LR_N_SPSA, LR_MEZO, Q), lr_knob="lr_n_spsa"))
+                knobs=(LR_N_SPSA, LR_MEZO, Q, NOISE), lr_knob="lr_n_spsa"))
 register(Method("zo-sgd-sign", "ZO-SGD-Sign", "zo", _make("ZOSGDSign", LR_SIGN, _spsa), _queries_per_step,
-                "tab:olive", knobs=(LR_SIGN, LR_MEZO, N_DIRECTIONS), lr_knob="lr_zo_sgd_sign"))
+                "tab:olive", knobs=(LR_SIGN, LR_MEZO, N_DIRECTIONS, NOISE), lr_knob="lr_zo_sgd_sign"))
 register(Method("zo-sgd-cons", "ZO-SGD-Cons", "zo", _make("ZOSGDCons", LR_CONS, _spsa), _queries_per_step,
-                "tab:brown", knobs=(LR_CONS, LR_MEZO, N_DIRECTIONS), lr_knob="lr_zo_sgd_cons"))
+                "tab:brown", knobs=(LR_CONS, LR_MEZO, N_DIRECTIONS, NOISE), lr_knob="lr_zo_sgd_cons"))
 register(Method("zo-sgd-mmt", "ZO-SGD-MMT (seeded)", "zo",
                 _make("ZOSGDMomentum", LR_MMT, lambda c: {**_mmt_options(c), "window": c.option("momentum_window")},
                       state="seeded"), _queries_per_step, "tab:pink",
-                knobs=(LR_MMT, LR_MEZO, MOMENTUM, MOMENTUM_WINDOW, N_DIRECTIONS), lr_knob="lr_zo_sgd_mmt"))
+                knobs=(LR_MMT, LR_MEZO, MOMENTUM, MOMENTUM_WINDOW, N_DIRECTIONS, NOISE), lr_knob="lr_zo_sgd_mmt"))
 register(Method("zo-sgd-mmt-dense", "ZO-SGD-MMT (dense)", "zo",
                 _make("ZOSGDMomentum", LR_MMT, _mmt_options, state="dense"), _queries_per_step, "tab:gray",
-                knobs=(LR_MMT, LR_MEZO, MOMENTUM, N_DIRECTIONS), lr_knob="lr_zo_sgd_mmt"))
+                knobs=(LR_MMT, LR_MEZO, MOMENTUM, N_DIRECTIONS, NOISE), lr_knob="lr_zo_sgd_mmt"))
 register(Method("zo-adam", "ZO-Adam", "zo",
                 _make("ZOAdam", LR_ADAM, lambda c: {"betas": tuple(c.option("betas")), **_spsa(c)}),
-                _queries_per_step, "tab:orange", knobs=(LR_ADAM, LR_MEZO, BETAS, N_DIRECTIONS), lr_knob="lr_zo_adam"))
+                _queries_per_step, "tab:orange", knobs=(LR_ADAM, LR_MEZO, BETAS, N_DIRECTIONS, NOISE), lr_knob="lr_zo_adam"))
 # LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank --lozo-rank, V kept --lozo-nu steps)
-register(Method("lozo", "LOZO", "zo", _make("LOZO", LR_LOZO, _lozo_options), _two_point, "teal",
+register(Method("lozo", "LOZO", "zo", _make("LOZO", LR_LOZO, _lozo_options, noise_knob=None), _two_point, "teal",
                 knobs=(LR_LOZO, LR_MEZO, LOZO_RANK, LOZO_NU), lr_knob="lr_lozo"))
 register(Method("lozo-m", "LOZO-M", "zo",
-                _make("LOZOM", LR_LOZO, lambda c: {**_lozo_options(c), "beta": c.option("momentum")}), _two_point,
+                _make("LOZOM", LR_LOZO, lambda c: {**_lozo_options(c), "beta": c.option("momentum")}, noise_knob=None), _two_point,
                 "darkgoldenrod", knobs=(LR_LOZO, LR_MEZO, LOZO_RANK, LOZO_NU, MOMENTUM), lr_knob="lr_lozo"))
 # Forward gradient (exact ∇f·z by a jvp, charged fg_query_cost queries per example: module docstring).
 register(Method("forward-grad", "Forward-Grad", "zo", _make_forward_grad,
                 lambda opt, cfg, large: cfg.option("fg_query_cost") * cfg.batch_size, "black",
                 needs_module=True, differentiates=True, query_cost=lambda cfg: cfg.option("fg_query_cost"),
-                knobs=(LR_FG, LR_MEZO, FG_QUERY_COST), lr_knob="lr_forward_grad"))
+                knobs=(LR_FG, LR_MEZO, FG_QUERY_COST, NOISE), lr_knob="lr_forward_grad"))
+# FZOO (N one-sided ±1 directions and a clean forward per step, normalised by the losses' spread) and
+# MeZO with LeZO's layer sampling (a fraction of the tensors per step): docs/fzoo.md.
+register(Method("fzoo", "FZOO", "zo",
+                _make("FZOO", LR_FZOO, lambda c: {"n_directions": c.option("fzoo_directions")}, noise_knob="fzoo_noise",
+                      noise_default="rademacher"),
+                _queries_per_step, "crimson", knobs=(LR_FZOO, LR_MEZO, FZOO_DIRECTIONS, FZOO_NOISE), lr_knob="lr_fzoo"))
+register(Method("mezo-lezo", "MeZO (LeZO sampling)", "zo",
+                _make("MeZO", LR_LEZO, lambda c: {"layer_fraction": c.option("layer_fraction"), **_spsa(c)}),
+                _queries_per_step, "slateblue", knobs=(LR_LEZO, LR_MEZO, LAYER_FRACTION, N_DIRECTIONS, NOISE),
+                lr_knob="lr_mezo_lezo"))

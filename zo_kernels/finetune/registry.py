@@ -57,6 +57,7 @@ class Knob:
     rule: str = ""                   # `derive` in words, for the help text
     minimum: Optional[float] = None  # refused below it (at or below it with `strict`)
     strict: bool = False
+    maximum: Optional[float] = None  # refused above it
     rate: bool = False               # a ZO learning rate: the update scales θ by 1 - rate * weight_decay
     metavar: Optional[str] = None
     trainer_name: Optional[str] = None     # its ZOArguments field when that differs; "" = not in ZOArguments
@@ -85,6 +86,8 @@ class Knob:
         if self.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             if value < self.minimum or (self.strict and value == self.minimum):
                 return f"{self.flag} must be {'>' if self.strict else '>='} {self.minimum:g}, got {value}"
+        if self.maximum is not None and isinstance(value, (int, float)) and value > self.maximum:
+            return f"{self.flag} must be <= {self.maximum:g}, got {value}"
         if self.rate and value * weight_decay >= 1:
             return (f"{self.flag} {value} times --weight-decay {weight_decay} must be < 1 (the ZO update "
                     f"scales θ by 1 - lr*weight_decay)")

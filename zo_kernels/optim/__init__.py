@@ -10,11 +10,14 @@
 
 ZO-Bench's family (Zhang et al. 2024) on the same primitive: ZOSGDSign, MeZO(n_directions=q) (n-SPSA),
 ZOSGDCons, ZOSGDMomentum(state="dense" | "seeded"), ZOAdam (the fused noise_adam_ pass), ForwardGrad.
+FZOO (Dang et al. 2025): N one-sided ±1 directions and a clean forward, normalised by the losses' std.
+Every optimizer takes noise="gaussian" | "rademacher"; the SPSA ones layer_fraction=ρ (LeZO's sampling).
 """
 from .annealing import LossRatioAnnealing
 from .base import NonFiniteLossError, ZOOptimizer
 from .cons import ZOSGDCons
 from .forward_grad import ForwardGrad
+from .fzoo import FZOO
 from .lozo import LOZO, LOZOM
 from .mezo import MeZO
 from .momentum import ZOSGDMomentum
@@ -24,5 +27,5 @@ from .svrg import MeZOSVRG
 from .trajectory import replay
 from .zo_adam import ZOAdam
 
-__all__ = ["MeZO", "MeZOSVRG", "LOZO", "LOZOM", "ZOSGDSign", "ZOSGDCons", "ZOSGDMomentum", "ZOAdam", "ForwardGrad",
+__all__ = ["MeZO", "MeZOSVRG", "LOZO", "LOZOM", "ZOSGDSign", "ZOSGDCons", "ZOSGDMomentum", "ZOAdam", "ForwardGrad", "FZOO",
            "SPSAOptimizer", "LossRatioAnnealing", "NonFiniteLossError", "ZOOptimizer", "replay"]

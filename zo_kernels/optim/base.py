@@ -58,6 +58,7 @@ from ..rounding import ROUNDINGS
 from ..validate import check_tensor
 from .closure import LocalLoss, split_loss
 from .failure import FailedStepMixin, NonFiniteLossError  # noqa: F401  (re-exported)
+from .noise_form import check_noise_form
 from .noise_path import NoisePathMixin
 from .points import Excursion, Point, Tracked, origin, spsa_pair
 from .settling import SettleMixin
@@ -144,6 +145,10 @@ class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torc
             them bit-identical for every dtype and restore mode, and a retried run is bit-identical to
             one that never failed (see "A failed step" below).  Cost: one more read+write pass per step
             (the copy) and the trainable weights' memory once more, kept between steps.
+        noise: the form of the directions -- "gaussian" (z ~ N(0, I), zo-noise v1, the default) or
+            "rademacher" (signs ±1, docs/spec.md §9; FZOO's default).  Every pass of the optimizer
+            uses it, the trajectory records it (replay uses the same form), and a state_dict saved
+            with one form does not load into an optimizer with the other.
         distributed: data parallel over torch.distributed (see zo_kernels.distributed): each rank's
             closure returns the mean loss over its part of the batch, or (mean loss, count); one
             all-reduce of a few scalars per step makes every rank apply the same update.  None (the
@@ -177,8 +182,9 @@ class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torc
     def __init__(self, params, defaults: dict, *, seed: int = 0, record: bool = False,
                  rounding: str = "nearest", backend: Optional[str] = None, nan_policy: str = "raise",
                  restore: str = "auto", plane_bits: int = 2, snapshot: bool = False,
-                 distributed: Optional[bool] = None, process_group=None):
+                 distributed: Optional[bool] = None, process_group=None, noise: str = "gaussian"):
         self.seed = check_u64(seed, "seed")
+        self.noise = check_noise_form(noise)
         if not isinstance(snapshot, bool):
             raise TypeError(f"snapshot must be a bool, got {type(snapshot).__name__}")
         self.snapshot = snapshot
@@ -341,7 +347,7 @@ class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torc
     def _rank_desc(self, layout: Tracked) -> dict:
         """What every rank must agree on (fingerprinted by the distributed guard)."""
         return {"optimizer": type(self).__name__, "seed": self.seed, "step": self._t,
-                "rounding": self.rounding, "restore": self.restore, "plane_bits": self.plane_bits,
+                "rounding": self.rounding, "noise": self.noise, "restore": self.restore, "plane_bits": self.plane_bits,
                 "options": self._options(),
                 "groups": [{k: g[k] for k in sorted(self._group_checks)} for g in self.param_groups],
                 "layout": [(tid, tuple(p.shape), str(p.dtype), str(getattr(p, "placements", "")))

@@ -30,6 +30,7 @@ from ..noise import step_key
 from ..ops import noise_
 from .base import ZOOptimizer
 from .closure import LocalLoss, split_loss
+from .noise_form import noise_kw
 from .points import Point
 
 
@@ -88,7 +89,7 @@ class ForwardGrad(ZOOptimizer):
                 loss, count[0] = split_loss(out)
                 return loss
 
-            tangents = tuple(noise_(torch.empty_like(p), k, tid, backend=self.backend) for p, tid in entries)
+            tangents = tuple(noise_(torch.empty_like(p), k, tid, backend=self.backend, **noise_kw(self.noise)) for p, tid in entries)
             # Fused attention kernels have no forward-mode derivative (torch 2.13): SDPA's math backend.
             with sdpa_kernel([SDPBackend.MATH]):
                 loss, dd = jvp(f, tuple(p.detach() for p, _ in entries), tangents)

@@ -53,6 +53,7 @@ from ..noise import mix_keys, step_key
 from ..ops import noise_, noise_axpy_
 from ..validate import check_int
 from .base import ZOOptimizer
+from .noise_form import GAUSSIAN, check_noise_form
 from .noise_path import Pass
 from .points import Point
 from .sharded_state import local_state, shard_like
@@ -71,13 +72,16 @@ class LOZO(ZOOptimizer):
         nu: ν, steps per V (lazy subspace sampling).  weight_decay: λ.  seed: base seed.
         **options: record, rounding, backend, nan_policy, restore, plane_bits, snapshot, distributed,
             process_group -- as for every ZO optimizer (see ZOOptimizer; exact restore applies to
-            bf16/fp16 weights by default).
+            bf16/fp16 weights by default); noise: "gaussian" only (U and V are Gaussian factors).
 
     Returns from step: (l+ + l−)/2.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, rank: int = 2, nu: int = 50, weight_decay: float = 0.0,
                  seed: int = 0, **options):
+        if check_noise_form(options.get("noise", GAUSSIAN)) != GAUSSIAN:
+            raise ValueError(f"{type(self).__name__} perturbs along U Vᵀ with Gaussian factors U and V (the "
+                             f"low-rank op has no other form); noise={options['noise']!r} is not supported")
         self.rank = check_int(rank, "rank", 1, MAX_RANK)
         self.nu = check_int(nu, "nu", 1, 1 << 62)
         self._key_v: Optional[int] = None

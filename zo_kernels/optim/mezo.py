@@ -45,8 +45,10 @@ class MeZO(SPSAOptimizer):
             weights then stay perturbed between steps, so exact restore does not apply.
         n_directions: q ≥ 1 directions per step (n-SPSA, ZO-Bench's q): θ ← (1 − ηλ)θ − η·(1/q)Σ_j c_j z_j
             with c_j = (l+_j − l−_j)/2μ, applied in one multi-key pass (see spsa.py); 2q queries per step.
+        layer_fraction: ρ in (0, 1], layer sampling (LeZO): each step perturbs and updates only
+            ⌈ρ·n⌉ of the n trainable tensors, chosen from the step key (see spsa.py); 1 (default): all.
         **options: record, rounding, backend, nan_policy, restore, plane_bits, snapshot, distributed,
-            process_group -- the options of every ZO optimizer (see ZOOptimizer).
+            process_group, noise -- the options of every ZO optimizer (see ZOOptimizer).
 
     Returns from step: (l+ + l−)/2, the two-point estimate of the loss at θ_t on this batch.  A failed
     step brings the weights back to where `step` found them (ZOOptimizer, "A failed step"): θ_t, or
@@ -65,6 +67,9 @@ class MeZO(SPSAOptimizer):
                              "cannot invert; use restore='fused' (or 'auto') with lookahead")
         if lookahead and n_directions != 1:
             raise ValueError("lookahead=True fuses one direction into the update; use n_directions=1 with it")
+        if lookahead and options.get("layer_fraction", 1.0) != 1.0:
+            raise ValueError("lookahead=True perturbs the next step's tensors before it draws them; use "
+                             "layer_fraction=1 with it")
         self.lookahead = lookahead
         # The lookahead perturbation the weights carry between steps: the storages and where they are.
         self._pending: Optional[Tracked] = None
@@ -99,8 +104,8 @@ class MeZO(SPSAOptimizer):
         if closure is None and self._closure_free_call():
             return None
         closure = self._require_closure(closure)
-        if self.n_directions > 1:
-            return super().step(closure)        # n-SPSA: spsa.py, one multi-key update pass
+        if self.n_directions > 1 or self.layer_fraction < 1.0:
+            return super().step(closure)        # n-SPSA, layer sampling: spsa.py (q = 1 there is this step)
         w = self._layout()
         if self._pending is not None and self._pending.tids != w.tids:
             self.settle()           # the set of trainable tensors changed since the last step

@@ -33,6 +33,7 @@ import torch
 
 from ..noise import mix_keys, step_key
 from ..ops import noise_axpy_
+from .noise_form import noise_kw
 from .points import Point, Tracked
 from .sharded_state import local_state, zeros_state
 from .spsa import SPSAOptimizer
@@ -46,6 +47,8 @@ class ZOSGDMomentum(SPSAOptimizer):
     Args (besides MeZO's, no lookahead): momentum β in [0, 1); state "dense" | "seeded";
     window K (seeded only: steps of history, truncation error β^K relative); n_directions q.
     """
+
+    _samples_layers = False     # the momentum of every tensor changes every step
 
     def __init__(self, params, lr: float, eps: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  seed: int = 0, *, state: str = "seeded", window: int = 32, n_directions: int = 1, **core):
@@ -96,7 +99,7 @@ class ZOSGDMomentum(SPSAOptimizer):
             noise_axpy_(loc.shards, [], [], dense=bufs, beta=-g["lr"] * g["momentum"], rounding=self.rounding,
                         tensor_ids=loc.tids, offsets=loc.offsets, rounding_key=rkey, backend=self.backend)
             noise_axpy_(bufs, keys, coeffs[gi], gamma=g["momentum"], tensor_ids=loc.tids, offsets=loc.offsets,
-                        backend=self.backend)
+                        backend=self.backend, **noise_kw(self.noise))
             self._refresh(loc.params)
 
     def _state_layout(self, p: torch.Tensor) -> dict:

@@ -61,6 +61,19 @@ def mezo(theta, loss: Loss, batches, *, lr, mu, noise: Noise, wd=0.0, steps=None
     return theta, losses
 
 
+def lezo(theta, loss: Loss, batches, *, lr, mu, noise: Noise, keep: Callable[[int], set], wd=0.0, steps=None):
+    """LeZO (Wang et al. 2024): MeZO on the tensors keep(t) of step t only -- the others are neither
+    perturbed nor updated (nor decayed): θ_i ← θ_i − η(g z_i + λθ_i) for i in keep(t), no 1/ρ rescaling."""
+    losses = []
+    for t in range(len(batches) if steps is None else steps):
+        kept = keep(t)
+        z = [zi if i in kept else torch.zeros_like(zi) for i, zi in enumerate(noise(t))]
+        d, mean = spsa(theta, z, mu, loss, batches[t])
+        theta = [p - lr * (d / mu * zi + wd * p) if i in kept else p for i, (p, zi) in enumerate(zip(theta, z))]
+        losses.append(mean)
+    return theta, losses
+
+
 def mezo_published_step(params, z, closure: Callable[[], float], *, lr, mu, wd=0.0) -> float:
     """One step as MeZO's code does it, in place: perturb(+1), loss1; perturb(−2), loss2; perturb(+1);
     θ ← θ − η(g z + λθ).  Each touch is `p.data = p.data + c·z` in p's dtype (z cast to it)."""
@@ -223,6 +236,26 @@ def forward_grad(theta, loss_tensor: Callable, batches, *, lr, noise: DirNoise, 
         dd = sum((p.grad * zi).sum() for p, zi in zip(ps, z)).item()
         theta = _axpy(theta, [(-lr * dd, z)], lr, wd)
     return theta
+
+
+# ------------------------------------------------------------------------------ FZOO (Dang et al. 2025)
+def fzoo(theta, loss: Loss, batches, *, lr, mu, n, noise: DirNoise, wd=0.0, steps=None):
+    """The authors' zo_step / zo_update (DKmiyan/FZOO, trainer.py): l_i = L(θ + μz_i) for the N
+    directions (each perturbation undone before the next), l_0 = L(θ);
+    projected_grad_i = (l_i − l_0) / (N·std(l_1 … l_N, unbiased=False));  θ ← θ − η(Σ_i projected_grad_i z_i + λθ)
+    (the authors apply no weight decay: λ = 0 is their update).  Equal losses (std 0): no gradient
+    move, where the authors' code would divide by zero.  Returns (θ_T, the l_0 of each step)."""
+    clean = []
+    for t in range(len(batches) if steps is None else steps):
+        batch = batches[t]
+        zs = [noise(t, i) for i in range(n)]
+        ls = torch.tensor([loss([p + mu * zi for p, zi in zip(theta, z)], batch) for z in zs], dtype=torch.float64)
+        l0 = loss(theta, batch)
+        std = ls.std(unbiased=False)
+        grads = [0.0] * n if bool((ls == ls[0]).all()) else ((ls - l0) / (n * std)).tolist()
+        theta = _axpy(theta, [(-lr * g, z) for g, z in zip(grads, zs)], lr, wd)
+        clean.append(l0)
+    return theta, clean
 
 
 # ------------------------------------------------------------------------------ LOZO (Chen et al. 2025)

@@ -14,6 +14,7 @@ from ..noise import M64
 from ..ops import noise_axpy_
 from ..restore import PLANE_DTYPES, make_planes
 from ..rounding import step_rounding_key
+from .noise_form import noise_kw
 from .points import Call, Excursion, Point, Tracked, plan_move
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -53,7 +54,7 @@ class Pass:
 
 
 class NoisePathMixin:
-    """ZOOptimizer's noise path (its state: seed, rounding, backend, restore, plane_bits, trajectory,
+    """ZOOptimizer's noise path (its state: seed, noise, rounding, backend, restore, plane_bits, trajectory,
     _call_idx, _excursions, _comm)."""
 
     def _noise_axpy(self, tensors: List[torch.Tensor], tids: List[int], call: Call, *, log: bool = True,
@@ -90,14 +91,14 @@ class NoisePathMixin:
         if p.tensors:
             noise_axpy_(p.tensors, p.keys, p.alphas, gamma=p.gamma, rounding=p.rounding, tensor_ids=p.tids,
                         offsets=p.offsets, rounding_key=p.rounding_key, backend=self.backend, undo=p.undo,
-                        planes=p.planes)
+                        planes=p.planes, **noise_kw(self.noise))
         return {}
 
     def _pass_record(self, p: Pass, extra: dict) -> dict:
         """The trajectory entry of a pass (`replay` re-issues it)."""
         rec = {"step": self._t, "keys": list(p.keys), "alphas": [float(a) for a in p.alphas],
                "gamma": float(p.gamma), "tensor_ids": list(p.record_tids), "rounding": p.rounding,
-               "rounding_key": p.rounding_key, **extra}
+               "rounding_key": p.rounding_key, **noise_kw(self.noise), **extra}
         if p.undo is not None:
             rec["undo"] = [float(u) for u in p.undo]
             rec["plane"] = None if p.planes is None else ("read" if any(p.undo) else "write")

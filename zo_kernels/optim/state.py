@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from ..noise import check_u64
+from .noise_form import GAUSSIAN
 from .sharded_state import check_state
 from .state_check import all_or_nothing
 
@@ -16,12 +17,15 @@ class StateMixin:
 
     def _zo_state(self) -> dict:
         return {"version": 1, "kind": type(self).__name__, "step": self._t, "seed": self.seed,
-                "skipped_steps": self.skipped_steps, "rounding": self.rounding,
+                "skipped_steps": self.skipped_steps, "rounding": self.rounding, "noise": self.noise,
                 "trajectory": None if self.trajectory is None else [dict(r) for r in self.trajectory]}
 
     def _load_zo_state(self, zo: dict) -> None:
         if zo.get("kind") != type(self).__name__:
             raise ValueError(f"state_dict was saved by {zo.get('kind')}, not {type(self).__name__}")
+        noise = zo.get("noise", GAUSSIAN)      # saved before the option existed: Gaussian
+        if noise != self.noise:
+            raise ValueError(f"state_dict was saved with noise={noise!r}, this optimizer has noise={self.noise!r}")
         self._t = int(zo["step"])
         self.seed = check_u64(int(zo["seed"]), "seed")
         self.skipped_steps = int(zo.get("skipped_steps", 0))

@@ -6,6 +6,7 @@ from typing import Callable, Dict, Optional
 from ..ops import noise_axpy_
 from ..restore import make_planes
 from .base import _flatten_params
+from .noise_form import GAUSSIAN, check_noise_form, noise_kw
 
 
 def replay(params, log, *, backend: Optional[str] = None,
@@ -15,7 +16,7 @@ def replay(params, log, *, backend: Optional[str] = None,
     params: the optimizer's parameters in the same order (a list, the param groups, or an
     nn.Module whose .parameters() the optimizer was built from), holding the initial
     weights.  Every noise_axpy_ call that touched the weights is repeated with the same
-    keys, coefficients, gamma, tensor ids and rounding key, so on the same backend the
+    keys, coefficients, gamma, tensor ids, rounding key and noise form, so on the same backend the
     result is bit-identical to the recorded run.  progress(i), if given, is called after entry i.
     """
     flat = _flatten_params(params)
@@ -33,7 +34,8 @@ def replay(params, log, *, backend: Optional[str] = None,
                 raise ValueError(f"log entry {i} reads residue planes that no earlier entry wrote")
             pl = planes[tuple(ids)]
         kw = dict(gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
-                  rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl)
+                  rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl,
+                  **noise_kw(check_noise_form(rec.get("noise", GAUSSIAN))))
         keys, alphas = [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]]
         if rec.get("key_v") is not None:    # a low-rank pass (LOZO)
             from ..lowrank import lowrank_noise_axpy_

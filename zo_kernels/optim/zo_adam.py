@@ -25,6 +25,7 @@ import torch
 
 from ..adam import noise_adam_
 from ..noise import mix_keys, step_key
+from .noise_form import noise_kw
 from .points import Tracked, origin
 from .sharded_state import local_state, zeros_state
 from .spsa import SPSAOptimizer
@@ -38,6 +39,8 @@ class ZOAdam(SPSAOptimizer):
     Args (besides MeZO's, no lookahead): betas (β₁, β₂); adam_eps ε (Adam's, not the perturbation
     scale `eps`); decoupled: AdamW-style weight decay; n_directions q.
     """
+
+    _samples_layers = False     # m and v of every tensor change every step
 
     _group_checks = {"lr": False, "eps": True, "weight_decay": False, "adam_eps": True}
 
@@ -81,7 +84,7 @@ class ZOAdam(SPSAOptimizer):
             noise_adam_(loc.shards, list(ms), list(vs), keys, self._coefficients(ds, g), lr=g["lr"],
                         step=self._t + 1, betas=g["betas"], eps=g["adam_eps"], weight_decay=g["weight_decay"],
                         decoupled=self.decoupled, rounding=self.rounding, tensor_ids=loc.tids, offsets=loc.offsets,
-                        rounding_key=rkey, backend=self.backend)
+                        rounding_key=rkey, backend=self.backend, **noise_kw(self.noise))
             self._refresh(loc.params)
 
     def _options(self) -> dict:

@@ -37,7 +37,8 @@ _MAX_DIRECTION = 64                # keys: directions j tried (at the pass's ste
 _LITERAL, _STEP_KEY, _DIRECTION_KEY = 0, 1, 2     # key-table entry kinds
 
 # flags byte of a record
-_STOCHASTIC, _UNDO, _PLANE_READ, _PLANE_WRITE, _LOWRANK, _RKEY_LITERAL = 1, 2, 4, 8, 16, 32
+_STOCHASTIC, _UNDO, _PLANE_READ, _PLANE_WRITE, _LOWRANK, _RKEY_LITERAL, _RADEMACHER = 1, 2, 4, 8, 16, 32, 64
+_KNOWN_FLAGS = 127                 # a reader refuses other bits: a pass it cannot re-issue exactly
 STREAMS = ("step", "flags", "nkeys", "keyref", "alpha", "undo", "gamma", "tids", "rkey", "rkey_lit",
            "plane_bits", "lowrank", "keytab", "keylit", "init")
 
@@ -146,6 +147,11 @@ def encode(header: dict, records: List[dict], seed: int, init: bytes = b"") -> b
             flags |= _UNDO | {None: 0, "read": _PLANE_READ, "write": _PLANE_WRITE}[r.get("plane")]
         if r.get("key_v") is not None:
             flags |= _LOWRANK
+        noise = r.get("noise", "gaussian")
+        if noise not in ("gaussian", "rademacher"):
+            raise ValueError(f"internal: noise form {noise!r} has no flag in format {FORMAT_VERSION}")
+        if noise == "rademacher":
+            flags |= _RADEMACHER
         rkey = int(r["rounding_key"])
         call = next((c for c in range(_MAX_CALL_INDEX) if step_rounding_key(seed, step, c) == rkey), None)
         if call is None:
@@ -255,6 +261,8 @@ def _records(header: dict, s: Dict[str, _Cursor]) -> List[dict]:
     for _ in range(int(header["passes"])):
         step += s["step"].varint()
         flags = s["flags"].take(1)[0]
+        if flags & ~_KNOWN_FLAGS:
+            raise SeedLogError(f"malformed log: unknown record flags {flags:#x}")
         n = s["nkeys"].varint()
         rec = {"step": step, "keys": [key(step, s["keyref"]) for _ in range(n)], "alphas": s["alpha"].f64s(n),
                "rounding": "stochastic" if flags & _STOCHASTIC else "nearest"}
@@ -269,6 +277,8 @@ def _records(header: dict, s: Dict[str, _Cursor]) -> List[dict]:
         if flags & _LOWRANK:
             rec["key_v"] = key(step, s["lowrank"])
             rec["rank"] = s["lowrank"].varint()
+        if flags & _RADEMACHER:
+            rec["noise"] = "rademacher"
         out.append(rec)
     if len(keys) != int(header["keys"]) or not all(c.done() for name, c in s.items() if name != "init"):
         raise SeedLogError("malformed log: record streams longer than the header's pass count")

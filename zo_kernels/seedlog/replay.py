@@ -124,7 +124,7 @@ class Recorder:
                 "optimizer": {"class": type(opt).__name__, "seed": opt.seed, "defaults": defaults,
                               "options": opt._options(), "rounding": opt.rounding, "restore": opt.restore,
                               "plane_bits": opt.plane_bits, "skipped_steps": opt.skipped_steps},
-                "replay": {"backend": opt.backend or last_backend(), "noise": "gaussian"}}
+                "replay": {"backend": opt.backend or last_backend(), "noise": opt.noise}}
 
     def encode(self) -> bytes:
         self.opt.settle()

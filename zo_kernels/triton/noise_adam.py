@@ -72,7 +72,7 @@ def _noise_adam_kernel(tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2,
 
 
 def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key,
-               block=None):
+               noise="gaussian", block=None):
     groups = {}
     for i, p in enumerate(params):
         if p.numel():

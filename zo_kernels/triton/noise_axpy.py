@@ -181,7 +181,7 @@ def _groups(params, dense):
 
 
 def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key,
-               block=None):
+               noise="gaussian", block=None):
     for idx in _groups(params, dense):
         live = [i for i in idx if params[i].numel()]
         if not live:
@@ -192,7 +192,7 @@ def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, o
 
 
 def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
-                     rounding_key, block=None):
+                     rounding_key, noise="gaussian", block=None):
     for idx in _groups(params, None):
         live = [i for i in idx if params[i].numel()]
         if live:
@@ -201,7 +201,7 @@ def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, roun
                     undo=undo, planes=[planes[i] for i in live] if planes else None, plane_bits=plane_bits)
 
 
-def noise(out, key, tensor_id, offset, stream, block=None):
+def noise(out, key, tensor_id, offset, stream, noise="gaussian", block=None):
     if out.numel():
         _launch([out], None, [key], [1.0], 0.0, 0.0, "nearest", [tensor_id], [offset], 0,
                 stream=stream, has_x=False, block=block)
