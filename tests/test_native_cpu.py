@@ -13,7 +13,7 @@ from zo_kernels import noise as N
 from zo_kernels.native import ISAS, cpu_isas, on_isa
 
 from helpers import spec_vectors
-from native_helpers import assert_no_temporaries, make_tensor, run
+from native_helpers import assert_no_temporaries, make_tensor, rademacher_workload, run
 
 # The extension is built by scripts/setup_env.sh (pip install -e .): its absence is a failure here.
 _REASON = zo_kernels.backend_status().get("cpu")
@@ -141,34 +141,6 @@ def test_every_instruction_set_gives_the_same_bits(isa_restore):
             assert torch.equal(a, b), isa
 
 
-def _rademacher_workload():
-    """Every op with noise="rademacher" (docs/spec.md §9): offsets that split sign blocks anywhere, more
-    keys than the kernel keeps sign blocks for (10 > 8 slots), stochastic rounding, the exact form with
-    planes, noise_, noise_adam_."""
-    from zo_kernels import restore as R
-
-    keys = [N.step_key(6, s) for s in range(10)]
-    alphas = [0.01 * (j + 1) * (-1) ** j for j in range(10)]
-    params, kw = _workload()
-    kw.update(noise="rademacher", offsets=[0, 127, 130, 64])
-    out = run("cpu", params, **kw)
-    out += run("cpu", params, **dict(kw, keys=keys, alphas=alphas, offsets=[3, 2**33 + 125, 1, 0]))
-    ps = [(make_tensor(s, torch.float32, i) * 0.02).to(DTYPES[i % 3]) for i, s in enumerate((4097, 1 << 16, 5))]
-    offs = [61, 2**35 + 3, 0]
-    planes = R.make_planes(ps, 4, offsets=offs)
-    ekw = dict(offsets=offs, planes=planes, backend="cpu", noise="rademacher")
-    zo_kernels.noise_axpy_(ps, keys[:3], alphas[:3], **ekw)
-    zo_kernels.noise_axpy_(ps, keys[:3], alphas[3:6], undo=alphas[:3], gamma=0.99, rounding="stochastic", **ekw)
-    out += ps + planes
-    out.append(zo_kernels.noise_(torch.empty(1 << 20), KEYS[0], 1, 3, backend="cpu", noise="rademacher"))
-    ps = [make_tensor(s, DTYPES[i % 3], i) for i, s in enumerate((1 << 18, 4097, 3))]
-    ms = [make_tensor(p.shape, torch.float32, 9 + i) * 0.1 for i, p in enumerate(ps)]
-    vs = [make_tensor(p.shape, torch.float32, 19 + i).abs() * 0.1 for i, p in enumerate(ps)]
-    zo_kernels.noise_adam_(ps, ms, vs, keys, alphas, lr=1e-3, step=3, weight_decay=0.1, offsets=[5, 128, 2**40 + 1],
-                           rounding="stochastic", backend="cpu", noise="rademacher")
-    return out + ps + ms + vs
-
-
 def test_rademacher_bit_identical_across_instruction_sets_and_threads(isa_restore):
     before = torch.get_num_threads()
     results = {}
@@ -177,7 +149,7 @@ def test_rademacher_bit_identical_across_instruction_sets_and_threads(isa_restor
             native.cpu_isa(isa)
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                results[isa, threads] = _rademacher_workload()
+                results[isa, threads] = rademacher_workload("cpu")
     finally:
         torch.set_num_threads(before)
     first = results["base", 1]
