@@ -168,34 +168,42 @@ ZO_HD void block_normals(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0,
 
 // --------------------------------------------------------------------------- Rademacher signs
 // docs/spec.md §9. A 64-element block (from a global quad, so at any multiple of 4) lies in one or two
-// 128-element sign blocks; the last sign block a key's Philox call produced is kept, so consecutive blocks
-// of one thread make one call per 128 elements and key, whatever the tensor's offset.
-struct SignBlock {
-  uint64_t b;          // sign block index (~0: none yet)
-  uint32_t k0, k1;     // its key
-  uint64_t lo, hi;     // its bits 0-63 and 64-127
+// 128-element sign blocks. Sign blocks are drawn 16 at a time (one vectorised philox16: 2048 elements) and
+// the last run a key drew is kept, so a thread's consecutive blocks cost one Philox call per 128 elements
+// and key in SIMD lanes, whatever the tensor's offset.
+struct SignRun {
+  uint64_t b0;                  // first sign block of the run, a multiple of QUADS (~0: none yet)
+  uint32_t k0, k1;              // its key
+  alignas(64) uint32_t w[BLOCK];  // word j of sign block b0 + l at w[4 l + j]
 };
 
-ZO_HD const SignBlock& sign_block(SignBlock& c, uint64_t b, uint32_t tid, uint32_t stream, uint32_t k0,
-                                  uint32_t k1) {
-  if (c.b != b || c.k0 != k0 || c.k1 != k1) {
-    uint32_t w0, w1, w2, w3;
-    quad_words(b, tid, stream, k0, k1, w0, w1, w2, w3);
-    c = SignBlock{b, k0, k1, w0 | (uint64_t)w1 << 32, w2 | (uint64_t)w3 << 32};
+// Bits 0-63 (lo) and 64-127 (hi) of sign block b.
+ZO_HD void sign_block(SignRun& c, uint64_t b, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1,
+                      uint64_t& lo, uint64_t& hi) {
+  const uint64_t b0 = b & ~(uint64_t)(QUADS - 1);
+  if (c.b0 != b0 || c.k0 != k0 || c.k1 != k1) {
+    block_words(b0, tid, stream, k0, k1, c.w);
+    c.b0 = b0;
+    c.k0 = k0;
+    c.k1 = k1;
   }
-  return c;
+  const uint32_t* w = c.w + 4 * (b - b0);
+  lo = w[0] | (uint64_t)w[1] << 32;
+  hi = w[2] | (uint64_t)w[3] << 32;
 }
 
 // The sign bits of elements g .. g+63 (bit e: element g + e).
-ZO_HD uint64_t sign_bits64(uint64_t g, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, SignBlock& c) {
+ZO_HD uint64_t sign_bits64(uint64_t g, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, SignRun& c) {
   const uint64_t b = g >> 7;
   const unsigned r = (unsigned)(g & 127);
-  const SignBlock& s = sign_block(c, b, tid, stream, k0, k1);
-  if (r == 0) return s.lo;
-  if (r < 64) return (s.lo >> r) | (s.hi << (64 - r));
-  if (r == 64) return s.hi;
-  const uint64_t low = s.hi >> (r - 64);
-  return low | (sign_block(c, b + 1, tid, stream, k0, k1).lo << (128 - r));
+  uint64_t lo, hi;
+  sign_block(c, b, tid, stream, k0, k1, lo, hi);
+  if (r == 0) return lo;
+  if (r < 64) return (lo >> r) | (hi << (64 - r));
+  if (r == 64) return hi;
+  const uint64_t low = hi >> (r - 64);
+  sign_block(c, b + 1, tid, stream, k0, k1, lo, hi);
+  return low | (lo << (128 - r));
 }
 
 // The 64 signs of `bits` as +-1.0f (bit e -> z[e]): shifts and ors only, so it vectorises.
@@ -206,16 +214,16 @@ ZO_HD void block_signs(uint64_t bits, float* __restrict z) {
 }
 
 // The noise of a pass for one thread's run over consecutive blocks of one tensor: normals (§1) or signs
-// (§9) of each key. Sign blocks are kept per key slot (j mod SLOTS; a slot checks its key, so more keys
+// (§9) of each key. Sign runs are kept per key slot (j mod SLOTS; a slot checks its key, so more keys
 // only cost extra Philox calls).
 struct BlockNoise {
   static constexpr int SLOTS = 8;
   int form;
   uint32_t tid, stream;
-  SignBlock slot[SLOTS];
+  SignRun slot[SLOTS];
 
   BlockNoise(int form_, uint32_t tid_, uint32_t stream_) : form(form_), tid(tid_), stream(stream_) {
-    for (SignBlock& c : slot) c = SignBlock{~(uint64_t)0, 0, 0, 0, 0};
+    for (SignRun& c : slot) c.b0 = ~(uint64_t)0;  // never a multiple of QUADS
   }
 
   // z of key j (words k0, k1) for the 64 elements of the block at global quad q.
