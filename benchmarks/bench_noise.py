@@ -109,8 +109,8 @@ def run(args):
         nbytes = 2 * n * p.element_size()
         for name, t in times.items():
             gaussian = name.removesuffix("_rademacher")
-            row = dict(device=str(device), threads=torch.get_num_threads(), dtype=dname, keys=k, numel=n,
-                       method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
+            row = dict(device=str(device), threads=torch.get_num_threads(), cpu_isa=native.cpu_isa(), dtype=dname,
+                       keys=k, numel=n, method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
                        speedup_vs_reference=times["reference"] / t if "reference" in times else "",
                        speedup_vs_mezo_randn=times["mezo_randn"] / t,
                        pct_of_copy_bandwidth=100 * times["copy_"] / t if "copy_" in times else "",
@@ -291,6 +291,7 @@ def main(argv=None):
     ap.add_argument("--noise", default="gaussian,rademacher",
                     help="noise forms of the backends' rows (the baselines are Gaussian)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--isa", default="", help="pin the CPU kernel to one instruction-set build (base, avx2, avx512)")
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="per-call time reported (min: the fastest call, for a machine shared with other jobs)")
     ap.add_argument("--max-reference", type=float, default=1e7, help="skip the slow reference above this size")
@@ -309,7 +310,8 @@ def main(argv=None):
     if args.adam:
         write_adam(run_adam(args), pathlib.Path(args.out))
         return
-    write(run(args), pathlib.Path(args.out))
+    with native.on_isa(args.isa or native.cpu_isa()):
+        write(run(args), pathlib.Path(args.out))
 
 
 if __name__ == "__main__":
