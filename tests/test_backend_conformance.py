@@ -462,7 +462,11 @@ def test_adam_shards_with_offsets_equal_the_whole(backend, device):
 # arithmetic to a float64 evaluation below.
 RADEMACHER = dict(noise="rademacher")
 # Shard cuts that are not multiples of 128 (nor of 4), and ones that are: sign blocks split every way.
-SIGN_CUTS = [0, 1, 5, 127, 128, 131, 256, 300, 517, 1001, 4096, 4097, 6001]
+SIGN_CUTS = [0, 1, 5, 127, 128, 131, 300, 517, 1001, 2100]
+# The table's calls that together cover every size, several keys, both dense kinds, ids and offsets,
+# stochastic rounding and mixed dtypes (the size-only rows add nothing for ±1 and cost interpreter time).
+SIGN_CASES = [c for c in CASES + MIXED if c.name in ("4keys-gamma", "3keys-dense", "dense-mixed-dtypes", "ids-offsets",
+                                                      "stochastic", "mixed-param-dtypes")]
 
 
 def _assert_same_bits(got, ref, what):
@@ -491,7 +495,7 @@ def test_rademacher_reference_matches_float64_evaluation():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES + MIXED, ids=[c.name for c in CASES + MIXED])
+@pytest.mark.parametrize("case", SIGN_CASES, ids=[c.name for c in SIGN_CASES])
 @pytest.mark.parametrize("backend,device", KERNELS)
 def test_rademacher_same_bits_as_reference(backend, device, case, dtype):
     params, kw = case.build(dtype, device)
@@ -503,7 +507,7 @@ def test_rademacher_same_bits_as_reference(backend, device, case, dtype):
 @pytest.mark.parametrize("backend,device", TARGETS)
 def test_rademacher_shards_equal_whole(backend, device, dtype):
     """Shards at offsets that split sign blocks anywhere equal the whole tensor updated at once."""
-    whole = make_tensor(6001, dtype, 3).to(device)
+    whole = make_tensor(SIGN_CUTS[-1], dtype, 3).to(device)
     kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.9, tensor_ids=[4], rounding="stochastic", rounding_key=77,
               **RADEMACHER)
     ref = whole.clone()
