@@ -1,6 +1,7 @@
 """Kernel microbenchmark of the primitive: fused noise_axpy_ per backend vs the PyTorch baselines.
 
     python benchmarks/bench_noise.py [--sizes 1e5,1e6,1e7] [--keys 1,2,4] [--dtypes float32,bfloat16]
+                                     [--noise gaussian,rademacher] [--threads 1]
     python benchmarks/bench_noise.py --lowrank [--shapes 2048x2048] [--ranks 1,2,4,8,16]
 
 Per (size, dtype, k keys) it times, in one process:
@@ -8,6 +9,8 @@ Per (size, dtype, k keys) it times, in one process:
   mezo_normal  the same with torch.normal(0, 1, size) as the published code writes it
   reference    this package's pure-PyTorch reference (the oracle, not meant to be fast)
   <backend>    every native backend available for the device (triton, cpu, cuda)
+  <backend>_rademacher  the same pass with noise="rademacher" (±1 signs, docs/spec.md §9), for the
+               backends that implement it; its speedup_vs_gaussian is the Gaussian row's time over its own
   copy_        (CUDA) θ.copy_(other): one read + one write, the roofline of an in-place op
 and prints ns/element, GB/s (θ read + written once) and ratios against the
 baselines measured in the same run.  Writes CSV and PNG to --out.
@@ -49,7 +52,7 @@ from zo_kernels.noise import step_key  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def methods(p, keys, alphas, device):
+def methods(p, keys, alphas, device, forms=("gaussian",)):
     out = {}
 
     def mezo_randn():
@@ -68,11 +71,19 @@ def methods(p, keys, alphas, device):
             continue
         if name == "triton" and b.notes.get("interpreter"):
             continue  # the interpreter is a correctness tool, not a timing target
-        out[name] = (lambda n=name: zo_kernels.noise_axpy_([p], keys, alphas, backend=n))
+        for form in forms:
+            if form in b.noise_forms and (name != "reference" or form == "gaussian"):
+                out[method_name(name, form)] = (lambda n=name, f=form: zo_kernels.noise_axpy_([p], keys, alphas,
+                                                                                            backend=n, noise=f))
     if device.type == "cuda":
         other = torch.empty_like(p)
         out["copy_"] = lambda: p.copy_(other)
     return out
+
+
+def method_name(backend, noise):
+    """A backend's row name for a noise form: the Gaussian rows keep the backend's name."""
+    return backend if noise == "gaussian" else f"{backend}_{noise}"
 
 
 def sweep(args):
@@ -91,22 +102,25 @@ def run(args):
         alphas = [1e-3 * s for s in signs]
         p = torch.randn(n, device=device).to(dtype)
         times = {}
-        for name, fn in methods(p, keys, alphas, device).items():
+        for name, fn in methods(p, keys, alphas, device, args.noise.split(",")).items():
             if name == "reference" and n > args.max_reference:
                 continue
-            times[name] = time_fn(fn, device)
+            times[name] = time_fn(fn, device, stat=args.stat)
         nbytes = 2 * n * p.element_size()
         for name, t in times.items():
-            row = dict(device=str(device), threads=torch.get_num_threads(), dtype=dname, keys=k, numel=n,
-                       method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
+            gaussian = name.removesuffix("_rademacher")
+            row = dict(device=str(device), threads=torch.get_num_threads(), cpu_isa=native.cpu_isa(), dtype=dname,
+                       keys=k, numel=n, method=name, seconds=t, ns_per_element=t / n * 1e9, gbps=nbytes / t / 1e9,
                        speedup_vs_reference=times["reference"] / t if "reference" in times else "",
                        speedup_vs_mezo_randn=times["mezo_randn"] / t,
-                       pct_of_copy_bandwidth=100 * times["copy_"] / t if "copy_" in times else "")
+                       pct_of_copy_bandwidth=100 * times["copy_"] / t if "copy_" in times else "",
+                       speedup_vs_gaussian=times[gaussian] / t if gaussian != name and gaussian in times else "")
             rows.append(row)
-            print(f"{dname:9s} k={k} n={n:>10,d} {name:12s} {row['ns_per_element']:9.2f} ns/el "
+            print(f"{dname:9s} k={k} n={n:>10,d} {name:18s} {row['ns_per_element']:9.2f} ns/el "
                   f"{row['gbps']:8.2f} GB/s  x{row['speedup_vs_mezo_randn']:6.2f} vs randn+add_"
                   + (f"  x{row['speedup_vs_reference']:7.1f} vs reference" if row['speedup_vs_reference'] != "" else "")
-                  + (f"  {row['pct_of_copy_bandwidth']:5.1f}% of copy_" if row['pct_of_copy_bandwidth'] != "" else ""),
+                  + (f"  {row['pct_of_copy_bandwidth']:5.1f}% of copy_" if row['pct_of_copy_bandwidth'] != "" else "")
+                  + (f"  x{row['speedup_vs_gaussian']:5.2f} vs Gaussian" if row['speedup_vs_gaussian'] != "" else ""),
                   flush=True)
     return rows
 
@@ -274,7 +288,12 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1e5,1e6,1e7,1e8" if cuda else "1e5,1e6,1e7")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--keys", default="1,2,4")
+    ap.add_argument("--noise", default="gaussian,rademacher",
+                    help="noise forms of the backends' rows (the baselines are Gaussian)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--isa", default="", help="pin the CPU kernel to one instruction-set build (base, avx2, avx512)")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="per-call time reported (min: the fastest call, for a machine shared with other jobs)")
     ap.add_argument("--max-reference", type=float, default=1e7, help="skip the slow reference above this size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lowrank", action="store_true", help="time the low-rank (LOZO) pass instead")
@@ -291,7 +310,8 @@ def main(argv=None):
     if args.adam:
         write_adam(run_adam(args), pathlib.Path(args.out))
         return
-    write(run(args), pathlib.Path(args.out))
+    with native.on_isa(args.isa or native.cpu_isa()):
+        write(run(args), pathlib.Path(args.out))
 
 
 if __name__ == "__main__":

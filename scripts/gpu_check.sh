@@ -13,7 +13,8 @@
 #   build        pip install --no-build-isolation --no-deps --no-index -e .  (ZO_KERNELS_REQUIRE_NATIVE=1)
 #   pytest_cuda  pytest -m cuda: the CUDA C++ kernel vs CPU bit for bit, Triton vs reference on the GPU
 #   pytest_gpu   the other test files that run on the GPU when there is one (DEVICE = cuda), -m "not cuda"
-#   bench_noise  benchmarks/bench_noise.py --device cuda: GB/s and % of copy_ per dtype and key count
+#   bench_noise  benchmarks/bench_noise.py --device cuda: GB/s and % of copy_ per dtype and key count,
+#                Gaussian and ±1 noise
 #   bench_lowrank benchmarks/bench_noise.py --lowrank --device cuda: the LOZO pass vs rank (table in the log)
 #   bench_step   benchmarks/bench_step.py --device cuda: OPT-125m / OPT-1.3b configs, forward vs noise
 #   seedlog      a seed log made on the CPU replayed on the GPU: equal bits or the max difference (in the log)
@@ -128,8 +129,9 @@ check_parts() {
     mapfile -t gpu_files < <(grep -l 'torch.cuda.is_available()' tests/test_*.py)
     pytest_part pytest_gpu 75 "${xdist[@]}" -m "not cuda" "${gpu_files[@]}"
 
-    part bench_noise 50 benchmarks/bench_noise.py --device cuda --sizes 1e6,1e7,1e8 --dtypes float32,bfloat16 \
-        --keys 1,2,4 --out "$OUTDIR/bench"
+    # Gaussian and ±1 (noise="rademacher") rows of every backend (speedup_vs_gaussian in the CSV).
+    part bench_noise 60 benchmarks/bench_noise.py --device cuda --sizes 1e6,1e7,1e8 --dtypes float32,bfloat16 \
+        --keys 1,4 --noise gaussian,rademacher --out "$OUTDIR/bench"
     # The low-rank (LOZO) pass per rank against the full-rank pass and u @ v.t(): its table goes to the log;
     # its CSV/PNG stay in scratch (the device tool brings back 8 files, all taken above and below).
     part bench_lowrank 30 benchmarks/bench_noise.py --lowrank --device cuda --shapes 4096x4096,8192x8192 \

@@ -1,6 +1,7 @@
 """Shared pieces of the kernel tests (test_backend_conformance.py and the per-backend files):
 seeded inputs, the 16-bit grid position, a call on a named backend, the comparison with the
-reference, and the peak-RSS check for temporaries."""
+reference, the ±1 workload the native backends must agree on bit for bit, and the peak-RSS check for
+temporaries."""
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import sys
 import torch
 
 import zo_kernels
+from zo_kernels import noise as N
+from zo_kernels import restore as R
 
 from helpers import exact_axpy, z_bound
 
@@ -60,6 +63,44 @@ def check_against_reference(backend, params, **kw):
     for i, (f, r, e) in enumerate(zip(got, ref, exact)):
         assert f.shape == params[i].shape and f.dtype == params[i].dtype
         assert_close_to_reference(i, cpu[i], f.cpu(), r.cpu(), e, kw)
+
+
+def rademacher_workload(backend, device="cpu"):
+    """Every op with noise="rademacher" (docs/spec.md §9) on `backend` with tensors on `device`, the
+    results as CPU tensors: offsets that split sign blocks anywhere, more keys than the CPU kernel keeps
+    sign blocks for (10 > 8 slots), a dense term, stochastic rounding, the exact form with planes, noise_,
+    noise_adam_.  Sizes span several CPU threads' shares and GPU programs."""
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    keys = [N.step_key(6, s) for s in range(10)]
+    alphas = [0.01 * (j + 1) * (-1) ** j for j in range(10)]
+    on = dict(backend=backend, noise="rademacher")
+
+    def tensors(sizes, seed, scale=1.0, dtype=None):
+        return [(make_tensor(s, torch.float32, seed + i) * scale).to(dtype or dtypes[i % 3]).to(device)
+                for i, s in enumerate(sizes)]
+
+    sizes = [1 << 16, 4097, 3, (64, 333)]
+    params, dense = tensors(sizes, 0), tensors(sizes, 20, dtype=torch.float32)
+    kw = dict(keys=keys[:2], alphas=alphas[:2], gamma=0.999, dense=dense, beta=1e-3, rounding="stochastic",
+              rounding_key=123, offsets=[0, 127, 130, 64], **on)
+    out = []
+    for call in (kw, dict(kw, keys=keys, alphas=alphas, offsets=[3, 2**33 + 125, 1, 0])):
+        out += [p.clone() for p in params]
+        zo_kernels.noise_axpy_(out[-len(params):], **call)
+    ps = tensors((4097, 1 << 16, 5), 40, 0.02)
+    offs = [61, 2**35 + 3, 0]
+    planes = R.make_planes(ps, 4, offsets=offs)
+    zo_kernels.noise_axpy_(ps, keys[:3], alphas[:3], offsets=offs, planes=planes, **on)
+    zo_kernels.noise_axpy_(ps, keys[:3], alphas[3:6], undo=alphas[:3], gamma=0.99, rounding="stochastic",
+                           offsets=offs, planes=planes, **on)
+    out += ps + planes
+    out.append(zo_kernels.noise_(torch.empty(70001, device=device), keys[0], 1, 3, **on))
+    ps = tensors((1 << 15, 4097, 3), 60)
+    ms = [t * 0.1 for t in tensors([p.shape for p in ps], 9, dtype=torch.float32)]
+    vs = [t.abs() * 0.1 for t in tensors([p.shape for p in ps], 19, dtype=torch.float32)]
+    zo_kernels.noise_adam_(ps, ms, vs, keys, alphas, lr=1e-3, step=3, weight_decay=0.1, offsets=[5, 128, 2**40 + 1],
+                           rounding="stochastic", **on)
+    return [t.cpu() for t in out + ps + ms + vs]
 
 
 # hwm(): the process's peak resident set (VmHWM) in bytes, for the scripts below

@@ -14,7 +14,7 @@ from zo_kernels import noise as N
 
 from backends_helpers import skip_unless
 from helpers import z_bound
-from native_helpers import make_tensor
+from native_helpers import make_tensor, rademacher_workload
 from test_backend_conformance import CASES, MIXED
 
 pytestmark = [pytest.mark.cuda,
@@ -53,7 +53,7 @@ def test_words_bit_exact():
     for offset in (0, 1, 4 * (2**32 - 5) + 2, 2**61 + 3):
         for tid, stream, n in ((0, 0, 1), (3, 2, 5), (2**32 - 1, 2**32 - 1, 1023), (7, 0, 100_003)):
             out = torch.empty(n, dtype=torch.int32, device="cuda")
-            torch.ops.zo_kernels._noise_native(out, N.to_signed64(KEYS[1]), tid, offset, stream)
+            torch.ops.zo_kernels._noise_native(out, N.to_signed64(KEYS[1]), tid, offset, stream, 0)
             got = out.cpu().to(torch.int64) & N.M32
             assert torch.equal(got, N.random_words(KEYS[1], tid, n, offset=offset, stream=stream)), (offset, tid)
 
@@ -125,3 +125,11 @@ def test_second_opinion_against_triton():
     for i, (a, b) in enumerate(zip(_run("cuda", params, **kw), _run("triton", params, **kw))):
         bound = z_bound(kw["keys"], kw["alphas"], i, a.numel())
         assert ((a.double() - b.double()).abs().reshape(-1) <= 2 * bound + 1e-6 * a.double().abs().reshape(-1)).all()
+
+
+def test_rademacher_bit_identical_to_cpu_kernel():
+    """Every ±1 op (docs/spec.md §9: axpy with dense and stochastic rounding, offsets splitting sign blocks,
+    the exact form with planes, noise_, noise_adam_): CUDA == CPU kernel bit for bit (the CPU kernel is held
+    to the reference in tests/test_backend_conformance.py)."""
+    for i, (a, b) in enumerate(zip(rademacher_workload("cuda", "cuda"), rademacher_workload("cpu"))):
+        assert torch.equal(a, b), f"result {i}: CUDA and CPU kernels differ"

@@ -7,6 +7,7 @@ import zo_kernels
 from zo_kernels import noise as N
 
 from helpers import assert_verbose_allclose
+from native_helpers import rademacher_workload
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -31,3 +32,10 @@ def test_no_allocation_proportional_to_size():
     zo_kernels.noise_axpy_([p], KEYS[:4], ALPHAS[:4], backend="triton")
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 1 << 16
+
+
+def test_rademacher_compiled_same_bits_as_cpu_kernel():
+    """The compiled ±1 kernels (no FMA contraction: helpers.fp_fusion) give the bits every backend must
+    give (docs/spec.md §9), here the CPU kernel's (held to the reference in test_backend_conformance.py)."""
+    for i, (a, b) in enumerate(zip(rademacher_workload("triton", "cuda"), rademacher_workload("cpu"))):
+        assert torch.equal(a, b), f"result {i}: Triton and the CPU kernel differ"

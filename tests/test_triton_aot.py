@@ -1,8 +1,9 @@
 """The Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed); its PTX is checked.
 
 Checked: no local-memory traffic (spills, or libdevice's slow sin/cos range
-reduction), vectorised global loads and stores on the aligned path, and fast
-sin/cos.  Compiled in a subprocess without TRITON_INTERPRET.
+reduction), vectorised global loads and stores on the aligned path, fast
+sin/cos, and in the ±1 cases (docs/spec.md §9) neither sin/cos nor FMA contraction.  Compiled in a
+subprocess without TRITON_INTERPRET.
 """
 import json
 
@@ -22,7 +23,7 @@ def ptx(tmp_path_factory):
 
 
 def test_every_case_targets_its_architecture(ptx):
-    assert len(ptx) == 22
+    assert len(ptx) == 28
     for name, (case, text) in ptx.items():
         assert f".target sm_{case['cc']}" in text, name
 
@@ -33,14 +34,18 @@ def test_fast_paths_have_no_local_memory_and_vector_access(ptx):
         if not case.get("FAST", True):
             continue
         assert not local_memory(text), f"{name}: local-memory traffic"
-        assert "sin.approx" in text and "cos.approx" in text, name
+        if case.get("RADEMACHER"):
+            # the signs need no transcendental; an FMA would round γθ + α·s once, unlike the reference
+            assert "sin." not in text and "lg2." not in text and "fma.rn.f32" not in text, name
+        else:
+            assert "sin.approx" in text and "cos.approx" in text, name
         if case.get("ALIGNED", True):
             w = WIDE[case["OUT"]]
             if case["HAS_X"]:
                 assert vector_access("ld", w, text), f"{name}: no {w} loads"
             assert vector_access("st", w, text), f"{name}: no {w} stores"
             checked += 1
-    assert checked == 18
+    assert checked == 24
 
 
 def test_fp32_loads_are_128_bit(ptx):
