@@ -53,6 +53,16 @@ ZO_BENCH = {
     "opt-adam": (lambda ps, m, kw: _optim().ZOAdam(ps, **kw), 4, 2),
     "opt-fwdgrad": (lambda ps, m, kw: _optim().ForwardGrad(m, **{k: v for k, v in kw.items() if k != "eps"}), 2, 1),
 }
+ESTIMATORS = {
+    "opt-mezo": ZO_BENCH["opt-mezo"],
+    "opt-mezo-pm1": (lambda ps, m, kw: _optim().MeZO(ps, noise="rademacher", **kw), 3, 2),
+    "opt-lezo": (lambda ps, m, kw: _optim().MeZO(ps, layer_fraction=0.5, **kw), 3, 2),
+    "opt-lezo-pm1": (lambda ps, m, kw: _optim().MeZO(ps, layer_fraction=0.5, noise="rademacher", **kw), 3, 2),
+    "opt-fzoo": (lambda ps, m, kw: _optim().FZOO(ps, n_directions=8, **kw), 9, 9),
+    "opt-fzoo-gauss": (lambda ps, m, kw: _optim().FZOO(ps, n_directions=8, noise="gaussian", **kw), 9, 9),
+}
+ZO_BENCH.update(ESTIMATORS)
+GROUPS = {"zo-bench": [k for k in ZO_BENCH if k not in ESTIMATORS or k == "opt-mezo"], "estimators": list(ESTIMATORS)}
 PASSES.update({k: v[1] for k, v in ZO_BENCH.items()})
 FORWARDS = dict({k: v[2] for k, v in ZO_BENCH.items()}, paper=2, fused=2, lookahead=2)
 
@@ -312,11 +322,11 @@ def main(argv=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.exit(2, "bench_step: --device cuda but no CUDA GPU is available\n")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    args.variants = [w for v in names for w in (list(ZO_BENCH) if v == "zo-bench" else [v])]
+    args.variants = list(dict.fromkeys(w for v in names for w in GROUPS.get(v, [v])))
     for v in args.variants:
         if v not in VARIANTS and v not in ZO_BENCH:
             p.exit(2, f"bench_step: unknown variant {v!r}; choose from {', '.join(VARIANTS + tuple(ZO_BENCH))} "
-                      f"or zo-bench\n")
+                      f"or {' / '.join(GROUPS)}\n")
     models = args.models.split(",") if args.models else (
         ["opt-125m", "opt-1.3b"] if device.startswith("cuda") else ["minilm", "opt-tiny"])
     if not device.startswith("cuda"):

@@ -77,7 +77,19 @@ def test_bench_step_zo_bench_variants(tiny_bert, tmp_path):
     bs = _load()
     rows = bs.main(["--device", "cpu", "--models", tiny_bert, "--batch", "2", "--seq", "8", "--repeats", "1",
                     "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--variants", "zo-bench"])
-    assert [r["variant"] for r in rows] == list(bs.ZO_BENCH)
+    assert [r["variant"] for r in rows] == bs.GROUPS["zo-bench"]
     assert {r["variant"]: r["forward_passes"] for r in rows}["opt-cons"] == 5
     assert all(r["noise_ms"] > 0 and r["noise_vs_mezo"] is not None for r in rows)
     assert {r["variant"]: r["noise_vs_mezo"] for r in rows}["opt-mezo"] == 1.0
+
+
+def test_bench_step_estimator_variants(tiny_bert, tmp_path):
+    """The ±1, layer-sampled and FZOO variants run through the public optimizers; FZOO makes N + 1 = 9
+    forward passes and 9 weight passes a step."""
+    bs = _load()
+    rows = bs.main(["--device", "cpu", "--models", tiny_bert, "--batch", "2", "--seq", "8", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--variants", "estimators"])
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == list(bs.ESTIMATORS)
+    assert (by["opt-fzoo"]["forward_passes"], by["opt-fzoo"]["noise_passes"]) == (9, 9)
+    assert all(r["noise_ms"] > 0 for r in rows) and by["opt-mezo"]["noise_vs_mezo"] == 1.0
