@@ -32,7 +32,7 @@ LR, MU, SEED, STEPS = 2.0 ** -7, 1e-2, 11, 8
 
 
 def make(kind, net, **kw):
-    base = dict(lr=LR, seed=SEED, backend=BACKEND, **kw)
+    base = {"lr": LR, "seed": SEED, "backend": BACKEND, **kw}
     ps = net.parameters()
     return {
         "mezo": lambda: MeZO(ps, eps=MU, **base),
@@ -172,3 +172,27 @@ def test_state_dict_carries_the_form():
     make("sign", make_net(0)).load_state_dict(old)
     with pytest.raises(ValueError, match="noise='gaussian'"):
         make("sign", make_net(0), noise="rademacher").load_state_dict(old)
+
+
+@pytest.mark.parametrize("kind", ["mezo", "mezo-lookahead", "nspsa", "sign", "cons", "mmt_seeded", "adam", "fzoo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rademacher_same_bits_on_reference_and_cpu(kind, dtype):
+    """±1 noise is integer-exact, and the CPU kernel does the reference's IEEE operations in the reference's
+    order (no fused multiply-add), so a whole ±1 run gives the same bits on both backends: fp32, and bf16
+    with exact restore and nearest rounding (docs/spec.md §9).  Not ZO-Adam: its update's divide and
+    square root are the backends' own (the reference computes them with torch ops), so there the two
+    agree to within an ulp or so, not bit for bit."""
+    from zo_kernels import backends
+    if "cpu" not in backends.available_backends():
+        pytest.skip("the C++ CPU backend is not built")
+    out = []
+    for backend in ("reference", "cpu"):
+        net = make_net(0).to(dtype)
+        out.append(steps(make(kind, net, noise="rademacher", backend=backend), net))
+    for a, b in zip(*out):
+        if kind == "adam":
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -20 if dtype == torch.float32 else 2 ** -7,
+                                       atol=1e-7)
+        else:
+            assert torch.equal(a.view(torch.int16) if dtype == torch.bfloat16 else a,
+                               b.view(torch.int16) if dtype == torch.bfloat16 else b), kind
