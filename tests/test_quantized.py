@@ -195,7 +195,7 @@ def test_clipped_mezo_step_is_the_step_at_the_clipped_derivative():
     from zo_kernels.optim import MeZO
 
     def run(clip):
-        w = torch.zeros(256)
+        w = torch.zeros(256, requires_grad=True)     # the optimizers skip frozen tensors
         opt = MeZO([w], lr=1e-2, eps=1e-3, seed=3)
         opt.set_dd_clip(clip)
         zs = []
@@ -206,7 +206,7 @@ def test_clipped_mezo_step_is_the_step_at_the_clipped_derivative():
         with torch.no_grad():
             opt.step(closure)
         z = (zs[0] - zs[1]) / 2e-3
-        return w, z
+        return w.detach(), z
 
     w, z = run(None)
     d = 100.0 * float(z.double().sum())
@@ -214,7 +214,7 @@ def test_clipped_mezo_step_is_the_step_at_the_clipped_derivative():
     w, z = run(0.5)
     torch.testing.assert_close(w, -1e-2 * math.copysign(0.5, d) * z, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="> 0"):
-        MeZO([torch.zeros(4)], lr=1e-2).set_dd_clip(0.0)
+        MeZO([torch.zeros(4, requires_grad=True)], lr=1e-2).set_dd_clip(0.0)
 
 
 @pytest.mark.parametrize("kind,extra,tuning", [
