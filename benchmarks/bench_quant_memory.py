@@ -31,14 +31,13 @@ SETTINGS = ("fp32-inference", "fp32-zo", "nf4-inference", "nf4-lora-zo", "nf4-qz
 
 def _child(a) -> dict:
     import torch
+    from bench_step import OPT_SIZES
     from transformers import OPTConfig, OPTForCausalLM
 
     from zo_kernels import optim, quant
     from zo_kernels.finetune.memory import AnonSampler, _peak_rss_mb, _reset_peak
     from zo_kernels.finetune.quantize import scale_trainable
     from zo_kernels.machine import quiet_transformers
-
-    from bench_step import OPT_SIZES
 
     quiet_transformers()
     torch.set_num_threads(a.threads)
