@@ -218,13 +218,16 @@ def test_clipped_mezo_step_is_the_step_at_the_clipped_derivative():
 
 
 @pytest.mark.parametrize("kind,extra,tuning", [
-    pytest.param("nf4", ["--train", "scales", "--clip-dd", "50"], "QZO nf4 scales", marks=KINDS[0].marks),
-    pytest.param("int8", ["--peft", "lora", "--lora-rank", "2"], "LoRA r=2 over int8", marks=KINDS[1].marks),
+    pytest.param("nf4", ["--train", "scales", "--clip-dd", "50", "--memory-steps", "1"], "QZO nf4 scales",
+                 marks=KINDS[0].marks),
+    # no memory processes here (each imports torchao again): the nf4 case covers them
+    pytest.param("int8", ["--peft", "lora", "--lora-rank", "2", "--no-memory"], "LoRA r=2 over int8",
+                 marks=KINDS[1].marks),
 ])
 def test_cli_quantized_run(tiny64, tmp_path, capsys, kind, extra, tuning):
     out = tmp_path / "run"
     rc = main(_base(tiny64, out, "--quantize", kind, *extra, "--methods", "mezo,zo-adam", "--queries", "48",
-                    "--evals", "1", "--lr-mezo", "1e-3", "--memory-steps", "1", "--save-weights"))
+                    "--evals", "1", "--lr-mezo", "1e-3", "--save-weights"))
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     q = res["model"]["quantization"]
@@ -232,7 +235,8 @@ def test_cli_quantized_run(tiny64, tmp_path, capsys, kind, extra, tuning):
     assert q["train"] == res["config"]["train"] and q["storage_bytes"]["codes"] > 0
     assert 0 < res["model"]["params_trainable"] < res["model"]["params_total"] // 4
     for m in ("mezo", "zo-adam"):
-        assert "error" not in res["memory"][m] and res["methods"][m]["steps"] > 0
+        assert res["methods"][m]["steps"] > 0
+        assert "--no-memory" in extra or "error" not in res["memory"][m]
         saved = torch.load(str(out / "weights" / f"seed0_{m}.pt"))
         assert sum(t.numel() for t in saved.values()) == res["model"]["params_trainable"]
 
