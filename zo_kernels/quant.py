@@ -64,14 +64,14 @@ def available(kind: str) -> Tuple[bool, str]:
     return True, ""
 
 
-def _targets(net: torch.nn.Module, skip: Sequence[str]) -> List[Tuple[torch.nn.Module, str, torch.nn.Linear]]:
-    """(parent, attribute, Linear) of every plain nn.Linear whose path has no part named in `skip`."""
+def _targets(net: torch.nn.Module, skip: Sequence[str]) -> List[Tuple[str, str]]:
+    """(parent name, attribute) of every plain nn.Linear whose path has no part named in `skip`: names,
+    not modules, so that each float layer is freed as soon as it is replaced (a 1.3B model would
+    otherwise hold its fp32 weights until the last layer is quantized)."""
     out = []
     for name, mod in net.named_modules():
-        if type(mod) is not torch.nn.Linear or any(part in skip for part in name.split(".")):
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        out.append((net.get_submodule(parent_name), attr, mod))
+        if type(mod) is torch.nn.Linear and not any(part in skip for part in name.split(".")):
+            out.append(tuple(name.rpartition(".")[::2]))
     return out
 
 
@@ -133,10 +133,11 @@ def quantize_(net: torch.nn.Module, kind: str, skip: Sequence[str] = SKIP) -> in
         raise QuantError(f"{kind}: the model has no nn.Linear layer to quantize")
     with torch.no_grad():
         if kind == "nf4":
-            for parent, attr, lin in targets:
-                setattr(parent, attr, _nf4_layer(lin))
+            for parent, attr in targets:
+                mod = net.get_submodule(parent)
+                setattr(mod, attr, _nf4_layer(getattr(mod, attr)))
         else:
-            _int8_layers(net, [lin for _, _, lin in targets])
+            _int8_layers(net, [getattr(net.get_submodule(p), a) for p, a in targets])
     return len(targets)
 
 
