@@ -135,12 +135,12 @@ def test_every_zo_optimizer_trains_scales_with_codes_untouched(kind, method):
     codes = {k: v.clone() for k, v in quant.integer_codes(net).items()}
     trainable = scale_trainable(net)
     before = [p.detach().clone() for p in trainable]
-    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad and p.is_floating_point()}
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if "embeddings" in n and not p.requires_grad}
     _train(net, trainable, method)
     after = quant.integer_codes(net)
     assert all(torch.equal(codes[k], after[k]) for k in codes)
     assert sum(int((a != b).sum()) for a, b in zip(before, trainable)) > 0.5 * sum(p.numel() for p in trainable)
-    assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)   # embeddings
+    assert len(frozen) == 3 and all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -155,7 +155,8 @@ def test_lora_over_a_quantized_base_leaves_codes_and_scales(kind, method):
                                                    modules_to_save=["classifier"]))
     trainable = [p for p in net.parameters() if p.requires_grad]
     _train(net, trainable, method, lr=1e-2)
-    assert all(torch.equal(codes[k], v) for k, v in quant.integer_codes(net).items())
+    after = list(quant.integer_codes(net).values())      # peft renamed the layers (…query.base_layer)
+    assert len(after) == len(codes) and all(torch.equal(a, b) for a, b in zip(codes.values(), after))
     assert all(torch.equal(a, b) for a, (_, b) in zip(scales, quant.scale_parameters(net)))
 
 
