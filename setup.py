@@ -123,6 +123,8 @@ setup(
         "hf": ["transformers>=4.40", "accelerate>=0.26"],
         "peft": ["peft>=0.13", "transformers>=4.40"],
         "datasets": ["datasets>=2.19"],
+        # --quantize nf4 / int8 (docs/quantized.md); install with --no-deps next to a pinned torch
+        "quant": ["bitsandbytes>=0.50", "torchao>=0.18"],
         "dev": ["pytest"],
     },
     entry_points={"console_scripts": ["zo-finetune=zo_kernels.finetune.cli:main",

@@ -18,6 +18,8 @@
 #   bench_lowrank benchmarks/bench_noise.py --lowrank --device cuda: the LOZO pass vs rank (table in the log)
 #   bench_step   benchmarks/bench_step.py --device cuda: OPT-125m / OPT-1.3b configs, forward vs noise
 #   seedlog      a seed log made on the CPU replayed on the GPU: equal bits or the max difference (in the log)
+#   quant        QZO on an NF4 model (bitsandbytes) on CUDA: codes untouched, CPU vs CUDA logits (in the log);
+#                when bitsandbytes is not importable the part says so and passes without running
 #   finetune     zo-finetune on CUDA (MeZO, MeZO-SVRG, LOZO, FO-SGD) on a
 #                synthetic task with a MiniLM-shaped random model (scripts/synthetic_task.py)
 # Writes OUTDIR/gpu_check.log (everything), OUTDIR/summary.json (per part: status, exit code, seconds,
@@ -140,6 +142,12 @@ check_parts() {
         --out "$OUTDIR/bench"
 
     part seedlog 20 scripts/gpu_check_tools.py seedlog
+
+    if "$PY" -c "import os; os.environ.setdefault('HF_HUB_OFFLINE', '1'); import bitsandbytes" >/dev/null 2>&1; then
+        part quant 60 scripts/gpu_check_tools.py quant
+    else
+        DRY=0 part quant 30 -c "print('quant: bitsandbytes is not importable here: the NF4 path was not run on CUDA')"
+    fi
 
     # zo-finetune on a synthetic task (scripts/synthetic_task.py; a tiny model in a dry run): the default
     # model and data packages are not on the lent machine.

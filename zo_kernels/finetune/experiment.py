@@ -21,6 +21,7 @@ from . import checkpoint as ck
 from . import data as data_mod
 from . import files, report
 from . import memory as mem_mod
+from . import quantize as quant_ft
 from .adapters import apply_peft, trainable_parameters
 from .config import TrainConfig
 from .errors import FinetuneError
@@ -146,6 +147,8 @@ class Experiment:
                                                 "distributed": self.dist_on, **run})
 
     def trainable(self, net):
+        if self.a.train == "scales":
+            return quant_ft.scale_trainable(net)
         if self.peft_spec is not None:
             return trainable_parameters(net)
         return select_trainable(net, self.a.partial, self.a.bitfit)
@@ -177,6 +180,7 @@ class Experiment:
         net, tok = load_model_and_tokenizer(self.model_path, data.num_labels, a.dtype, self.device, seed,
                                             head=a.head, descriptions=descriptions, temperature=a.temperature)
         base_name = type(net).__name__
+        quantized = quant_ft.quantize_model(net, a.quantize, self.device)
         net = apply_peft(net, self.peft_spec) if self.peft_spec is not None else net
         trainable = self.trainable(net)
         max_length = a.max_length
@@ -189,7 +193,7 @@ class Experiment:
                for k in ("train", "val", "test")}
         return {"data": data, "enc": enc, "descriptions": descriptions, "net": net,
                 "summary": {**model_summary(net, trainable), "architecture": base_name,
-                            "tuning": report.tuning_name(vars(a))}}
+                            "tuning": report.tuning_name(vars(a)), **quant_ft.summary(net, quantized, a.train)}}
 
     def _start(self, seed: int, net, enc, cfg: TrainConfig) -> dict:
         """The seed's entry of the checkpoint with the start point, evaluated once for every method
@@ -234,8 +238,9 @@ class Experiment:
         if a.save_weights and self.main_rank:
             wdir = os.path.join(a.out, "weights")
             files.check_writable(wdir, "--save-weights")
-            files.torch_save(os.path.join(wdir, f"seed{seed}_{m}.pt"),
-                         {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+            # a quantized base: the trained tensors alone (quant_ft.load_trained puts them back on a fresh one)
+            files.torch_save(os.path.join(wdir, f"seed{seed}_{m}.pt"), quant_ft.trained_state(net) if a.quantize else
+                             {k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
         rm = record(m, r)
         if recorder is not None and self.main_rank:
             rm["seed_log"] = seedlog_ft.finish(recorder, a.out, seed, m)
@@ -304,6 +309,7 @@ class Experiment:
                 "peft": None if self.peft_spec is None else asdict(self.peft_spec), "batch_file": batch_file,
                 "threads": self.threads, "head": a.head, "descriptions": info["descriptions"],
                 "temperature": a.temperature, "steps": max(a.memory_steps, cfg0.option("q") + 1),
+                "quantize": a.quantize, "train": a.train,
                 "cfg": asdict(cfg0)}
         memory = mem_mod.measure_all(["runtime", "inference"] + self.methods, spec,
                                      workers=1 if self.device.startswith("cuda") else self.threads)

@@ -108,6 +108,11 @@ def _child(spec: dict) -> dict:
 
         from .model import _quiet
 
+        if spec.get("quantize"):     # the quantization package's import is part of its runtime
+            from ..quant import available
+
+            available(spec["quantize"])
+
         _quiet()
         cfg = AutoConfig.from_pretrained(spec["model"], num_labels=spec["num_labels"])
         AutoTokenizer.from_pretrained(spec["model"])
@@ -129,7 +134,12 @@ def _child(spec: dict) -> dict:
                                       spec.get("seed", 0), head=spec.get("head", "fresh"),
                                       descriptions=spec.get("descriptions"),
                                       temperature=spec.get("temperature", 0.05))
-    if spec.get("peft"):
+    from .quantize import quantize_model, scale_trainable
+
+    quantize_model(net, spec.get("quantize"), device)
+    if spec.get("train") == "scales":
+        trainable = scale_trainable(net)
+    elif spec.get("peft"):
         from .adapters import PeftSpec, apply_peft, trainable_parameters
 
         net = apply_peft(net, PeftSpec(**spec["peft"]))

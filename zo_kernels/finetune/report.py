@@ -29,9 +29,12 @@ def _stats(values: List[float]) -> dict:
 
 
 def tuning_name(cfg: dict) -> str:
-    """Which weights were trained, from a run's config (argparse fields): full, partial, BitFit, LoRA, prefix."""
+    """Which weights were trained, from a run's config (argparse fields): full, partial, BitFit, LoRA, prefix,
+    QZO (quantization scales)."""
+    if cfg.get("train") == "scales":
+        return f"QZO {cfg.get('quantize')} scales"
     if cfg.get("peft") == "lora":
-        return f"LoRA r={cfg.get('lora_rank')}"
+        return f"LoRA r={cfg.get('lora_rank')}" + (f" over {cfg['quantize']}" if cfg.get("quantize") else "")
     if cfg.get("peft") == "prefix":
         return f"prefix ({cfg.get('prefix_tokens')} tokens)"
     if cfg.get("bitfit"):

@@ -166,6 +166,8 @@ class MethodRun:
         self.res = RunResult(method)
         self.res.curve.append(dict(start_point))
         self.opt = self.spec.build(net, trainable, cfg)
+        if cfg.clip_dd is not None:
+            self.opt.set_dd_clip(cfg.clip_dd)
         self.res.lr = float(self.opt.param_groups[0]["lr"])
         self.meter = Meter(cfg.device)
         self.step, self.t_train = 0, 0.0

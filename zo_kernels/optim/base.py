@@ -211,6 +211,7 @@ class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torc
         self.record = bool(record)
         self.trajectory: Optional[list] = [] if self.record else None
         self.skipped_steps = 0
+        self.dd_clip: Optional[float] = None     # set_dd_clip
         self._t = 0                 # steps taken (the step counter of the noise keys)
         self._call_idx = 0          # noise_axpy_ calls issued within the current step
         self._in_step = False
@@ -336,7 +337,23 @@ class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torc
         lp = self._closure_loss(closure)
         self._goto(w, minus, log=log)
         lm = self._closure_loss(closure)
+        if self.dd_clip is not None:
+            lp, lm = clip_pair(lp, lm, self.dd_clip * self._mus()[0])
         return lp, lm
+
+    def set_dd_clip(self, c: Optional[float]) -> None:
+        """QZO's directional-derivative clipping (docs/quantized.md): every two-point estimate's
+        (l+ − l−)/(2μ) is clipped to [−c, c] (the pair moved symmetrically about its mean, so the step's
+        reported loss is unchanged); None turns it off.  One μ for all groups and one process: the
+        clip acts on the pair before a distributed all-reduce would combine the ranks' pairs."""
+        if c is not None:
+            if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+                raise ValueError(f"the directional-derivative clip must be a finite number > 0, got {c!r}")
+            if len(set(self._mus())) != 1:
+                raise ValueError("directional-derivative clipping needs one eps for every parameter group")
+            if self._comm is not None:
+                raise ValueError("directional-derivative clipping runs in one process (not distributed)")
+        self.dd_clip = None if c is None else float(c)
 
     def _sync_losses(self, *vals) -> List[float]:
         """The step's closure results as global floats: one all-reduce when distributed."""
@@ -406,4 +423,14 @@ class ZOOptimizer(NoisePathMixin, FailedStepMixin, SettleMixin, StateMixin, torc
         if gamma <= 0.0:
             raise ValueError(f"lr * weight_decay = {lr * weight_decay} must be < 1")
         return gamma
+
+
+def clip_pair(lp: float, lm: float, half_width: float) -> tuple:
+    """(l+, l−) with (l+ − l−)/2 clipped to [−half_width, half_width] about their mean; a pair inside
+    is returned as it is (bit for bit)."""
+    half = (lp - lm) / 2.0
+    if abs(half) <= half_width or not math.isfinite(half):
+        return lp, lm
+    mid, h = (lp + lm) / 2.0, math.copysign(half_width, half)
+    return mid + h, mid - h
 
