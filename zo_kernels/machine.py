@@ -28,3 +28,7 @@ def quiet_transformers() -> None:
         pass
     warnings.filterwarnings("ignore", module="transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # transformers' quantizers import torchao and bitsandbytes whenever they are installed (zo_kernels[quant]),
+    # and those log library-load and deprecation lines on every model load, quantized or not.
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
