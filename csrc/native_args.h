@@ -52,14 +52,22 @@ inline void set_tensor_fields(Row& r, const at::Tensor& p, int64_t tensor_id, in
 
 // The scalars of a noise_axpy_ pass, the same in the CPU Args and the CUDA LaunchArgs.
 template <class A>
-inline void set_axpy_scalars(A& a, int K, double gamma, double beta, int64_t stochastic, int64_t rounding_key) {
+inline void set_axpy_scalars(A& a, int K, double gamma, double beta, int64_t stochastic, int64_t rounding_key,
+                             int64_t noise) {
   a.K = K;
   a.gamma = (float)gamma;
   a.beta = (float)beta;
   a.has_x = true;
   a.stochastic = stochastic != 0;
-  a.stream = STREAM_NOISE;
+  a.stream = noise_stream((int)noise);
+  a.noise = (int)noise;
   split_key(rounding_key, a.rk0, a.rk1);
+}
+
+// The `noise` argument of the native ops: NOISE_GAUSSIAN or NOISE_RADEMACHER (zo_kernels/native.py).
+inline void check_noise(int64_t noise) {
+  TORCH_CHECK(noise == NOISE_GAUSSIAN || noise == NOISE_RADEMACHER, "noise must be ", NOISE_GAUSSIAN,
+              " (gaussian) or ", NOISE_RADEMACHER, " (rademacher), got ", noise);
 }
 
 // The exact form's plane mode (rules in restore.h): with residue planes, read them when inverting (2),
@@ -190,6 +198,7 @@ struct PassCall {
   int64_t stochastic;
   at::IntArrayRef tensor_ids, offsets;
   int64_t rounding_key;
+  int64_t noise = NOISE_GAUSSIAN;  // the noise form (docs/spec.md §9); the low-rank pass is Gaussian
 };
 using PassFn = void (*)(const PassCall&);
 
@@ -197,27 +206,33 @@ using PassFn = void (*)(const PassCall&);
 template <c10::DeviceType DEV, PassFn Run>
 void noise_axpy_op(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,
                    at::TensorList dense, double beta, int64_t stochastic, at::IntArrayRef tensor_ids,
-                   at::IntArrayRef offsets, int64_t rounding_key) {
+                   at::IntArrayRef offsets, int64_t rounding_key, int64_t noise) {
   check_axpy_args(params, keys, alphas, dense, stochastic, tensor_ids, offsets, DEV);
-  Run({params, key_table(keys, alphas), gamma, dense, beta, {}, 0, stochastic, tensor_ids, offsets, rounding_key});
+  check_noise(noise);
+  Run({params, key_table(keys, alphas), gamma, dense, beta, {}, 0, stochastic, tensor_ids, offsets, rounding_key,
+       noise});
 }
 
 template <c10::DeviceType DEV, PassFn Run>
 void noise_axpy_exact_op(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
                          at::ArrayRef<double> undo, double gamma, at::TensorList planes, int64_t plane_bits,
                          int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
-                         int64_t rounding_key) {
+                         int64_t rounding_key, int64_t noise) {
   check_exact_args(params, keys, alphas, undo, planes, plane_bits, stochastic, tensor_ids, offsets, DEV);
+  check_noise(noise);
   Run({params, key_table(keys, alphas, undo), gamma, {}, 0.0, planes, plane_bits, stochastic, tensor_ids, offsets,
-       rounding_key});
+       rounding_key, noise});
 }
 
-using NoiseFn = void (*)(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream);
+// out float: the noise of the form `noise` on `stream`; out int32: the raw words (the form is not used).
+using NoiseFn = void (*)(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream,
+                         int64_t noise);
 
 template <c10::DeviceType DEV, NoiseFn Run>
-void noise_op(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
+void noise_op(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream, int64_t noise) {
   check_noise_args(out, tensor_id, offset, stream, DEV);
-  Run(out, key, tensor_id, offset, stream);
+  check_noise(noise);
+  Run(out, key, tensor_id, offset, stream, noise);
 }
 
 // Registers one device's glue of the native noise ops under its dispatch key.

@@ -41,23 +41,25 @@ bool has_cuda() {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zo_kernels, m) {
+  // `noise`: the noise form, 0 Gaussian (docs/spec.md §1), 1 Rademacher signs (§9); every op but the low-rank one.
   m.def("_noise_axpy_native(Tensor(a!)[] params, int[] keys, float[] alphas, float gamma, Tensor[] dense, "
-        "float beta, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
+        "float beta, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key, int noise) -> ()");
   // The exact-restore form (zo_kernels/restore.py, csrc/restore.h): undo the carried perturbation by
   // inverting its rounding (planes read), or record residues (planes written), then apply alphas.
   m.def("_noise_axpy_exact_native(Tensor(a!)[] params, int[] keys, float[] alphas, float[] undo, float gamma, "
         "Tensor(b!)[] planes, int plane_bits, int stochastic, int[] tensor_ids, int[] offsets, "
-        "int rounding_key) -> ()");
+        "int rounding_key, int noise) -> ()");
   // The fused ZO-Adam pass (zo_kernels/adam.py, csrc/adam.h): theta, m, v in one pass with g = sum_j c_j z_j;
   // scalars = (beta1, beta2, eps, step_size, bc2_sqrt, l2, gamma).
   m.def("_noise_adam_native(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int[] keys, "
-        "float[] coeffs, float[] scalars, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
+        "float[] coeffs, float[] scalars, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key, "
+        "int noise) -> ()");
   // The low-rank pass (zo_kernels/lowrank.py) for tensors with ndim >= 2; `undo` empty: no inversion.
   m.def("_lowrank_axpy_native(Tensor(a!)[] params, int[] keys_u, int key_v, float[] alphas, float[] undo, "
         "float gamma, Tensor[] dense, float beta, Tensor(b!)[] planes, int plane_bits, int rank, int stochastic, "
         "int[] tensor_ids, int[] offsets, int rounding_key) -> ()");
   // out float32/bfloat16/float16: z; out int32: the raw Philox words (the integer layer, for tests).
-  m.def("_noise_native(Tensor(a!) out, int key, int tensor_id, int offset, int stream) -> ()");
+  m.def("_noise_native(Tensor(a!) out, int key, int tensor_id, int offset, int stream, int noise) -> ()");
   m.def("_philox4x32_native(int[] counter, int[] key) -> int[]", &philox4x32);
   // The CPU instruction set the kernel runs with ("avx512", "avx2", "base"); a non-empty argument
   // selects one (tests: every instruction set gives the same bits).

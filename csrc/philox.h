@@ -3,6 +3,7 @@
 //   key (64 bit)          k0 = low 32 bits, k1 = high 32 bits
 //   counter of element i  (lo32(i / 4), hi32(i / 4), tensor_id, stream)      stream 0: noise, 2: rounding bits,
 //                                                                              3 / 4: low-rank U / V
+//   Rademacher signs      (stream 5) one counter per 128 elements: see signs4 below (docs/spec.md §9)
 //   words                 Philox4x32-10 (Random123; the same function as Triton's tl.philox)
 //   uniform               u(x) = ((x >> 9) + 0.5) * 2^-23, in (0, 1), exact in float32
 //   normals               Box-Muller on (x0, x1) -> elements 4q, 4q+1 and (x2, x3) -> 4q+2, 4q+3:
@@ -45,6 +46,14 @@ constexpr uint32_t STREAM_NOISE = 0;
 constexpr uint32_t STREAM_ROUNDING = 2;
 constexpr uint32_t STREAM_LOWRANK_U = 3;  // low-rank noise: the row factor U (zo_kernels/lowrank.py)
 constexpr uint32_t STREAM_LOWRANK_V = 4;  // and the column factor V
+constexpr uint32_t STREAM_SIGN = 5;       // Rademacher signs (docs/spec.md §9)
+
+// The noise forms of the native ops' `noise` argument (zo_kernels/native.py NOISE_CODES).
+constexpr int NOISE_GAUSSIAN = 0;
+constexpr int NOISE_RADEMACHER = 1;
+
+// The Philox stream of a noise form's draws (docs/spec.md §1, §9).
+ZO_HD uint32_t noise_stream(int noise) { return noise == NOISE_RADEMACHER ? STREAM_SIGN : STREAM_NOISE; }
 
 // ----------------------------------------------------------------------------- float helpers
 ZO_HD float fmul(float a, float b) {
@@ -220,6 +229,39 @@ ZO_HD void normals4(uint64_t q, uint32_t tensor_id, uint32_t stream, uint32_t k0
   quad_words(q, tensor_id, stream, k0, k1, w0, w1, w2, w3);
   box_muller(w0, w1, z0, z1);
   box_muller(w2, w3, z2, z3);
+}
+
+// ----------------------------------------------------------------------------- Rademacher signs
+// docs/spec.md §9: element i takes bit i mod 128 of sign block b = i / 128, whose 128 bits are the
+// Philox words of counter (lo32(b), hi32(b), tensor id, stream) read little-endian (w0 bits 0-31 ...).
+
+// A sign bit (0 or 1) as +1.0f or -1.0f: the bit goes to 1.0f's sign bit.
+ZO_HD float sign_float(uint32_t bit) { return u2f(0x3F800000u | (bit << 31)); }
+
+// The four signs of quad q (elements 4q .. 4q+3): bits 4 (q mod 8) .. +3 of word (q mod 32) / 8 of sign
+// block q / 32. One Philox call per quad (the GPU kernels: each thread owns quads, and the pass is
+// memory-bound); the CPU kernel takes one per sign block instead (cpu/kernel_isa.h). Selects, not an
+// indexed array, so the words stay in registers on the device.
+ZO_HD void signs4(uint64_t q, uint32_t tensor_id, uint32_t stream, uint32_t k0, uint32_t k1,
+                  float& z0, float& z1, float& z2, float& z3) {
+  uint32_t w0, w1, w2, w3;
+  quad_words(q >> 5, tensor_id, stream, k0, k1, w0, w1, w2, w3);
+  const uint32_t sel = (uint32_t)(q >> 3) & 3u;
+  const uint32_t word = sel == 0 ? w0 : sel == 1 ? w1 : sel == 2 ? w2 : w3;
+  const uint32_t bits = word >> (4u * ((uint32_t)q & 7u));
+  z0 = sign_float(bits & 1u);
+  z1 = sign_float((bits >> 1) & 1u);
+  z2 = sign_float((bits >> 2) & 1u);
+  z3 = sign_float((bits >> 3) & 1u);
+}
+
+// The noise of quad q in form `noise` (NOISE_GAUSSIAN: normals4, NOISE_RADEMACHER: signs4).
+ZO_HD void noise4(int noise, uint64_t q, uint32_t tensor_id, uint32_t stream, uint32_t k0, uint32_t k1,
+                  float& z0, float& z1, float& z2, float& z3) {
+  if (noise == NOISE_RADEMACHER)
+    signs4(q, tensor_id, stream, k0, k1, z0, z1, z2, z3);
+  else
+    normals4(q, tensor_id, stream, k0, k1, z0, z1, z2, z3);
 }
 
 // ----------------------------------------------------------------------------- 16-bit floats

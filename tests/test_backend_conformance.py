@@ -21,10 +21,11 @@ import zo_kernels
 from zo_kernels import backends
 from zo_kernels import noise as N
 from zo_kernels import restore as R
+from zo_kernels.rounding import default_rounding_key
 
 from adam_helpers import COEFFS as ADAM_COEFFS
 from adam_helpers import KEYS as ADAM_KEYS
-from adam_helpers import AdamCase, check_adam_case, check_three_steps
+from adam_helpers import AdamCase, check_adam_case, check_three_steps, run_adam
 from adam_helpers import inputs as adam_inputs
 from backends_helpers import devices, targets
 from helpers import assert_verbose_allclose, exact_axpy, spec_vectors, z_bound
@@ -454,6 +455,175 @@ def test_adam_shards_with_offsets_equal_the_whole(backend, device):
         assert torch.equal(w, h)
 
 
+# ------------------------------------------------------------------------------- Rademacher form
+# docs/spec.md §9.  The signs are integer-exact and α·s = ±α exactly, so every op on every backend must
+# give the reference's bits (the same IEEE float32 operations in the same order); the reference's own
+# signs are held to the spec vectors and a scalar transcription in tests/test_noise_reference.py, its
+# arithmetic to a float64 evaluation below.
+RADEMACHER = dict(noise="rademacher")
+# Shard cuts that are not multiples of 128 (nor of 4), and ones that are: sign blocks split every way.
+SIGN_CUTS = [0, 1, 5, 127, 128, 131, 256, 300, 517, 1001, 4096, 4097, 6001]
+
+
+def _assert_same_bits(got, ref, what):
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i)
+        assert torch.equal(a.cpu(), b.cpu()), f"{what}: tensor {i} differs from the reference"
+
+
+def signs64(key, tid, numel, offset=0):
+    return N.rademacher(key, tid, numel, offset=offset, dtype=torch.float64)
+
+
+def test_rademacher_reference_matches_float64_evaluation():
+    """The reference's fp32 sum θγ + Σ α s + β d is within a few fp32 roundings of the float64 value."""
+    params = [make_tensor(s, torch.float32, i) for i, s in enumerate((5, 1023, (3, 5, 7)))]
+    dense = [make_tensor(p.shape, torch.float32, 30 + i) for i, p in enumerate(params)]
+    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.97, dense=dense, beta=-0.3, offsets=[3, 0, 2**33 + 5],
+              **RADEMACHER)
+    got = run("reference", params, **kw)
+    for i, (p, g) in enumerate(zip(params, got)):
+        acc = p.double().reshape(-1) * 0.97 - 0.3 * dense[i].double().reshape(-1)
+        for k, a in zip(KEYS[:3], ALPHAS[:3]):
+            acc += a * signs64(k, i, p.numel(), kw["offsets"][i])
+        scale = p.double().abs().reshape(-1) + sum(map(abs, ALPHAS[:3])) + dense[i].double().abs().reshape(-1)
+        assert ((g.double().reshape(-1) - acc).abs() <= 5 * 2.0 ** -24 * scale).all(), i
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES + MIXED, ids=[c.name for c in CASES + MIXED])
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_rademacher_same_bits_as_reference(backend, device, case, dtype):
+    params, kw = case.build(dtype, device)
+    kw.update(RADEMACHER)
+    _assert_same_bits(run(backend, params, **kw), run("reference", params, **kw), case.name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_rademacher_shards_equal_whole(backend, device, dtype):
+    """Shards at offsets that split sign blocks anywhere equal the whole tensor updated at once."""
+    whole = make_tensor(6001, dtype, 3).to(device)
+    kw = dict(keys=KEYS[:3], alphas=ALPHAS[:3], gamma=0.9, tensor_ids=[4], rounding="stochastic", rounding_key=77,
+              **RADEMACHER)
+    ref = whole.clone()
+    zo_kernels.noise_axpy_([ref], backend=backend, **kw)
+    shards = [whole[a:b].clone() for a, b in zip(SIGN_CUTS, SIGN_CUTS[1:])]
+    zo_kernels.noise_axpy_(shards, backend=backend, **dict(kw, tensor_ids=[4] * len(shards), offsets=SIGN_CUTS[:-1]))
+    assert torch.equal(torch.cat(shards), ref)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_rademacher_spec_vectors(backend, device):
+    """noise_(noise="rademacher") on the spec's `sign` and `sign_block` vectors, exactly (stream 5 by default)."""
+    for v in spec_vectors()["sign"]:
+        out = torch.empty(1, device=device)
+        zo_kernels.noise_(out, v["key"], v["tensor_id"], v["index"], backend=backend, **RADEMACHER)
+        assert out.item() == v["z"], v
+    v = spec_vectors()["sign_block"]
+    for first, n in ((v["first"], 128), (v["first"] + 3, 125), (v["first"] + 64, 37)):
+        out = torch.empty(n, device=device)
+        zo_kernels.noise_(out, v["key"], v["tensor_id"], first, backend=backend, **RADEMACHER)
+        assert out.cpu().tolist() == v["z"][first - v["first"]:first - v["first"] + n]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", KERNELS)
+def test_rademacher_noise_same_bits_as_reference(backend, device, dtype):
+    """noise_: slices at any offset, every dtype, another stream; the same values as the reference."""
+    key, n = KEYS[3], 4099
+    for off, stream in ((0, None), (5, None), (2**40 + 129, None), (7, 0)):
+        got = zo_kernels.noise_(torch.empty(n, dtype=dtype, device=device), key, 3, off, stream=stream,
+                                backend=backend, **RADEMACHER)
+        ref = zo_kernels.noise_(torch.empty(n, dtype=dtype), key, 3, off, stream=stream, backend="reference",
+                                **RADEMACHER)
+        assert torch.equal(got.cpu(), ref), (off, stream)
+        assert torch.equal(ref.double(), signs64(key, 3, n, off) if stream is None else
+                           N.rademacher(key, 3, n, offset=off, stream=stream, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [None, 2, 8])
+@pytest.mark.parametrize("backend,device", targets("axpy_exact", reference=False))
+def test_rademacher_exact_form_same_bits_as_reference(backend, device, bits, dtype):
+    """Perturb (+μ, planes written), restore-and-flip, restore-and-update (stochastic): every tensor and
+    plane as the reference's; the cycle brings θ back where the plane resolves it."""
+    theta0 = [(make_tensor(s, torch.float32, 20 + i) * 0.02).to(dtype).to(device) for i, s in enumerate((1031, 130))]
+    out = {}
+    for be in (backend, "reference"):
+        ps = [t.clone() for t in theta0]
+        kw = dict(tensor_ids=[0, 5], offsets=[3, 2**33 + 1], backend=be, **RADEMACHER)
+        planes = R.make_planes(ps, bits, offsets=kw["offsets"]) if bits else None
+        k = KEYS[:2]
+        zo_kernels.noise_axpy_(ps, k, [MU, -MU], undo=None if planes else [0.0, 0.0], planes=planes, **kw)
+        zo_kernels.noise_axpy_(ps, k, [-MU, MU], undo=[MU, -MU], planes=planes, **kw)
+        after = [t.clone() for t in ps]
+        zo_kernels.noise_axpy_(ps, k, [0.3 * MU, 0.0], undo=[-MU, MU], gamma=0.999, planes=planes,
+                               rounding="stochastic", rounding_key=5, **kw)
+        out[be] = (after, ps, planes or [])
+    for a, b in zip(out[backend], out["reference"]):
+        _assert_same_bits(a, b, f"exact form, {bits}-bit planes")
+
+
+def _adam_ieee(theta, m, v, g, sc):
+    """docs/spec.md §8's update in float32, one IEEE operation per step with a correctly rounded square
+    root (via float64: exact for float32 inputs).  zo_kernels.adam.adam_update is the same sequence with
+    torch.sqrt, which on CPU is not correctly rounded (Sleef, within 1 ulp)."""
+    f = lambda x: torch.tensor(x, dtype=torch.float32)   # noqa: E731 - each scalar rounded once
+    g = g + f(sc.l2) * theta
+    m = f(sc.beta1) * m + f(1.0 - sc.beta1) * g
+    v = f(sc.beta2) * v + f(1.0 - sc.beta2) * (g * g)
+    denom = torch.sqrt(v.double()).float() / f(sc.bc2_sqrt) + f(sc.eps)
+    return f(sc.gamma) * theta - f(sc.step_size) * (m / denom), m, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ADAM_CASES, ids=[c.name for c in ADAM_CASES])
+@pytest.mark.parametrize("backend,device", targets("adam", reference=False))
+def test_rademacher_adam_same_bits(backend, device, case, dtype):
+    """noise_adam_ with g = Σ c_j s_j: m and v as the reference's bit for bit; θ's float32 value as the
+    spec's IEEE sequence (_adam_ieee) bit for bit, then rounded as the reference rounds it (so 16-bit θ
+    as the reference's wherever the reference's own torch.sqrt agrees).  The reference's θ itself is
+    within a few ulps (its square root is not correctly rounded)."""
+    from zo_kernels.adam import AdamScalars
+
+    tensors = case.build(dtype)
+    kw = dict(case.kw)
+    got, ref = (run_adam(be, device, tensors, ADAM_KEYS[:case.k], ADAM_COEFFS[:case.k], **RADEMACHER, **kw)
+                for be in (backend, "reference"))
+    _assert_same_bits(got[1] + got[2], ref[1] + ref[2], case.name + " m, v")
+    sc = AdamScalars.make(kw["lr"], *kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw["step"],
+                          kw.get("weight_decay", 0.0), kw.get("decoupled", False))
+    tids, offs = kw.get("tensor_ids", range(4)), kw.get("offsets", [0] * 4)
+    for i, (p, m, v) in enumerate(zip(*tensors)):
+        g = sum(c * N.rademacher(k, tids[i], p.numel(), offset=offs[i])
+                for k, c in zip(ADAM_KEYS[:case.k], ADAM_COEFFS[:case.k]))
+        th, _, _ = _adam_ieee(p.float().reshape(-1), m.reshape(-1), v.reshape(-1), g, sc)
+        if dtype == torch.float32:
+            assert torch.equal(got[0][i].reshape(-1), th), (case.name, i)
+            assert ((got[0][i] - ref[0][i]).abs() <= 2.0 ** -21 * (ref[0][i].abs() + sc.step_size)).all()
+        elif kw.get("rounding") == "stochastic":
+            rk = default_rounding_key(ADAM_KEYS[:case.k], ADAM_COEFFS[:case.k], sc.gamma, sc.step_size)
+            words = N.random_words(rk, tids[i], p.numel(), offset=offs[i])
+            assert torch.equal(got[0][i].reshape(-1), N.stochastic_round(th, dtype, words)), (case.name, i)
+        else:
+            assert torch.equal(got[0][i].reshape(-1), th.to(dtype)), (case.name, i)
+
+
+def test_rademacher_adam_reference_is_adam_with_sign_gradient():
+    """The reference's noise_adam_(noise="rademacher") against the float64 transcription of Adam with
+    g = Σ c_j s_j (s from the spec's statement via zo_kernels.noise.rademacher)."""
+    from adam_helpers import adam64
+
+    p, m, v = adam_inputs(1023, torch.float32, 3)
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, step=4, weight_decay=0.05)
+    g = sum(c * signs64(k, 0, 1023) for k, c in zip(ADAM_KEYS, ADAM_COEFFS))
+    want, wm, wv = adam64(p, m, v, g, **kw)
+    zo_kernels.noise_adam_([p], [m], [v], ADAM_KEYS, ADAM_COEFFS, backend="reference", **RADEMACHER, **kw)
+    assert torch.allclose(m.double(), wm, rtol=1e-6, atol=1e-7) and torch.allclose(v.double(), wv, rtol=1e-6)
+    assert torch.allclose(p.double(), want, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ opcheck
 @dataclass(frozen=True)
 class OpCall:
@@ -528,12 +698,12 @@ OPCHECKS = [
 # without the trailing backend name.
 NATIVE_OPCHECKS = [
     OpCall("_noise_axpy_native", lambda: OPS._noise_axpy_native.default,
-           lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0)),
-    OpCall("_noise_native", lambda: OPS._noise_native.default, lambda d: _noise_args(None, d)[:-2]),
+           lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0, 1)),
+    OpCall("_noise_native", lambda: OPS._noise_native.default, lambda d: _noise_args(None, d)[:-2] + (0,)),
     OpCall("_noise_axpy_exact_native", lambda: OPS._noise_axpy_exact_native.default,
-           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-2]),
+           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-2] + (1,)),
     OpCall("_noise_adam_native", lambda: OPS._noise_adam_native.default,
-           lambda d: _adam_args(None, d)[:6] + (0,) + _adam_args(None, d)[7:-2]),
+           lambda d: _adam_args(None, d)[:6] + (0,) + _adam_args(None, d)[7:-2] + (1,)),
     OpCall("_lowrank_axpy_native", lambda: OPS._lowrank_axpy_native.default,
            lambda d: (lambda a: ([a[0][0]],) + a[1:8] + (a[8], a[9], a[10], 0, [0], [0], 0))(_lowrank_args(None, d))),
 ]

@@ -53,7 +53,7 @@ def test_words_bit_exact():
     for offset in (0, 1, 4 * (2**32 - 5) + 2, 2**61 + 3):
         for tid, stream, n in ((0, 0, 1), (3, 2, 5), (2**32 - 1, 2**32 - 1, 1023), (7, 0, 100_003)):
             out = torch.empty(n, dtype=torch.int32, device="cuda")
-            torch.ops.zo_kernels._noise_native(out, N.to_signed64(KEYS[1]), tid, offset, stream)
+            torch.ops.zo_kernels._noise_native(out, N.to_signed64(KEYS[1]), tid, offset, stream, 0)
             got = out.cpu().to(torch.int64) & N.M32
             assert torch.equal(got, N.random_words(KEYS[1], tid, n, offset=offset, stream=stream)), (offset, tid)
 

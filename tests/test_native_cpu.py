@@ -45,7 +45,7 @@ def test_philox_known_answers():
 
 def _words(key, tid, n, offset, stream):
     out = torch.empty(n, dtype=torch.int32)
-    OPS._noise_native(out, N.to_signed64(key), tid, offset, stream)
+    OPS._noise_native(out, N.to_signed64(key), tid, offset, stream, 0)
     return out.to(torch.int64) & N.M32
 
 
@@ -141,6 +141,61 @@ def test_every_instruction_set_gives_the_same_bits(isa_restore):
             assert torch.equal(a, b), isa
 
 
+def _rademacher_workload():
+    """Every op with noise="rademacher" (docs/spec.md §9): offsets that split sign blocks anywhere, more
+    keys than the kernel keeps sign blocks for (10 > 8 slots), stochastic rounding, the exact form with
+    planes, noise_, noise_adam_."""
+    from zo_kernels import restore as R
+
+    keys = [N.step_key(6, s) for s in range(10)]
+    alphas = [0.01 * (j + 1) * (-1) ** j for j in range(10)]
+    params, kw = _workload()
+    kw.update(noise="rademacher", offsets=[0, 127, 130, 64])
+    out = run("cpu", params, **kw)
+    out += run("cpu", params, **dict(kw, keys=keys, alphas=alphas, offsets=[3, 2**33 + 125, 1, 0]))
+    ps = [(make_tensor(s, torch.float32, i) * 0.02).to(DTYPES[i % 3]) for i, s in enumerate((4097, 1 << 16, 5))]
+    offs = [61, 2**35 + 3, 0]
+    planes = R.make_planes(ps, 4, offsets=offs)
+    ekw = dict(offsets=offs, planes=planes, backend="cpu", noise="rademacher")
+    zo_kernels.noise_axpy_(ps, keys[:3], alphas[:3], **ekw)
+    zo_kernels.noise_axpy_(ps, keys[:3], alphas[3:6], undo=alphas[:3], gamma=0.99, rounding="stochastic", **ekw)
+    out += ps + planes
+    out.append(zo_kernels.noise_(torch.empty(1 << 20), KEYS[0], 1, 3, backend="cpu", noise="rademacher"))
+    ps = [make_tensor(s, DTYPES[i % 3], i) for i, s in enumerate((1 << 18, 4097, 3))]
+    ms = [make_tensor(p.shape, torch.float32, 9 + i) * 0.1 for i, p in enumerate(ps)]
+    vs = [make_tensor(p.shape, torch.float32, 19 + i).abs() * 0.1 for i, p in enumerate(ps)]
+    zo_kernels.noise_adam_(ps, ms, vs, keys, alphas, lr=1e-3, step=3, weight_decay=0.1, offsets=[5, 128, 2**40 + 1],
+                           rounding="stochastic", backend="cpu", noise="rademacher")
+    return out + ps + ms + vs
+
+
+def test_rademacher_bit_identical_across_instruction_sets_and_threads(isa_restore):
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for isa in cpu_isas():
+            native.cpu_isa(isa)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results[isa, threads] = _rademacher_workload()
+    finally:
+        torch.set_num_threads(before)
+    first = results["base", 1]
+    for key, res in results.items():
+        for i, (a, b) in enumerate(zip(first, res)):
+            assert torch.equal(a, b), (key, i)
+
+
+def test_rademacher_many_keys_same_bits_as_reference():
+    """More keys than sign-block slots (keys share a slot; each checks its key), every dtype."""
+    keys = [N.step_key(6, s) for s in range(19)]
+    alphas = [0.01 * (j + 1) * (-1) ** j for j in range(19)]
+    params = [make_tensor(s, DTYPES[i % 3], i) for i, s in enumerate((1000, 517, 4097))]
+    kw = dict(keys=keys, alphas=alphas, gamma=0.9, offsets=[0, 61, 2**33 + 127], noise="rademacher")
+    for a, b in zip(run("cpu", params, **kw), run("reference", params, **kw)):
+        assert torch.equal(a, b)
+
+
 def _lowrank_workload():
     """Low-rank calls touching every path of the pass: ranks 1 .. 16, every dtype, stochastic rounding, the
     U-space dense term, dim-0 shards, and the exact form (residues written, then read while inverting)."""
@@ -188,15 +243,23 @@ def test_is_the_default_cpu_backend():
 def test_internal_op_checks_its_arguments():
     p = torch.zeros(8)
     with pytest.raises(RuntimeError, match="tensor_ids"):
-        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [], [], 0)
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [], [], 0, 0)
     with pytest.raises(RuntimeError, match="dtype"):
-        OPS._noise_axpy_native([p.double()], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0)
+        OPS._noise_axpy_native([p.double()], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0, 0)
     with pytest.raises(RuntimeError, match="elements"):
-        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [torch.zeros(3)], 0.0, 0, [0], [0], 0)
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [torch.zeros(3)], 0.0, 0, [0], [0], 0, 0)
     with pytest.raises(RuntimeError, match="offsets"):
-        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [-1], 0)
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [-1], 0, 0)
     with pytest.raises(RuntimeError, match="contiguous"):
-        OPS._noise_native(torch.zeros(4, 4).t(), 1, 0, 0, 0)
+        OPS._noise_native(torch.zeros(4, 4).t(), 1, 0, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=r"noise must be 0 \(gaussian\) or 1 \(rademacher\), got 2"):
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0, 2)
+    with pytest.raises(RuntimeError, match="noise must be"):
+        OPS._noise_native(p, 1, 0, 0, 0, -1)
+    with pytest.raises(RuntimeError, match="noise must be"):
+        OPS._noise_adam_native([p], [p.clone()], [p.clone()], [1], [1.0], [0.9, 0.99, 1e-8, 1.0, 1.0, 0.0, 1.0], 0,
+                               [0], [0], 0, 7)
+    assert not p.any()
     with pytest.raises(RuntimeError, match="not available|unknown"):
         native.cpu_isa("avx1024")
 

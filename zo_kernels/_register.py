@@ -40,7 +40,8 @@ def _register_triton() -> None:
     from .triton import noise_axpy as tk
     backends.register(backends.Backend("triton", devices, tk.DTYPES, tk.noise_axpy, tk.noise,
                                        notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact,
-                                       adam=ta.noise_adam, lowrank=tl_lowrank.lowrank_axpy))
+                                       adam=ta.noise_adam, lowrank=tl_lowrank.lowrank_axpy,
+                                       noise_forms=frozenset(NOISE_FORMS)))
 
 
 def _register_native() -> None:
@@ -57,7 +58,7 @@ def _register_native() -> None:
         return
     backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
                                        axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
-                                       lowrank=native.lowrank_axpy,
+                                       lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS,
                                        notes={"isa": native.cpu_isa()}))
     if not native.has_cuda():
         backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "
@@ -67,7 +68,7 @@ def _register_native() -> None:
     else:
         backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise,
                                            axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
-                                           lowrank=native.lowrank_axpy))
+                                           lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS))
 
 
 def register_all() -> None:

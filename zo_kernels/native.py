@@ -4,14 +4,17 @@ docs/spec.md §2, §4, §7, §8).
 Both are the ops of the extension zo_kernels._C, built from source by setup.py:
 
     zo_kernels::_noise_axpy_native(params, keys, alphas, gamma, dense, beta, stochastic,
-                                   tensor_ids, offsets, rounding_key)
-    zo_kernels::_noise_native(out, key, tensor_id, offset, stream)
+                                   tensor_ids, offsets, rounding_key, noise)
+    zo_kernels::_noise_native(out, key, tensor_id, offset, stream, noise)
     zo_kernels::_noise_axpy_exact_native(params, keys, alphas, undo, gamma, planes, plane_bits, stochastic,
-                                         tensor_ids, offsets, rounding_key)
+                                         tensor_ids, offsets, rounding_key, noise)
     zo_kernels::_lowrank_axpy_native(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes,
                                      plane_bits, rank, stochastic, tensor_ids, offsets, rounding_key)
     zo_kernels::_noise_adam_native(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic,
-                                   tensor_ids, offsets, rounding_key)
+                                   tensor_ids, offsets, rounding_key, noise)
+
+`noise` is the noise form as an int (NOISE_CODES; csrc/philox.h NOISE_GAUSSIAN / NOISE_RADEMACHER, docs/spec.md
+§9); the low-rank pass is Gaussian only.
 
 The third is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
 csrc/restore.h, shared by both kernels); the last is the fused ZO-Adam pass (zo_kernels.adam is its
@@ -32,6 +35,8 @@ from typing import Iterator, List
 import torch
 
 DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+NOISE_CODES = {"gaussian": 0, "rademacher": 1}   # the native ops' `noise` argument (csrc/philox.h)
+NOISE_FORMS = frozenset(NOISE_CODES)
 
 
 def load():
@@ -44,7 +49,7 @@ def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, o
     torch.ops.zo_kernels._noise_axpy_native(params, list(keys), [float(a) for a in alphas], float(gamma),
                                             list(dense) if dense is not None else [], float(beta),
                                             int(rounding == "stochastic"), list(tensor_ids), list(offsets),
-                                            int(rounding_key))
+                                            int(rounding_key), NOISE_CODES[noise])
 
 
 def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
@@ -53,14 +58,14 @@ def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, roun
                                                   [float(u) for u in undo], float(gamma),
                                                   list(planes) if planes else [], int(plane_bits),
                                                   int(rounding == "stochastic"), list(tensor_ids), list(offsets),
-                                                  int(rounding_key))
+                                                  int(rounding_key), NOISE_CODES[noise])
 
 
 def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key,
                noise="gaussian"):
     torch.ops.zo_kernels._noise_adam_native(params, exp_avgs, exp_avg_sqs, list(keys), [float(c) for c in coeffs],
                                             [float(s) for s in scalars.as_list()], int(rounding == "stochastic"),
-                                            list(tensor_ids), list(offsets), int(rounding_key))
+                                            list(tensor_ids), list(offsets), int(rounding_key), NOISE_CODES[noise])
 def lowrank_axpy(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,
                  tensor_ids, offsets, rounding_key):
     """The low-rank pass (zo_kernels.lowrank) on tensors with ndim >= 2: csrc/cpu/lowrank_cpu.cpp, csrc/cuda."""
@@ -73,7 +78,7 @@ def lowrank_axpy(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes
 
 
 def noise(out, key, tensor_id, offset, stream, noise="gaussian"):
-    torch.ops.zo_kernels._noise_native(out, int(key), int(tensor_id), int(offset), int(stream))
+    torch.ops.zo_kernels._noise_native(out, int(key), int(tensor_id), int(offset), int(stream), NOISE_CODES[noise])
 
 
 def cpu_isa(request: str = "") -> str:

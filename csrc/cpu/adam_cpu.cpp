@@ -40,9 +40,10 @@ void run(AdamFn fn, const AdamPass& a, const std::vector<AdamTask>& tasks, int64
 
 void noise_adam_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::IntArrayRef keys,
                     at::ArrayRef<double> coeffs, at::ArrayRef<double> scalars, int64_t stochastic,
-                    at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key) {
+                    at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key, int64_t noise) {
   const AdamCoef coef = check_adam_args(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic,
                                        tensor_ids, offsets, c10::DeviceType::CPU);
+  check_noise(noise);
   const size_t n = params.size();
   std::vector<AdamTask> tasks;
   tasks.reserve(n);
@@ -63,6 +64,7 @@ void noise_adam_cpu(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
   a.K = (int)kt.alphas.size();
   a.c = coef;
   a.stochastic = stochastic != 0;
+  a.noise = (int)noise;
   split_key(rounding_key, a.rk0, a.rk1);
   const AdamFn fn = adam_isa();
   at::parallel_for(0, total, ADAM_GRAIN, [&](int64_t b0, int64_t b1) { run(fn, a, tasks, b0, b1); });

@@ -6,7 +6,8 @@
 // IEEE adds, multiplies, divides and square roots (sqrtps is correctly rounded) in the same order.
 //
 // Per block of 64 elements (aligned to global quads, as the full-rank kernel's blocks): g = sum_j c_j z_j
-// from +0 in key order, then theta, m and v loaded once, updated by adam_element and stored once.
+// (z: normals, or the signs of docs/spec.md §9 when AdamPass::noise says so) from +0 in key order, then
+// theta, m and v loaded once, updated by adam_element and stored once.
 
 namespace {
 
@@ -23,10 +24,11 @@ void run_adam_blocks(const AdamPass& a, const AdamTask& t, int64_t lb0, int64_t 
   alignas(64) float g[BLOCK];     // the gradient, then theta in fp32
   alignas(64) float m[BLOCK], v[BLOCK];
   alignas(64) uint32_t w[BLOCK];
+  BlockNoise nz(a.noise, t.tid, noise_stream(a.noise));
   for (int64_t b = lb0; b < lb1; ++b) {
     const uint64_t qb = (uint64_t)(q0 + b * QUADS);
     for (int e = 0; e < BLOCK; ++e) g[e] = 0.0f;
-    add_key_sum(a.keys, a.coeffs, a.K, qb, t.tid, STREAM_NOISE, g);
+    add_key_sum(nz, a.keys, a.coeffs, a.K, qb, g);
     // Outside [0, n) (a tensor's first and last block) everything loads as +0 and is never stored.
     const int64_t e0 = (int64_t)(qb * 4) - t.off;  // local index of the block's first element
     const bool full = load_block(p, e0, n, y);

@@ -30,6 +30,7 @@ struct AdamPass {
   AdamCoef c;
   bool stochastic;
   uint32_t rk0, rk1;
+  int noise;             // NOISE_GAUSSIAN or NOISE_RADEMACHER (../philox.h)
 };
 
 // Blocks [b0, b1) of one tensor's pass.

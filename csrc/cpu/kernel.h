@@ -2,7 +2,8 @@
 //
 //   theta_t <- gamma * theta_t + sum_j alpha_j * z(key_j, t) + beta * dense_t      (fp32, one rounding)
 //
-// and its exact-restore form (Args::exact; zo_kernels/restore.py, the rules in ../restore.h):
+// (z: normals, or with Args::noise == NOISE_RADEMACHER the signs of docs/spec.md §9) and its exact-restore
+// form (Args::exact; zo_kernels/restore.py, the rules in ../restore.h):
 //
 //   theta0 <- invert(theta_t, sum_j undo_j z_j [, plane residue])   (when some undo_j != 0)
 //   plane_t <- residues of theta0                                    (when undo is all zero, planes given)
@@ -56,7 +57,8 @@ struct Args {
   float beta;
   bool has_x;              // false: out = z of keys[0] (noise_), or the raw words when pdt == U32
   bool stochastic;         // stochastic rounding for bf16 / fp16 outputs
-  uint32_t stream;         // Philox stream of the noise (0 for noise_axpy_)
+  uint32_t stream;         // Philox stream of the noise (0 for noise_axpy_, 5 with Rademacher signs)
+  int noise;               // NOISE_GAUSSIAN or NOISE_RADEMACHER (../philox.h)
   uint32_t rk0, rk1;       // rounding key
   // Exact-restore form (no dense term, has_x true):
   bool exact;              // run the exact form

@@ -166,12 +166,73 @@ ZO_HD void block_normals(uint64_t q, uint32_t tid, uint32_t stream, uint32_t k0,
   }
 }
 
+// --------------------------------------------------------------------------- Rademacher signs
+// docs/spec.md §9. A 64-element block (from a global quad, so at any multiple of 4) lies in one or two
+// 128-element sign blocks; the last sign block a key's Philox call produced is kept, so consecutive blocks
+// of one thread make one call per 128 elements and key, whatever the tensor's offset.
+struct SignBlock {
+  uint64_t b;          // sign block index (~0: none yet)
+  uint32_t k0, k1;     // its key
+  uint64_t lo, hi;     // its bits 0-63 and 64-127
+};
+
+ZO_HD const SignBlock& sign_block(SignBlock& c, uint64_t b, uint32_t tid, uint32_t stream, uint32_t k0,
+                                  uint32_t k1) {
+  if (c.b != b || c.k0 != k0 || c.k1 != k1) {
+    uint32_t w0, w1, w2, w3;
+    quad_words(b, tid, stream, k0, k1, w0, w1, w2, w3);
+    c = SignBlock{b, k0, k1, w0 | (uint64_t)w1 << 32, w2 | (uint64_t)w3 << 32};
+  }
+  return c;
+}
+
+// The sign bits of elements g .. g+63 (bit e: element g + e).
+ZO_HD uint64_t sign_bits64(uint64_t g, uint32_t tid, uint32_t stream, uint32_t k0, uint32_t k1, SignBlock& c) {
+  const uint64_t b = g >> 7;
+  const unsigned r = (unsigned)(g & 127);
+  const SignBlock& s = sign_block(c, b, tid, stream, k0, k1);
+  if (r == 0) return s.lo;
+  if (r < 64) return (s.lo >> r) | (s.hi << (64 - r));
+  if (r == 64) return s.hi;
+  const uint64_t low = s.hi >> (r - 64);
+  return low | (sign_block(c, b + 1, tid, stream, k0, k1).lo << (128 - r));
+}
+
+// The 64 signs of `bits` as +-1.0f (bit e -> z[e]): shifts and ors only, so it vectorises.
+ZO_HD void block_signs(uint64_t bits, float* __restrict z) {
+  const uint32_t lo = (uint32_t)bits, hi = (uint32_t)(bits >> 32);
+  for (int e = 0; e < 32; ++e) z[e] = sign_float((lo >> e) & 1u);
+  for (int e = 0; e < 32; ++e) z[32 + e] = sign_float((hi >> e) & 1u);
+}
+
+// The noise of a pass for one thread's run over consecutive blocks of one tensor: normals (§1) or signs
+// (§9) of each key. Sign blocks are kept per key slot (j mod SLOTS; a slot checks its key, so more keys
+// only cost extra Philox calls).
+struct BlockNoise {
+  static constexpr int SLOTS = 8;
+  int form;
+  uint32_t tid, stream;
+  SignBlock slot[SLOTS];
+
+  BlockNoise(int form_, uint32_t tid_, uint32_t stream_) : form(form_), tid(tid_), stream(stream_) {
+    for (SignBlock& c : slot) c = SignBlock{~(uint64_t)0, 0, 0, 0, 0};
+  }
+
+  // z of key j (words k0, k1) for the 64 elements of the block at global quad q.
+  void block(int j, uint32_t k0, uint32_t k1, uint64_t q, float* __restrict z) {
+    if (form == NOISE_RADEMACHER)
+      block_signs(sign_bits64(4 * q, tid, stream, k0, k1, slot[j % SLOTS]), z);
+    else
+      block_normals(q, tid, stream, k0, k1, z);
+  }
+};
+
 // acc[e] += alpha_j z_j[e] for the keys j in order (one z per key), in the block at global quad q.
-ZO_HD void add_key_sum(const uint32_t* keys, const float* alphas, int K, uint64_t q, uint32_t tid, uint32_t stream,
+ZO_HD void add_key_sum(BlockNoise& nz, const uint32_t* keys, const float* alphas, int K, uint64_t q,
                        float* __restrict acc) {
   alignas(64) float z[BLOCK];
   for (int j = 0; j < K; ++j) {
-    block_normals(q, tid, stream, keys[2 * j], keys[2 * j + 1], z);
+    nz.block(j, keys[2 * j], keys[2 * j + 1], q, z);
     const float alpha = alphas[j];
     for (int e = 0; e < BLOCK; ++e) acc[e] = fadd(acc[e], fmul(alpha, z[e]));
   }
@@ -189,6 +250,7 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
   const int64_t n = t.n;
   const int64_t q0 = t.off >> 2;
   const bool sr = a.stochastic && P != F32;
+  BlockNoise nz(a.noise, t.tid, a.stream);
   alignas(64) float acc[BLOCK];
   alignas(64) uint32_t w[BLOCK];
   for (int64_t b = lb0; b < lb1; ++b) {
@@ -208,9 +270,9 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
     }
     // acc += alpha_j z_j, keys in order (without x: acc = z of keys[0])
     if (a.has_x)
-      add_key_sum(a.keys, a.alphas, a.K, qb, t.tid, a.stream, acc);
+      add_key_sum(nz, a.keys, a.alphas, a.K, qb, acc);
     else if (a.K > 0)
-      block_normals(qb, t.tid, a.stream, a.keys[0], a.keys[1], acc);
+      nz.block(0, a.keys[0], a.keys[1], qb, acc);
     // acc += beta dense
     if constexpr (D != NONE) {
       if (full) {
@@ -407,6 +469,7 @@ void exact_blocks(const A& a, void* p, uint8_t* plane, int64_t n, int64_t off, u
 // The full-rank exact form: s_new and s_undo from one z per key, from +0 in key order.
 template <int P>
 void run_exact_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
+  BlockNoise nz(a.noise, t.tid, a.stream);
   exact_blocks<P>(a, t.p, t.plane, t.n, t.off, t.tid, lb0, lb1,
                   [&](auto inv, uint64_t qb, int64_t, float* __restrict sn, float* __restrict su) {
     constexpr bool INV = decltype(inv)::value;
@@ -416,7 +479,7 @@ void run_exact_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
       if (INV) su[e] = 0.0f;
     }
     for (int j = 0; j < a.K; ++j) {
-      block_normals(qb, t.tid, STREAM_NOISE, a.keys[2 * j], a.keys[2 * j + 1], z);
+      nz.block(j, a.keys[2 * j], a.keys[2 * j + 1], qb, z);
       const float alpha = a.alphas[j];
       for (int e = 0; e < BLOCK; ++e) sn[e] = restore::sum_step(sn[e], alpha, z[e]);
       if (INV) {

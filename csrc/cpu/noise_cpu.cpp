@@ -93,7 +93,7 @@ Args axpy_args(const std::vector<Task>& tasks, const PassCall& c) {
   a.ntasks = (int)tasks.size();
   a.keys = c.kt.words.data();
   a.alphas = c.kt.alphas.data();
-  set_axpy_scalars(a, (int)c.kt.alphas.size(), c.gamma, c.beta, c.stochastic, c.rounding_key);
+  set_axpy_scalars(a, (int)c.kt.alphas.size(), c.gamma, c.beta, c.stochastic, c.rounding_key, c.noise);
   return a;
 }
 
@@ -114,7 +114,8 @@ void noise_axpy_exact_cpu(const PassCall& c) {
   launch(a, total);
 }
 
-void noise_cpu(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
+void noise_cpu(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream,
+               int64_t noise) {
   Task t = make_task(out, nullptr, tensor_id, offset, 0);
   uint32_t kw[2];
   split_key(key, kw[0], kw[1]);
@@ -130,6 +131,7 @@ void noise_cpu(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t of
   a.has_x = false;
   a.stochastic = false;
   a.stream = (uint32_t)stream;
+  a.noise = (int)noise;
   a.rk0 = a.rk1 = 0;
   launch(a, t.blocks);
 }

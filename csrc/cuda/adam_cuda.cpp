@@ -21,9 +21,11 @@ bool aligned16(const void* ptr) { return ((uintptr_t)ptr % 16) == 0; }
 
 void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                      at::IntArrayRef keys, at::ArrayRef<double> coeffs, at::ArrayRef<double> scalars,
-                     int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key) {
+                     int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets, int64_t rounding_key,
+                     int64_t noise) {
   const AdamCoef coef = check_adam_args(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic, tensor_ids,
                                         offsets, c10::DeviceType::CUDA);
+  check_noise(noise);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(launch_device(params));
   const KeyTable kt = key_table(keys, coeffs);
@@ -57,6 +59,7 @@ void noise_adam_cuda(at::TensorList params, at::TensorList exp_avgs, at::TensorL
     a.c = coef;
     a.pdt = kv.first;
     a.stochastic = (int)stochastic;
+    a.noise = (int)noise;
     split_key(rounding_key, a.rk0, a.rk1);
     a.total_quads = quads;
     C10_CUDA_CHECK(launch_adam(a, c10::cuda::getCurrentCUDAStream().stream()));

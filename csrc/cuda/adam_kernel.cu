@@ -16,19 +16,20 @@ namespace {
 
 constexpr int ADAM_THREADS = 256;
 
-// One quad per thread (grid-stride): g = sum_j c_j z_j, then ../adam.h per element; m and v are float32
-// read and written as their bits (restore::Grid<F32>).
+// One quad per thread (grid-stride): g = sum_j c_j z_j (z of the launch's noise form, noise4), then
+// ../adam.h per element; m and v are float32 read and written as their bits (restore::Grid<F32>).
 template <int P>
 __global__ void __launch_bounds__(ADAM_THREADS) noise_adam_kernel(const AdamLaunch a) {
   using F = restore::Grid<restore::F32>;
   const bool sr = a.stochastic && P != restore::F32;
+  const uint32_t stream = noise_stream(a.noise);
   quad::each_quad(a.table, a.T, [&](const AdamEntry& e, const quad::QuadAt& q) {
     uint32_t* __restrict__ m = quad::global((uint32_t*)e.m);
     uint32_t* __restrict__ v = quad::global((uint32_t*)e.v);
     float gr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int j = 0; j < a.K; ++j) {
       float z[4];
-      normals4((uint64_t)q.gq, e.tid, STREAM_NOISE, a.keys[2 * j], a.keys[2 * j + 1], z[0], z[1], z[2], z[3]);
+      noise4(a.noise, (uint64_t)q.gq, e.tid, stream, a.keys[2 * j], a.keys[2 * j + 1], z[0], z[1], z[2], z[3]);
       const float c = a.coeffs[j];
 #pragma unroll
       for (int k = 0; k < 4; ++k) gr[k] = fadd(gr[k], fmul(c, z[k]));

@@ -32,6 +32,7 @@ struct AdamLaunch {
   int pdt;                 // 0 float32, 1 bfloat16, 2 float16 (DType of noise_kernel.h)
   int stochastic;
   uint32_t rk0, rk1;
+  int noise;               // NOISE_GAUSSIAN or NOISE_RADEMACHER (../philox.h; docs/spec.md §9)
   int64_t total_quads;
 };
 

@@ -41,7 +41,8 @@ __global__ void __launch_bounds__(LR_THREADS) lowrank_factor_kernel(const Lowran
       if (i < uq) {  // W, Wu: local factor element u = 4 gq + c - u0
         const int64_t gq = (u0 >> 2) + i;
         float w[4], wu[4];
-        quad::key_sums((uint64_t)gq, e.tid, STREAM_LOWRANK_U, a.K, a.keys, a.alphas, e.wu ? a.undo : nullptr, w, wu);
+        quad::key_sums(NOISE_GAUSSIAN, (uint64_t)gq, e.tid, STREAM_LOWRANK_U, a.K, a.keys, a.alphas,
+                       e.wu ? a.undo : nullptr, w, wu);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int64_t k = gq * 4 + c - u0;

@@ -67,7 +67,7 @@ void noise_axpy_cuda(const PassCall& c) {
   });
   for (const auto& kv : groups) {
     LaunchArgs a{};
-    set_axpy_scalars(a, (int)c.kt.alphas.size(), c.gamma, c.beta, c.stochastic, c.rounding_key);
+    set_axpy_scalars(a, (int)c.kt.alphas.size(), c.gamma, c.beta, c.stochastic, c.rounding_key, c.noise);
     a.pdt = kv.first.first;
     a.ddt = kv.first.second;
     launch_group(kv.second, c, a);
@@ -81,7 +81,7 @@ void noise_axpy_exact_cuda(const PassCall& c) {
   const auto groups = launch_groups(c.params, [&](size_t i) { return dtype_code(c.params[i].scalar_type()); });
   for (const auto& kv : groups) {
     LaunchArgs a{};
-    set_axpy_scalars(a, (int)c.kt.alphas.size(), c.gamma, 0.0, c.stochastic, c.rounding_key);
+    set_axpy_scalars(a, (int)c.kt.alphas.size(), c.gamma, 0.0, c.stochastic, c.rounding_key, c.noise);
     a.pdt = kv.first;
     a.ddt = NONE;
     set_exact_mode(a, c.kt.invert, !c.planes.empty(), c.plane_bits);
@@ -89,7 +89,8 @@ void noise_axpy_exact_cuda(const PassCall& c) {
   }
 }
 
-void noise_cuda(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream) {
+void noise_cuda(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t offset, int64_t stream,
+                int64_t noise) {
   const c10::cuda::CUDAGuard guard(out.device());
   const double one = 1.0;
   const std::vector<at::Tensor> outs{out};
@@ -100,6 +101,7 @@ void noise_cuda(const at::Tensor& out, int64_t key, int64_t tensor_id, int64_t o
   a.ddt = NONE;
   a.has_x = 0;
   a.stream = (uint32_t)stream;
+  a.noise = (int)noise;
   launch_group({0}, c, a);
 }
 

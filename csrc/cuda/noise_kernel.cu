@@ -19,7 +19,8 @@ namespace {
 constexpr int THREADS = 256;
 
 // theta <- gamma theta + sum_j alpha_j z_j + beta dense (or out <- z of keys[0] when !has_x), theta and
-// dense of storage kinds P and D (restore::Grid; D == NONE: no dense term).
+// dense of storage kinds P and D (restore::Grid; D == NONE: no dense term); z of the launch's noise form
+// (noise4: normals, or the signs of docs/spec.md §9).
 template <int P, int D>
 __global__ void __launch_bounds__(THREADS) noise_axpy_kernel(const LaunchArgs a) {
   const bool sr = a.stochastic && P != F32;
@@ -32,13 +33,13 @@ __global__ void __launch_bounds__(THREADS) noise_axpy_kernel(const LaunchArgs a)
       for (int c = 0; c < 4; ++c) acc[c] = fmul(x[c], a.gamma);
       for (int j = 0; j < a.K; ++j) {
         float z[4];
-        normals4((uint64_t)q.gq, e.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], z[0], z[1], z[2], z[3]);
+        noise4(a.noise, (uint64_t)q.gq, e.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], z[0], z[1], z[2], z[3]);
         const float alpha = a.alphas[j];
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[c] = fadd(acc[c], fmul(alpha, z[c]));
       }
     } else {
-      normals4((uint64_t)q.gq, e.tid, a.stream, a.keys[0], a.keys[1], acc[0], acc[1], acc[2], acc[3]);
+      noise4(a.noise, (uint64_t)q.gq, e.tid, a.stream, a.keys[0], a.keys[1], acc[0], acc[1], acc[2], acc[3]);
     }
     if constexpr (D != NONE) {
       float y[4];
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(THREADS) noise_words_kernel(const LaunchArgs a
 template <int P>
 __global__ void __launch_bounds__(THREADS) noise_axpy_exact_kernel(const LaunchArgs a) {
   quad::exact_pass<P>(a, [&](const Entry& e, int64_t gq, int64_t, float sn[4], float su[4]) {
-    quad::key_sums((uint64_t)gq, e.tid, STREAM_NOISE, a.K, a.keys, a.alphas, a.invert ? a.undo : nullptr, sn, su);
+    quad::key_sums(a.noise, (uint64_t)gq, e.tid, a.stream, a.K, a.keys, a.alphas, a.invert ? a.undo : nullptr, sn, su);
   });
 }
 

@@ -45,6 +45,7 @@ struct LaunchArgs {
   int has_x;               // 0: out = z of keys[0] (noise_), or the raw words when pdt == U32
   int stochastic;          // stochastic rounding for bf16 / fp16
   uint32_t stream;         // Philox stream of the noise
+  int noise;               // NOISE_GAUSSIAN or NOISE_RADEMACHER (../philox.h; docs/spec.md §9)
   uint32_t rk0, rk1;       // rounding key
   int64_t total_quads;     // sum of the tensors' quads (sizes the grid)
   // Exact-restore form (no dense term, has_x 1):

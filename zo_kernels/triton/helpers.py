@@ -1,7 +1,7 @@
-"""The Triton kernels' shared pieces (docs/spec.md §1, §3, §4): the @triton.jit functions every kernel
-of this package builds on (zo-noise v1 normals, rounding, the quad walk over a tensor, exact restore's
-inversion and residue planes), the host helpers of their launches, and `compile_ptx`, which builds any of
-the kernels ahead of time for a GPU target.
+"""The Triton kernels' shared pieces (docs/spec.md §1, §3, §4, §9): the @triton.jit functions every kernel
+of this package builds on (zo-noise v1 normals and the ±1 signs, rounding, the quad walk over a tensor,
+exact restore's inversion and residue planes), the host helpers of their launches, and `compile_ptx`,
+which builds any of the kernels ahead of time for a GPU target.
 
 Kernels: noise_axpy.py (noise_axpy_, noise_), noise_adam.py (noise_adam_), lowrank.py
 (lowrank_noise_axpy_).  One definition of each helper keeps their noise and rounding bit-identical.
@@ -71,6 +71,37 @@ def _normals(key, gq, tid, stream, FAST: tl.constexpr):
     z0, z1 = _box_muller(x0, x1, FAST)
     z2, z3 = _box_muller(x2, x3, FAST)
     return _interleave(z0, z1, z2, z3)
+
+
+@triton.jit
+def _signs(key, gq, tid, stream):
+    """The ±1 signs of docs/spec.md §9 for global quads gq, as [B, 4]: quad gq holds bits 4 (gq mod 8) ..
+    +3 of word (gq mod 32) // 8 of sign block gq // 32.  One Philox call per quad, as csrc/philox.h's
+    signs4 (each program owns quads, and the pass is memory-bound on a GPU)."""
+    w0, w1, w2, w3 = _quad_words(key, gq >> 5, tid, stream)
+    sel = (gq >> 3) & 3
+    word = tl.where(sel == 0, w0, tl.where(sel == 1, w1, tl.where(sel == 2, w2, w3)))
+    bits = word >> (4 * (gq & 7)).to(tl.uint32)
+    bit = (bits[:, None] >> tl.arange(0, 4).to(tl.uint32)[None, :]) & 1
+    # bit 0 -> +1.0, bit 1 -> -1.0: the bit goes to 1.0f's sign bit
+    return (bit << 31 | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _noise(key, gq, tid, stream, FAST: tl.constexpr, RADEMACHER: tl.constexpr):
+    """The noise of global quads gq as [B, 4]: normals (§1), or with RADEMACHER the signs of §9."""
+    if RADEMACHER:
+        z = _signs(key, gq, tid, stream)
+    else:
+        z = _normals(key, gq, tid, stream, FAST)
+    return z
+
+
+def fp_fusion(rademacher: bool) -> bool:
+    """Whether a launch lets the compiler contract a·b + c into one FMA.  Not for ±1 launches: there
+    every backend must give the reference's bits (docs/spec.md §9), which round each product and sum
+    separately (γ·θ + α·s fused would round once)."""
+    return not rademacher
 
 
 @triton.jit
@@ -280,5 +311,6 @@ def compile_ptx(kernel, cc: int, signature: dict, constexprs: dict, *, aligned=(
     const = {k: getattr(tl, v) if isinstance(v, str) else v for k, v in constexprs.items()}
     src = ASTSource(kernel, sig, constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": num_warps, "enable_fp_fusion": True})
+                       options={"num_warps": num_warps,
+                                "enable_fp_fusion": fp_fusion(constexprs.get("RADEMACHER", False))})
     return k.asm["ptx"]

@@ -22,11 +22,12 @@ from .helpers import (
     _column_extent,
     _column_ptr,
     _config,
-    _normals,
+    _noise,
     _round_store,
     _walk_quads,
     compile_ptx,
     f64_bits,
+    fp_fusion,
 )
 
 __all__ = ["DTYPES", "noise_adam"]
@@ -38,10 +39,14 @@ _COLS = tl.constexpr(6)
 
 @triton.jit
 def _adam_tile(idx, mask, gq, lq, p, mp, vp, tid, tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma,
-               K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr):
+               K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr, RADEMACHER: tl.constexpr):
+    if RADEMACHER:
+        stream = 5  # the streams of docs/spec.md §1 / §9 (zo_kernels.noise.default_stream)
+    else:
+        stream = 0
     g = tl.zeros(idx.shape, tl.float32)
     for j in tl.static_range(K):
-        g += _coef(tab + _COLS * T + K + j) * _normals(tl.load(tab + _COLS * T + j), gq, tid, 0, FAST)
+        g += _coef(tab + _COLS * T + K + j) * _noise(tl.load(tab + _COLS * T + j), gq, tid, stream, FAST, RADEMACHER)
     theta = tl.load(p + idx, mask=mask).to(tl.float32)
     m = tl.load(mp + idx, mask=mask)
     v = tl.load(vp + idx, mask=mask)
@@ -59,7 +64,7 @@ def _adam_tile(idx, mask, gq, lq, p, mp, vp, tid, tab, T, b1, omb1, b2, omb2, ep
 @triton.jit
 def _noise_adam_kernel(tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma,
                        K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, ALIGNED: tl.constexpr,
-                       FAST: tl.constexpr, BLOCK: tl.constexpr):
+                       FAST: tl.constexpr, BLOCK: tl.constexpr, RADEMACHER: tl.constexpr = False):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for t in range(T):
@@ -68,7 +73,7 @@ def _noise_adam_kernel(tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2,
         vp = _column_ptr(tab, 2, T, t, tl.float32, ALIGNED)
         n, tid, off = _column_extent(tab, 3, T, t)
         _walk_quads(_adam_tile, (p, mp, vp, tid, tab, T, b1, omb1, b2, omb2, eps, step_size, bc2_sqrt, l2, gamma),
-                    (K, SR, OUT, FAST), n, off, t % nprog == pid, pid, nprog, ALIGNED, BLOCK)
+                    (K, SR, OUT, FAST, RADEMACHER), n, off, t % nprog == pid, pid, nprog, ALIGNED, BLOCK)
 
 
 def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key,
@@ -92,7 +97,8 @@ def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, t
         _noise_adam_kernel[grid](
             tab, len(ps), sc.beta1, 1.0 - sc.beta1, sc.beta2, 1.0 - sc.beta2, sc.eps, sc.step_size, sc.bc2_sqrt,
             sc.l2, sc.gamma, K=len(keys), SR=rounding == "stochastic" and dtype != torch.float32, OUT=_TL[dtype],
-            ALIGNED=_aligned(ps + ms + vs, offs), FAST=not INTERPRET, BLOCK=BLOCK, num_warps=warps)
+            ALIGNED=_aligned(ps + ms + vs, offs), FAST=not INTERPRET, BLOCK=BLOCK, num_warps=warps,
+            RADEMACHER=noise == "rademacher", enable_fp_fusion=fp_fusion(noise == "rademacher"))
         del tab  # freed to the caching allocator; its reuse is ordered after the launch on this stream
 
 
@@ -101,6 +107,7 @@ AOT_CASES = [
     ("adam_k2_fp32", dict(K=2, SR=False, OUT="float32")),
     ("adam_k1_bf16_sr", dict(K=1, SR=True, OUT="bfloat16")),
     ("adam_k1_fp32_unaligned", dict(K=1, SR=False, OUT="float32", ALIGNED=False)),
+    ("adam_rad_k2_bf16_sr", dict(K=2, SR=True, OUT="bfloat16", RADEMACHER=True)),
 ]
 
 
@@ -110,5 +117,5 @@ _AOT_SIGNATURE = {"tab": "*i64", "T": "i32",
 
 def aot_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
     """PTX of the kernel for sm_<cc> without a GPU (helpers.compile_ptx)."""
-    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block), **const)
+    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block, RADEMACHER=False), **const)
     return compile_ptx(_noise_adam_kernel, cc, _AOT_SIGNATURE, const, num_warps=num_warps)

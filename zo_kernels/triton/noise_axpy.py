@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..noise import default_stream
 from .helpers import (
     _TL,
     DTYPES,
@@ -26,12 +27,13 @@ from .helpers import (
     _column_ptr,
     _config,
     _invert_rounding,
-    _normals,
+    _noise,
     _round_store,
     _walk_quads,
     _write_plane,
     compile_ptx,
     f64_bits,
+    fp_fusion,
 )
 
 __all__ = ["DTYPES", "noise_axpy", "noise_axpy_exact", "noise"]
@@ -46,13 +48,14 @@ _COLS = tl.constexpr(5)
 @triton.jit
 def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
           K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
-          OUT: tl.constexpr, FAST: tl.constexpr):
+          OUT: tl.constexpr, FAST: tl.constexpr, RADEMACHER: tl.constexpr):
     if HAS_X:
         acc = tl.load(p + idx, mask=mask).to(tl.float32) * gamma
     else:
         acc = tl.zeros(idx.shape, tl.float32)
     for j in tl.static_range(K):
-        acc += _coef(tab + _COLS * T + K + j) * _normals(tl.load(tab + _COLS * T + j), gq, tid, stream, FAST)
+        acc += _coef(tab + _COLS * T + K + j) * _noise(tl.load(tab + _COLS * T + j), gq, tid, stream, FAST,
+                                                       RADEMACHER)
     if HAS_DENSE:
         acc += beta * tl.load(dp + idx, mask=mask).to(tl.float32)
     _round_store(p, idx, mask, acc, tab + _COLS * T + 2 * K, gq, tid, SR, OUT)
@@ -61,14 +64,14 @@ def _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream,
 @triton.jit
 def _tile_exact(p, pp, idx, mask, gq, qi, tid, tab, T, gamma, stream,
                 K: tl.constexpr, SR: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr,
-                INVERT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr):
+                INVERT: tl.constexpr, PLANE: tl.constexpr, PBITS: tl.constexpr, RADEMACHER: tl.constexpr):
     """zo_kernels.restore.noise_axpy_exact_reference in registers: undo the carried perturbation
     by inverting its rounding (plane-resolved), write or read the residue plane, apply the new one."""
     y = tl.load(p + idx, mask=mask)
     s_new = tl.zeros(idx.shape, tl.float32)
     s_undo = tl.zeros(idx.shape, tl.float32)
     for j in tl.static_range(K):
-        z = _normals(tl.load(tab + _COLS * T + j), gq, tid, stream, FAST)
+        z = _noise(tl.load(tab + _COLS * T + j), gq, tid, stream, FAST, RADEMACHER)
         s_new += _coef(tab + _COLS * T + K + j) * z
         s_undo += _coef(tab + _COLS * T + 2 * K + 1 + j) * z
     qmask = tl.max(mask.to(tl.int32), axis=1) > 0
@@ -84,11 +87,13 @@ def _tile_exact(p, pp, idx, mask, gq, qi, tid, tab, T, gamma, stream,
 def _dispatch(idx, mask, gq, qi, p, dp, tid, tab, T, gamma, beta, stream,
               K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
               OUT: tl.constexpr, FAST: tl.constexpr, EXACT: tl.constexpr, INVERT: tl.constexpr,
-              PLANE: tl.constexpr, PBITS: tl.constexpr):
+              PLANE: tl.constexpr, PBITS: tl.constexpr, RADEMACHER: tl.constexpr):
     if EXACT:
-        _tile_exact(p, dp, idx, mask, gq, qi, tid, tab, T, gamma, stream, K, SR, OUT, FAST, INVERT, PLANE, PBITS)
+        _tile_exact(p, dp, idx, mask, gq, qi, tid, tab, T, gamma, stream, K, SR, OUT, FAST, INVERT, PLANE, PBITS,
+                    RADEMACHER)
     else:
-        _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream, K, HAS_X, HAS_DENSE, SR, OUT, FAST)
+        _tile(p, dp, idx, mask, gq, tid, tab, T, gamma, beta, stream, K, HAS_X, HAS_DENSE, SR, OUT, FAST,
+              RADEMACHER)
 
 
 @triton.jit
@@ -96,7 +101,7 @@ def _noise_axpy_kernel(tab, T, gamma, beta, stream,
                        K: tl.constexpr, HAS_X: tl.constexpr, HAS_DENSE: tl.constexpr, SR: tl.constexpr,
                        OUT: tl.constexpr, DENSE: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
                        BLOCK: tl.constexpr, EXACT: tl.constexpr = False, INVERT: tl.constexpr = False,
-                       PLANE: tl.constexpr = 0, PBITS: tl.constexpr = 2):
+                       PLANE: tl.constexpr = 0, PBITS: tl.constexpr = 2, RADEMACHER: tl.constexpr = False):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for t in range(T):
@@ -105,7 +110,7 @@ def _noise_axpy_kernel(tab, T, gamma, beta, stream,
         dp = _column_ptr(tab, 1, T, t, DENSE, ALIGNED)
         n, tid, off = _column_extent(tab, 2, T, t)
         _walk_quads(_dispatch, (p, dp, tid, tab, T, gamma, beta, stream),
-                    (K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS),
+                    (K, HAS_X, HAS_DENSE, SR, OUT, FAST, EXACT, INVERT, PLANE, PBITS, RADEMACHER),
                     n, off, t % nprog == pid, pid, nprog, ALIGNED, BLOCK)
 
 
@@ -130,6 +135,13 @@ AOT_CASES = [
                                        EXACT=True, INVERT=True)),
     ("k1_fp32_accurate_sincos", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float32", DENSE="float32",
                                      FAST=False)),
+    # The ±1 form (docs/spec.md §9): no sin/cos, no FMA contraction.
+    ("rad_k2_fp32_dense", dict(K=2, HAS_X=True, HAS_DENSE=True, SR=False, OUT="float32", DENSE="float32",
+                               RADEMACHER=True)),
+    ("rad_k2_bf16_sr", dict(K=2, HAS_X=True, HAS_DENSE=False, SR=True, OUT="bfloat16", DENSE="bfloat16",
+                            RADEMACHER=True)),
+    ("rad_exact_fp16_invert_plane4", dict(K=2, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float16", DENSE="int16",
+                                          EXACT=True, INVERT=True, PLANE=2, PBITS=4, RADEMACHER=True)),
 ]
 
 
@@ -138,13 +150,14 @@ _AOT_SIGNATURE = {"tab": "*i64", "T": "i32", "gamma": "fp32", "beta": "fp32", "s
 
 def aot_ptx(cc: int, block: int = 256, num_warps: int = 4, **const) -> str:
     """PTX of the kernel for sm_<cc> without a GPU (helpers.compile_ptx; aot.py writes AOT_CASES)."""
-    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block, EXACT=False, INVERT=False, PLANE=0, PBITS=2), **const)
+    const = dict(dict(ALIGNED=True, FAST=True, BLOCK=block, EXACT=False, INVERT=False, PLANE=0, PBITS=2,
+                      RADEMACHER=False), **const)
     return compile_ptx(_noise_axpy_kernel, cc, _AOT_SIGNATURE, const, num_warps=num_warps)
 
 
 # --------------------------------------------------------------------- host
 def _launch(params, dense, keys, alphas, gamma, beta, rounding, tensor_ids, offsets, rounding_key,
-            stream=0, has_x=True, block=None, undo=None, planes=None, plane_bits=2):
+            stream=0, has_x=True, block=None, undo=None, planes=None, plane_bits=2, noise="gaussian"):
     device = params[0].device
     T = len(params)
     dense_list = dense if dense is not None else params
@@ -168,7 +181,8 @@ def _launch(params, dense, keys, alphas, gamma, beta, rounding, tensor_ids, offs
         and (not planes or all(pl.data_ptr() % 16 == 0 for pl in planes)),
         FAST=not INTERPRET, BLOCK=BLOCK, num_warps=warps,
         EXACT=exact, INVERT=exact and any(u != 0.0 for u in undo),
-        PLANE=(0 if not planes else 2 if any(u != 0.0 for u in undo) else 1), PBITS=plane_bits)
+        PLANE=(0 if not planes else 2 if any(u != 0.0 for u in undo) else 1), PBITS=plane_bits,
+        RADEMACHER=noise == "rademacher", enable_fp_fusion=fp_fusion(noise == "rademacher"))
     return tab  # kept alive by the caller until the launch is queued
 
 
@@ -188,7 +202,7 @@ def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, o
             continue
         _launch([params[i] for i in live], None if dense is None else [dense[i] for i in live],
                 keys, alphas, gamma, beta, rounding, [tensor_ids[i] for i in live],
-                [offsets[i] for i in live], rounding_key, block=block)
+                [offsets[i] for i in live], rounding_key, block=block, stream=default_stream(noise), noise=noise)
 
 
 def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
@@ -198,10 +212,10 @@ def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, roun
         if live:
             _launch([params[i] for i in live], None, keys, alphas, gamma, 0.0, rounding,
                     [tensor_ids[i] for i in live], [offsets[i] for i in live], rounding_key, block=block,
-                    undo=undo, planes=[planes[i] for i in live] if planes else None, plane_bits=plane_bits)
+                    stream=default_stream(noise), noise=noise, undo=undo, planes=[planes[i] for i in live] if planes else None, plane_bits=plane_bits)
 
 
 def noise(out, key, tensor_id, offset, stream, noise="gaussian", block=None):
     if out.numel():
         _launch([out], None, [key], [1.0], 0.0, 0.0, "nearest", [tensor_id], [offset], 0,
-                stream=stream, has_x=False, block=block)
+                stream=stream, has_x=False, block=block, noise=noise)
