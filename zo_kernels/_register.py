@@ -18,7 +18,8 @@ def _register_reference() -> None:
     backends.register(backends.Backend("reference", ("cpu", "cuda"), _ALL_DTYPES,
                                        noise_axpy_reference, noise_reference,
                                        axpy_exact=noise_axpy_exact_reference, adam=noise_adam_reference,
-                                       lowrank=lowrank_axpy_reference, noise_forms=NOISE_FORMS))
+                                       lowrank=lowrank_axpy_reference, noise_forms=NOISE_FORMS,
+                                       scaled=frozenset({torch.float32, torch.float64})))
 
 
 def _register_triton() -> None:
