@@ -60,7 +60,7 @@ def _register_native() -> None:
     backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
                                        axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
                                        lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS,
-                                       notes={"isa": native.cpu_isa()}))
+                                       scaled=frozenset({torch.float32}), notes={"isa": native.cpu_isa()}))
     if not native.has_cuda():
         backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "
                                       "(torch without CUDA, or nvcc/CUDA_HOME not found at build time)")

@@ -58,7 +58,13 @@ void launch_group(const std::vector<size_t>& idx, const PassCall& c, LaunchArgs 
 }
 
 // One launch per (param dtype, dense dtype) group, like the Triton kernel.
+// The scaled form (docs/spec.md §10) is not in this kernel yet: refused by name, never ignored.
+void refuse_scale(const PassCall& c) {
+  TORCH_CHECK(c.scale.empty(), "the CUDA C++ kernel does not implement scale= (the scaled form, docs/spec.md §10)");
+}
+
 void noise_axpy_cuda(const PassCall& c) {
+  refuse_scale(c);
   if (c.params.empty()) return;
   const c10::cuda::CUDAGuard guard(launch_device(c.params));
   const auto groups = launch_groups(c.params, [&](size_t i) {
@@ -76,6 +82,7 @@ void noise_axpy_cuda(const PassCall& c) {
 
 // The exact-restore form (zo_kernels.restore; rules in ../restore.h): one launch per param dtype.
 void noise_axpy_exact_cuda(const PassCall& c) {
+  refuse_scale(c);
   if (c.params.empty()) return;
   const c10::cuda::CUDAGuard guard(launch_device(c.params));
   const auto groups = launch_groups(c.params, [&](size_t i) { return dtype_code(c.params[i].scalar_type()); });
