@@ -70,6 +70,8 @@ class HiZOO(SPSAOptimizer):
     """
 
     _samples_layers = False
+    # replay() re-issues its trajectory (σ rebuilt by the update passes); the seed-log format has no σ.
+    unloggable = "HiZOO's scaled passes and σ updates are not in the seed-log format (docs/seedlog.md)"
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
                  smoothing: Union[float, str] = 1e-8, **core):
