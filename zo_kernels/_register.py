@@ -69,7 +69,8 @@ def _register_native() -> None:
     else:
         backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise,
                                            axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
-                                           lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS))
+                                           lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS,
+                                           scaled=frozenset({torch.float32})))
 
 
 def register_all() -> None:

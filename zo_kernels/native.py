@@ -13,8 +13,8 @@ Both are the ops of the extension zo_kernels._C, built from source by setup.py:
     zo_kernels::_noise_adam_native(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic,
                                    tensor_ids, offsets, rounding_key, noise)
 
-`scale` (last, default empty) is the scaled form's σ (docs/spec.md §10): float32, one per param; the CPU
-kernel implements it, the CUDA kernel refuses it.  `noise` is the noise form as an int (NOISE_CODES; csrc/philox.h NOISE_GAUSSIAN / NOISE_RADEMACHER, docs/spec.md
+`scale` (last, default empty) is the scaled form's σ (docs/spec.md §10): float32, one per param, in both
+kernels.  `noise` is the noise form as an int (NOISE_CODES; csrc/philox.h NOISE_GAUSSIAN / NOISE_RADEMACHER, docs/spec.md
 §9); the low-rank pass is Gaussian only.
 
 The third is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are

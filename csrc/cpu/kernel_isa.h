@@ -249,7 +249,7 @@ ZO_HD void scaled_block(BlockNoise& nz, int j, uint32_t k0, uint32_t k1, uint64_
 // acc[e] += alpha_j z_j[e] for the keys j in order (one z per key; sigma z with a scale sv), in the block at
 // global quad q.
 ZO_HD void add_key_sum(BlockNoise& nz, const uint32_t* keys, const float* alphas, int K, uint64_t q,
-                       const float* sv, float* __restrict acc) {
+                       float* __restrict acc, const float* sv = nullptr) {
   alignas(64) float z[BLOCK];
   for (int j = 0; j < K; ++j) {
     scaled_block(nz, j, keys[2 * j], keys[2 * j + 1], q, sv, z);
@@ -291,7 +291,7 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
     }
     // acc += alpha_j z_j, keys in order (without x: acc = z of keys[0])
     if (a.has_x)
-      add_key_sum(nz, a.keys, a.alphas, a.K, qb, load_scale(t.s, e0, n, sv), acc);
+      add_key_sum(nz, a.keys, a.alphas, a.K, qb, acc, load_scale(t.s, e0, n, sv));
     else if (a.K > 0)
       nz.block(0, a.keys[0], a.keys[1], qb, acc);
     // acc += beta dense

@@ -33,8 +33,10 @@ void launch_group(const std::vector<size_t>& idx, const PassCall& c, LaunchArgs 
     Entry e;
     set_tensor_fields(e, p, c.tensor_ids[i], c.offsets[i]);
     e.d = d ? d->data_ptr() : nullptr;
+    e.s = c.scale.empty() ? nullptr : c.scale[i].data_ptr<float>();
     e.quad_start = quads;
-    e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size()));
+    e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size())) &&
+                (!e.s || aligned4(e.s, sizeof(float)));
     e.plane = c.planes.empty() || c.planes[i].numel() == 0 ? nullptr : c.planes[i].data_ptr<uint8_t>();
     e.plane_aligned = e.plane && ((uintptr_t)e.plane % (uintptr_t)(a.plane_bits / 2)) == 0;
     entries[r] = e;
@@ -58,13 +60,7 @@ void launch_group(const std::vector<size_t>& idx, const PassCall& c, LaunchArgs 
 }
 
 // One launch per (param dtype, dense dtype) group, like the Triton kernel.
-// The scaled form (docs/spec.md §10) is not in this kernel yet: refused by name, never ignored.
-void refuse_scale(const PassCall& c) {
-  TORCH_CHECK(c.scale.empty(), "the CUDA C++ kernel does not implement scale= (the scaled form, docs/spec.md §10)");
-}
-
 void noise_axpy_cuda(const PassCall& c) {
-  refuse_scale(c);
   if (c.params.empty()) return;
   const c10::cuda::CUDAGuard guard(launch_device(c.params));
   const auto groups = launch_groups(c.params, [&](size_t i) {
@@ -82,7 +78,6 @@ void noise_axpy_cuda(const PassCall& c) {
 
 // The exact-restore form (zo_kernels.restore; rules in ../restore.h): one launch per param dtype.
 void noise_axpy_exact_cuda(const PassCall& c) {
-  refuse_scale(c);
   if (c.params.empty()) return;
   const c10::cuda::CUDAGuard guard(launch_device(c.params));
   const auto groups = launch_groups(c.params, [&](size_t i) { return dtype_code(c.params[i].scalar_type()); });

@@ -80,6 +80,8 @@ LR_ADAM = _rate("lr_zo_adam", "zo-adam lr", lambda c: GRAD_SCALE * c.option("lr_
                 f"{GRAD_SCALE:g} x --lr-mezo (the gradient scale at the default start)")
 BETAS = Knob("betas", (0.9, 0.999), "zo-adam: Adam's (beta1, beta2)",
              type=lambda s: tuple(float(x) for x in s.split(",")), metavar="B1,B2")
+ADAM_WINDOW = Knob("adam_window", 32, "zo-adam-seeded: the last K steps' keys rebuild Adam's first moment (relative "
+                   "truncation beta1^K)", type=int, minimum=1)
 LR_LOZO = _rate("lr_lozo", "lozo lr", lambda c: c.option("lr_mezo") / c.option("lozo_rank"),
                 "--lr-mezo / rank; lozo and lozo-m")
 LOZO_RANK = Knob("lozo_rank", 2, "lozo, lozo-m: rank r of the U Vᵀ perturbation", type=int, minimum=1)
@@ -207,6 +209,12 @@ register(Method("zo-sgd-mmt-dense", "ZO-SGD-MMT (dense)", "zo",
 register(Method("zo-adam", "ZO-Adam", "zo",
                 _make("ZOAdam", LR_ADAM, lambda c: {"betas": tuple(c.option("betas")), **_spsa(c)}),
                 _queries_per_step, "tab:orange", knobs=(LR_ADAM, LR_MEZO, BETAS, N_DIRECTIONS, NOISE), lr_knob="lr_zo_adam"))
+# ZO-Adam with no weight-sized state: ±1 noise (v one scalar per group), m rebuilt from the last K keys; AdamW's
+# decoupled weight decay (the coupled L2 term is not a sum of seeds).
+register(Method("zo-adam-seeded", "ZO-Adam (seeded)", "zo",
+                _make("ZOAdam", LR_ADAM, lambda c: {"betas": tuple(c.option("betas")), "window": c.option("adam_window")},
+                      noise_knob=None, state="seeded", noise="rademacher", decoupled=True),
+                _queries_per_step, "goldenrod", knobs=(LR_ADAM, LR_MEZO, BETAS, ADAM_WINDOW), lr_knob="lr_zo_adam"))
 # LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank --lozo-rank, V kept --lozo-nu steps)
 register(Method("lozo", "LOZO", "zo", _make("LOZO", LR_LOZO, _lozo_options, noise_knob=None), _two_point, "teal",
                 knobs=(LR_LOZO, LR_MEZO, LOZO_RANK, LOZO_NU), lr_knob="lr_lozo"))
