@@ -27,8 +27,8 @@ from .validate import (
     check_no_overlap,
     check_noise,
     check_scalar,
-    check_tensor,
     check_scale,
+    check_tensor,
     check_tensors,
     named_tensors,
 )
