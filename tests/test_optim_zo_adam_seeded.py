@@ -124,7 +124,9 @@ def test_refusals():
         make(ps(), window=0)
     with pytest.raises(ValueError, match="record=True"):
         ZOAdam(ps(), lr=LR, record=True)
+    with pytest.raises(ValueError, match="decoupled=True"):
+        make(ps(), weight_decay=0.1)                         # coupled L2
     net, _, x, y, batches = setup()
-    opt = make(net.parameters(), weight_decay=0.1)          # coupled L2: refused at the update
+    opt = make([{"params": list(net.parameters()), "weight_decay": 0.1}])   # a group's own coupled L2
     with pytest.raises(ValueError, match="decoupled=True"):
         run_steps(opt, net, x, y, batches, 1)

@@ -78,6 +78,9 @@ class ZOAdam(SPSAOptimizer):
             if core.get("noise", "gaussian") != "rademacher":
                 raise ValueError("ZOAdam(state='seeded') needs noise='rademacher': with ±1 noise g² = c² is one "
                                  "scalar per group; Gaussian z makes g² = c²z² elementwise (a dense v)")
+            if weight_decay and not decoupled:
+                raise ValueError("ZOAdam(state='seeded') needs decoupled=True with weight_decay > 0: the coupled "
+                                 "L2 term λθ is not a sum of seeds")
             if n_directions != 1:
                 raise ValueError(f"ZOAdam(state='seeded') takes one direction per step (g² of q > 1 directions "
                                  f"has cross terms), got n_directions={n_directions!r}")
@@ -135,7 +138,7 @@ class ZOAdam(SPSAOptimizer):
     def _seeded_update(self, w: Tracked, key: int, ds: List[float]) -> None:
         """One pass of the last K keys (module doc): v per group a scalar, m rebuilt from the window."""
         cs = [self._coefficients(ds, g)[0] for g in self.param_groups]
-        for g in self.param_groups:
+        for g in self.param_groups:     # a group's own weight_decay (the constructor checked the default)
             if g["weight_decay"] and not self.decoupled:
                 raise ValueError("ZOAdam(state='seeded') needs decoupled=True with weight_decay > 0: the coupled "
                                  "L2 term λθ is not a sum of seeds")
