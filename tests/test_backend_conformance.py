@@ -713,10 +713,10 @@ OPCHECKS = [
 # without the trailing backend name.
 NATIVE_OPCHECKS = [
     OpCall("_noise_axpy_native", lambda: OPS._noise_axpy_native.default,
-           lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0, 1)),
+           lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0, 1, [])),
     OpCall("_noise_native", lambda: OPS._noise_native.default, lambda d: _noise_args(None, d)[:-2] + (0,)),
     OpCall("_noise_axpy_exact_native", lambda: OPS._noise_axpy_exact_native.default,
-           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-3] + (1,)),
+           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-3] + (1, [])),
     OpCall("_noise_axpy_native-scaled", lambda: OPS._noise_axpy_native.default,
            lambda d: (lambda a: a[:6] + (0,) + a[7:10] + (1, a[11]))(_axpy_dense_args(None, d, scaled=True))),
     OpCall("_noise_adam_native", lambda: OPS._noise_adam_native.default,

@@ -202,3 +202,38 @@ def test_available_backends_without_scale_refuse(backend):
     p = torch.randn(8, device=dev)
     with pytest.raises(NotImplementedError, match=f"backend {backend!r} does not implement scale="):
         zo_kernels.noise_axpy_([p], [1], [1.0], scale=[torch.ones(8, device=dev)], backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in SCALED_KERNELS if p.values == ("cpu", "cpu")])
+def test_cpu_kernel_same_bits_on_every_instruction_set(backend, device):
+    """The C++ kernel's scaled form (plain and exact) gives the same bits on every instruction set it can run."""
+    from zo_kernels import native
+
+    params, kw = build("ids-offsets", torch.bfloat16, "cpu")
+    out = {}
+    for isa in native.cpu_isas():
+        with native.on_isa(isa):
+            plain = run("cpu", params, **kw)
+            ex = [p.clone() for p in params]
+            zo_kernels.noise_axpy_(ex, KEYS[:2], ALPHAS[:2], undo=[1e-3, 0.0], scale=kw["scale"], backend="cpu",
+                                   tensor_ids=kw["tensor_ids"], offsets=kw["offsets"])
+            out[isa] = plain + ex
+    base = out[native.cpu_isas()[0]]
+    assert len(out) >= 1
+    for isa, got in out.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, base)), isa
+
+
+@pytest.mark.parametrize("backend,device", [p for p in SCALED_KERNELS if p.values == ("cpu", "cpu")])
+def test_native_op_checks_its_scale(backend, device):
+    """The internal op refuses a bad σ itself (count, dtype, elements), before writing."""
+    ops = torch.ops.zo_kernels
+    p = torch.zeros(8)
+    for scale, msg in (([torch.ones(8), torch.ones(8)], "scale has 2 tensors for 1 params"),
+                       ([torch.ones(8, dtype=torch.float64)], "contiguous float32"),
+                       ([torch.ones(7)], "scale\\[0\\] has 7 elements")):
+        with pytest.raises(RuntimeError, match=msg):
+            ops._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0, 0, scale)
+        with pytest.raises(RuntimeError, match=msg):
+            ops._noise_axpy_exact_native([p], [1], [1.0], [0.0], 1.0, [], 2, 0, [0], [0], 0, 0, scale)
+    assert torch.equal(p, torch.zeros(8))
