@@ -199,29 +199,48 @@ struct PassCall {
   at::IntArrayRef tensor_ids, offsets;
   int64_t rounding_key;
   int64_t noise = NOISE_GAUSSIAN;  // the noise form (docs/spec.md §9); the low-rank pass is Gaussian
+  at::TensorList scale = {};       // the scaled form's sigma, float32, one per param (docs/spec.md §10), or empty
 };
 using PassFn = void (*)(const PassCall&);
+
+// The scaled form's sigma (docs/spec.md §10): empty, or one contiguous float32 tensor per param with its
+// element count, on its device.
+inline void check_scale(at::TensorList params, at::TensorList scale) {
+  TORCH_CHECK(scale.empty() || scale.size() == params.size(), "scale has ", scale.size(), " tensors for ",
+              params.size(), " params");
+  for (size_t i = 0; i < scale.size(); ++i) {
+    const at::Tensor& s = scale[i];
+    TORCH_CHECK(s.device() == params[i].device(), "scale[", i, "] is on ", s.device(), " but params[", i, "] on ",
+                params[i].device());
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scale[", i,
+                "] must be a contiguous float32 tensor");
+    TORCH_CHECK(s.numel() == params[i].numel(), "scale[", i, "] has ", s.numel(), " elements, params[", i, "] ",
+                params[i].numel());
+  }
+}
 
 // The ops as registered for device DEV: check the arguments (before anything is written), then Run.
 template <c10::DeviceType DEV, PassFn Run>
 void noise_axpy_op(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas, double gamma,
                    at::TensorList dense, double beta, int64_t stochastic, at::IntArrayRef tensor_ids,
-                   at::IntArrayRef offsets, int64_t rounding_key, int64_t noise) {
+                   at::IntArrayRef offsets, int64_t rounding_key, int64_t noise, at::TensorList scale) {
   check_axpy_args(params, keys, alphas, dense, stochastic, tensor_ids, offsets, DEV);
   check_noise(noise);
+  check_scale(params, scale);
   Run({params, key_table(keys, alphas), gamma, dense, beta, {}, 0, stochastic, tensor_ids, offsets, rounding_key,
-       noise});
+       noise, scale});
 }
 
 template <c10::DeviceType DEV, PassFn Run>
 void noise_axpy_exact_op(at::TensorList params, at::IntArrayRef keys, at::ArrayRef<double> alphas,
                          at::ArrayRef<double> undo, double gamma, at::TensorList planes, int64_t plane_bits,
                          int64_t stochastic, at::IntArrayRef tensor_ids, at::IntArrayRef offsets,
-                         int64_t rounding_key, int64_t noise) {
+                         int64_t rounding_key, int64_t noise, at::TensorList scale) {
   check_exact_args(params, keys, alphas, undo, planes, plane_bits, stochastic, tensor_ids, offsets, DEV);
   check_noise(noise);
+  check_scale(params, scale);
   Run({params, key_table(keys, alphas, undo), gamma, {}, 0.0, planes, plane_bits, stochastic, tensor_ids, offsets,
-       rounding_key, noise});
+       rounding_key, noise, scale});
 }
 
 // out float: the noise of the form `noise` on `stream`; out int32: the raw words (the form is not used).

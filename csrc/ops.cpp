@@ -42,13 +42,15 @@ bool has_cuda() {
 
 TORCH_LIBRARY_FRAGMENT(zo_kernels, m) {
   // `noise`: the noise form, 0 Gaussian (docs/spec.md §1), 1 Rademacher signs (§9); every op but the low-rank one.
+  // `scale`: the scaled form's sigma (docs/spec.md §10), one float32 tensor per param, or empty (sigma = 1).
   m.def("_noise_axpy_native(Tensor(a!)[] params, int[] keys, float[] alphas, float gamma, Tensor[] dense, "
-        "float beta, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key, int noise) -> ()");
+        "float beta, int stochastic, int[] tensor_ids, int[] offsets, int rounding_key, int noise, "
+        "Tensor[] scale) -> ()");
   // The exact-restore form (zo_kernels/restore.py, csrc/restore.h): undo the carried perturbation by
   // inverting its rounding (planes read), or record residues (planes written), then apply alphas.
   m.def("_noise_axpy_exact_native(Tensor(a!)[] params, int[] keys, float[] alphas, float[] undo, float gamma, "
         "Tensor(b!)[] planes, int plane_bits, int stochastic, int[] tensor_ids, int[] offsets, "
-        "int rounding_key, int noise) -> ()");
+        "int rounding_key, int noise, Tensor[] scale) -> ()");
   // The fused ZO-Adam pass (zo_kernels/adam.py, csrc/adam.h): theta, m, v in one pass with g = sum_j c_j z_j;
   // scalars = (beta1, beta2, eps, step_size, bc2_sqrt, l2, gamma).
   m.def("_noise_adam_native(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, int[] keys, "

@@ -644,20 +644,28 @@ def _key(s=2):
     return N.to_signed64(N.step_key(1, s))
 
 
-def _axpy_args(backend, device, noise="gaussian"):
+def _sigmas(params, scaled):
+    """The scaled form's σ for the op's `scale` list (docs/spec.md §10): empty, or one positive tensor each."""
+    return [make_tensor(p.shape, torch.float32, 90 + i).abs().to(p.device) + 0.5
+            for i, p in enumerate(params)] if scaled else []
+
+
+def _axpy_args(backend, device, noise="gaussian", scaled=False):
     p = [make_tensor(37, torch.float32, 0).to(device), make_tensor((3, 5), torch.bfloat16, 1).to(device)]
-    return (p, [_key()], [0.5], 0.9, [], 0.0, "stochastic", [0, 1], [0, 3], 7, noise, backend)
+    return (p, [_key()], [0.5], 0.9, [], 0.0, "stochastic", [0, 1], [0, 3], 7, noise, _sigmas(p, scaled), backend)
 
 
-def _axpy_dense_args(backend, device, noise="gaussian"):
+def _axpy_dense_args(backend, device, noise="gaussian", scaled=False):
     p = [make_tensor(10, torch.float32, 0).to(device), make_tensor((3, 5), torch.float32, 1).to(device)]
     d = [make_tensor(10, torch.float32, 2).to(device), make_tensor((3, 5), torch.bfloat16, 3).to(device)]
-    return (p, [_key(), _key(3)], [0.5, -0.1], 1.0, d, 0.25, "nearest", [0, 1], [0, 0], 0, noise, backend)
+    return (p, [_key(), _key(3)], [0.5, -0.1], 1.0, d, 0.25, "nearest", [0, 1], [0, 0], 0, noise, _sigmas(p, scaled),
+            backend)
 
 
-def _exact_args(backend, device, noise="gaussian"):
+def _exact_args(backend, device, noise="gaussian", scaled=False):
     q = [make_tensor(37, torch.bfloat16, 4).to(device)]
-    return (q, [_key()], [1e-3], [0.0], 1.0, R.make_planes(q, 2), 2, "nearest", [0], [0], 7, noise, backend)
+    return (q, [_key()], [1e-3], [0.0], 1.0, R.make_planes(q, 2), 2, "nearest", [0], [0], 7, noise,
+            _sigmas(q, scaled), backend)
 
 
 def _noise_args(backend, device, noise="gaussian"):
@@ -679,6 +687,11 @@ def _rademacher(args):
     return lambda backend, device: args(backend, device, "rademacher")
 
 
+def _scaled(args):
+    """An args function of the table above with the scaled form's σ (docs/spec.md §10)."""
+    return lambda backend, device: args(backend, device, scaled=True)
+
+
 def _lowrank_args(backend, device):
     p = [make_tensor((6, 5), torch.float32, 0).to(device), make_tensor(7, torch.float32, 1).to(device)]
     return (p, [_key()], _key(3), [0.5], [], 0.9, [], 0.0, [], 2, 2, "nearest", [0, 1], [0, 0], 0, backend)
@@ -697,15 +710,19 @@ OPCHECKS = [
     OpCall("noise_-rademacher", lambda: OPS.noise_.default, _rademacher(_noise_args)),
     OpCall("noise_adam_-rademacher", lambda: OPS.noise_adam_.default, _rademacher(_adam_args), "adam"),
     OpCall("lowrank_noise_axpy_", lambda: OPS.lowrank_noise_axpy_.default, _lowrank_args, "lowrank"),
+    OpCall("noise_axpy_-scaled", lambda: OPS.noise_axpy_.default, _scaled(_axpy_dense_args), "scaled"),
+    OpCall("noise_axpy_exact_-scaled", lambda: OPS.noise_axpy_exact_.default, _scaled(_exact_args), "scaled"),
 ]
 # The native backends' internal ops (registered by zo_kernels._C) are ops too: args(backend, device)
 # without the trailing backend name.
 NATIVE_OPCHECKS = [
     OpCall("_noise_axpy_native", lambda: OPS._noise_axpy_native.default,
-           lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0, 1)),
+           lambda d: ([make_tensor(10, torch.float32, 0).to(d)], [_key()], [0.5], 1.0, [], 0.0, 0, [0], [0], 0, 1, [])),
     OpCall("_noise_native", lambda: OPS._noise_native.default, lambda d: _noise_args(None, d)[:-2] + (0,)),
     OpCall("_noise_axpy_exact_native", lambda: OPS._noise_axpy_exact_native.default,
-           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-2] + (1,)),
+           lambda d: _exact_args(None, d)[:7] + (0,) + _exact_args(None, d)[8:-3] + (1, [])),
+    OpCall("_noise_axpy_native-scaled", lambda: OPS._noise_axpy_native.default,
+           lambda d: (lambda a: a[:6] + (0,) + a[7:10] + (1, a[11]))(_axpy_dense_args(None, d, scaled=True))),
     OpCall("_noise_adam_native", lambda: OPS._noise_adam_native.default,
            lambda d: _adam_args(None, d)[:6] + (0,) + _adam_args(None, d)[7:-2] + (1,)),
     OpCall("_lowrank_axpy_native", lambda: OPS._lowrank_axpy_native.default,

@@ -252,3 +252,25 @@ def test_fzoo_and_layer_sampling_through_the_trainer(tmp_path, optimizer, knobs)
     else:
         assert isinstance(opt, MeZO) and opt.layer_fraction == 0.5
     assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer, knobs", [("hizoo", dict(hizoo_smoothing="constant1e-2")),
+                                              ("zo-adam-seeded", dict(adam_window=4))])
+def test_hizoo_and_seeded_adam_through_the_trainer(tmp_path, optimizer, knobs):
+    """HiZOO (its smoothing from ZOArguments) and the stateless ZO-Adam train through ZOTrainer via the registry."""
+    from zo_kernels.optim import HiZOO, ZOAdam
+
+    model = tiny_bert()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    trainer = ZOTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(8),
+                        zo_args=ZOArguments(optimizer=optimizer, backend="reference", **knobs))
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert opt.step_count == 2
+    if optimizer == "hizoo":
+        assert isinstance(opt, HiZOO) and opt.smoothing == "constant1e-2"
+        assert any(not torch.equal(st["sigma"], torch.ones_like(st["sigma"])) for st in opt.state.values())
+    else:
+        assert isinstance(opt, ZOAdam) and opt.state_mode == "seeded" and opt.window == 4
+        assert opt.noise == "rademacher" and not any(opt.state.values())
+    assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))

@@ -215,17 +215,17 @@ def test_is_the_default_cpu_backend():
 def test_internal_op_checks_its_arguments():
     p = torch.zeros(8)
     with pytest.raises(RuntimeError, match="tensor_ids"):
-        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [], [], 0, 0)
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [], [], 0, 0, [])
     with pytest.raises(RuntimeError, match="dtype"):
-        OPS._noise_axpy_native([p.double()], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0, 0)
+        OPS._noise_axpy_native([p.double()], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0, 0, [])
     with pytest.raises(RuntimeError, match="elements"):
-        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [torch.zeros(3)], 0.0, 0, [0], [0], 0, 0)
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [torch.zeros(3)], 0.0, 0, [0], [0], 0, 0, [])
     with pytest.raises(RuntimeError, match="offsets"):
-        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [-1], 0, 0)
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [-1], 0, 0, [])
     with pytest.raises(RuntimeError, match="contiguous"):
         OPS._noise_native(torch.zeros(4, 4).t(), 1, 0, 0, 0, 0)
     with pytest.raises(RuntimeError, match=r"noise must be 0 \(gaussian\) or 1 \(rademacher\), got 2"):
-        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0, 2)
+        OPS._noise_axpy_native([p], [1], [1.0], 1.0, [], 0.0, 0, [0], [0], 0, 2, [])
     with pytest.raises(RuntimeError, match="noise must be"):
         OPS._noise_native(p, 1, 0, 0, 0, -1)
     with pytest.raises(RuntimeError, match="noise must be"):

@@ -70,7 +70,7 @@ def _native_noise(noise, key, tensor_id, numel, offset=0, device=None, **_):
 
 @pytest.fixture
 def reference_with_native_z(monkeypatch):
-    """The reference's exact form computing with the native kernel's z."""
+    """The reference's exact form computing with the native kernel's z (restore.py draws through noise_values)."""
     monkeypatch.setattr(R, "noise_values", _native_noise)
     return "reference"
 
@@ -275,17 +275,17 @@ def test_internal_op_checks_its_arguments():
     ok = dict(tensor_ids=[0], offsets=[0])
     call = ops._noise_axpy_exact_native
     with pytest.raises(RuntimeError, match="undo"):
-        call([p], [1], [1.0], [], 1.0, [pl], 2, 0, ok["tensor_ids"], ok["offsets"], 0, 0)
+        call([p], [1], [1.0], [], 1.0, [pl], 2, 0, ok["tensor_ids"], ok["offsets"], 0, 0, [])
     with pytest.raises(RuntimeError, match="plane_bits"):
-        call([p], [1], [1.0], [0.0], 1.0, [pl], 3, 0, [0], [0], 0, 0)
+        call([p], [1], [1.0], [0.0], 1.0, [pl], 3, 0, [0], [0], 0, 0, [])
     with pytest.raises(RuntimeError, match="needs 4"):
-        call([p], [1], [1.0], [0.0], 1.0, [pl], 4, 0, [0], [0], 0, 0)
+        call([p], [1], [1.0], [0.0], 1.0, [pl], 4, 0, [0], [0], 0, 0, [])
     with pytest.raises(RuntimeError, match="uint8"):
-        call([p], [1], [1.0], [0.0], 1.0, [torch.zeros(2, dtype=torch.int16)], 2, 0, [0], [0], 0, 0)
+        call([p], [1], [1.0], [0.0], 1.0, [torch.zeros(2, dtype=torch.int16)], 2, 0, [0], [0], 0, 0, [])
     with pytest.raises(RuntimeError, match="planes for"):
-        call([p], [1], [1.0], [0.0], 1.0, [pl, pl], 2, 0, [0], [0], 0, 0)
+        call([p], [1], [1.0], [0.0], 1.0, [pl, pl], 2, 0, [0], [0], 0, 0, [])
     with pytest.raises(RuntimeError, match="dtype"):
-        call([p.double()], [1], [1.0], [0.0], 1.0, [], 2, 0, [0], [0], 0, 0)
+        call([p.double()], [1], [1.0], [0.0], 1.0, [], 2, 0, [0], [0], 0, 0, [])
     assert torch.equal(p, torch.zeros(8, dtype=torch.bfloat16)) and torch.equal(pl, torch.zeros(2, dtype=torch.uint8))
 
 

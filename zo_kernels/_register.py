@@ -18,7 +18,8 @@ def _register_reference() -> None:
     backends.register(backends.Backend("reference", ("cpu", "cuda"), _ALL_DTYPES,
                                        noise_axpy_reference, noise_reference,
                                        axpy_exact=noise_axpy_exact_reference, adam=noise_adam_reference,
-                                       lowrank=lowrank_axpy_reference, noise_forms=NOISE_FORMS))
+                                       lowrank=lowrank_axpy_reference, noise_forms=NOISE_FORMS,
+                                       scaled=frozenset({torch.float32, torch.float64})))
 
 
 def _register_triton() -> None:
@@ -59,7 +60,7 @@ def _register_native() -> None:
     backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
                                        axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
                                        lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS,
-                                       notes={"isa": native.cpu_isa()}))
+                                       scaled=frozenset({torch.float32}), notes={"isa": native.cpu_isa()}))
     if not native.has_cuda():
         backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "
                                       "(torch without CUDA, or nvcc/CUDA_HOME not found at build time)")
@@ -68,7 +69,8 @@ def _register_native() -> None:
     else:
         backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise,
                                            axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
-                                           lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS))
+                                           lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS,
+                                           scaled=frozenset({torch.float32})))
 
 
 def register_all() -> None:

@@ -11,7 +11,8 @@ A backend is a pair of plain functions behind the one custom op:
          rounding_key, noise)                                  (optional; see zo_kernels.adam)
 
 `noise` is the noise form (docs/spec.md §9), "gaussian" when omitted; a backend lists the forms it
-implements in `noise_forms`.
+implements in `noise_forms`.  axpy and axpy_exact take a keyword `scale` (σ, one tensor per param,
+docs/spec.md §10) only from backends whose `scaled` lists σ's dtype.
     lowrank(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes, plane_bits, rank, rounding,
             tensor_ids, offsets, rounding_key)                 (optional; see zo_kernels.lowrank)
 
@@ -50,6 +51,9 @@ class Backend:
     lowrank: Optional[Callable] = None
     # The noise forms (zo_kernels.noise.NOISE_FORMS) its axpy, noise, axpy_exact and adam implement.
     noise_forms: frozenset = frozenset({"gaussian"})
+    # The σ dtypes of the scaled form (docs/spec.md §10: axpy and axpy_exact with scale=), or None where the
+    # backend does not implement it (scale= is then refused by name, never dropped).
+    scaled: Optional[frozenset] = None
     notes: dict = field(default_factory=dict)
 
 
@@ -118,6 +122,14 @@ def require_noise(backend: Backend, noise: str) -> None:
     if noise not in backend.noise_forms:
         raise NotImplementedError(f"backend {backend.name!r} does not implement noise={noise!r}; backends "
                                   f"that do: {[n for n in available_backends() if noise in get(n).noise_forms]}")
+
+
+def require_scale(backend: Backend, dtype: torch.dtype) -> None:
+    """Raise NotImplementedError when `backend` lacks the scaled form (scale=) for σ of `dtype`."""
+    if backend.scaled is None or dtype not in backend.scaled:
+        have = [n for n in available_backends() if get(n).scaled and dtype in get(n).scaled]
+        raise NotImplementedError(f"backend {backend.name!r} does not implement scale= (the scaled form) with "
+                                  f"{dtype} σ; backends that do: {have}")
 
 
 def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:

@@ -4,16 +4,17 @@ docs/spec.md §2, §4, §7, §8).
 Both are the ops of the extension zo_kernels._C, built from source by setup.py:
 
     zo_kernels::_noise_axpy_native(params, keys, alphas, gamma, dense, beta, stochastic,
-                                   tensor_ids, offsets, rounding_key, noise)
+                                   tensor_ids, offsets, rounding_key, noise, scale)
     zo_kernels::_noise_native(out, key, tensor_id, offset, stream, noise)
     zo_kernels::_noise_axpy_exact_native(params, keys, alphas, undo, gamma, planes, plane_bits, stochastic,
-                                         tensor_ids, offsets, rounding_key, noise)
+                                         tensor_ids, offsets, rounding_key, noise, scale)
     zo_kernels::_lowrank_axpy_native(params, keys_u, key_v, alphas, undo, gamma, dense, beta, planes,
                                      plane_bits, rank, stochastic, tensor_ids, offsets, rounding_key)
     zo_kernels::_noise_adam_native(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, stochastic,
                                    tensor_ids, offsets, rounding_key, noise)
 
-`noise` is the noise form as an int (NOISE_CODES; csrc/philox.h NOISE_GAUSSIAN / NOISE_RADEMACHER, docs/spec.md
+`scale` (last, default empty) is the scaled form's σ (docs/spec.md §10): float32, one per param, in both
+kernels.  `noise` is the noise form as an int (NOISE_CODES; csrc/philox.h NOISE_GAUSSIAN / NOISE_RADEMACHER, docs/spec.md
 §9); the low-rank pass is Gaussian only.
 
 The third is the exact-restore form (zo_kernels.restore is its reference; the per-element rules are
@@ -45,20 +46,21 @@ def load():
     return torch.ops.zo_kernels
 
 
-def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key, noise="gaussian"):
+def noise_axpy(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key, noise="gaussian",
+               scale=None):
     torch.ops.zo_kernels._noise_axpy_native(params, list(keys), [float(a) for a in alphas], float(gamma),
                                             list(dense) if dense is not None else [], float(beta),
                                             int(rounding == "stochastic"), list(tensor_ids), list(offsets),
-                                            int(rounding_key), NOISE_CODES[noise])
+                                            int(rounding_key), NOISE_CODES[noise], list(scale or []))
 
 
 def noise_axpy_exact(params, keys, alphas, undo, gamma, planes, plane_bits, rounding, tensor_ids, offsets,
-                     rounding_key, noise="gaussian"):
+                     rounding_key, noise="gaussian", scale=None):
     torch.ops.zo_kernels._noise_axpy_exact_native(params, list(keys), [float(a) for a in alphas],
                                                   [float(u) for u in undo], float(gamma),
                                                   list(planes) if planes else [], int(plane_bits),
                                                   int(rounding == "stochastic"), list(tensor_ids), list(offsets),
-                                                  int(rounding_key), NOISE_CODES[noise])
+                                                  int(rounding_key), NOISE_CODES[noise], list(scale or []))
 
 
 def noise_adam(params, exp_avgs, exp_avg_sqs, keys, coeffs, scalars, rounding, tensor_ids, offsets, rounding_key,

@@ -215,12 +215,18 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, words: torch.Tensor) -
 
 
 # --------------------------------------------------- the primitive, reference
-def noise_axpy_reference(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key,
-                         noise="gaussian"):
-    """θ_t ← gamma·θ_t + Σ_j alphas[j]·z(keys[j], t) + beta·dense_t, fp32 math, one rounding (z: the
-    noise form `noise`, docs/spec.md §9).
+def scaled(z: torch.Tensor, scale, i: int) -> torch.Tensor:
+    """z of tensor i with the scaled form's σ applied (docs/spec.md §10): σ_i ⊙ z in z's precision, or z
+    unchanged without a scale."""
+    return z if scale is None else scale[i].reshape(-1).to(z.dtype) * z
 
-    float64 parameters are computed in float64 (z too): the precision oracle.
+
+def noise_axpy_reference(params, keys, alphas, gamma, dense, beta, rounding, tensor_ids, offsets, rounding_key,
+                         noise="gaussian", scale=None):
+    """θ_t ← gamma·θ_t + Σ_j alphas[j]·(σ_t ⊙ z(keys[j], t)) + beta·dense_t, fp32 math, one rounding (z: the
+    noise form `noise`, docs/spec.md §9; σ: `scale`, one tensor per param, or None for σ = 1, §10).
+
+    float64 parameters are computed in float64 (z and σ too): the precision oracle.
 
     Arguments are already validated by zo_kernels.ops; keys are unsigned ints.
     """
@@ -229,7 +235,8 @@ def noise_axpy_reference(params, keys, alphas, gamma, dense, beta, rounding, ten
         work = torch.float64 if p.dtype == torch.float64 else torch.float32
         acc = p.reshape(-1).to(work) * gamma
         for key, alpha in zip(keys, alphas):
-            acc = acc + alpha * noise_values(noise, key, tid, n, offset=off, dtype=work, device=p.device)
+            acc = acc + alpha * scaled(noise_values(noise, key, tid, n, offset=off, dtype=work, device=p.device),
+                                       scale, i)
         if dense is not None:
             acc = acc + beta * dense[i].reshape(-1).to(work)
         if rounding == "stochastic" and p.dtype in DROPPED_BITS:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .noise import DROPPED_BITS, noise_values
+from .noise import DROPPED_BITS, noise_values, scaled
 
 PLANE_BITS = (2, 4, 8)
 _WIDTH = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
@@ -136,9 +136,9 @@ def invert(y: torch.Tensor, s: torch.Tensor, residues=None, bits: int = 0):
 
 
 def noise_axpy_exact_reference(params, keys, alphas, undo, gamma, planes, plane_bits, rounding,
-                               tensor_ids, offsets, rounding_key, noise="gaussian"):
+                               tensor_ids, offsets, rounding_key, noise="gaussian", scale=None):
     """The exact-restore form of the primitive, for every tensor t (z of the noise form `noise`,
-    docs/spec.md §9):
+    docs/spec.md §9; with `scale`, z_j is σ_t ⊙ z_j throughout, §10):
 
         θ0 ← the value with round(θ0 + Σ undo_j z_j) = θ_t      (skipped when undo is all zero)
         plane_t ← low plane_bits of θ0's grid position           (when undo is all zero and planes given)
@@ -151,7 +151,7 @@ def noise_axpy_exact_reference(params, keys, alphas, undo, gamma, planes, plane_
     inverting = any(u != 0.0 for u in undo)
     for i, p in enumerate(params):
         n, tid, off = p.numel(), tensor_ids[i], offsets[i]
-        zs = [noise_values(noise, k, tid, n, offset=off, device=p.device) for k in keys]
+        zs = [scaled(noise_values(noise, k, tid, n, offset=off, device=p.device), scale, i) for k in keys]
         y = p.reshape(-1)
         theta0 = y
         if inverting:

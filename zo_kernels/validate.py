@@ -166,7 +166,7 @@ def check_no_overlap(named: Sequence[Tuple[str, torch.Tensor, bool]]) -> None:
             last_written = cur
 
 
-def named_tensors(params, dense=None, planes=None, written=()) -> List[Tuple[str, torch.Tensor, bool]]:
+def named_tensors(params, dense=None, planes=None, written=(), scale=None) -> List[Tuple[str, torch.Tensor, bool]]:
     """The (name, tensor, written) triples of an op's tensor arguments, for `check_no_overlap`;
     `written`: more (name, tensor list) pairs the op writes (e.g. Adam's exp_avgs, exp_avg_sqs)."""
     named = [(f"params[{i}]", p, True) for i, p in enumerate(params)]
@@ -175,6 +175,7 @@ def named_tensors(params, dense=None, planes=None, written=()) -> List[Tuple[str
     named += [(f"dense[{i}]", d, False) for i, (d, p) in enumerate(zip(dense or [], params))
               if not (d.dtype == p.dtype and d.numel() == p.numel() and _span(d) == _span(p))]
     named += [(f"planes[{i}]", t, True) for i, t in enumerate(planes or [])]
+    named += [(f"scale[{i}]", t, False) for i, t in enumerate(scale or [])]
     for name, ts in written:
         named += [(f"{name}[{i}]", t, True) for i, t in enumerate(ts)]
     return named
@@ -193,6 +194,27 @@ def check_tensors(params, name: str = "params", *, dense=None):
             if d.shape != p.shape:
                 raise ValueError(f"dense[{i}] has shape {tuple(d.shape)} but {name}[{i}] has {tuple(p.shape)}")
     return params, dense
+
+
+SCALE_DTYPES = (torch.float32,)    # σ of the scaled form (docs/spec.md §10)
+
+
+def check_scale(scale, params) -> Optional[List[torch.Tensor]]:
+    """The scaled form's σ (docs/spec.md §10): None, or one contiguous float32 tensor per param with its
+    shape, on its device (float64 params: float64 σ, computed by the reference).  Read only."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        scale = [scale]
+    scale = list(scale)
+    if len(scale) != len(params):
+        raise ValueError(f"scale has {len(scale)} tensors for {len(params)} params: one σ per param, shaped like it")
+    for i, (s, p) in enumerate(zip(scale, params)):
+        want = (torch.float64,) if p.dtype == torch.float64 else SCALE_DTYPES
+        check_tensor(s, f"scale[{i}]", p.device, written=False, dtypes=want)
+        if s.shape != p.shape:
+            raise ValueError(f"scale[{i}] has shape {tuple(s.shape)} but params[{i}] has {tuple(p.shape)}")
+    return scale
 
 
 def check_params(params, name: str = "params") -> list:

@@ -2,6 +2,7 @@
 //
 //   theta_t <- gamma * theta_t + sum_j alpha_j * z(key_j, t) + beta * dense_t      (fp32, one rounding)
 //
+// (with Task::s, the scaled form of docs/spec.md §10: z_j is fmul(sigma_t, z_j) everywhere, both forms)
 // (z: normals, or with Args::noise == NOISE_RADEMACHER the signs of docs/spec.md §9) and its exact-restore
 // form (Args::exact; zo_kernels/restore.py, the rules in ../restore.h):
 //
@@ -37,6 +38,7 @@ constexpr int BLOCK = 4 * QUADS;       // elements per block
 struct Task {
   void* p;           // parameter (or output) data
   const void* d;     // dense term data, or nullptr
+  const float* s;    // the scaled form's sigma (float32, n elements; docs/spec.md §10), or nullptr: sigma = 1
   int64_t n;         // elements
   int64_t off;       // global index of element 0
   uint32_t tid;      // tensor id in the counter

@@ -235,12 +235,32 @@ struct BlockNoise {
   }
 };
 
-// acc[e] += alpha_j z_j[e] for the keys j in order (one z per key), in the block at global quad q.
+// The scaled form's sigma of the block whose first element has local index e0 (0 outside [0, n)), into sv;
+// returns sv, or nullptr without a scale (docs/spec.md §10).
+ZO_HD const float* load_scale(const float* s, int64_t e0, int64_t n, float* __restrict sv) {
+  if (!s) return nullptr;
+  for (int e = 0; e < BLOCK; ++e) {
+    const int64_t i = e0 + e;
+    sv[e] = (i >= 0 && i < n) ? s[i] : 0.0f;
+  }
+  return sv;
+}
+
+// z of key j for the block, times sigma when the pass is scaled: fmul(sigma, z), the one rounding §10 fixes.
+ZO_HD void scaled_block(BlockNoise& nz, int j, uint32_t k0, uint32_t k1, uint64_t q, const float* sv,
+                        float* __restrict z) {
+  nz.block(j, k0, k1, q, z);
+  if (sv)
+    for (int e = 0; e < BLOCK; ++e) z[e] = fmul(sv[e], z[e]);
+}
+
+// acc[e] += alpha_j z_j[e] for the keys j in order (one z per key; sigma z with a scale sv), in the block at
+// global quad q.
 ZO_HD void add_key_sum(BlockNoise& nz, const uint32_t* keys, const float* alphas, int K, uint64_t q,
-                       float* __restrict acc) {
+                       float* __restrict acc, const float* sv = nullptr) {
   alignas(64) float z[BLOCK];
   for (int j = 0; j < K; ++j) {
-    nz.block(j, keys[2 * j], keys[2 * j + 1], q, z);
+    scaled_block(nz, j, keys[2 * j], keys[2 * j + 1], q, sv, z);
     const float alpha = alphas[j];
     for (int e = 0; e < BLOCK; ++e) acc[e] = fadd(acc[e], fmul(alpha, z[e]));
   }
@@ -260,6 +280,7 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
   const bool sr = a.stochastic && P != F32;
   BlockNoise nz(a.noise, t.tid, a.stream);
   alignas(64) float acc[BLOCK];
+  alignas(64) float sv[BLOCK];
   alignas(64) uint32_t w[BLOCK];
   for (int64_t b = lb0; b < lb1; ++b) {
     const uint64_t qb = (uint64_t)(q0 + b * QUADS);
@@ -278,7 +299,7 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
     }
     // acc += alpha_j z_j, keys in order (without x: acc = z of keys[0])
     if (a.has_x)
-      add_key_sum(nz, a.keys, a.alphas, a.K, qb, acc);
+      add_key_sum(nz, a.keys, a.alphas, a.K, qb, acc, load_scale(t.s, e0, n, sv));
     else if (a.K > 0)
       nz.block(0, a.keys[0], a.keys[1], qb, acc);
     // acc += beta dense
@@ -474,20 +495,22 @@ void exact_blocks(const A& a, void* p, uint8_t* plane, int64_t n, int64_t off, u
   });
 }
 
-// The full-rank exact form: s_new and s_undo from one z per key, from +0 in key order.
+// The full-rank exact form: s_new and s_undo from one z (sigma z when scaled) per key, from +0 in key order.
 template <int P>
 void run_exact_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
   BlockNoise nz(a.noise, t.tid, a.stream);
   exact_blocks<P>(a, t.p, t.plane, t.n, t.off, t.tid, lb0, lb1,
-                  [&](auto inv, uint64_t qb, int64_t, float* __restrict sn, float* __restrict su) {
+                  [&](auto inv, uint64_t qb, int64_t e0, float* __restrict sn, float* __restrict su) {
     constexpr bool INV = decltype(inv)::value;
     alignas(64) float z[BLOCK];
+    alignas(64) float sv[BLOCK];
+    const float* scale = load_scale(t.s, e0, t.n, sv);
     for (int e = 0; e < BLOCK; ++e) {
       sn[e] = 0.0f;
       if (INV) su[e] = 0.0f;
     }
     for (int j = 0; j < a.K; ++j) {
-      nz.block(j, a.keys[2 * j], a.keys[2 * j + 1], qb, z);
+      scaled_block(nz, j, a.keys[2 * j], a.keys[2 * j + 1], qb, scale, z);
       const float alpha = a.alphas[j];
       for (int e = 0; e < BLOCK; ++e) sn[e] = restore::sum_step(sn[e], alpha, z[e]);
       if (INV) {

@@ -58,6 +58,7 @@ Task make_task(const at::Tensor& p, const at::Tensor* d, int64_t tid, int64_t of
   Task t;
   set_tensor_fields(t, p, tid, off);
   t.d = d ? d->data_ptr() : nullptr;
+  t.s = nullptr;
   t.pdt = dtype_code(p.scalar_type());
   t.ddt = d ? dtype_code(d->scalar_type()) : NONE;
   t.plane = nullptr;
@@ -71,7 +72,7 @@ void launch(const Args& args, int64_t total_blocks) {
   at::parallel_for(0, total_blocks, GRAIN_BLOCKS, [&](int64_t b0, int64_t b1) { fn(args, b0, b1); });
 }
 
-// The tasks of a pass's params (with their dense terms and residue planes where it has them), in block
+// The tasks of a pass's params (with their dense terms, scales and residue planes where it has them), in block
 // order; `total` gets the blocks of all.
 std::vector<Task> make_tasks(const PassCall& c, int64_t& total) {
   std::vector<Task> tasks;
@@ -80,6 +81,7 @@ std::vector<Task> make_tasks(const PassCall& c, int64_t& total) {
   for (size_t i = 0; i < c.params.size(); ++i) {
     tasks.push_back(make_task(c.params[i], c.dense.empty() ? nullptr : &c.dense[i], c.tensor_ids[i], c.offsets[i],
                               total));
+    if (!c.scale.empty()) tasks.back().s = c.scale[i].data_ptr<float>();
     if (!c.planes.empty()) tasks.back().plane = c.planes[i].numel() ? c.planes[i].data_ptr<uint8_t>() : nullptr;
     total += tasks.back().blocks;
   }

@@ -33,8 +33,10 @@ void launch_group(const std::vector<size_t>& idx, const PassCall& c, LaunchArgs 
     Entry e;
     set_tensor_fields(e, p, c.tensor_ids[i], c.offsets[i]);
     e.d = d ? d->data_ptr() : nullptr;
+    e.s = c.scale.empty() ? nullptr : c.scale[i].data_ptr<float>();
     e.quad_start = quads;
-    e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size()));
+    e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size())) &&
+                (!e.s || aligned4(e.s, sizeof(float)));
     e.plane = c.planes.empty() || c.planes[i].numel() == 0 ? nullptr : c.planes[i].data_ptr<uint8_t>();
     e.plane_aligned = e.plane && ((uintptr_t)e.plane % (uintptr_t)(a.plane_bits / 2)) == 0;
     entries[r] = e;

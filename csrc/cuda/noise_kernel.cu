@@ -18,7 +18,8 @@ namespace {
 
 constexpr int THREADS = 256;
 
-// theta <- gamma theta + sum_j alpha_j z_j + beta dense (or out <- z of keys[0] when !has_x), theta and
+// theta <- gamma theta + sum_j alpha_j z_j + beta dense (or out <- z of keys[0] when !has_x; z_j times sigma
+// when the row has the scaled form's e.s, docs/spec.md §10), theta and
 // dense of storage kinds P and D (restore::Grid; D == NONE: no dense term); z of the launch's noise form
 // (noise4: normals, or the signs of docs/spec.md §9).
 template <int P, int D>
@@ -31,9 +32,15 @@ __global__ void __launch_bounds__(THREADS) noise_axpy_kernel(const LaunchArgs a)
       quad::load_floats<P>(e.p, q, e.n, x);  // dense may be the parameter itself: nothing is __restrict__
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[c] = fmul(x[c], a.gamma);
+      float sv[4];
+      if (e.s) quad::load_floats<F32>(e.s, q, e.n, sv);  // the scaled form (docs/spec.md §10)
       for (int j = 0; j < a.K; ++j) {
         float z[4];
         noise4(a.noise, (uint64_t)q.gq, e.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], z[0], z[1], z[2], z[3]);
+        if (e.s) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) z[c] = fmul(sv[c], z[c]);
+        }
         const float alpha = a.alphas[j];
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[c] = fadd(acc[c], fmul(alpha, z[c]));
@@ -66,8 +73,14 @@ __global__ void __launch_bounds__(THREADS) noise_words_kernel(const LaunchArgs a
 // The exact-restore form, one quad per thread (grid-stride), the rules of ../restore.h (quad_pass.cuh).
 template <int P>
 __global__ void __launch_bounds__(THREADS) noise_axpy_exact_kernel(const LaunchArgs a) {
-  quad::exact_pass<P>(a, [&](const Entry& e, int64_t gq, int64_t, float sn[4], float su[4]) {
-    quad::key_sums(a.noise, (uint64_t)gq, e.tid, a.stream, a.K, a.keys, a.alphas, a.invert ? a.undo : nullptr, sn, su);
+  quad::exact_pass<P>(a, [&](const Entry& e, int64_t gq, int64_t e0, float sn[4], float su[4]) {
+    float sv[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (e.s) {
+      const int64_t i = gq - (e.off >> 2);
+      quad::load_floats<F32>(e.s, quad::QuadAt{i, gq, e0, e0 >= 0 && e0 + 4 <= e.n && e.aligned != 0}, e.n, sv);
+    }
+    quad::key_sums(a.noise, (uint64_t)gq, e.tid, a.stream, a.K, a.keys, a.alphas, a.invert ? a.undo : nullptr, sn, su,
+                   e.s != nullptr, sv);
   });
 }
 

@@ -6,6 +6,7 @@
 // and its exact-restore form (LaunchArgs::exact; zo_kernels/restore.py, the rules in ../restore.h):
 // theta0 <- invert(theta_t, sum_j undo_j z_j [, plane residue]) when some undo_j != 0, else the residue
 // plane is written from theta0 = theta_t (when given); then theta_t <- round(gamma theta0 + sum_j alpha_j z_j).
+// With Entry::s (the scaled form, docs/spec.md §10) z_j is fmul(sigma, z_j) in both forms.
 //
 // One launch covers every tensor of a (param dtype, dense dtype) group: a device table of Entry
 // rows (pointer/size table) and a grid-stride loop over each tensor's quads; each thread makes one
@@ -23,11 +24,12 @@ enum DType : int { F32 = 0, BF16 = 1, F16 = 2, U32 = 3, NONE = 4 };
 struct Entry {
   void* p;             // parameter (output) data
   const void* d;       // dense term, or nullptr
+  const float* s;      // the scaled form's sigma (docs/spec.md §10), or nullptr: sigma = 1
   int64_t n;           // elements
   int64_t off;         // global index of element 0
   int64_t quad_start;  // quads of the earlier tensors of the launch (spreads small tensors over threads)
   uint32_t tid;        // tensor id in the counter
-  uint32_t aligned;    // p (and d) aligned to 4 elements and off % 4 == 0: vector loads / stores
+  uint32_t aligned;    // p (and d, s) aligned to 4 elements and off % 4 == 0: vector loads / stores
   uint8_t* plane;      // exact mode: the residue plane (one word per quad from off / 4), or nullptr
   uint32_t plane_aligned;  // plane aligned to its word size: one load / store per word
 };

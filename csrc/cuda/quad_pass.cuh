@@ -135,16 +135,21 @@ __device__ __forceinline__ void plane_store(uint8_t* pl, int64_t w, int bits, bo
 }
 
 // sn[c] = sum_j alphas[j] z_j[c] and (when undo) su[c] = sum_j undo[j] z_j[c] over the K keys, from +0 in
-// key order, z_j the noise of form `noise` (noise4: normals or signs) of quad gq of the stream: the exact
-// form's s_new / s_undo and the low-rank W / Wu (always normals).
+// key order, z_j the noise of form `noise` (noise4: normals or signs) of quad gq of the stream, times the
+// scaled form's sigma sv when `scaled` (docs/spec.md §10; a flag, not a null sv, so sv stays in registers):
+// the exact form's s_new / s_undo and the low-rank W / Wu (always normals, never scaled).
 __device__ __forceinline__ void key_sums(int noise, uint64_t gq, uint32_t tid, uint32_t stream, int K,
                                          const uint32_t* keys, const float* alphas, const float* undo, float sn[4],
-                                         float su[4]) {
+                                         float su[4], bool scaled = false, const float* sv = nullptr) {
 #pragma unroll
   for (int c = 0; c < 4; ++c) sn[c] = su[c] = 0.0f;
   for (int j = 0; j < K; ++j) {
     float z[4];
     noise4(noise, gq, tid, stream, keys[2 * j], keys[2 * j + 1], z[0], z[1], z[2], z[3]);
+    if (scaled) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) z[c] = fmul(sv[c], z[c]);
+    }
     const float alpha = alphas[j];
 #pragma unroll
     for (int c = 0; c < 4; ++c) sn[c] = restore::sum_step(sn[c], alpha, z[c]);

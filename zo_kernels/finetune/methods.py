@@ -9,7 +9,8 @@ normalised by |c|); Cons lr; momentum (1 − β)·lr (its steady-state drift is 
 LOZO-M lr/r (Var(Z_ij) = r); forward-grad lr (c is ∇f·z itself); FZOO lr·GRAD_SCALE (its step
 Σ c_i z_i ≈ ∇f/|∇f| is normalised by the spread σ ≈ μ|∇f| of its losses, like Sign's); MeZO with layer
 sampling lr/ρ (the same expected step and per-coordinate variance per step as MeZO: a tensor is
-drawn with probability ρ and then moved 1/ρ as far, docs/fzoo.md).  Each has its own --lr-* flag.
+drawn with probability ρ and then moved 1/ρ as far, docs/fzoo.md); HiZOO lr (σ = h^(-1/2) starts at 1).
+Each has its own --lr-* flag.
 
 --noise picks the directions' form (Gaussian, or Rademacher ±1) for every ZO method but LOZO (its U Vᵀ
 factors are Gaussian) and FZOO, whose own --fzoo-noise defaults to the paper's ±1.
@@ -79,6 +80,8 @@ LR_ADAM = _rate("lr_zo_adam", "zo-adam lr", lambda c: GRAD_SCALE * c.option("lr_
                 f"{GRAD_SCALE:g} x --lr-mezo (the gradient scale at the default start)")
 BETAS = Knob("betas", (0.9, 0.999), "zo-adam: Adam's (beta1, beta2)",
              type=lambda s: tuple(float(x) for x in s.split(",")), metavar="B1,B2")
+ADAM_WINDOW = Knob("adam_window", 32, "zo-adam-seeded: the last K steps' keys rebuild Adam's first moment (relative "
+                   "truncation beta1^K)", type=int, minimum=1)
 LR_LOZO = _rate("lr_lozo", "lozo lr", lambda c: c.option("lr_mezo") / c.option("lozo_rank"),
                 "--lr-mezo / rank; lozo and lozo-m")
 LOZO_RANK = Knob("lozo_rank", 2, "lozo, lozo-m: rank r of the U Vᵀ perturbation", type=int, minimum=1)
@@ -100,6 +103,11 @@ LR_FG = _rate("lr_forward_grad", "forward-grad lr", lambda c: c.option("lr_mezo"
 FG_QUERY_COST = Knob("fg_query_cost", 2, "queries charged per example of one forward-grad jvp: 2 = MeZO's two "
                      "forward passes (equal queries = equal steps; a jvp costs 2-3 forwards of arithmetic), 1 = "
                      "ZO-Bench's count (one forward with jvp)", type=int, choices=(1, 2))
+LR_HIZOO = _rate("lr_hizoo", "hizoo lr", lambda c: c.option("lr_mezo"),
+                 "--lr-mezo (σ = h^(-1/2) starts at 1 and the default smoothing keeps it near 1: MeZO's step)")
+HIZOO_SMOOTHING = Knob("hizoo_smoothing", 1e-8, "hizoo: smoothing a of the curvature h (a number in [0, 1), or one "
+                       "of the authors' schedules, e.g. constant1e-8, their example; constant0 is MeZO)",
+                       type=lambda s: s if s.startswith("constant") else float(s), metavar="A|SCHEDULE")
 FO_EPOCHS = Knob("fo_epochs", 2.0, "first-order baselines: epochs over the training split", minimum=0, strict=True)
 FO_BATCH_SIZE = Knob("fo_batch_size", 16, "first-order baselines' batch; 0: --batch-size", type=int, minimum=0)
 LR_FO_SGD = Knob("lr_fo_sgd", 1e-2, "FO-SGD lr", minimum=0)
@@ -201,6 +209,12 @@ register(Method("zo-sgd-mmt-dense", "ZO-SGD-MMT (dense)", "zo",
 register(Method("zo-adam", "ZO-Adam", "zo",
                 _make("ZOAdam", LR_ADAM, lambda c: {"betas": tuple(c.option("betas")), **_spsa(c)}),
                 _queries_per_step, "tab:orange", knobs=(LR_ADAM, LR_MEZO, BETAS, N_DIRECTIONS, NOISE), lr_knob="lr_zo_adam"))
+# ZO-Adam with no weight-sized state: ±1 noise (v one scalar per group), m rebuilt from the last K keys; AdamW's
+# decoupled weight decay (the coupled L2 term is not a sum of seeds).
+register(Method("zo-adam-seeded", "ZO-Adam (seeded)", "zo",
+                _make("ZOAdam", LR_ADAM, lambda c: {"betas": tuple(c.option("betas")), "window": c.option("adam_window")},
+                      noise_knob=None, state="seeded", noise="rademacher", decoupled=True),
+                _queries_per_step, "goldenrod", knobs=(LR_ADAM, LR_MEZO, BETAS, ADAM_WINDOW), lr_knob="lr_zo_adam"))
 # LOZO / LOZO-M (low-rank perturbations U Vᵀ, rank --lozo-rank, V kept --lozo-nu steps)
 register(Method("lozo", "LOZO", "zo", _make("LOZO", LR_LOZO, _lozo_options, noise_knob=None), _two_point, "teal",
                 knobs=(LR_LOZO, LR_MEZO, LOZO_RANK, LOZO_NU), lr_knob="lr_lozo"))
@@ -218,6 +232,10 @@ register(Method("fzoo", "FZOO", "zo",
                 _make("FZOO", LR_FZOO, lambda c: {"n_directions": c.option("fzoo_directions")}, noise_knob="fzoo_noise",
                       noise_default="rademacher"),
                 _queries_per_step, "crimson", knobs=(LR_FZOO, LR_MEZO, FZOO_DIRECTIONS, FZOO_NOISE), lr_knob="lr_fzoo"))
+# HiZOO: a diagonal curvature h shapes the perturbation μ·z/√h (the scaled primitive); 3 forwards per step.
+register(Method("hizoo", "HiZOO", "zo",
+                _make("HiZOO", LR_HIZOO, lambda c: {"smoothing": c.option("hizoo_smoothing")}),
+                _queries_per_step, "darkgreen", knobs=(LR_HIZOO, LR_MEZO, HIZOO_SMOOTHING, NOISE), lr_knob="lr_hizoo"))
 register(Method("mezo-lezo", "MeZO (LeZO sampling)", "zo",
                 _make("MeZO", LR_LEZO, lambda c: {"layer_fraction": c.option("layer_fraction"), **_spsa(c)}),
                 _queries_per_step, "slateblue", knobs=(LR_LEZO, LR_MEZO, LAYER_FRACTION, N_DIRECTIONS, NOISE),

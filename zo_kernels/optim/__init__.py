@@ -11,6 +11,7 @@
 ZO-Bench's family (Zhang et al. 2024) on the same primitive: ZOSGDSign, MeZO(n_directions=q) (n-SPSA),
 ZOSGDCons, ZOSGDMomentum(state="dense" | "seeded"), ZOAdam (the fused noise_adam_ pass), ForwardGrad.
 FZOO (Dang et al. 2025): N one-sided ±1 directions and a clean forward, normalised by the losses' std.
+HiZOO (Zhao et al. 2025): a diagonal curvature h, perturbations μ·z/√h (the scaled primitive, docs/spec.md §10).
 Every optimizer takes noise="gaussian" | "rademacher"; the SPSA ones layer_fraction=ρ (LeZO's sampling).
 """
 from .annealing import LossRatioAnnealing
@@ -18,6 +19,7 @@ from .base import NonFiniteLossError, ZOOptimizer
 from .cons import ZOSGDCons
 from .forward_grad import ForwardGrad
 from .fzoo import FZOO
+from .hizoo import HiZOO
 from .lozo import LOZO, LOZOM
 from .mezo import MeZO
 from .momentum import ZOSGDMomentum
@@ -27,5 +29,5 @@ from .svrg import MeZOSVRG
 from .trajectory import replay
 from .zo_adam import ZOAdam
 
-__all__ = ["MeZO", "MeZOSVRG", "LOZO", "LOZOM", "ZOSGDSign", "ZOSGDCons", "ZOSGDMomentum", "ZOAdam", "ForwardGrad", "FZOO",
+__all__ = ["MeZO", "MeZOSVRG", "LOZO", "LOZOM", "ZOSGDSign", "ZOSGDCons", "ZOSGDMomentum", "ZOAdam", "ForwardGrad", "FZOO", "HiZOO",
            "SPSAOptimizer", "LossRatioAnnealing", "NonFiniteLossError", "ZOOptimizer", "replay"]

@@ -303,3 +303,23 @@ def lozo(theta, loss: Loss, batches, *, lr, mu, wd=0.0, seed: int, rank: int, nu
                 step = mom[i]
             theta[i] = p - lr * (step + wd * p)
     return theta
+
+
+# ------------------------------------------------------------------- HiZOO (Zhao et al., ICLR 2025)
+def hizoo(theta, loss: Loss, batches, *, lr, mu, noise: Noise, smoothing: Callable[[int], float], wd=0.0,
+          steps=None):
+    """The authors' zo_Hessian_step_update (Yanjun-Zhao/HiZOO, trainer.py), in its order, on a diagonal
+    Hessian h (1 at the start): l0 = L(θ); l+ = L(θ + μz/√h); l− = L(θ − μz/√h);
+    h ← (1 − a)h + |l+ + l− − 2·l0|·h·z²·a/(2μ²);  θ ← θ − η((l+ − l−)/(2μ)·z/√h + λθ) with the new h.
+    smoothing(t) is a of step t.  Returns (θ_T, h_T, the l0 of each step)."""
+    h = [torch.ones_like(p) for p in theta]
+    clean = []
+    for t in range(len(batches) if steps is None else steps):
+        batch, z, a = batches[t], noise(t), smoothing(t)
+        l0 = loss(theta, batch)
+        lp = loss([p + mu * zi / torch.sqrt(hi) for p, zi, hi in zip(theta, z, h)], batch)
+        lm = loss([p - mu * zi / torch.sqrt(hi) for p, zi, hi in zip(theta, z, h)], batch)
+        h = [(1 - a) * hi + abs(lp + lm - 2 * l0) * hi * zi * zi * a / (2 * mu * mu) for hi, zi in zip(h, z)]
+        theta = [p - lr * ((lp - lm) / (2 * mu) * zi / torch.sqrt(hi) + wd * p) for p, zi, hi in zip(theta, z, h)]
+        clean.append(l0)
+    return theta, h, clean

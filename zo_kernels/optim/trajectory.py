@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional
 
+import torch
+
+from ..hizoo import hizoo_update_
 from ..ops import noise_axpy_
 from ..restore import make_planes
 from .base import _flatten_params
@@ -17,10 +20,12 @@ def replay(params, log, *, backend: Optional[str] = None,
     nn.Module whose .parameters() the optimizer was built from), holding the initial
     weights.  Every noise_axpy_ call that touched the weights is repeated with the same
     keys, coefficients, gamma, tensor ids, rounding key and noise form, so on the same backend the
-    result is bit-identical to the recorded run.  progress(i), if given, is called after entry i.
+    result is bit-identical to the recorded run.  HiZOO's runs also rebuild its σ (from 1) by re-issuing its
+    update passes, whose scalars the log holds.  progress(i), if given, is called after entry i.
     """
     flat = _flatten_params(params)
     planes: Dict[tuple, list] = {}  # exact-restore residue planes, by the tensor ids they cover
+    sigmas: Dict[int, torch.Tensor] = {}  # HiZOO's σ by tensor id: 1 at the start, rebuilt by its update passes
     for i, rec in enumerate(log):
         ids = [int(t) for t in rec["tensor_ids"]]
         if ids and max(ids) >= len(flat):
@@ -36,7 +41,18 @@ def replay(params, log, *, backend: Optional[str] = None,
         kw = dict(gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
                   rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl,
                   **noise_kw(check_noise_form(rec.get("noise", GAUSSIAN))))
+        scale = [sigmas.setdefault(t, torch.ones(flat[t].shape, device=flat[t].device)) for t in ids]
+        if rec.get("hizoo"):                # HiZOO's update pass (zo_kernels.hizoo): σ and θ
+            hizoo_update_(ts, scale, int(rec["keys"][0]), coeff=float(rec["coeff"]), gamma=kw["gamma"],
+                          smoothing=float(rec["smoothing"]), curvature=float(rec["curvature"]), rounding=kw["rounding"],
+                          tensor_ids=ids, rounding_key=kw["rounding_key"], backend=backend,
+                          noise=rec.get("noise", GAUSSIAN))
+            if progress is not None:
+                progress(i)
+            continue
         keys, alphas = [int(k) for k in rec["keys"]], [float(a) for a in rec["alphas"]]
+        if rec.get("scaled"):               # a HiZOO pass: scaled by σ (docs/spec.md §10)
+            kw["scale"] = scale
         if rec.get("key_v") is not None:    # a low-rank pass (LOZO)
             from ..lowrank import lowrank_noise_axpy_
             lowrank_noise_axpy_(ts, keys, int(rec["key_v"]), alphas, rank=int(rec["rank"]), **kw)

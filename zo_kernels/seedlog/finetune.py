@@ -33,6 +33,8 @@ def why_not_loggable(method: str, cfg) -> Optional[str]:
         return str(e).splitlines()[0]
     if getattr(opt, "trajectory", None) is None:
         return f"{type(opt).__name__} keeps no trajectory of noise passes"
+    if getattr(opt, "unloggable", None):
+        return opt.unloggable
     return None
 
 

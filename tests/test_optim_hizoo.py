@@ -1,0 +1,206 @@
+"""HiZOO against the float64 transcription of the authors' zo_Hessian_step_update (naive.hizoo), step by step
+(weights and h = σ⁻²); the update pass against its own float64 statement; the three forwards; failed steps;
+resume and replay bit-identical.
+
+z is materialised with zo_kernels.noise_ (the values the passes regenerate); the loss is float64 inside
+the test MLP.  The smoothing is large (0.5) so that h moves far from 1 and a wrong order would show.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zo_kernels
+from zo_kernels.hizoo import hizoo_update_
+from zo_kernels.noise import step_key
+from zo_kernels.optim import HiZOO, NonFiniteLossError, naive, replay
+
+from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
+
+BACKEND = "reference"
+LR, MU, SEED, STEPS, A = 2.0 ** -6, 5e-2, 11, 6, 0.5
+
+
+def zs(t, shapes, noise="gaussian"):
+    return [zo_kernels.noise_(torch.empty(s), step_key(SEED, t), i, backend=BACKEND, noise=noise).double()
+            for i, s in enumerate(shapes)]
+
+
+def setup(seed=0):
+    x, y, batches = data(steps=40)
+    net = make_net(seed)
+    return net, [p.detach().clone().double() for p in net.parameters()], x, y, batches
+
+
+def make(params, **kw):
+    return HiZOO(params, **dict(dict(lr=LR, eps=MU, seed=SEED, smoothing=A, backend=BACKEND), **kw))
+
+
+def sigmas(opt, net):
+    return [opt.state[p]["sigma"] for p in net.parameters()]
+
+
+@pytest.mark.parametrize("noise,wd", [("gaussian", 0.0), ("rademacher", 0.5)])
+def test_matches_authors_update_step_by_step(noise, wd):
+    net, theta0, x, y, batches = setup()
+    opt = make(net.parameters(), weight_decay=wd, noise=noise)
+    loss = lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()  # noqa: E731
+    theta, h = theta0, None
+    for t in range(STEPS):
+        got = run_steps(opt, net, x, y, batches, 1, t)[0]
+        # naive.hizoo's step, from the carried (θ, h) (the function starts from h = 1)
+        z = zs(t, [p.shape for p in theta0], noise)
+        h = h or [torch.ones_like(p) for p in theta0]
+        l0 = loss(theta, batches[t])
+        lp = loss([p + MU * zi / hi.sqrt() for p, zi, hi in zip(theta, z, h)], batches[t])
+        lm = loss([p - MU * zi / hi.sqrt() for p, zi, hi in zip(theta, z, h)], batches[t])
+        h = [(1 - A) * hi + abs(lp + lm - 2 * l0) * hi * zi * zi * A / (2 * MU * MU) for hi, zi in zip(h, z)]
+        theta = [p - LR * ((lp - lm) / (2 * MU) * zi / hi.sqrt() + wd * p) for p, zi, hi in zip(theta, z, h)]
+        assert rel(net.parameters(), theta) < 1e-6, t
+        # c is a second difference of forwards at fp32 weights (|Δθ| ~ ulp): ~1e-5 of a·c·z² is noise
+        assert rel(sigmas(opt, net), [hi ** -0.5 for hi in h]) < 1e-5, t
+        assert abs(got - l0) < 1e-6
+    assert rel(theta, theta0) > 1e-3
+    assert rel([hi ** -0.5 for hi in h], [torch.ones_like(hi) for hi in h]) > 1e-2   # h moved: order matters
+
+
+def test_whole_run_matches_naive_hizoo():
+    """The whole run against naive.hizoo (the transcription as a function), and the smoothing matters."""
+    net, theta0, x, y, batches = setup()
+    run_steps(make(net.parameters()), net, x, y, batches, STEPS)
+    loss = lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()  # noqa: E731
+    run = lambda a: naive.hizoo(theta0, loss, batches, lr=LR, mu=MU, steps=STEPS,  # noqa: E731
+                                noise=lambda t: zs(t, [p.shape for p in theta0]), smoothing=lambda t: a)
+    want, h, clean = run(A)
+    assert rel(net.parameters(), want) < 1e-6
+    assert rel(want, run(0.0)[0]) > 1e-3
+    assert len(clean) == STEPS
+
+
+def test_smoothing_zero_is_mezo():
+    """a = 0 (the authors' default schedule "constant0"): h stays 1, the steps are MeZO's."""
+    net, theta0, x, y, batches = setup()
+    opt = make(net.parameters(), smoothing="constant0")
+    run_steps(opt, net, x, y, batches, 4)
+    loss = lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()  # noqa: E731
+    want, _ = naive.mezo(theta0, loss, batches, lr=LR, mu=MU, steps=4, noise=lambda t: zs(t, [p.shape for p in theta0]))
+    assert rel(net.parameters(), want) < 1e-6
+    assert all(torch.equal(s, torch.ones_like(s)) for s in sigmas(opt, net))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_pass_against_float64(dtype):
+    """hizoo_update_ on shards at offsets: σ and θ as the float64 statement (module doc), within float32
+    (bf16: one grid step of the float64 value)."""
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(3000, generator=g).to(dtype)
+    sigma = torch.rand(3000, generator=g) + 0.5
+    key, a, c, coeff, gamma = step_key(4, 2), 0.3, 2.5, -0.01, 0.99
+    p, s = theta.clone(), sigma.clone()
+    cuts = [0, 7, 1500, 3000]
+    hizoo_update_([p[i:j] for i, j in zip(cuts, cuts[1:])], [s[i:j] for i, j in zip(cuts, cuts[1:])], key,
+                  coeff=coeff, gamma=gamma, smoothing=a, curvature=c, tensor_ids=[5] * 3, offsets=cuts[:-1],
+                  backend=BACKEND)
+    z = zo_kernels.noise_(torch.empty(3000), key, 5, backend=BACKEND).double()
+    s64 = sigma.double() / torch.sqrt((1 - a) + a * c * z * z)
+    t64 = gamma * theta.double() + coeff * s64 * z
+    assert ((s.double() - s64).abs() <= 4e-7 * s64).all()
+    if dtype == torch.float32:
+        assert ((p.double() - t64).abs() <= 1e-6 * (t64.abs() + 0.01)).all()
+    else:
+        assert ((p.double() - t64).abs() <= 2.0 ** -7 * t64.abs() + 1e-30).all()
+
+
+def test_three_forwards_and_scaled_passes():
+    """l0 at θ, then θ ± μσz: the closure sees exactly those points (σ from the state); 4 weight passes."""
+    net, theta0, x, y, batches = setup()
+    opt = make(net.parameters(), record=True)
+    run_steps(opt, net, x, y, batches, 3)
+    theta1 = [p.detach().clone().double() for p in net.parameters()]
+    sig = [s.clone().double() for s in sigmas(opt, net)]
+    seen = []
+
+    def closure():
+        seen.append([p.detach().clone().double() for p in net.parameters()])
+        return F.cross_entropy(net(x[batches[3]]), y[batches[3]])
+
+    n = len(opt.trajectory)
+    opt.step(closure)
+    assert len(seen) == opt.queries_per_step == 3
+    z = zs(3, [p.shape for p in theta0])
+    assert rel(seen[0], theta1) == 0
+    assert rel(seen[1], [p + MU * s * zi for p, s, zi in zip(theta1, sig, z)]) < 1e-7
+    assert rel(seen[2], [p - MU * s * zi for p, s, zi in zip(theta1, sig, z)]) < 1e-7
+    recs = opt.trajectory[n:]
+    assert [bool(r.get("scaled")) for r in recs] == [True, True, True, False] and recs[-1]["hizoo"]
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_failed_step_restores_weights_and_sigma(snapshot):
+    net, theta0, x, y, batches = setup()
+    opt = make(net.parameters(), snapshot=snapshot)
+    run_steps(opt, net, x, y, batches, 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    sig = [s.clone() for s in sigmas(opt, net)]
+    n = [0]
+
+    def closure():
+        n[0] += 1
+        return torch.tensor(float("nan")) if n[0] == 3 else F.cross_entropy(net(x[batches[0]]), y[batches[0]])
+
+    with pytest.raises(NonFiniteLossError, match="loss"):
+        opt.step(closure)
+    assert opt.step_count == 2 and n[0] == 3
+    assert all(torch.equal(a, b) for a, b in zip(sigmas(opt, net), sig))
+    if snapshot:
+        assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before))
+    else:
+        assert rel(net.parameters(), before) < 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_bit_identical(dtype):
+    net, _, x, y, batches = setup()
+    net.to(dtype)
+    opt = make(net.parameters(), smoothing="constant1e-2")
+    run_steps(opt, net, x, y, batches, 4)
+    saved_w, saved_o = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    run_steps(opt, net, x, y, batches, 3, 4)
+    net2 = make_net(1).to(dtype)
+    net2.load_state_dict(saved_w)
+    opt2 = make(net2.parameters(), smoothing="constant1e-2")
+    opt2.load_state_dict(saved_o)
+    run_steps(opt2, net2, x, y, batches, 3, 4)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(sigmas(opt, net), sigmas(opt2, net2)))
+    with pytest.raises(ValueError, match="smoothing"):
+        make(make_net(1).parameters(), smoothing=0.1).load_state_dict(saved_o)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_bit_identical(dtype):
+    net, _, x, y, batches = setup()
+    net.to(dtype)
+    start = [p.detach().clone() for p in net.parameters()]
+    opt = make(net.parameters(), record=True, weight_decay=0.1, rounding="stochastic" if dtype != torch.float32
+               else "nearest")
+    run_steps(opt, net, x, y, batches, 5)
+    ps = [torch.nn.Parameter(p.clone()) for p in start]
+    replay(ps, opt.trajectory, backend=BACKEND)
+    assert all(torch.equal(a, b) for a, b in zip(ps, net.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(ps, start))
+
+
+def test_bad_arguments():
+    ps = make_net(0).parameters
+    with pytest.raises(ValueError, match="one direction"):
+        make(ps(), n_directions=2)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        make(ps(), smoothing=1.0)
+    with pytest.raises(ValueError, match="not one of"):
+        make(ps(), smoothing="constant7")
+    with pytest.raises(ValueError, match="layer sampling|layer_fraction"):
+        make(ps(), layer_fraction=0.5)
+    assert math.isclose(make(ps(), smoothing="constant_decay1").smoothing_at(9800), 1e-8)
