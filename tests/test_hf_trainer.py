@@ -234,43 +234,39 @@ def test_lozo_through_the_trainer(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
 
 
-@pytest.mark.parametrize("optimizer, knobs", [("fzoo", dict(fzoo_directions=3)),
-                                              ("mezo-lezo", dict(layer_fraction=0.5, noise="rademacher"))])
-def test_fzoo_and_layer_sampling_through_the_trainer(tmp_path, optimizer, knobs):
-    """FZOO (its N and ±1 default from ZOArguments) and layer-sampled MeZO train through ZOTrainer."""
+def _is_fzoo(opt):
     from zo_kernels.optim import FZOO
+    return isinstance(opt, FZOO) and opt.n_directions == 3 and opt.noise == "rademacher"
 
+
+def _is_lezo(opt):
+    return isinstance(opt, MeZO) and opt.layer_fraction == 0.5 and opt.noise == "rademacher"
+
+
+def _is_hizoo(opt):
+    from zo_kernels.optim import HiZOO
+    return (isinstance(opt, HiZOO) and opt.smoothing == "constant1e-2"
+            and any(not torch.equal(st["sigma"], torch.ones_like(st["sigma"])) for st in opt.state.values()))
+
+
+def _is_seeded_adam(opt):
+    from zo_kernels.optim import ZOAdam
+    return (isinstance(opt, ZOAdam) and opt.state_mode == "seeded" and opt.window == 4
+            and opt.noise == "rademacher" and not any(opt.state.values()))
+
+
+@pytest.mark.parametrize("optimizer, knobs, built_right", [
+    ("fzoo", dict(fzoo_directions=3), _is_fzoo),
+    ("mezo-lezo", dict(layer_fraction=0.5, noise="rademacher"), _is_lezo),
+    ("hizoo", dict(hizoo_smoothing="constant1e-2"), _is_hizoo),
+    ("zo-adam-seeded", dict(adam_window=4), _is_seeded_adam)])
+def test_newer_estimators_through_the_trainer(tmp_path, optimizer, knobs, built_right):
+    """FZOO (its N and ±1 default), layer-sampled MeZO, HiZOO (its smoothing) and the stateless ZO-Adam
+    train through ZOTrainer via the registry, each built with the knobs given in ZOArguments."""
     model = tiny_bert()
     w0 = [p.detach().clone() for p in model.parameters()]
     trainer = ZOTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(8),
                         zo_args=ZOArguments(optimizer=optimizer, backend="reference", **knobs))
     trainer.train()
-    opt = trainer.zo_optimizer
-    assert opt.step_count == 2 and opt.noise == "rademacher"
-    if optimizer == "fzoo":
-        assert isinstance(opt, FZOO) and opt.n_directions == 3
-    else:
-        assert isinstance(opt, MeZO) and opt.layer_fraction == 0.5
-    assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
-
-
-@pytest.mark.parametrize("optimizer, knobs", [("hizoo", dict(hizoo_smoothing="constant1e-2")),
-                                              ("zo-adam-seeded", dict(adam_window=4))])
-def test_hizoo_and_seeded_adam_through_the_trainer(tmp_path, optimizer, knobs):
-    """HiZOO (its smoothing from ZOArguments) and the stateless ZO-Adam train through ZOTrainer via the registry."""
-    from zo_kernels.optim import HiZOO, ZOAdam
-
-    model = tiny_bert()
-    w0 = [p.detach().clone() for p in model.parameters()]
-    trainer = ZOTrainer(model=model, args=targs(tmp_path, max_steps=2), train_dataset=dataset(8),
-                        zo_args=ZOArguments(optimizer=optimizer, backend="reference", **knobs))
-    trainer.train()
-    opt = trainer.zo_optimizer
-    assert opt.step_count == 2
-    if optimizer == "hizoo":
-        assert isinstance(opt, HiZOO) and opt.smoothing == "constant1e-2"
-        assert any(not torch.equal(st["sigma"], torch.ones_like(st["sigma"])) for st in opt.state.values())
-    else:
-        assert isinstance(opt, ZOAdam) and opt.state_mode == "seeded" and opt.window == 4
-        assert opt.noise == "rademacher" and not any(opt.state.values())
+    assert trainer.zo_optimizer.step_count == 2 and built_right(trainer.zo_optimizer)
     assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
