@@ -123,14 +123,15 @@ def _rules():
             "zo-sgd-mmt": lambda c: 0.1 * o(c, "lr_mezo"), "zo-sgd-mmt-dense": lambda c: 0.1 * o(c, "lr_mezo"),
             "zo-adam": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "lozo": lambda c: o(c, "lr_mezo") / o(c, "lozo_rank"),
             "lozo-m": lambda c: o(c, "lr_mezo") / o(c, "lozo_rank"), "forward-grad": lambda c: o(c, "lr_mezo"),
-            "fzoo": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "mezo-lezo": lambda c: o(c, "lr_mezo") / o(c, "layer_fraction")}
+            "fzoo": lambda c: GRAD_SCALE * o(c, "lr_mezo"), "mezo-lezo": lambda c: o(c, "lr_mezo") / o(c, "layer_fraction"),
+            "hizoo": lambda c: o(c, "lr_mezo"), "zo-adam-seeded": lambda c: GRAD_SCALE * o(c, "lr_mezo")}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_has_a_derived_default_lr_and_its_own_flag(name):
     """Defaults follow the documented rule (also when --lr-mezo changes); the method's --lr-* flag,
     parsed by the CLI, overrides it (and its twin's: both momentum modes, LOZO and LOZO-M) and
-    leaves every other method on its rule."""
+    leaves every other method on its rule (the seeded ZO-Adam shares ZO-Adam's flag)."""
     from zo_kernels.finetune.cli import build_parser
 
     assert name in _rules(), f"{name}: no default-lr rule documented"
@@ -139,11 +140,13 @@ def test_every_method_has_a_derived_default_lr_and_its_own_flag(name):
         cfg = TrainConfig(options={"lr_mezo": lr_mezo, "q": 3})
         opt = METHODS[name].build(net, list(net.parameters()), cfg)
         assert opt.param_groups[0]["lr"] == pytest.approx(_rules()[name](cfg), rel=1e-12)
-    flag = {"mezo-svrg": "--lr-svrg", "zo-sgd-mmt-dense": "--lr-zo-sgd-mmt", "lozo-m": "--lr-lozo"}.get(name, f"--lr-{name}")
+    flag = {"mezo-svrg": "--lr-svrg", "zo-sgd-mmt-dense": "--lr-zo-sgd-mmt", "lozo-m": "--lr-lozo",
+            "zo-adam-seeded": "--lr-zo-adam"}.get(name, f"--lr-{name}")
     a = build_parser().parse_args([flag, "0.0123"])
     cfg = TrainConfig.from_args(a, seed=0)
     assert METHODS[name].build(net, list(net.parameters()), cfg).param_groups[0]["lr"] == 0.0123
-    pairs = {"zo-sgd-mmt": "zo-sgd-mmt-dense", "zo-sgd-mmt-dense": "zo-sgd-mmt", "lozo": "lozo-m", "lozo-m": "lozo"}
+    pairs = {"zo-sgd-mmt": "zo-sgd-mmt-dense", "zo-sgd-mmt-dense": "zo-sgd-mmt", "lozo": "lozo-m", "lozo-m": "lozo",
+             "zo-adam": "zo-adam-seeded", "zo-adam-seeded": "zo-adam"}
     for m in METHODS:                  # every other method keeps its rule (MeZO's lr is the others' base)
         want = 0.0123 if m in (name, pairs.get(name)) else _rules()[m](cfg)
         assert METHODS[m].build(net, list(net.parameters()), cfg).param_groups[0]["lr"] == pytest.approx(want), m

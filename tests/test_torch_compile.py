@@ -11,7 +11,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_opcheck_schema_and_fake_kernel():
     p = [torch.randn(10, device=DEVICE), torch.randn(3, 5, device=DEVICE)]
     args = (p, [N.to_signed64(N.step_key(1, 2))], [0.5], 1.0, [], 0.0, "nearest", [0, 1], [0, 0], 0, "gaussian",
-            "reference")
+            [], "reference")
     torch.library.opcheck(torch.ops.zo_kernels.noise_axpy_.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
