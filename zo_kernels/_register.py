@@ -42,7 +42,7 @@ def _register_triton() -> None:
     backends.register(backends.Backend("triton", devices, tk.DTYPES, tk.noise_axpy, tk.noise,
                                        notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact,
                                        adam=ta.noise_adam, lowrank=tl_lowrank.lowrank_axpy,
-                                       noise_forms=frozenset(NOISE_FORMS)))
+                                       noise_forms=frozenset(NOISE_FORMS), scaled=frozenset({torch.float32})))
 
 
 def _register_native() -> None:
