@@ -177,6 +177,9 @@ AOT_CASES = [
                                              SCALED=True, SDT="float32")),
     ("rad_scaled_k2_fp32_dense", dict(K=2, HAS_X=True, HAS_DENSE=True, SR=False, OUT="float32", DENSE="float32",
                                       RADEMACHER=True, SCALED=True, SDT="float32")),
+    ("scaled_bf16sigma_exact_fp32_write_plane2", dict(K=1, HAS_X=True, HAS_DENSE=False, SR=False, OUT="float32",
+                                                      DENSE="uint8", EXACT=True, PLANE=1, PBITS=2, SCALED=True,
+                                                      SDT="bfloat16")),
 ]
 
 
