@@ -17,7 +17,7 @@ from zo_kernels.hizoo import hizoo_update_
 from zo_kernels.noise import step_key
 from zo_kernels.optim import HiZOO, NonFiniteLossError, naive, replay
 
-from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import _one_thread, data, gpu_backends, make_net, mlp, rel, run_steps  # noqa: F401 (autouse)
 
 BACKEND = "reference"
 LR, MU, SEED, STEPS, A = 2.0 ** -6, 5e-2, 11, 6, 0.5
@@ -42,14 +42,26 @@ def sigmas(opt, net):
     return [opt.state[p]["sigma"] for p in net.parameters()]
 
 
+# The step-by-step transcriptions run here on the reference, and on a GPU with its kernels (the scaled passes
+# and the update pass's z on Triton and the CUDA C++ kernel; pytest -m cuda, scripts/gpu_check.sh).
+RUNS = [pytest.param(BACKEND, "cpu", id="reference-cpu")] + gpu_backends()
+
+
+def on(device, net, x, y):
+    """The net and the data on `device` (the transcriptions stay on the CPU, in float64)."""
+    return net.to(device), x.to(device), y.to(device)
+
+
+@pytest.mark.parametrize("backend,device", RUNS)
 @pytest.mark.parametrize("noise,wd", [("gaussian", 0.0), ("rademacher", 0.5)])
-def test_matches_authors_update_step_by_step(noise, wd):
+def test_matches_authors_update_step_by_step(noise, wd, backend, device):
     net, theta0, x, y, batches = setup()
-    opt = make(net.parameters(), weight_decay=wd, noise=noise)
     loss = lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()  # noqa: E731
+    net, xd, yd = on(device, net, x, y)
+    opt = make(net.parameters(), weight_decay=wd, noise=noise, backend=backend)
     theta, h = theta0, None
     for t in range(STEPS):
-        got = run_steps(opt, net, x, y, batches, 1, t)[0]
+        got = run_steps(opt, net, xd, yd, batches, 1, t)[0]
         # naive.hizoo's step, from the carried (θ, h) (the function starts from h = 1)
         z = zs(t, [p.shape for p in theta0], noise)
         h = h or [torch.ones_like(p) for p in theta0]
@@ -71,25 +83,27 @@ def test_matches_authors_update_step_by_step(noise, wd):
 BF16_STEP = 2.0 ** -7
 
 
+@pytest.mark.parametrize("backend,device", RUNS)
 @pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
-def test_bf16_sigma_matches_authors_update_step_by_step(noise):
+def test_bf16_sigma_matches_authors_update_step_by_step(noise, backend, device):
     """σ stored in bfloat16: each step from the optimizer's own (θ_t, σ_t), the authors' update in float64; the
     new σ within one bf16 step of the float64 h^(-1/2) (plus the float32 forwards' 1e-5 noise in c, as above),
     and θ updated with σ as stored, within float32."""
     net, theta0, x, y, batches = setup()
-    opt = make(net.parameters(), sigma_dtype=torch.bfloat16, noise=noise)
     loss = lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()  # noqa: E731
+    net, xd, yd = on(device, net, x, y)
+    opt = make(net.parameters(), sigma_dtype=torch.bfloat16, noise=noise, backend=backend)
     for t in range(STEPS):
-        theta = [p.detach().double() for p in net.parameters()]
-        sig = [torch.ones_like(p) for p in theta] if t == 0 else [s.double() for s in sigmas(opt, net)]
-        run_steps(opt, net, x, y, batches, 1, t)
+        theta = [p.detach().double().cpu() for p in net.parameters()]
+        sig = [torch.ones_like(p) for p in theta] if t == 0 else [s.double().cpu() for s in sigmas(opt, net)]
+        run_steps(opt, net, xd, yd, batches, 1, t)
         z = zs(t, [p.shape for p in theta0], noise)
         l0 = loss(theta, batches[t])
         lp = loss([p + MU * s * zi for p, s, zi in zip(theta, sig, z)], batches[t])
         lm = loss([p - MU * s * zi for p, s, zi in zip(theta, sig, z)], batches[t])
         c = abs(lp + lm - 2 * l0) / (2 * MU * MU)
         s64 = [s / torch.sqrt((1 - A) + A * c * zi * zi) for s, zi in zip(sig, z)]
-        new = sigmas(opt, net)
+        new = [s.cpu() for s in sigmas(opt, net)]
         assert all(s.dtype == torch.bfloat16 for s in new)
         for got, want in zip(new, s64):
             assert ((got.double() - want).abs() <= (BF16_STEP + 1e-5) * want).all(), t
