@@ -199,12 +199,12 @@ struct PassCall {
   at::IntArrayRef tensor_ids, offsets;
   int64_t rounding_key;
   int64_t noise = NOISE_GAUSSIAN;  // the noise form (docs/spec.md §9); the low-rank pass is Gaussian
-  at::TensorList scale = {};       // the scaled form's sigma, float32, one per param (docs/spec.md §10), or empty
+  at::TensorList scale = {};       // the scaled form's sigma, float32 / bfloat16, one per param (docs/spec.md §10), or empty
 };
 using PassFn = void (*)(const PassCall&);
 
-// The scaled form's sigma (docs/spec.md §10): empty, or one contiguous float32 tensor per param with its
-// element count, on its device.
+// The scaled form's sigma (docs/spec.md §10): empty, or one contiguous float32 or bfloat16 tensor per param with
+// its element count, on its device.
 inline void check_scale(at::TensorList params, at::TensorList scale) {
   TORCH_CHECK(scale.empty() || scale.size() == params.size(), "scale has ", scale.size(), " tensors for ",
               params.size(), " params");
@@ -212,8 +212,8 @@ inline void check_scale(at::TensorList params, at::TensorList scale) {
     const at::Tensor& s = scale[i];
     TORCH_CHECK(s.device() == params[i].device(), "scale[", i, "] is on ", s.device(), " but params[", i, "] on ",
                 params[i].device());
-    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scale[", i,
-                "] must be a contiguous float32 tensor");
+    TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16) && s.is_contiguous(), "scale[",
+                i, "] must be a contiguous float32 or bfloat16 tensor");
     TORCH_CHECK(s.numel() == params[i].numel(), "scale[", i, "] has ", s.numel(), " elements, params[", i, "] ",
                 params[i].numel());
   }

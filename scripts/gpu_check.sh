@@ -11,8 +11,11 @@
 # A part that fails or times out does not stop the others.
 #   env          versions, GPU, compilers
 #   build        pip install --no-build-isolation --no-deps --no-index -e .  (ZO_KERNELS_REQUIRE_NATIVE=1)
-#   pytest_cuda  pytest -m cuda: the CUDA C++ kernel vs CPU bit for bit, Triton vs reference on the GPU
+#   pytest_cuda  pytest -m cuda: the CUDA C++ kernel vs CPU bit for bit, Triton vs reference on the GPU, and
+#                optimizers on both GPU kernels against their float64 transcriptions (HiZOO with float32 and
+#                bfloat16 σ, the seeded ZO-Adam: tests/optim_helpers.py gpu_backends)
 #   pytest_gpu   the other test files that run on the GPU when there is one (DEVICE = cuda), -m "not cuda"
+#                (tests/test_scaled_form.py among them: the scaled form on Triton and the CUDA C++ kernel)
 #   bench_noise  benchmarks/bench_noise.py --device cuda: GB/s and % of copy_ per dtype and key count,
 #                Gaussian and ±1 noise
 #   bench_lowrank benchmarks/bench_noise.py --lowrank --device cuda: the LOZO pass vs rank (table in the log)
@@ -125,7 +128,8 @@ check_parts() {
 
     # xdist spreads Triton's first compiles over processes where it is installed.
     [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-    mapfile -t cuda_files < <(grep -l 'mark.cuda' tests/test_*.py)
+    # Files with tests marked cuda: directly, or through optim_helpers.gpu_backends (the optimizers' GPU runs).
+    mapfile -t cuda_files < <(grep -lE 'mark\.cuda|gpu_backends\(' tests/test_*.py)
     pytest_part pytest_cuda 75 "${xdist[@]}" -m cuda "${cuda_files[@]}"
     # Test files that switch to CUDA when a GPU is present (DEVICE = "cuda"), beyond the tests marked cuda.
     mapfile -t gpu_files < <(grep -l 'torch.cuda.is_available()' tests/test_*.py)

@@ -64,6 +64,14 @@ def problem(seed=0) -> Problem:
     return Problem(x, y, batches, net, [p.detach().clone() for p in net.parameters()])
 
 
+def gpu_backends(names=("triton", "cuda")) -> list:
+    """pytest parameters "backend,device" for the GPU kernels, marked cuda (pytest -m cuda, as
+    scripts/gpu_check.sh runs them) and skipped where one cannot run; after the CPU run a test also makes."""
+    from backends_helpers import skip_unless
+
+    return [pytest.param(b, "cuda", id=f"{b}-cuda", marks=(pytest.mark.cuda, skip_unless(b, "cuda"))) for b in names]
+
+
 def assert_same_weights(a_list, b_list, *what):
     """Two weight lists are bit-identical, tensor by tensor."""
     for a, b in zip(a_list, b_list):
@@ -77,8 +85,8 @@ def z_of(seed, t, shapes, ids=None):
 
 
 def rel(a_list, b_list):
-    a = torch.cat([a.detach().flatten().double() for a in a_list])
-    b = torch.cat([b.detach().flatten().double() for b in b_list])
+    a = torch.cat([a.detach().flatten().double().cpu() for a in a_list])   # (GPU runs against CPU statements)
+    b = torch.cat([b.detach().flatten().double().cpu() for b in b_list])
     return ((a - b).norm() / b.norm()).item()
 
 

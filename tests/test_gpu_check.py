@@ -3,6 +3,7 @@ part runner keeps its time limits, carries on after a failure and writes the sum
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,27 @@ def test_dry_run_reaches_every_part(dry):
     assert s["env"]["versions"]["torch"] == torch.__version__.split("+")[0] or \
         s["env"]["versions"]["torch"] == torch.__version__
     assert s["budget_s"] == 20000 and 0 < s["total_s"]
+
+
+def _part_log(log, name):
+    """What part `name` wrote to the log (between its start and end lines)."""
+    return log.split(f"=== {name} (")[1].split(f"=== {name}: ")[0]
+
+
+@pytest.mark.slow  # the dry run's (shared with the test above)
+def test_dry_run_selects_the_scaled_form_and_the_optimizers_gpu_runs(dry):
+    """The pytest parts' selections (collected in the dry run) hold the scaled form's tests (pytest_gpu: its
+    backend lists gain Triton and the CUDA C++ kernel on a GPU) and the optimizers' GPU runs (pytest_cuda:
+    HiZOO with both σ dtypes and the seeded ZO-Adam on both GPU kernels)."""
+    log = (dry["out"] / "gpu_check.log").read_text()
+    gpu, cuda = _part_log(log, "pytest_gpu"), _part_log(log, "pytest_cuda")
+    assert "test_scaled_form.py::test_scaled_matches_float64_and_reference" in gpu
+    assert "test_scaled_form.py::test_bf16_sigma_is_its_float32_value_bit_for_bit" in gpu
+    for test in ("test_optim_hizoo.py::test_matches_authors_update_step_by_step",
+                 "test_optim_hizoo.py::test_bf16_sigma_matches_authors_update_step_by_step",
+                 "test_optim_zo_adam_seeded.py::test_truncated_window_matches_its_float64_definition"):
+        for backend in ("triton", "cuda"):
+            assert re.search(rf"{re.escape(test)}\[[^\]]*{backend}-cuda\]", cuda), (test, backend)
 
 
 def test_dry_run_writes_only_its_outputs(dry):

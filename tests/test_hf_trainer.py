@@ -246,6 +246,7 @@ def _is_lezo(opt):
 def _is_hizoo(opt):
     from zo_kernels.optim import HiZOO
     return (isinstance(opt, HiZOO) and opt.smoothing == "constant1e-2"
+            and all(st["sigma"].dtype == torch.bfloat16 for st in opt.state.values())
             and any(not torch.equal(st["sigma"], torch.ones_like(st["sigma"])) for st in opt.state.values()))
 
 
@@ -258,10 +259,10 @@ def _is_seeded_adam(opt):
 @pytest.mark.parametrize("optimizer, knobs, built_right", [
     ("fzoo", dict(fzoo_directions=3), _is_fzoo),
     ("mezo-lezo", dict(layer_fraction=0.5, noise="rademacher"), _is_lezo),
-    ("hizoo", dict(hizoo_smoothing="constant1e-2"), _is_hizoo),
+    ("hizoo", dict(hizoo_smoothing="constant1e-2", hizoo_sigma_dtype="bfloat16"), _is_hizoo),
     ("zo-adam-seeded", dict(adam_window=4), _is_seeded_adam)])
 def test_newer_estimators_through_the_trainer(tmp_path, optimizer, knobs, built_right):
-    """FZOO (its N and ±1 default), layer-sampled MeZO, HiZOO (its smoothing) and the stateless ZO-Adam
+    """FZOO (its N and ±1 default), layer-sampled MeZO, HiZOO (its smoothing, bfloat16 σ) and the stateless ZO-Adam
     train through ZOTrainer via the registry, each built with the knobs given in ZOArguments."""
     model = tiny_bert()
     w0 = [p.detach().clone() for p in model.parameters()]

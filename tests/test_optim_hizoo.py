@@ -1,6 +1,6 @@
 """HiZOO against the float64 transcription of the authors' zo_Hessian_step_update (naive.hizoo), step by step
-(weights and h = σ⁻²); the update pass against its own float64 statement; the three forwards; failed steps;
-resume and replay bit-identical.
+(weights and h = σ⁻²; σ in float32, and in bfloat16 within its rounding); the update pass against its own
+float64 statement; the three forwards; failed steps; resume and replay bit-identical (both σ dtypes).
 
 z is materialised with zo_kernels.noise_ (the values the passes regenerate); the loss is float64 inside
 the test MLP.  The smoothing is large (0.5) so that h moves far from 1 and a wrong order would show.
@@ -17,7 +17,7 @@ from zo_kernels.hizoo import hizoo_update_
 from zo_kernels.noise import step_key
 from zo_kernels.optim import HiZOO, NonFiniteLossError, naive, replay
 
-from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import _one_thread, data, gpu_backends, make_net, mlp, rel, run_steps  # noqa: F401 (autouse)
 
 BACKEND = "reference"
 LR, MU, SEED, STEPS, A = 2.0 ** -6, 5e-2, 11, 6, 0.5
@@ -42,14 +42,26 @@ def sigmas(opt, net):
     return [opt.state[p]["sigma"] for p in net.parameters()]
 
 
+# The step-by-step transcriptions run here on the reference, and on a GPU with its kernels (the scaled passes
+# and the update pass's z on Triton and the CUDA C++ kernel; pytest -m cuda, scripts/gpu_check.sh).
+RUNS = [pytest.param(BACKEND, "cpu", id="reference-cpu")] + gpu_backends()
+
+
+def on(device, net, x, y):
+    """The net and the data on `device` (the transcriptions stay on the CPU, in float64)."""
+    return net.to(device), x.to(device), y.to(device)
+
+
+@pytest.mark.parametrize("backend,device", RUNS)
 @pytest.mark.parametrize("noise,wd", [("gaussian", 0.0), ("rademacher", 0.5)])
-def test_matches_authors_update_step_by_step(noise, wd):
+def test_matches_authors_update_step_by_step(noise, wd, backend, device):
     net, theta0, x, y, batches = setup()
-    opt = make(net.parameters(), weight_decay=wd, noise=noise)
     loss = lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()  # noqa: E731
+    net, xd, yd = on(device, net, x, y)
+    opt = make(net.parameters(), weight_decay=wd, noise=noise, backend=backend)
     theta, h = theta0, None
     for t in range(STEPS):
-        got = run_steps(opt, net, x, y, batches, 1, t)[0]
+        got = run_steps(opt, net, xd, yd, batches, 1, t)[0]
         # naive.hizoo's step, from the carried (θ, h) (the function starts from h = 1)
         z = zs(t, [p.shape for p in theta0], noise)
         h = h or [torch.ones_like(p) for p in theta0]
@@ -64,6 +76,40 @@ def test_matches_authors_update_step_by_step(noise, wd):
         assert abs(got - l0) < 1e-6
     assert rel(theta, theta0) > 1e-3
     assert rel([hi ** -0.5 for hi in h], [torch.ones_like(hi) for hi in h]) > 1e-2   # h moved: order matters
+
+
+# A stored bfloat16 σ is one of the two bf16 neighbours of the float32 update (stochastic rounding), so within one
+# bf16 step of it: 2^-7 of its magnitude (8 significant bits).
+BF16_STEP = 2.0 ** -7
+
+
+@pytest.mark.parametrize("backend,device", RUNS)
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_bf16_sigma_matches_authors_update_step_by_step(noise, backend, device):
+    """σ stored in bfloat16: each step from the optimizer's own (θ_t, σ_t), the authors' update in float64; the
+    new σ within one bf16 step of the float64 h^(-1/2) (plus the float32 forwards' 1e-5 noise in c, as above),
+    and θ updated with σ as stored, within float32."""
+    net, theta0, x, y, batches = setup()
+    loss = lambda ps, idx: F.cross_entropy(mlp(ps, x[idx]), y[idx]).item()  # noqa: E731
+    net, xd, yd = on(device, net, x, y)
+    opt = make(net.parameters(), sigma_dtype=torch.bfloat16, noise=noise, backend=backend)
+    for t in range(STEPS):
+        theta = [p.detach().double().cpu() for p in net.parameters()]
+        sig = [torch.ones_like(p) for p in theta] if t == 0 else [s.double().cpu() for s in sigmas(opt, net)]
+        run_steps(opt, net, xd, yd, batches, 1, t)
+        z = zs(t, [p.shape for p in theta0], noise)
+        l0 = loss(theta, batches[t])
+        lp = loss([p + MU * s * zi for p, s, zi in zip(theta, sig, z)], batches[t])
+        lm = loss([p - MU * s * zi for p, s, zi in zip(theta, sig, z)], batches[t])
+        c = abs(lp + lm - 2 * l0) / (2 * MU * MU)
+        s64 = [s / torch.sqrt((1 - A) + A * c * zi * zi) for s, zi in zip(sig, z)]
+        new = [s.cpu() for s in sigmas(opt, net)]
+        assert all(s.dtype == torch.bfloat16 for s in new)
+        for got, want in zip(new, s64):
+            assert ((got.double() - want).abs() <= (BF16_STEP + 1e-5) * want).all(), t
+        want = [p - LR * (lp - lm) / (2 * MU) * s.double() * zi for p, s, zi in zip(theta, new, z)]
+        assert rel(net.parameters(), want) < 1e-6, t
+    assert rel(sigmas(opt, net), [torch.ones_like(p) for p in theta0]) > 1e-2   # σ moved
 
 
 def test_whole_run_matches_naive_hizoo():
@@ -113,6 +159,41 @@ def test_update_pass_against_float64(dtype):
         assert ((p.double() - t64).abs() <= 2.0 ** -7 * t64.abs() + 1e-30).all()
 
 
+def test_update_pass_bf16_sigma_against_float64():
+    """A bfloat16 σ: the float64 statement's σ within one bf16 step (2^-7 of it; float32's own error is far
+    below), and θ updated with σ as stored."""
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(3000, generator=g)
+    sigma = (torch.rand(3000, generator=g) + 0.5).to(torch.bfloat16)
+    key, a, c, coeff, gamma = step_key(4, 2), 0.3, 2.5, -0.01, 0.99
+    p, s = theta.clone(), sigma.clone()
+    cuts = [0, 7, 1500, 3000]
+    hizoo_update_([p[i:j] for i, j in zip(cuts, cuts[1:])], [s[i:j] for i, j in zip(cuts, cuts[1:])], key,
+                  coeff=coeff, gamma=gamma, smoothing=a, curvature=c, tensor_ids=[5] * 3, offsets=cuts[:-1],
+                  rounding_key=9, backend=BACKEND)
+    z = zo_kernels.noise_(torch.empty(3000), key, 5, backend=BACKEND).double()
+    s64 = sigma.double() / torch.sqrt((1 - a) + a * c * z * z)
+    assert s.dtype == torch.bfloat16
+    assert ((s.double() - s64).abs() <= (BF16_STEP + 1e-6) * s64).all()
+    t64 = gamma * theta.double() + coeff * s.double() * z
+    assert ((p.double() - t64).abs() <= 1e-6 * (t64.abs() + 0.01)).all()
+
+
+def test_bf16_sigma_rounding_is_unbiased_where_nearest_would_freeze_it():
+    """a = 1e-3, c = 0: every σ ∈ [1, 2) grows by 1/√(1 − a) − 1 ≈ 5e-4, an eighth of half a bf16 step there
+    (2^-8): round-to-nearest would keep every σ.  Stochastic rounding is unbiased: the mean error over N
+    elements, each error in an interval one step (2^-7) long with mean 0, has standard deviation at most
+    2^-7/(2√N); 5 of those is the bound, and the mean growth (≈ 5e-4) is far outside it."""
+    n = 20000
+    g = torch.Generator().manual_seed(8)
+    sigma = (1 + torch.rand(n, generator=g)).to(torch.bfloat16)
+    s, p = sigma.clone(), torch.zeros(n)
+    hizoo_update_([p], [s], step_key(2, 7), coeff=0.0, smoothing=1e-3, curvature=0.0, backend=BACKEND)
+    s64 = sigma.double() / math.sqrt(1 - 1e-3)
+    assert abs((s.double() - s64).mean().item()) <= 5 * BF16_STEP / (2 * math.sqrt(n))
+    assert (s.double() - sigma.double()).mean().item() > 2.5e-4
+
+
 def test_three_forwards_and_scaled_passes():
     """l0 at θ, then θ ± μσz: the closure sees exactly those points (σ from the state); 4 weight passes."""
     net, theta0, x, y, batches = setup()
@@ -160,32 +241,40 @@ def test_failed_step_restores_weights_and_sigma(snapshot):
         assert rel(net.parameters(), before) < 1e-7
 
 
+SIGMA_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("sigma_dtype", SIGMA_DTYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_resume_bit_identical(dtype):
+def test_state_dict_resume_bit_identical(dtype, sigma_dtype):
     net, _, x, y, batches = setup()
     net.to(dtype)
-    opt = make(net.parameters(), smoothing="constant1e-2")
+    opt = make(net.parameters(), smoothing="constant1e-2", sigma_dtype=sigma_dtype)
     run_steps(opt, net, x, y, batches, 4)
     saved_w, saved_o = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
     run_steps(opt, net, x, y, batches, 3, 4)
     net2 = make_net(1).to(dtype)
     net2.load_state_dict(saved_w)
-    opt2 = make(net2.parameters(), smoothing="constant1e-2")
+    opt2 = make(net2.parameters(), smoothing="constant1e-2", sigma_dtype=sigma_dtype)
     opt2.load_state_dict(saved_o)
     run_steps(opt2, net2, x, y, batches, 3, 4)
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(sigmas(opt, net), sigmas(opt2, net2)))
+    assert all(s.dtype == sigma_dtype and torch.equal(s, s2) for s, s2 in zip(sigmas(opt, net), sigmas(opt2, net2)))
     with pytest.raises(ValueError, match="smoothing"):
-        make(make_net(1).parameters(), smoothing=0.1).load_state_dict(saved_o)
+        make(make_net(1).parameters(), smoothing=0.1, sigma_dtype=sigma_dtype).load_state_dict(saved_o)
+    other = [d for d in SIGMA_DTYPES if d != sigma_dtype][0]
+    with pytest.raises(ValueError, match="sigma"):
+        make(make_net(1).to(dtype).parameters(), smoothing="constant1e-2", sigma_dtype=other).load_state_dict(saved_o)
 
 
+@pytest.mark.parametrize("sigma_dtype", SIGMA_DTYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_replay_bit_identical(dtype):
+def test_replay_bit_identical(dtype, sigma_dtype):
     net, _, x, y, batches = setup()
     net.to(dtype)
     start = [p.detach().clone() for p in net.parameters()]
     opt = make(net.parameters(), record=True, weight_decay=0.1, rounding="stochastic" if dtype != torch.float32
-               else "nearest")
+               else "nearest", sigma_dtype=sigma_dtype)
     run_steps(opt, net, x, y, batches, 5)
     ps = [torch.nn.Parameter(p.clone()) for p in start]
     replay(ps, opt.trajectory, backend=BACKEND)
@@ -201,6 +290,9 @@ def test_bad_arguments():
         make(ps(), smoothing=1.0)
     with pytest.raises(ValueError, match="not one of"):
         make(ps(), smoothing="constant7")
+    with pytest.raises(ValueError, match="sigma_dtype must be one of"):
+        make(ps(), sigma_dtype=torch.float16)
+    assert make(ps(), sigma_dtype="bfloat16").sigma_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="layer sampling|layer_fraction"):
         make(ps(), layer_fraction=0.5)
     assert math.isclose(make(ps(), smoothing="constant_decay1").smoothing_at(9800), 1e-8)

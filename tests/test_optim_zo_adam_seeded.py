@@ -12,7 +12,7 @@ import zo_kernels
 from zo_kernels.optim import ZOAdam, naive, replay
 from zo_kernels.optim.spsa import direction_key
 
-from optim_helpers import _one_thread, data, make_net, mlp, rel, run_steps  # noqa: F401 (_one_thread: autouse)
+from optim_helpers import _one_thread, data, gpu_backends, make_net, mlp, rel, run_steps  # noqa: F401 (autouse)
 
 BACKEND = "reference"
 LR, MU, SEED, STEPS, BETAS, EPS = 1e-2, 1e-2, 5, 8, (0.9, 0.99), 1e-8
@@ -68,11 +68,14 @@ def test_matches_torch_adam_while_the_window_holds_every_step():
     assert not opt.state or all(not st for st in opt.state.values())     # no tensor state at all
 
 
+# Here on the reference, and on a GPU with its kernels' fused Adam pass (pytest -m cuda, scripts/gpu_check.sh).
+@pytest.mark.parametrize("backend,device", [pytest.param(BACKEND, "cpu", id="reference-cpu")] + gpu_backends())
 @pytest.mark.parametrize("wd", [0.0, 0.3])
-def test_truncated_window_matches_its_float64_definition(wd):
+def test_truncated_window_matches_its_float64_definition(wd, backend, device):
     net, theta0, x, y, batches = setup()
-    opt = make(net.parameters(), window=3, weight_decay=wd, decoupled=True)
-    run_steps(opt, net, x, y, batches, STEPS)
+    net = net.to(device)
+    opt = make(net.parameters(), window=3, weight_decay=wd, decoupled=True, backend=backend)
+    run_steps(opt, net, x.to(device), y.to(device), batches, STEPS)
     want = truncated64(theta0, loss_of(x, y), batches, STEPS, 3, wd)
     assert rel(net.parameters(), want) < 1e-6
     assert rel(want, truncated64(theta0, loss_of(x, y), batches, STEPS, 64, wd)) > 1e-4   # K matters

@@ -151,6 +151,29 @@ def test_scaled_exact_restore_returns_theta_bit_for_bit(backend, device, dtype, 
             assert all(torch.equal(a, b) for a, b in zip(out[backend, step], out["reference", step])), step
 
 
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("backend,device", SCALED)
+def test_bf16_sigma_is_its_float32_value_bit_for_bit(backend, device, noise):
+    """A bfloat16 σ widens to float32 exactly, and §10's arithmetic starts from that float32 value: both forms
+    give the bits of the float32 σ holding the same values (itself checked against float64 above), also with
+    the param dtypes and σ dtypes mixed in one call (σ of both dtypes in one call: a launch per dtype)."""
+    params, kw = build("ids-offsets", torch.bfloat16, device)
+    params[1] = params[1].float()
+    wide = [s.to(torch.bfloat16).float() for s in kw.pop("scale")]
+    assert any(not torch.equal(s, w) for s, w in zip(sigmas(params, device), wide))   # σ really was rounded
+    for narrow in ([s.to(torch.bfloat16) for s in wide], [s.to(torch.bfloat16) if i % 2 else s
+                                                          for i, s in enumerate(wide)]):
+        for a, b in zip(run(backend, params, scale=narrow, noise=noise, **kw),
+                        run(backend, params, scale=wide, noise=noise, **kw)):
+            assert torch.equal(a, b)
+        a = [p.clone() for p in params]
+        b = [p.clone() for p in params]
+        for out, sc in ((a, narrow), (b, wide)):
+            zo_kernels.noise_axpy_(out, kw["keys"], kw["alphas"], undo=[1e-3, -2e-3], scale=sc, backend=backend,
+                                   tensor_ids=kw["tensor_ids"], offsets=kw["offsets"], noise=noise)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("backend,device", SCALED)
 def test_scaled_shards_equal_whole(backend, device):
     """A shard at its global offset with its slice of σ equals that slice of the whole tensor's update."""
@@ -170,7 +193,7 @@ def _bad(p):
     return {
         "count": ([torch.ones(4)], "scale has 1 tensors for 2 params"),
         "shape": ([torch.ones(4), torch.ones(3, 2)], "scale[1] has shape (3, 2)"),
-        "dtype": ([torch.ones(4), torch.ones(6, dtype=torch.bfloat16)], "scale[1] has dtype torch.bfloat16"),
+        "dtype": ([torch.ones(4), torch.ones(6, dtype=torch.float16)], "scale[1] has dtype torch.float16"),
         "contiguous": ([torch.ones(4), torch.ones(6, 2)[:, 0]], "scale[1] is not contiguous"),
         "not a tensor": ([torch.ones(4), [1.0] * 6], "scale[1] must be a torch.Tensor"),
         "aliases a param": ([torch.ones(4), p[1]], "share memory"),

@@ -10,6 +10,7 @@ from .adam import noise_adam_reference
 from .lowrank import lowrank_axpy_reference
 from .noise import NOISE_FORMS, noise_axpy_reference, noise_reference
 from .restore import noise_axpy_exact_reference
+from .validate import SCALE_DTYPES
 
 _ALL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
 
@@ -19,7 +20,7 @@ def _register_reference() -> None:
                                        noise_axpy_reference, noise_reference,
                                        axpy_exact=noise_axpy_exact_reference, adam=noise_adam_reference,
                                        lowrank=lowrank_axpy_reference, noise_forms=NOISE_FORMS,
-                                       scaled=frozenset({torch.float32, torch.float64})))
+                                       scaled=frozenset({*SCALE_DTYPES, torch.float64})))
 
 
 def _register_triton() -> None:
@@ -42,7 +43,7 @@ def _register_triton() -> None:
     backends.register(backends.Backend("triton", devices, tk.DTYPES, tk.noise_axpy, tk.noise,
                                        notes={"interpreter": interpret}, axpy_exact=tk.noise_axpy_exact,
                                        adam=ta.noise_adam, lowrank=tl_lowrank.lowrank_axpy,
-                                       noise_forms=frozenset(NOISE_FORMS)))
+                                       noise_forms=frozenset(NOISE_FORMS), scaled=frozenset(SCALE_DTYPES)))
 
 
 def _register_native() -> None:
@@ -60,7 +61,7 @@ def _register_native() -> None:
     backends.register(backends.Backend("cpu", ("cpu",), native.DTYPES, native.noise_axpy, native.noise,
                                        axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
                                        lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS,
-                                       scaled=frozenset({torch.float32}), notes={"isa": native.cpu_isa()}))
+                                       scaled=frozenset(SCALE_DTYPES), notes={"isa": native.cpu_isa()}))
     if not native.has_cuda():
         backends.register_unavailable("cuda", ("cuda",), "zo_kernels._C was built without CUDA "
                                       "(torch without CUDA, or nvcc/CUDA_HOME not found at build time)")
@@ -70,7 +71,7 @@ def _register_native() -> None:
         backends.register(backends.Backend("cuda", ("cuda",), native.DTYPES, native.noise_axpy, native.noise,
                                            axpy_exact=native.noise_axpy_exact, adam=native.noise_adam,
                                            lowrank=native.lowrank_axpy, noise_forms=native.NOISE_FORMS,
-                                           scaled=frozenset({torch.float32})))
+                                           scaled=frozenset(SCALE_DTYPES)))
 
 
 def register_all() -> None:

@@ -124,12 +124,14 @@ def require_noise(backend: Backend, noise: str) -> None:
                                   f"that do: {[n for n in available_backends() if noise in get(n).noise_forms]}")
 
 
-def require_scale(backend: Backend, dtype: torch.dtype) -> None:
-    """Raise NotImplementedError when `backend` lacks the scaled form (scale=) for σ of `dtype`."""
-    if backend.scaled is None or dtype not in backend.scaled:
-        have = [n for n in available_backends() if get(n).scaled and dtype in get(n).scaled]
-        raise NotImplementedError(f"backend {backend.name!r} does not implement scale= (the scaled form) with "
-                                  f"{dtype} σ; backends that do: {have}")
+def require_scale(backend: Backend, scale) -> None:
+    """Raise NotImplementedError when `backend` lacks the scaled form (scale=) for the dtype of any σ in
+    `scale` (a list of tensors)."""
+    for dtype in dict.fromkeys(s.dtype for s in scale):
+        if backend.scaled is None or dtype not in backend.scaled:
+            have = [n for n in available_backends() if get(n).scaled and dtype in get(n).scaled]
+            raise NotImplementedError(f"backend {backend.name!r} does not implement scale= (the scaled form) with "
+                                      f"{dtype} σ; backends that do: {have}")
 
 
 def resolve(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:

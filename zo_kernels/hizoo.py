@@ -7,6 +7,15 @@ update in one pass over θ and σ = h^(-1/2), z regenerated from its key.
             σ  ← σ / √f                          h ← (1 − a)·h + a·c·h·z²  with h = σ⁻²
             θ  ← round(γ·θ + coeff·(σ·z))         σ the new one: the authors update h first
 
+σ may be stored in bfloat16 (half the memory; the arithmetic is float32 all the same): σ is widened
+exactly, updated in float32 as above, and rounded back to bfloat16 *stochastically* (docs/spec.md §3's bf16
+rule) with the stream-2 words of sigma_key = mix_keys(SIGMA_TAG, key, rounding_key); θ is then updated with
+σ as stored, the σ the next step's perturbations read.  Why stochastic: a step changes σ by a factor
+1/√f ≈ 1 − a·(c·z² − 1)/2, with a = 1e-8 (the default smoothing) about 1e-7 of σ or less, far below half a
+bf16 step (2^-9 of σ): round-to-nearest would give σ back unchanged every step (h frozen at 1, MeZO), while
+stochastic rounding keeps the stored σ's expectation equal to the float32 update, so the curvature
+accumulates on average.  The key mixes the step's noise key, so each step draws fresh rounding bits.
+
 z comes from `noise_` on the chosen backend, a chunk of CHUNK elements at a time (never a weight-sized
 z); θ and σ are each read and written once.  The arithmetic is float32 torch on each chunk -- this module
 is the pass on every backend (no native kernel: a fused one is future work, see docs/hizoo.md).
@@ -17,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .noise import DROPPED_BITS, random_words, stochastic_round
+from .noise import DROPPED_BITS, mix_keys, random_words, stochastic_round
 from .ops import noise_
 from .rounding import check_rounding
 from .validate import (
@@ -32,6 +41,8 @@ from .validate import (
 )
 
 CHUNK = 1 << 16     # elements of z per noise_ call: 256 KiB of float32 scratch, cache-sized
+SIGMA_DTYPES = (torch.float32, torch.bfloat16)
+SIGMA_TAG = 0x5349474D41     # "SIGMA": the stochastic rounding of a bfloat16 σ (module doc)
 
 
 def check_smoothing(a, name: str = "smoothing") -> float:
@@ -47,13 +58,15 @@ def hizoo_update_(params, sigmas, key, *, coeff: float, gamma: float = 1.0, smoo
                   noise: str = "gaussian", backend: Optional[str] = None) -> None:
     """In place: σ ← σ/√((1 − a) + a·c·z²), then θ ← round(γθ + coeff·(σ ⊙ z)) (module doc).
 
-    params: float32/bf16/fp16 tensors; sigmas: float32, one per param, shaped like it (written);
+    params: float32/bf16/fp16 tensors; sigmas: float32 or bfloat16, one per param, shaped like it (written; a
+    bfloat16 σ is rounded stochastically, module doc);
     curvature c >= 0 (HiZOO: |l+ + l− − 2·l0| / (2μ²)); smoothing a in [0, 1); the rest as noise_axpy_."""
     params, _ = check_tensors(params)
     sigmas = check_tensor_list(sigmas, "sigmas", params[0].device, n=len(params))
     for i, (s, p) in enumerate(zip(sigmas, params)):
-        if s.dtype != torch.float32 or s.shape != p.shape:
-            raise ValueError(f"sigmas[{i}] must be float32 of shape {tuple(p.shape)}, got {s.dtype} {tuple(s.shape)}")
+        if s.dtype not in SIGMA_DTYPES or s.shape != p.shape:
+            raise ValueError(f"sigmas[{i}] must be float32 or bfloat16 of shape {tuple(p.shape)}, got {s.dtype} "
+                             f"{tuple(s.shape)}")
     if any(p.dtype == torch.float64 for p in params):
         raise TypeError("hizoo_update_ computes in float32: float64 params are not supported")
     key = check_key(key, "key")
@@ -68,6 +81,7 @@ def hizoo_update_(params, sigmas, key, *, coeff: float, gamma: float = 1.0, smoo
     tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
     offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
     rounding_key = 0 if rounding_key is None else check_key(rounding_key, "rounding_key")
+    sigma_key = mix_keys(SIGMA_TAG, key, rounding_key)
     check_no_overlap(named_tensors(params, written=[("sigmas", sigmas)]))
     keep = torch.tensor(1.0 - a, dtype=torch.float32)        # (1 − a) and a·c rounded to float32 once
     ac = torch.tensor(a * c, dtype=torch.float32)
@@ -78,14 +92,23 @@ def hizoo_update_(params, sigmas, key, *, coeff: float, gamma: float = 1.0, smoo
             for a0 in range(0, p.numel(), CHUNK):
                 m = min(CHUNK, p.numel() - a0)
                 z = noise_(buf[:m], key, tid, off + a0, backend=backend, noise=noise)
-                sig = flat_s[a0:a0 + m]
-                sig.div_(torch.sqrt(keep + ac * (z * z)))
+                sig = _update_sigma(flat_s[a0:a0 + m], torch.sqrt(keep + ac * (z * z)), sigma_key, tid, off + a0)
                 acc = flat_p[a0:a0 + m].float() * gamma + coeff * (sig * z)
                 if rounding == "stochastic" and p.dtype in DROPPED_BITS:
                     words = random_words(rounding_key, tid, m, offset=off + a0, device=p.device)
                     flat_p[a0:a0 + m] = stochastic_round(acc, p.dtype, words)
                 else:
                     flat_p[a0:a0 + m] = acc.to(p.dtype)
+
+
+def _update_sigma(sig: torch.Tensor, root_f: torch.Tensor, sigma_key: int, tid: int, offset: int) -> torch.Tensor:
+    """σ ← σ/√f in place (float32; a bfloat16 σ widened, then rounded back stochastically); returns σ as stored,
+    in float32."""
+    if sig.dtype == torch.float32:
+        return sig.div_(root_f)
+    words = random_words(sigma_key, tid, sig.numel(), offset=offset, device=sig.device)
+    sig.copy_(stochastic_round(sig.float() / root_f, sig.dtype, words))
+    return sig.float()
 
 
 def curvature(l0: float, lp: float, lm: float, mu: float) -> float:

@@ -54,7 +54,7 @@ def _scale_kw(backend: str, scale) -> dict:
     scaled form keeps its signature (and is refused by name before it is reached)."""
     if not scale:
         return {}
-    _backends.require_scale(_backends.get(backend), scale[0].dtype)
+    _backends.require_scale(_backends.get(backend), scale)
     return {"scale": list(scale)}
 
 
@@ -109,7 +109,7 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     rounding    "nearest" or "stochastic" (bf16/fp16: Philox stream 2 under rounding_key)
     backend     force "reference", "triton", "cpu", "cuda" (else $ZO_KERNELS_BACKEND, else the best)
     noise       "gaussian" (z, docs/spec.md §1) or "rademacher" (s = ±1, one bit per element, §9)
-    scale       σ: one contiguous float32 tensor per param, shaped like it, on its device (read only);
+    scale       σ: one contiguous float32 or bfloat16 tensor per param, shaped like it, on its device (read only);
                 None (the default) is σ = 1, bit-identical to the call without it (§10)
 
     Exact restore (zo_kernels.restore): `undo` gives, per key, the coefficient of the perturbation
@@ -143,7 +143,7 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     rounding_key = check_key(rounding_key, "rounding_key")
     chosen = _backends.choose(params, backend)
     if scale is not None:
-        _backends.require_scale(chosen, scale[0].dtype)
+        _backends.require_scale(chosen, scale)
     if undo is not None or planes is not None:
         _exact(params, keys, alphas, undo, gamma, dense, planes, rounding, tensor_ids, offsets, rounding_key, noise,
                scale, chosen)

@@ -196,11 +196,11 @@ def check_tensors(params, name: str = "params", *, dense=None):
     return params, dense
 
 
-SCALE_DTYPES = (torch.float32,)    # σ of the scaled form (docs/spec.md §10)
+SCALE_DTYPES = (torch.float32, torch.bfloat16)    # σ of the scaled form (docs/spec.md §10)
 
 
 def check_scale(scale, params) -> Optional[List[torch.Tensor]]:
-    """The scaled form's σ (docs/spec.md §10): None, or one contiguous float32 tensor per param with its
+    """The scaled form's σ (docs/spec.md §10): None, or one contiguous float32 / bfloat16 tensor per param with its
     shape, on its device (float64 params: float64 σ, computed by the reference).  Read only."""
     if scale is None:
         return None

@@ -38,7 +38,8 @@ constexpr int BLOCK = 4 * QUADS;       // elements per block
 struct Task {
   void* p;           // parameter (or output) data
   const void* d;     // dense term data, or nullptr
-  const float* s;    // the scaled form's sigma (float32, n elements; docs/spec.md §10), or nullptr: sigma = 1
+  const void* s;     // the scaled form's sigma (n elements; docs/spec.md §10), or nullptr: sigma = 1
+  int sdt;           // DType of s: F32 or BF16 (widened to float32 exactly)
   int64_t n;         // elements
   int64_t off;       // global index of element 0
   uint32_t tid;      // tensor id in the counter

@@ -235,14 +235,25 @@ struct BlockNoise {
   }
 };
 
-// The scaled form's sigma of the block whose first element has local index e0 (0 outside [0, n)), into sv;
-// returns sv, or nullptr without a scale (docs/spec.md §10).
-ZO_HD const float* load_scale(const float* s, int64_t e0, int64_t n, float* __restrict sv) {
-  if (!s) return nullptr;
+// The scaled form's sigma (storage kind S) of the block whose first element has local index e0 (0 outside
+// [0, n)), as float32 into sv.
+template <int S>
+ZO_HD void load_scale_as(const void* s, int64_t e0, int64_t n, float* __restrict sv) {
+  const typename IO<S>::T* v = (const typename IO<S>::T*)s;
   for (int e = 0; e < BLOCK; ++e) {
     const int64_t i = e0 + e;
-    sv[e] = (i >= 0 && i < n) ? s[i] : 0.0f;
+    sv[e] = (i >= 0 && i < n) ? IO<S>::load(v[i]) : 0.0f;
   }
+}
+
+// The task's sigma of the block at e0 into sv (float32 or bfloat16 storage, widened exactly); returns sv, or
+// nullptr without a scale (docs/spec.md §10).
+ZO_HD const float* load_scale(const Task& t, int64_t e0, float* __restrict sv) {
+  if (!t.s) return nullptr;
+  if (t.sdt == BF16)
+    load_scale_as<BF16>(t.s, e0, t.n, sv);
+  else
+    load_scale_as<F32>(t.s, e0, t.n, sv);
   return sv;
 }
 
@@ -299,7 +310,7 @@ void run_task(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
     }
     // acc += alpha_j z_j, keys in order (without x: acc = z of keys[0])
     if (a.has_x)
-      add_key_sum(nz, a.keys, a.alphas, a.K, qb, acc, load_scale(t.s, e0, n, sv));
+      add_key_sum(nz, a.keys, a.alphas, a.K, qb, acc, load_scale(t, e0, sv));
     else if (a.K > 0)
       nz.block(0, a.keys[0], a.keys[1], qb, acc);
     // acc += beta dense
@@ -504,7 +515,7 @@ void run_exact_dt(const Args& a, const Task& t, int64_t lb0, int64_t lb1) {
     constexpr bool INV = decltype(inv)::value;
     alignas(64) float z[BLOCK];
     alignas(64) float sv[BLOCK];
-    const float* scale = load_scale(t.s, e0, t.n, sv);
+    const float* scale = load_scale(t, e0, sv);
     for (int e = 0; e < BLOCK; ++e) {
       sn[e] = 0.0f;
       if (INV) su[e] = 0.0f;

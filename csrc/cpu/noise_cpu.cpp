@@ -59,6 +59,7 @@ Task make_task(const at::Tensor& p, const at::Tensor* d, int64_t tid, int64_t of
   set_tensor_fields(t, p, tid, off);
   t.d = d ? d->data_ptr() : nullptr;
   t.s = nullptr;
+  t.sdt = F32;
   t.pdt = dtype_code(p.scalar_type());
   t.ddt = d ? dtype_code(d->scalar_type()) : NONE;
   t.plane = nullptr;
@@ -81,7 +82,10 @@ std::vector<Task> make_tasks(const PassCall& c, int64_t& total) {
   for (size_t i = 0; i < c.params.size(); ++i) {
     tasks.push_back(make_task(c.params[i], c.dense.empty() ? nullptr : &c.dense[i], c.tensor_ids[i], c.offsets[i],
                               total));
-    if (!c.scale.empty()) tasks.back().s = c.scale[i].data_ptr<float>();
+    if (!c.scale.empty()) {
+      tasks.back().s = c.scale[i].data_ptr();
+      tasks.back().sdt = dtype_code(c.scale[i].scalar_type());
+    }
     if (!c.planes.empty()) tasks.back().plane = c.planes[i].numel() ? c.planes[i].data_ptr<uint8_t>() : nullptr;
     total += tasks.back().blocks;
   }

@@ -33,10 +33,11 @@ void launch_group(const std::vector<size_t>& idx, const PassCall& c, LaunchArgs 
     Entry e;
     set_tensor_fields(e, p, c.tensor_ids[i], c.offsets[i]);
     e.d = d ? d->data_ptr() : nullptr;
-    e.s = c.scale.empty() ? nullptr : c.scale[i].data_ptr<float>();
+    e.s = c.scale.empty() ? nullptr : c.scale[i].data_ptr();
+    e.sdt = c.scale.empty() ? F32 : dtype_code(c.scale[i].scalar_type());
     e.quad_start = quads;
     e.aligned = (e.off % 4 == 0) && aligned4(e.p, p.element_size()) && (!d || aligned4(e.d, d->element_size())) &&
-                (!e.s || aligned4(e.s, sizeof(float)));
+                (!e.s || aligned4(e.s, c.scale[i].element_size()));
     e.plane = c.planes.empty() || c.planes[i].numel() == 0 ? nullptr : c.planes[i].data_ptr<uint8_t>();
     e.plane_aligned = e.plane && ((uintptr_t)e.plane % (uintptr_t)(a.plane_bits / 2)) == 0;
     entries[r] = e;

@@ -18,6 +18,14 @@ namespace {
 
 constexpr int THREADS = 256;
 
+// The scaled form's sigma of the quad as float32 (float32 or bfloat16 storage, widened exactly; docs/spec.md §10).
+__device__ __forceinline__ void load_sigma(const Entry& e, const quad::QuadAt& q, float sv[4]) {
+  if (e.sdt == BF16)
+    quad::load_floats<BF16>(e.s, q, e.n, sv);
+  else
+    quad::load_floats<F32>(e.s, q, e.n, sv);
+}
+
 // theta <- gamma theta + sum_j alpha_j z_j + beta dense (or out <- z of keys[0] when !has_x; z_j times sigma
 // when the row has the scaled form's e.s, docs/spec.md §10), theta and
 // dense of storage kinds P and D (restore::Grid; D == NONE: no dense term); z of the launch's noise form
@@ -33,7 +41,7 @@ __global__ void __launch_bounds__(THREADS) noise_axpy_kernel(const LaunchArgs a)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[c] = fmul(x[c], a.gamma);
       float sv[4];
-      if (e.s) quad::load_floats<F32>(e.s, q, e.n, sv);  // the scaled form (docs/spec.md §10)
+      if (e.s) load_sigma(e, q, sv);  // the scaled form (docs/spec.md §10)
       for (int j = 0; j < a.K; ++j) {
         float z[4];
         noise4(a.noise, (uint64_t)q.gq, e.tid, a.stream, a.keys[2 * j], a.keys[2 * j + 1], z[0], z[1], z[2], z[3]);
@@ -77,7 +85,7 @@ __global__ void __launch_bounds__(THREADS) noise_axpy_exact_kernel(const LaunchA
     float sv[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     if (e.s) {
       const int64_t i = gq - (e.off >> 2);
-      quad::load_floats<F32>(e.s, quad::QuadAt{i, gq, e0, e0 >= 0 && e0 + 4 <= e.n && e.aligned != 0}, e.n, sv);
+      load_sigma(e, quad::QuadAt{i, gq, e0, e0 >= 0 && e0 + 4 <= e.n && e.aligned != 0}, sv);
     }
     quad::key_sums(a.noise, (uint64_t)gq, e.tid, a.stream, a.K, a.keys, a.alphas, a.invert ? a.undo : nullptr, sn, su,
                    e.s != nullptr, sv);

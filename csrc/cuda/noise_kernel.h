@@ -24,7 +24,7 @@ enum DType : int { F32 = 0, BF16 = 1, F16 = 2, U32 = 3, NONE = 4 };
 struct Entry {
   void* p;             // parameter (output) data
   const void* d;       // dense term, or nullptr
-  const float* s;      // the scaled form's sigma (docs/spec.md §10), or nullptr: sigma = 1
+  const void* s;       // the scaled form's sigma (docs/spec.md §10), or nullptr: sigma = 1
   int64_t n;           // elements
   int64_t off;         // global index of element 0
   int64_t quad_start;  // quads of the earlier tensors of the launch (spreads small tensors over threads)
@@ -32,6 +32,7 @@ struct Entry {
   uint32_t aligned;    // p (and d, s) aligned to 4 elements and off % 4 == 0: vector loads / stores
   uint8_t* plane;      // exact mode: the residue plane (one word per quad from off / 4), or nullptr
   uint32_t plane_aligned;  // plane aligned to its word size: one load / store per word
+  uint32_t sdt;        // DType of s: F32 or BF16 (widened to float32 exactly)
 };
 
 struct LaunchArgs {

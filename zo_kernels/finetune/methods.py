@@ -108,6 +108,9 @@ LR_HIZOO = _rate("lr_hizoo", "hizoo lr", lambda c: c.option("lr_mezo"),
 HIZOO_SMOOTHING = Knob("hizoo_smoothing", 1e-8, "hizoo: smoothing a of the curvature h (a number in [0, 1), or one "
                        "of the authors' schedules, e.g. constant1e-8, their example; constant0 is MeZO)",
                        type=lambda s: s if s.startswith("constant") else float(s), metavar="A|SCHEDULE")
+HIZOO_SIGMA_DTYPE = Knob("hizoo_sigma_dtype", "float32", "hizoo: storage of its state σ = h^(-1/2): float32, or "
+                         "bfloat16 (half of HiZOO's extra memory; float32 arithmetic, σ rounded back stochastically)",
+                         type=str, choices=("float32", "bfloat16"))
 FO_EPOCHS = Knob("fo_epochs", 2.0, "first-order baselines: epochs over the training split", minimum=0, strict=True)
 FO_BATCH_SIZE = Knob("fo_batch_size", 16, "first-order baselines' batch; 0: --batch-size", type=int, minimum=0)
 LR_FO_SGD = Knob("lr_fo_sgd", 1e-2, "FO-SGD lr", minimum=0)
@@ -234,8 +237,10 @@ register(Method("fzoo", "FZOO", "zo",
                 _queries_per_step, "crimson", knobs=(LR_FZOO, LR_MEZO, FZOO_DIRECTIONS, FZOO_NOISE), lr_knob="lr_fzoo"))
 # HiZOO: a diagonal curvature h shapes the perturbation μ·z/√h (the scaled primitive); 3 forwards per step.
 register(Method("hizoo", "HiZOO", "zo",
-                _make("HiZOO", LR_HIZOO, lambda c: {"smoothing": c.option("hizoo_smoothing")}),
-                _queries_per_step, "darkgreen", knobs=(LR_HIZOO, LR_MEZO, HIZOO_SMOOTHING, NOISE), lr_knob="lr_hizoo"))
+                _make("HiZOO", LR_HIZOO, lambda c: {"smoothing": c.option("hizoo_smoothing"),
+                                                    "sigma_dtype": c.option("hizoo_sigma_dtype")}),
+                _queries_per_step, "darkgreen", knobs=(LR_HIZOO, LR_MEZO, HIZOO_SMOOTHING, HIZOO_SIGMA_DTYPE, NOISE),
+                lr_knob="lr_hizoo"))
 register(Method("mezo-lezo", "MeZO (LeZO sampling)", "zo",
                 _make("MeZO", LR_LEZO, lambda c: {"layer_fraction": c.option("layer_fraction"), **_spsa(c)}),
                 _queries_per_step, "slateblue", knobs=(LR_LEZO, LR_MEZO, LAYER_FRACTION, N_DIRECTIONS, NOISE),

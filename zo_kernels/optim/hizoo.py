@@ -11,7 +11,9 @@ Step t, per group (μ = eps, η = lr, λ = weight_decay, a = the smoothing of st
 
 which is the authors' zo_Hessian_step_update (Yanjun-Zhao/HiZOO, trainer.py) in their order: the two
 perturbations and the restore use the old h; h is updated first, then θ with the new h.  Here the state is
-σ = h^(-1/2) (float32, one tensor per parameter: `opt.state[p]["sigma"]`), so the perturbation passes take
+σ = h^(-1/2) (one tensor per parameter: `opt.state[p]["sigma"]`, float32, or bfloat16 with
+sigma_dtype=torch.bfloat16: half the memory, rounded stochastically after each update, zo_kernels.hizoo's
+module doc says how and why), so the perturbation passes take
 σ as the scaled form's `scale` with no temporary, and the update is zo_kernels.hizoo.hizoo_update_: one pass
 that regenerates z and writes σ and θ.  The restore before it is a scaled pass of its own (exact restore
 for bf16/fp16 as every optimizer's), so per step θ is touched 4 times (+μσz, −2μσz, restore, update) and σ
@@ -29,7 +31,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..hizoo import check_smoothing, curvature, hizoo_update_
+from ..hizoo import SIGMA_DTYPES, check_smoothing, curvature, hizoo_update_
 from ..noise import M64, mix_keys, step_key
 from ..ops import noise_axpy_
 from .noise_form import noise_kw
@@ -53,6 +55,14 @@ SMOOTHING_SCHEDULES = {
 }
 
 
+def check_sigma_dtype(dtype) -> torch.dtype:
+    """σ's storage dtype: torch.float32 or torch.bfloat16 (or their names)."""
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if named not in SIGMA_DTYPES:
+        raise ValueError(f"sigma_dtype must be one of {[str(d) for d in SIGMA_DTYPES]} (or its name), got {dtype!r}")
+    return named
+
+
 def check_schedule(smoothing) -> Union[float, str]:
     if isinstance(smoothing, str):
         if smoothing not in SMOOTHING_SCHEDULES:
@@ -64,8 +74,10 @@ def check_schedule(smoothing) -> Union[float, str]:
 class HiZOO(SPSAOptimizer):
     """HiZOO: `loss = opt.step(closure)` (returns l0, the loss at θ_t).
 
-    Args: lr η, eps μ, weight_decay λ, seed, smoothing (a in [0, 1) or a schedule name, module doc), noise,
-    and the core options of every ZO optimizer.  One direction per step; no layer sampling (σ of every
+    Args: lr η, eps μ, weight_decay λ, seed, smoothing (a in [0, 1) or a schedule name, module doc),
+    sigma_dtype (σ's storage: torch.float32, or torch.bfloat16 to halve HiZOO's extra memory; the arithmetic is
+    float32 either way, and a bfloat16 σ is rounded back stochastically after each update, see
+    zo_kernels.hizoo), noise, and the core options of every ZO optimizer.  One direction per step; no layer sampling (σ of every
     tensor changes every step).
     """
 
@@ -74,10 +86,11 @@ class HiZOO(SPSAOptimizer):
     unloggable = "HiZOO's scaled passes and σ updates are not in the seed-log format (docs/seedlog.md)"
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
-                 smoothing: Union[float, str] = 1e-8, **core):
+                 smoothing: Union[float, str] = 1e-8, sigma_dtype: torch.dtype = torch.float32, **core):
         if core.get("n_directions", 1) != 1:
             raise ValueError(f"HiZOO takes one direction per step, got n_directions={core['n_directions']!r}")
         self.smoothing = check_schedule(smoothing)
+        self.sigma_dtype = check_sigma_dtype(sigma_dtype)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, **core)
         self._scales: dict = {}
 
@@ -92,13 +105,13 @@ class HiZOO(SPSAOptimizer):
 
     # ----------------------------------------------------------------- state
     def _state_layout(self, p: torch.Tensor) -> dict:
-        return {"sigma": (tuple(p.shape), torch.float32)}
+        return {"sigma": (tuple(p.shape), self.sigma_dtype)}
 
     def _sigma(self, p: torch.Tensor) -> torch.Tensor:
         """σ of p (its local shard under FSDP2), created at 1 (h = 1, the authors' start)."""
         st = self.state[p]
         if "sigma" not in st:
-            st["sigma"] = zeros_state(p)
+            st["sigma"] = zeros_state(p, dtype=self.sigma_dtype)
             local_state(st["sigma"]).fill_(1.0)
         return local_state(st["sigma"])
 
@@ -145,7 +158,7 @@ class HiZOO(SPSAOptimizer):
                 self.trajectory.append({"step": self._t, "hizoo": True, "keys": [key & M64], "coeff": coeff,
                                         "gamma": gamma, "smoothing": a, "curvature": c, "tensor_ids": list(ids),
                                         "rounding": self.rounding, "rounding_key": rkey & M64,
-                                        **noise_kw(self.noise)})
+                                        **noise_kw(self.noise), **self._sigma_kw()})
 
     def _issue(self, p) -> dict:
         """Every pass on the weights is scaled by σ (the perturbations and the restore)."""
@@ -153,17 +166,25 @@ class HiZOO(SPSAOptimizer):
             noise_axpy_(p.tensors, p.keys, p.alphas, gamma=p.gamma, rounding=p.rounding, tensor_ids=p.tids,
                         offsets=p.offsets, rounding_key=p.rounding_key, backend=self.backend, undo=p.undo,
                         planes=p.planes, scale=[self._scales[t] for t in p.tids], **noise_kw(self.noise))
-        return {"scaled": True}
+        return {"scaled": True, **self._sigma_kw()}
+
+    def _sigma_name(self) -> str:
+        return str(self.sigma_dtype).split(".")[-1]
+
+    def _sigma_kw(self) -> dict:
+        """σ's dtype for the trajectory and state, named only when it is not float32 (older logs and
+        state_dicts load unchanged)."""
+        return {} if self.sigma_dtype == torch.float32 else {"sigma_dtype": self._sigma_name()}
 
     # ----------------------------------------------------------- state_dict
     def _options(self) -> dict:
-        return {**super()._options(), "smoothing": self.smoothing}
+        return {**super()._options(), "smoothing": self.smoothing, **self._sigma_kw()}
 
     def _zo_state(self) -> dict:
-        return {**super()._zo_state(), "smoothing": self.smoothing}
+        return {**super()._zo_state(), "smoothing": self.smoothing, **self._sigma_kw()}
 
     def _load_zo_state(self, zo: dict) -> None:
         super()._load_zo_state(zo)
-        if zo.get("smoothing", self.smoothing) != self.smoothing:
-            raise ValueError(f"state_dict was saved with smoothing={zo['smoothing']!r}, this optimizer has "
-                             f"{self.smoothing!r}")
+        for k, mine in (("smoothing", self.smoothing), ("sigma_dtype", self._sigma_name())):
+            if zo.get(k, mine) != mine:
+                raise ValueError(f"state_dict was saved with {k}={zo[k]!r}, this optimizer has {mine!r}")

@@ -37,13 +37,15 @@ def shard_like(p: torch.Tensor, local: torch.Tensor, shape: Optional[Sequence[in
                               stride=_contiguous_stride(shape))
 
 
-def zeros_state(p: torch.Tensor, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """Float32 zero state for p: p's shape (or `shape`, same dim 0), sharded like p when p is a DTensor."""
+def zeros_state(p: torch.Tensor, shape: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32
+                ) -> torch.Tensor:
+    """Zero state (float32 unless `dtype`) for p: p's shape (or `shape`, same dim 0), sharded like p when p is a
+    DTensor."""
     if not _zdist.is_dtensor(p):
-        return torch.zeros(p.shape if shape is None else shape, dtype=torch.float32, device=p.device)
+        return torch.zeros(p.shape if shape is None else shape, dtype=dtype, device=p.device)
     local, _ = _zdist.local_shard(p)
     local_shape = tuple(local.shape) if shape is None else (local.shape[0],) + tuple(shape)[1:]
-    return shard_like(p, torch.zeros(local_shape, dtype=torch.float32, device=local.device), shape)
+    return shard_like(p, torch.zeros(local_shape, dtype=dtype, device=local.device), shape)
 
 
 def local_state(value: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ def replay(params, log, *, backend: Optional[str] = None,
         kw = dict(gamma=float(rec["gamma"]), rounding=rec.get("rounding", "nearest"), tensor_ids=ids,
                   rounding_key=int(rec["rounding_key"]), backend=backend, undo=rec.get("undo"), planes=pl,
                   **noise_kw(check_noise_form(rec.get("noise", GAUSSIAN))))
-        scale = [sigmas.setdefault(t, torch.ones(flat[t].shape, device=flat[t].device)) for t in ids]
+        sdt = getattr(torch, rec.get("sigma_dtype", "float32"))   # HiZOO(sigma_dtype=...); float32 when unnamed
+        scale = [sigmas.setdefault(t, torch.ones(flat[t].shape, dtype=sdt, device=flat[t].device)) for t in ids]
         if rec.get("hizoo"):                # HiZOO's update pass (zo_kernels.hizoo): σ and θ
             hizoo_update_(ts, scale, int(rec["keys"][0]), coeff=float(rec["coeff"]), gamma=kw["gamma"],
                           smoothing=float(rec["smoothing"]), curvature=float(rec["curvature"]), rounding=kw["rounding"],
