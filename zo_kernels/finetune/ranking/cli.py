@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import FinetuneError
-from .plan import DEFAULT_FACTORS, MIN_GRID, Plan, default_methods
+from .plan import DEFAULT_FACTORS, MIN_GRID, SEEDS, Plan, default_methods
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +74,7 @@ def main(argv: Optional[List[str]] = None, runner=None) -> int:
                     checkpoint_every=a.checkpoint_every, min_grid=1 if a.allow_short_grid else MIN_GRID)
         lock = files.open_run_dir(a.out)
         try:
-            print(f"rank: {len(plan.methods)} methods x {len(plan.factors)} rates, then 2 more seeds each: "
+            print(f"rank: {len(plan.methods)} methods x {len(plan.factors)} rates, then {len(SEEDS) - 1} more seeds each: "
                   f"{plan.n_runs()} zo-finetune runs in {a.out}, {plan.lanes} at a time", flush=True)
             errors = {} if a.collect else execute(plan, runner, say=lambda s: print(s, flush=True))
             ranking = collect(plan, errors)
