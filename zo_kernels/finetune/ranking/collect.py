@@ -59,11 +59,19 @@ def _seed_row(plan: Plan, run, res: dict) -> dict:
             "curve": [{k: p[k] for k in ("queries", "train_s", "test_acc", "train_loss")} for p in rec["curve"]]}
 
 
+def _finished(runs) -> None:
+    for r in runs:
+        if not os.path.exists(os.path.join(r.dir, "results.json")):
+            raise FinetuneError(f"{r.dir} has no results.json yet")
+
+
 def method_entry(plan: Plan, m: str) -> dict:
     """One method's entry (FinetuneError when a run of it has no results.json yet)."""
+    _finished(plan.grid(m))
     grid = grid_records(plan, m)
     best = choose(grid)
     runs = plan.seed_runs(m, best.factor)
+    _finished(runs)
     results = [merge.load(r.dir) for r in runs]
     merged = merge.merge(results)
     s = merged["summary"]["methods"][m]
@@ -121,7 +129,8 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
                          "tune_seed": TUNE_SEED, "memory_seed": MEMORY_SEED, "queries": plan.queries,
                          "n_val": plan.args.n_val, "n_test": plan.args.n_test, "lanes": plan.lanes,
                          "threads_per_run": threads, "checkpoint_every": plan.checkpoint_every,
-                         "timing": f"train_s of one zo-finetune process with {threads} thread(s)"
+                         "timing": "no run finished yet" if threads is None else
+                                   f"train_s of one zo-finetune process with {threads} thread(s)"
                                    + (f", {plan.lanes} processes side by side" if plan.lanes > 1 else "")},
             "machine": first["machine"] if first else None, "methods": methods, "order": order,
             "incomplete": incomplete, **{k: None for k in RESERVED}}

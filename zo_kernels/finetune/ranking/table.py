@@ -75,6 +75,8 @@ def markdown(ranking: dict) -> str:
              f"examples. Times: {st['timing']}.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---:" if j else "---" for j in range(len(head))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if not rows:
+        lines[2:] = ["(no method is ranked yet)"]
     lines += ["", verdict(ranking)]
     if ranking.get("incomplete"):
         lines += ["", "Not ranked yet (runs missing or failed): " + ", ".join(sorted(ranking["incomplete"])) + "."]
