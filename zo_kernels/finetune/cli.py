@@ -177,7 +177,9 @@ def _check_numbers(a) -> None:
         raise FinetuneError(f"--threads must be >= 1, got {a.threads}")
 
 
-def _check_args(a) -> List[str]:
+def check_args(a) -> List[str]:
+    """Every check of parsed arguments `a` that needs no file (one FinetuneError line); the --methods list.
+    The ranking harness checks its pass-through arguments with it before its first run."""
     from .registry import METHODS
 
     _check_numbers(a)
@@ -296,7 +298,7 @@ def _parse(argv: List[str]):
 def run(argv: Optional[List[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     a, argv, state = _parse(argv)
-    methods = _check_args(a)
+    methods = check_args(a)
     seeds = _seeds(a)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .experiment import Experiment

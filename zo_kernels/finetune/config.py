@@ -56,3 +56,11 @@ class TrainConfig:
         names = {f.name for f in fields(cls)} - {"options"}
         given = {n: getattr(a, n) for n in names if hasattr(a, n)}
         return cls(**{**given, **run, "options": {n: getattr(a, n, None) for n in KNOBS}})
+
+
+def query_budget(a) -> int:
+    """The ZO query budget of `zo-finetune`'s parsed arguments `a`: --queries, else --steps MeZO steps
+    (2 * --batch-size queries each), else TrainConfig's default."""
+    if a.queries is not None:
+        return a.queries
+    return a.steps * 2 * a.batch_size if a.steps else TrainConfig().queries

@@ -23,7 +23,7 @@ from . import files, report
 from . import memory as mem_mod
 from . import quantize as quant_ft
 from .adapters import apply_peft, trainable_parameters
-from .config import TrainConfig
+from .config import TrainConfig, query_budget
 from .errors import FinetuneError
 from .evaluation import eval_train_index, evaluate, mean_loss
 from .heads import default_descriptions
@@ -123,9 +123,8 @@ class Experiment:
         except BaseException:
             self.release()
             raise
-        d = TrainConfig()
         self.unloggable: Optional[dict] = None    # --save-log: method -> why it cannot be logged
-        self.queries = a.queries if a.queries is not None else (a.steps * 2 * a.batch_size if a.steps else d.queries)
+        self.queries = query_budget(a)
 
     # ------------------------------------------------------------ helpers
     def release(self) -> None:

@@ -19,7 +19,8 @@ def _color(m: str) -> Optional[str]:
     return METHODS[m].color if m in METHODS else None
 
 
-def _stats(values: List[float]) -> dict:
+def stats(values: List[float]) -> dict:
+    """mean, sample std (0 for one value) and the values, Nones left out."""
     v = [float(x) for x in values if x is not None]
     if not v:
         return {"mean": None, "std": None, "values": []}
@@ -59,44 +60,48 @@ def reach(curve: List[dict], target: float) -> Optional[dict]:
     return None
 
 
+def peak(rec: Optional[dict]) -> Optional[float]:
+    """A run's peak: its best test accuracy over the eval points after the start (None: no such point)."""
+    return max(p["test_acc"] for p in rec["curve"][1:]) if rec and len(rec["curve"]) > 1 else None
+
+
+def to_peak(recs: List[dict], peaks: List[Optional[float]]) -> Optional[dict]:
+    """Runs `recs` (one per seed) against the peaks of the same seeds: how many reach theirs, and the
+    queries and training seconds until they do (mean ± std over those that do); None without any peak."""
+    if all(pk is None for pk in peaks):
+        return None
+    hits = [None if pk is None else reach(x["curve"], pk) for x, pk in zip(recs, peaks)]
+    got = [h for h in hits if h is not None]
+    return {"reached": len(got), "of": len(hits), "queries": stats([h["queries"] for h in got]),
+            "train_s": stats([h["train_s"] for h in got])}
+
+
 def aggregate(runs: List[dict]) -> dict:
     """Per method: mean ± std over the runs (seeds) of the final numbers, the time to MeZO's peak,
     and the mean ± std curve (eval points are at the same query counts for every seed)."""
     methods = list(runs[0]["methods"])
     out = {"seeds": [r["seed"] for r in runs], "n": len(runs),
-           "start": {k: _stats([r["start"][k] for r in runs]) for k in ("test_acc", "train_loss")},
+           "start": {k: stats([r["start"][k] for r in runs]) for k in ("test_acc", "train_loss")},
            "methods": {}}
-    peaks = []
-    for r in runs:
-        mz = r["methods"].get("mezo")
-        peaks.append(max(p["test_acc"] for p in mz["curve"][1:]) if mz and len(mz["curve"]) > 1 else None)
-    out["mezo_peak"] = _stats(peaks)
+    peaks = [peak(r["methods"].get("mezo")) for r in runs]
+    out["mezo_peak"] = stats(peaks)
     for m in methods:
         recs = [r["methods"][m] for r in runs]
         e = {"label": LABELS.get(m, recs[0].get("label", m)), "kind": recs[0].get("kind"),
              "queries": recs[0]["queries"], "steps": recs[0]["steps"], "full_steps": recs[0].get("full_steps", 0),
              "diverged": sum(bool(x["diverged"]) for x in recs)}
         for k in ("test_acc", "best_test_acc", "train_loss", "val_acc", "wall_s", "train_s", "eval_s"):
-            e[k] = _stats([x.get(k) for x in recs])
-        e["delta_test_acc"] = _stats([x["test_acc"] - r["start"]["test_acc"] for x, r in zip(recs, runs)])
+            e[k] = stats([x.get(k) for x in recs])
+        e["delta_test_acc"] = stats([x["test_acc"] - r["start"]["test_acc"] for x, r in zip(recs, runs)])
         ts = {}
         for k in recs[0]["time_per_step_ms"]:
-            ts[k] = _stats([x["time_per_step_ms"].get(k) for x in recs])["mean"]
+            ts[k] = stats([x["time_per_step_ms"].get(k) for x in recs])["mean"]
         e["time_per_step_ms"] = ts
-        hits = []
-        for x, peak in zip(recs, peaks):
-            hits.append(None if peak is None else reach(x["curve"], peak))
-        if any(pk is not None for pk in peaks):
-            got = [h for h in hits if h is not None]
-            e["to_mezo_peak"] = {"reached": len(got), "of": len(hits),
-                                 "queries": _stats([h["queries"] for h in got]),
-                                 "train_s": _stats([h["train_s"] for h in got])}
-        else:
-            e["to_mezo_peak"] = None
+        e["to_mezo_peak"] = to_peak(recs, peaks)
         n_pts = min(len(x["curve"]) for x in recs)
         e["curve"] = {"queries": [recs[0]["curve"][i]["queries"] for i in range(n_pts)]}
         for k in ("test_acc", "train_loss"):
-            st = [_stats([x["curve"][i][k] for x in recs]) for i in range(n_pts)]
+            st = [stats([x["curve"][i][k] for x in recs]) for i in range(n_pts)]
             e["curve"][k] = [s["mean"] for s in st]
             e["curve"][k + "_std"] = [s["std"] for s in st]
         e["step_losses"] = recs[0]["step_losses"]       # the first seed's, for the faint minibatch line
@@ -152,19 +157,26 @@ def accuracy_table(agg: dict) -> str:
     return _grid(head, rows)
 
 
+def memory_row(mem: dict) -> dict:
+    """A method's memory entry as its table row: on CUDA the allocator's peak, else the process's peak RSS
+    (MB, and / the inference process's); x_inference_above_runtime: both above the runtime baseline."""
+    cuda = mem.get("cuda_peak_mb") is not None
+    return {"peak_mb": mem.get("cuda_peak_mb") if cuda else mem.get("peak_rss_mb"),
+            "x_inference": mem.get("cuda_x_inference") if cuda else mem.get("x_inference"),
+            "x_inference_above_runtime": mem.get("x_inference_above_runtime")}
+
+
 def cost_table(agg: dict, memory: Dict[str, dict]) -> str:
     head = ["method", "fwd ms/step", "noise ms/step", "peak MB", "x inf", "x inf-rt"]
     rows: List[List[str]] = []
     for m, e in agg["methods"].items():
         ts = e["time_per_step_ms"]
-        mem = memory.get(m, {})
-        cuda = mem.get("cuda_peak_mb") is not None
+        mem = memory_row(memory.get(m, {}))
         rows.append([e["label"], _fmt(ts.get("forward"), ".0f"),
                      _fmt(ts.get("noise"), ".0f") if "noise" in ts else
                      ("bwd+upd " + _fmt(ts.get("backward_update"), ".0f")),
-                     _fmt(mem.get("cuda_peak_mb") if cuda else mem.get("peak_rss_mb"), ".0f"),
-                     _fmt(mem.get("cuda_x_inference") if cuda else mem.get("x_inference"), ".2f"),
-                     _fmt(mem.get("x_inference_above_runtime"), ".2f")])
+                     _fmt(mem["peak_mb"], ".0f"), _fmt(mem["x_inference"], ".2f"),
+                     _fmt(mem["x_inference_above_runtime"], ".2f")])
     for k in ("inference", "runtime"):
         mem = memory.get(k)
         if mem and "peak_rss_mb" in mem:

@@ -1,0 +1,149 @@
+"""ranking.json: the numbers behind the ranking, built from the runs' results.json files alone.
+
+Top level: "settings" (grid factors, seeds, the pass-through zo-finetune arguments, queries, lanes,
+threads per run), "machine" (the first run's), "methods", "order" (the ranked methods by mean test
+accuracy, best first), "incomplete" (method -> why it has no entry yet), and two keys reserved for the
+MeZO-SVRG paper-setting runs (issue 25, item 2), null until those runs fill them: "svrg_paper_setting"
+and "batch_sizes" (the batch-size robustness rows); a rewrite of ranking.json keeps what they hold.
+
+Per method, keyed by its `zo-finetune --methods` name:
+- "name", "label", "kind" (zo / fo); "tuned": {flag: the rate zo-finetune uses by default} for every rate the
+  grid scales (the learning rate first), "lr_flag" its flag, "default_lr" its default;
+- "grid": one row per rate tried at the tuning seed: factor, lr, rates {flag: value}, val_acc, train_loss,
+  diverged, dir (test accuracy is left out: it never chooses);
+- "chosen": factor, lr, rates, at_grid_edge (the best rate is the grid's lowest or highest: widen it);
+- "seeds": per seed at the chosen rate: test_acc, val_acc, train_loss, queries, steps, train_s (training
+  seconds, evaluation excluded), wall_s, start_test_acc, diverged, mezo_peak, to_mezo_peak ({queries,
+  train_s}, null: not reached), the eval curve [{queries, train_s, test_acc, train_loss}] (for equal-time
+  comparisons) and dir;
+- "summary": the seeds merged by zo_kernels.finetune.merge (what scripts/merge_seeds.py writes): test_acc,
+  val_acc, train_loss, delta_test_acc (vs the start), train_s, wall_s as {mean, std (sample), values};
+  queries, steps, diverged (runs); to_mezo_peak {reached, of, queries, train_s} or null; memory {peak_mb,
+  x_inference, x_inference_above_runtime} from the MEMORY_SEED run, or null when not measured.
+
+MeZO's peak is defined per seed, as zo-finetune defines it within one run (zo_kernels.finetune.report):
+the best test accuracy over the eval points after the start of MeZO's run at its chosen rate and that
+seed.  The seeds fix the data split and the start, so a method's seed-s run is measured against MeZO's
+seed-s peak: the queries and training seconds of its first eval point at or above it.  Null when MeZO is
+not ranked.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+from .. import files, merge, report
+from ..errors import FinetuneError
+from ..registry import METHODS
+from .choice import choose, grid_records
+from .plan import MEMORY_SEED, SEEDS, TUNE_SEED, Plan, flag
+
+VERSION = 1
+RESERVED = ("svrg_paper_setting", "batch_sizes")
+_SUMMARY = ("test_acc", "val_acc", "train_loss", "delta_test_acc", "train_s", "wall_s", "queries", "steps",
+            "diverged")
+
+
+def _rates(rates) -> dict:
+    return {flag(k): v for k, v in rates}
+
+
+def _seed_row(plan: Plan, run, res: dict) -> dict:
+    rec = res["methods"][run.method]
+    return {"seed": run.seed, "dir": os.path.relpath(run.dir, plan.out), "test_acc": rec["test_acc"],
+            "val_acc": rec["val_acc"], "train_loss": rec["train_loss"], "queries": rec["queries"],
+            "steps": rec["steps"], "train_s": rec["train_s"], "wall_s": rec["wall_s"],
+            "start_test_acc": res["start"]["test_acc"], "diverged": rec["diverged"], "mezo_peak": None,
+            "to_mezo_peak": None,
+            "curve": [{k: p[k] for k in ("queries", "train_s", "test_acc", "train_loss")} for p in rec["curve"]]}
+
+
+def _finished(runs) -> None:
+    for r in runs:
+        if not os.path.exists(os.path.join(r.dir, "results.json")):
+            raise FinetuneError(f"{r.dir} has no results.json yet")
+
+
+def method_entry(plan: Plan, m: str) -> dict:
+    """One method's entry (FinetuneError when a run of it has no results.json yet)."""
+    _finished(plan.grid(m))
+    grid = grid_records(plan, m)
+    best = choose(grid)
+    runs = plan.seed_runs(m, best.factor)
+    _finished(runs)
+    results = [merge.load(r.dir) for r in runs]
+    merged = merge.merge(results)
+    s = merged["summary"]["methods"][m]
+    mem = merged["memory"].get(m)
+    knobs = plan.defaults[m]
+    lr_knob = next(iter(knobs))
+    return {"name": m, "label": METHODS[m].label, "kind": METHODS[m].kind, "tuned": _rates(knobs.items()),
+            "lr_flag": flag(lr_knob), "default_lr": knobs[lr_knob],
+            "grid": [{"factor": r.factor, "lr": r.lr, "rates": _rates(r.rates), "val_acc": rec["val_acc"],
+                      "train_loss": rec["train_loss"], "diverged": rec["diverged"],
+                      "dir": os.path.relpath(r.dir, plan.out)} for r, rec in grid],
+            "chosen": {"factor": best.factor, "lr": best.lr, "rates": _rates(best.rates),
+                       "at_grid_edge": best.factor in (plan.factors[0], plan.factors[-1])},
+            "seeds": [_seed_row(plan, r, res) for r, res in zip(runs, results)],
+            "summary": {**{k: s[k] for k in _SUMMARY}, "to_mezo_peak": None,
+                        "memory": report.memory_row(mem) if mem else None},
+            "_records": [res["methods"][m] for res in results]}
+
+
+def _with_mezo_peaks(methods: Dict[str, dict]) -> None:
+    mezo = methods.get("mezo")
+    if mezo is None:
+        return
+    peaks = [report.peak(rec) for rec in mezo["_records"]]
+    for e in methods.values():
+        for row, rec, pk in zip(e["seeds"], e["_records"], peaks):
+            hit = None if pk is None else report.reach(rec["curve"], pk)
+            row["mezo_peak"] = pk
+            row["to_mezo_peak"] = None if hit is None else {"queries": hit["queries"], "train_s": hit["train_s"]}
+        e["summary"]["to_mezo_peak"] = report.to_peak(e["_records"], peaks)
+
+
+def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
+    """ranking.json's content for `plan` from its run directories; `errors`: execute()'s error lines."""
+    errors = errors or {}
+    methods, incomplete, first = {}, {}, None
+    for m in plan.methods:
+        if errors.get(m):
+            incomplete[m] = errors[m]
+            continue
+        try:
+            methods[m] = method_entry(plan, m)
+        except FinetuneError as e:
+            incomplete[m] = [str(e)]
+            continue
+        first = first or merge.load(plan.run(m, methods[m]["chosen"]["factor"], TUNE_SEED).dir)
+    _with_mezo_peaks(methods)
+    for e in methods.values():
+        del e["_records"]
+    order = sorted(methods, key=lambda m: -methods[m]["summary"]["test_acc"]["mean"])
+    cfg = first["config"] if first else {}
+    threads = cfg.get("threads")
+    return {"version": VERSION,
+            "settings": {"zo_finetune_args": plan.extra, "grid_factors": plan.factors, "seeds": list(SEEDS),
+                         "tune_seed": TUNE_SEED, "memory_seed": MEMORY_SEED, "queries": plan.queries,
+                         "n_val": plan.args.n_val, "n_test": plan.args.n_test, "lanes": plan.lanes,
+                         "threads_per_run": threads, "checkpoint_every": plan.checkpoint_every,
+                         "timing": "no run finished yet" if threads is None else
+                                   f"train_s of one zo-finetune process with {threads} thread(s)"
+                                   + (f", {plan.lanes} processes side by side" if plan.lanes > 1 else "")},
+            "machine": first["machine"] if first else None, "methods": methods, "order": order,
+            "incomplete": incomplete, **{k: None for k in RESERVED}}
+
+
+def write(path: str, ranking: dict) -> None:
+    """Atomically (temporary file + rename); what an earlier ranking.json holds under RESERVED is kept."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    for k in RESERVED:
+        if ranking.get(k) is None and isinstance(old, dict) and old.get(k) is not None:
+            ranking[k] = old[k]
+    files.write_json(path, ranking)
