@@ -179,6 +179,30 @@ def test_update_pass_bf16_sigma_against_float64():
     assert ((p.double() - t64).abs() <= 1e-6 * (t64.abs() + 0.01)).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bf16_sigma_rounding_bits_are_the_reference_streams(backend):
+    """The stored bf16 σ is the reference stochastic rounding (spec §3, stream 2) of σ/√f under the key
+    mix_keys(SIGMA_TAG, key, rounding_key), at each element's own tensor id and offset, whichever backend
+    runs the pass (the native op's rounding must draw exactly those bits)."""
+    from zo_kernels.hizoo import SIGMA_TAG
+    from zo_kernels.noise import mix_keys, random_words, stochastic_round
+
+    if backend not in zo_kernels.available_backends():
+        pytest.skip(f"{backend} backend not built")
+    g = torch.Generator().manual_seed(5)
+    sigma = (torch.rand(5000, generator=g) + 0.5).to(torch.bfloat16)
+    key, a, c = step_key(6, 1), 0.2, 3.0
+    s, p = sigma.clone(), torch.zeros(5000)
+    hizoo_update_([p[:1000], p[1000:]], [s[:1000], s[1000:]], key, coeff=0.0, smoothing=a, curvature=c,
+                  tensor_ids=[2, 4], offsets=[0, 77], rounding_key=11, backend=backend)
+    z = torch.cat([zo_kernels.noise_(torch.empty(1000), key, 2, backend="reference"),
+                   zo_kernels.noise_(torch.empty(4000), key, 4, 77, backend="reference")])
+    new = sigma.float() / torch.sqrt(torch.tensor(1 - a) + torch.tensor(a * c) * (z * z))
+    sk = mix_keys(SIGMA_TAG, key, 11)
+    words = torch.cat([random_words(sk, 2, 1000), random_words(sk, 4, 4000, offset=77)])
+    assert torch.equal(s, stochastic_round(new, torch.bfloat16, words))
+
+
 def test_bf16_sigma_rounding_is_unbiased_where_nearest_would_freeze_it():
     """a = 1e-3, c = 0: every σ ∈ [1, 2) grows by 1/√(1 − a) − 1 ≈ 5e-4, an eighth of half a bf16 step there
     (2^-8): round-to-nearest would keep every σ.  Stochastic rounding is unbiased: the mean error over N
