@@ -95,8 +95,11 @@ def _probe_prefix(model) -> None:
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    except ValueError as e:
-        raise FinetuneError(f"--peft prefix: {str(e).strip().splitlines()[0]} (use --peft lora)") from None
+    except (ValueError, RuntimeError, TypeError) as e:
+        # peft 0.21 raises ValueError for a model without past key values; peft 0.22 lets the forward fail
+        # on shapes (RuntimeError): either way this model cannot take a prefix.
+        raise FinetuneError(f"--peft prefix: this model cannot take a prefix ({str(e).strip().splitlines()[0]}); "
+                            f"use --peft lora") from None
 
 
 def trainable_parameters(model: torch.nn.Module) -> List[torch.nn.Parameter]:
