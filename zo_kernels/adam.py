@@ -32,11 +32,11 @@ from . import backends as _backends
 from .noise import DROPPED_BITS, noise_values, random_words, stochastic_round
 from .rounding import check_rounding, default_rounding_key
 from .validate import (
-    check_index_list,
     check_key,
     check_no_overlap,
     check_noise,
     check_params,
+    check_placement,
     check_scalar,
     named_tensors,
 )
@@ -171,8 +171,7 @@ def noise_adam_(params, exp_avgs, exp_avg_sqs, keys, coeffs, *, lr: float, step:
     check_rounding(rounding)
     check_noise(noise)
     n = len(params)
-    tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
-    offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
+    tensor_ids, offsets = check_placement(tensor_ids, offsets, n)
     sc = AdamScalars.make(lr, b1, b2, eps, step, weight_decay, decoupled)
     if rounding_key is None:
         rounding_key = default_rounding_key(keys, coeffs, sc.gamma, sc.step_size)

@@ -30,10 +30,10 @@ from .noise import DROPPED_BITS, mix_keys, random_words, stochastic_round
 from .ops import noise_, noise_axpy_
 from .rounding import check_rounding
 from .validate import (
-    check_index_list,
     check_key,
     check_no_overlap,
     check_noise,
+    check_placement,
     check_scalar,
     check_tensor_list,
     check_tensors,
@@ -78,8 +78,7 @@ def hizoo_update_(params, sigmas, key, *, coeff: float, gamma: float = 1.0, smoo
     check_rounding(rounding)
     check_noise(noise)
     n = len(params)
-    tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
-    offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
+    tensor_ids, offsets = check_placement(tensor_ids, offsets, n)
     rounding_key = 0 if rounding_key is None else check_key(rounding_key, "rounding_key")
     sigma_key = mix_keys(SIGMA_TAG, key, rounding_key)
     check_no_overlap(named_tensors(params, written=[("sigmas", sigmas)]))

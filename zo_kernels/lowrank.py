@@ -45,11 +45,11 @@ from .noise import DROPPED_BITS, M64, normal, random_words, stochastic_round
 from .restore_args import check_exact_args
 from .rounding import check_rounding, lowrank_rounding_key
 from .validate import (
-    check_index_list,
     check_int,
     check_key,
     check_no_overlap,
     check_params,
+    check_placement,
     check_scalar,
     check_tensor,
     named_tensors,
@@ -228,8 +228,7 @@ def lowrank_noise_axpy_(params, keys_u, key_v, alphas, *, rank: int, gamma: floa
     beta = check_scalar(beta, "beta")
     check_rounding(rounding)
     n = len(params)
-    tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
-    offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
+    tensor_ids, offsets = check_placement(tensor_ids, offsets, n)
     for i, p in enumerate(params):
         if p.dim() >= 2:
             cols = cols_of(p.shape)

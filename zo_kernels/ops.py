@@ -21,11 +21,14 @@ from .restore_args import check_exact_args
 from .rounding import ROUNDINGS, check_rounding, default_rounding_key
 from .validate import (
     FP32_MAX,
+    OFFSET_LIMIT,
     PARAM_DTYPES,
+    TENSOR_ID_LIMIT,
     check_index_list,
     check_key,
     check_no_overlap,
     check_noise,
+    check_placement,
     check_scalar,
     check_scale,
     check_tensor,
@@ -136,8 +139,7 @@ def noise_axpy_(params, keys, alphas, *, gamma: float = 1.0, dense=None, beta: f
     check_rounding(rounding)
     check_noise(noise)
     n = len(params)
-    tensor_ids = check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, 1 << 32)
-    offsets = check_index_list(offsets, n, "offsets", [0] * n, 0, 1 << 62)
+    tensor_ids, offsets = check_placement(tensor_ids, offsets, n)
     if rounding_key is None:
         rounding_key = default_rounding_key(keys, alphas, gamma, beta)
     rounding_key = check_key(rounding_key, "rounding_key")
@@ -172,8 +174,8 @@ def noise_(out: torch.Tensor, key: int, tensor_id: int = 0, offset: int = 0, *, 
     check_tensor(out, "out")
     check_noise(noise)
     key = check_key(key, "key")
-    tensor_id = check_index_list([tensor_id], 1, "tensor_id", None, 0, 1 << 32)[0]
-    offset = check_index_list([offset], 1, "offset", None, 0, 1 << 62)[0]
+    tensor_id = check_index_list([tensor_id], 1, "tensor_id", None, 0, TENSOR_ID_LIMIT)[0]
+    offset = check_index_list([offset], 1, "offset", None, 0, OFFSET_LIMIT)[0]
     stream = default_stream(noise) if stream is None else stream
     stream = check_index_list([stream], 1, "stream", None, 0, 1 << 32)[0]
     chosen = _backends.resolve(out.device, out.dtype, backend)

@@ -93,6 +93,17 @@ def check_index_list(values, n: int, name: str, default, lo: int, hi: int) -> li
     return out
 
 
+# The noise counter's placement fields (docs/spec.md): a tensor id is 32 bits, an element offset 62.
+TENSOR_ID_LIMIT = 1 << 32
+OFFSET_LIMIT = 1 << 62
+
+
+def check_placement(tensor_ids, offsets, n: int) -> tuple:
+    """(tensor_ids, offsets) of n tensors, each in its counter field's range; None: 0..n-1 and all 0."""
+    return (check_index_list(tensor_ids, n, "tensor_ids", range(n), 0, TENSOR_ID_LIMIT),
+            check_index_list(offsets, n, "offsets", [0] * n, 0, OFFSET_LIMIT))
+
+
 def check_tensor(t, name: str, device=None, *, written: bool = True, dtypes=PARAM_DTYPES) -> torch.Tensor:
     """One tensor argument: a dense, contiguous floating tensor of a supported dtype on `device`;
     if the op writes it, also not a non-leaf that requires grad and not an inference tensor
