@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 from dataclasses import dataclass
 
 import torch
 
+from zo_kernels.finetune import files
 from zo_kernels.optim import MeZO, MeZOSVRG
 
 METHODS = ("mezo-svrg", "mezo", "fo-sgd")
@@ -74,10 +76,12 @@ def method_steps(method: str, steps: int, total_q: int, batch: int, equal_steps:
 
 
 def write_csv(path: str, header, rows) -> None:
-    with open(path, "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(header)
-        wr.writerows(rows)
+    """Atomically (temporary file + rename): a failed write leaves an earlier file whole."""
+    buf = io.StringIO(newline="")
+    wr = csv.writer(buf)
+    wr.writerow(header)
+    wr.writerows(rows)
+    files.write_bytes(path, buf.getvalue().encode())
 
 
 def plot_runs(ax, rows, xkey: int, ykey: int, max_steps: int) -> None:

@@ -136,9 +136,10 @@ def test_rate_chosen_by_validation_accuracy(ranked):
 
 def test_ranking_json_says_what_it_must(ranked):
     out, r = ranked["out"], ranked["json"]
-    assert set(r) == {"version", "settings", "machine", "methods", "order", "incomplete", "svrg_paper_setting",
-                      "batch_sizes"}
+    assert set(r) == {"version", "settings", "machine", "methods", "order", "incomplete", "tuning",
+                      "svrg_paper_setting", "batch_sizes"}
     assert r["svrg_paper_setting"] is None and r["batch_sizes"] is None
+    assert r["incomplete"] == {} and r["tuning"] == {}
     means = {m: sum(s["test_acc"] for s in r["methods"][m]["seeds"]) / 3 for m in METHODS_RANKED}
     assert r["order"] == sorted(METHODS_RANKED, key=lambda m: -means[m])
     mezo_runs = {s["seed"]: _results(out / s["dir"] / "results.json")["methods"]["mezo"]

@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import FinetuneError
-from .plan import DEFAULT_FACTORS, MIN_GRID, SEEDS, Plan, default_methods
+from .plan import DEFAULT_FACTORS, MIN_GRID, Plan, default_methods
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each run's zo-finetune --checkpoint-every: a killed run resumes from its last checkpoint")
     p.add_argument("--collect", action="store_true", help="start no run: write ranking.json/.md from those finished")
     p.add_argument("--markdown", default=None, metavar="RANKING_JSON", help="print the table of a ranking.json")
+    p.add_argument("--svrg-paper", action="store_true",
+                   help="instead of the ranking: MeZO and MeZO-SVRG in the MeZO-SVRG paper's setting, tuned, 3 seeds, "
+                        "then batch 8/16/32 (svrg_paper.py; writes OUT/svrg_paper.json and .md)")
+    p.add_argument("--into", default=None, metavar="RANKING_JSON",
+                   help="--svrg-paper: also put its results under this ranking.json's svrg_paper_setting / batch_sizes")
     p.add_argument("--allow-short-grid", action="store_true",
                    help=f"accept fewer than {MIN_GRID} grid factors (tests and smoke runs only)")
     return p
@@ -51,6 +56,22 @@ def _floats(text: str, what: str) -> List[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise FinetuneError(f"{what} {text}: expected a comma list of numbers such as 0.25,0.5,1,2") from None
+
+
+def _svrg_paper(a, extra: List[str], runner) -> int:
+    from .. import files
+    from .svrg_paper import run
+
+    if a.methods is not None or a.grid != ",".join(f"{f:g}" for f in DEFAULT_FACTORS) or a.markdown is not None:
+        raise FinetuneError("--svrg-paper has its own methods and rates: do not pass --methods, --grid or --markdown")
+    lock = files.open_run_dir(a.out)
+    try:
+        study = run(a.out, extra, a.lanes, a.checkpoint_every, runner, collect_only=a.collect, into=a.into,
+                    say=lambda s: print(s, flush=True))
+    finally:
+        lock.release()
+    missing = study["svrg_paper_setting"]["incomplete"]
+    return 1 if missing or any(r["test_acc"] is None for r in study["batch_sizes"]["lm"]) else 0
 
 
 def main(argv: Optional[List[str]] = None, runner=None) -> int:
@@ -69,12 +90,16 @@ def main(argv: Optional[List[str]] = None, runner=None) -> int:
             except (OSError, ValueError, KeyError) as e:
                 raise FinetuneError(f"--markdown {a.markdown}: not a readable ranking.json ({e})") from None
             return 0
+        if a.svrg_paper:
+            return _svrg_paper(a, extra, runner)
+        if a.into is not None:
+            raise FinetuneError("--into goes with --svrg-paper")
         methods = default_methods() if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()]
         plan = Plan(a.out, methods, _floats(a.grid, "--grid"), extra, lanes=a.lanes,
                     checkpoint_every=a.checkpoint_every, min_grid=1 if a.allow_short_grid else MIN_GRID)
         lock = files.open_run_dir(a.out)
         try:
-            print(f"rank: {len(plan.methods)} methods x {len(plan.factors)} rates, then {len(SEEDS) - 1} more seeds each: "
+            print(f"rank: {len(plan.methods)} methods x {len(plan.factors)} rates, then {len(plan.seeds) - 1} more seeds each: "
                   f"{plan.n_runs()} zo-finetune runs in {a.out}, {plan.lanes} at a time", flush=True)
             errors = {} if a.collect else execute(plan, runner, say=lambda s: print(s, flush=True))
             ranking = collect(plan, errors)

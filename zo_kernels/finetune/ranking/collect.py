@@ -2,7 +2,8 @@
 
 Top level: "settings" (grid factors, seeds, the pass-through zo-finetune arguments, queries, lanes,
 threads per run), "machine" (the first run's), "methods", "order" (the ranked methods by mean test
-accuracy, best first), "incomplete" (method -> why it has no entry yet), and two keys reserved for the
+accuracy, best first), "incomplete" (method -> why it has no entry yet), "tuning" (per unranked method its
+grid runs finished so far -- the rows of "grid" below -- and, once all are, "chosen" and "seeds_finished"), and two keys reserved for the
 MeZO-SVRG paper-setting runs (issue 25, item 2), null until those runs fill them: "svrg_paper_setting"
 and "batch_sizes" (the batch-size robustness rows); a rewrite of ranking.json keeps what they hold.
 
@@ -36,8 +37,8 @@ from typing import Dict, List, Optional
 from .. import files, merge, report
 from ..errors import FinetuneError
 from ..registry import METHODS
-from .choice import choose, grid_records
-from .plan import MEMORY_SEED, SEEDS, TUNE_SEED, Plan, flag
+from .choice import choose, grid_records, record
+from .plan import MEMORY_SEED, TUNE_SEED, Plan, flag
 
 VERSION = 1
 RESERVED = ("svrg_paper_setting", "batch_sizes")
@@ -59,6 +60,30 @@ def _seed_row(plan: Plan, run, res: dict) -> dict:
             "curve": [{k: p[k] for k in ("queries", "train_s", "test_acc", "train_loss")} for p in rec["curve"]]}
 
 
+def _grid_row(plan: Plan, r, rec: dict) -> dict:
+    return {"factor": r.factor, "lr": r.lr, "rates": _rates(r.rates), "val_acc": rec["val_acc"],
+            "train_loss": rec["train_loss"], "diverged": rec["diverged"], "dir": os.path.relpath(r.dir, plan.out)}
+
+
+def _chosen(plan: Plan, best) -> dict:
+    return {"factor": best.factor, "lr": best.lr, "rates": _rates(best.rates),
+            "at_grid_edge": best.factor in plan.grids[best.method].edges}
+
+
+def tuning_entry(plan: Plan, m: str) -> Optional[dict]:
+    """An unranked method's tuning so far: its finished grid runs and, once all are, the chosen rate (None
+    when no grid run has finished)."""
+    done = [r for r in plan.grid(m) if os.path.exists(os.path.join(r.dir, "results.json"))]
+    if not done:
+        return None
+    grid = [(r, record(r)) for r in done]
+    complete = len(done) == len(plan.grids[m].factors)
+    return {"grid": [_grid_row(plan, r, rec) for r, rec in grid],
+            "chosen": _chosen(plan, choose(grid)) if complete else None,
+            "seeds_finished": sum(os.path.exists(os.path.join(r.dir, "results.json"))
+                                  for r in plan.seed_runs(m, choose(grid).factor)) if complete else 0}
+
+
 def _finished(runs) -> None:
     for r in runs:
         if not os.path.exists(os.path.join(r.dir, "results.json")):
@@ -76,15 +101,11 @@ def method_entry(plan: Plan, m: str) -> dict:
     merged = merge.merge(results)
     s = merged["summary"]["methods"][m]
     mem = merged["memory"].get(m)
-    knobs = plan.defaults[m]
+    knobs = dict(plan.grids[m].base)
     lr_knob = next(iter(knobs))
     return {"name": m, "label": METHODS[m].label, "kind": METHODS[m].kind, "tuned": _rates(knobs.items()),
             "lr_flag": flag(lr_knob), "default_lr": knobs[lr_knob],
-            "grid": [{"factor": r.factor, "lr": r.lr, "rates": _rates(r.rates), "val_acc": rec["val_acc"],
-                      "train_loss": rec["train_loss"], "diverged": rec["diverged"],
-                      "dir": os.path.relpath(r.dir, plan.out)} for r, rec in grid],
-            "chosen": {"factor": best.factor, "lr": best.lr, "rates": _rates(best.rates),
-                       "at_grid_edge": best.factor in (plan.factors[0], plan.factors[-1])},
+            "grid": [_grid_row(plan, r, rec) for r, rec in grid], "chosen": _chosen(plan, best),
             "seeds": [_seed_row(plan, r, res) for r, res in zip(runs, results)],
             "summary": {**{k: s[k] for k in _SUMMARY}, "to_mezo_peak": None,
                         "memory": report.memory_row(mem) if mem else None},
@@ -107,17 +128,22 @@ def _with_mezo_peaks(methods: Dict[str, dict]) -> None:
 def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
     """ranking.json's content for `plan` from its run directories; `errors`: execute()'s error lines."""
     errors = errors or {}
-    methods, incomplete, first = {}, {}, None
+    methods, incomplete, tuning, first = {}, {}, {}, None
     for m in plan.methods:
         if errors.get(m):
             incomplete[m] = errors[m]
-            continue
-        try:
-            methods[m] = method_entry(plan, m)
-        except FinetuneError as e:
-            incomplete[m] = [str(e)]
-            continue
-        first = first or merge.load(plan.run(m, methods[m]["chosen"]["factor"], TUNE_SEED).dir)
+        else:
+            try:
+                methods[m] = method_entry(plan, m)
+            except FinetuneError as e:
+                incomplete[m] = [str(e)]
+        if m not in methods:
+            t = tuning_entry(plan, m)
+            if t is not None:
+                tuning[m] = t
+        if first is None and (m in methods or m in tuning):
+            row = (methods[m]["grid"] if m in methods else tuning[m]["grid"])[0]
+            first = merge.load(os.path.join(plan.out, row["dir"]))
     _with_mezo_peaks(methods)
     for e in methods.values():
         del e["_records"]
@@ -125,7 +151,7 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
     cfg = first["config"] if first else {}
     threads = cfg.get("threads")
     return {"version": VERSION,
-            "settings": {"zo_finetune_args": plan.extra, "grid_factors": plan.factors, "seeds": list(SEEDS),
+            "settings": {"zo_finetune_args": plan.extra, "grid_factors": plan.factors, "seeds": list(plan.seeds),
                          "tune_seed": TUNE_SEED, "memory_seed": MEMORY_SEED, "queries": plan.queries,
                          "n_val": plan.args.n_val, "n_test": plan.args.n_test, "lanes": plan.lanes,
                          "threads_per_run": threads, "checkpoint_every": plan.checkpoint_every,
@@ -133,7 +159,7 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
                                    f"train_s of one zo-finetune process with {threads} thread(s)"
                                    + (f", {plan.lanes} processes side by side" if plan.lanes > 1 else "")},
             "machine": first["machine"] if first else None, "methods": methods, "order": order,
-            "incomplete": incomplete, **{k: None for k in RESERVED}}
+            "incomplete": incomplete, "tuning": tuning, **{k: None for k in RESERVED}}
 
 
 def write(path: str, ranking: dict) -> None:

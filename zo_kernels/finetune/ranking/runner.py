@@ -140,7 +140,7 @@ def execute(plan: Plan, runner: Optional[Runner] = None, say=print) -> Dict[str,
     Returns each method's error lines (none: every run of it finished)."""
     runner = SubprocessRunner() if runner is None else runner
     errors: Dict[str, List[str]] = {m: [] for m in plan.methods}
-    grid_left = {m: len(plan.factors) for m in plan.methods}
+    grid_left = {m: len(plan.grids[m].factors) for m in plan.methods}
     count = [0]
 
     def one(run: Run):

@@ -56,8 +56,10 @@ def verdict(ranking: dict) -> str:
             f"ZO method, {best['label']} ({acc(best)}); the differences at the top are inside the seed-to-seed noise.")
 
 
-def markdown(ranking: dict) -> str:
+def markdown(ranking: dict, grids: Optional[str] = None) -> str:
+    """The table and verdict; `grids` says how the rates were tuned (default: the ranking's common grid)."""
     st = ranking["settings"]
+    grids = grids or f"the rate of its grid (x {', '.join(f'{f:g}' for f in st['grid_factors'])} its default)"
     head = ["#", "method (`--methods`)", "rate", "test acc", "vs start (pts)", "train loss", "queries",
             "train s", "to MeZO's peak: queries / train s", "peak MB (x inf)"]
     rows: List[List[str]] = []
@@ -69,8 +71,7 @@ def markdown(ranking: dict) -> str:
                      _pm(s["test_acc"], ".3f"), _pm(s["delta_test_acc"], "+.1f", 100), _pm(s["train_loss"], ".4f"),
                      f"{s['queries']:,}", _pm(s["train_s"], ".0f"), _to_peak(s["to_mezo_peak"]), _memory(s["memory"])])
     lines = [f"Equal queries: {st['queries']:,} per method (first-order rows: the same number of forward examples); "
-             f"each method at the rate of its grid (x {', '.join(f'{f:g}' for f in st['grid_factors'])} its default) "
-             f"with the best validation accuracy on seed {st['tune_seed']}, then seeds "
+             f"each method at {grids} with the best validation accuracy on seed {st['tune_seed']}, then seeds "
              f"{', '.join(map(str, st['seeds']))}: mean ± std (sample) of the final test accuracy on {st['n_test']} "
              f"examples. Times: {st['timing']}.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---:" if j else "---" for j in range(len(head))) + "|"]
