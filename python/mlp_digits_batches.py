@@ -14,7 +14,8 @@ fifth of the training part held out for validation (1,150 train / 288 validation
     python -m python.mlp_digits_batches --out runs/mlp_digits_batches
 
 Writes <out>/mlp_digits_batches.json (tuning, rows), .csv (one row per run) and .png (final train loss and
-test accuracy against the batch size); --into RANKING_JSON also puts the rows under batch_sizes.mlp_digits.
+test accuracy against the batch size); --into RANKING_JSON also puts the rows under batch_sizes.mlp_digits
+(with --from-json JSON: an earlier run's result, nothing run).
 """
 from __future__ import annotations
 
@@ -121,13 +122,11 @@ def plot(result: dict, path: str) -> str:
     for m in ("mezo", "mezo-svrg"):
         runs = [r for r in result["runs"] if r["method"] == m]
         for ax, k in zip(axes, ("train_loss", "acc")):
-            xs = [r["batch"] for r in runs if not r["diverged"]]
-            ax.scatter(xs, [r[k] for r in runs if not r["diverged"]], color=toys.COLORS[m], alpha=0.7,
-                       label=toys.LABELS[m])
-            bad = [r["batch"] for r in runs if r["diverged"]]
-            if bad:
-                ax.scatter(bad, [ax.get_ylim()[1]] * len(bad), marker="x", color=toys.COLORS[m],
-                           label=f"{toys.LABELS[m]} diverged")
+            for bad, marker, label in ((False, "o", toys.LABELS[m]), (True, "x", f"{toys.LABELS[m]} diverged")):
+                pts = [(r["batch"], r[k]) for r in runs if r["diverged"] == bad and math.isfinite(r[k])]
+                if pts:
+                    ax.scatter(*zip(*pts), marker=marker, color=toys.COLORS[m], alpha=0.7, label=label)
+    axes[0].set_yscale("log")
     for ax, lab in zip(axes, ("final training loss", "test accuracy")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -144,6 +143,15 @@ def plot(result: dict, path: str) -> str:
     return path
 
 
+def put_into(ranking_json: str, result: dict) -> None:
+    """The study's setting, chosen rates and rows under ranking.json's batch_sizes.mlp_digits (other keys kept)."""
+    with open(ranking_json) as f:
+        ranking = json.load(f)
+    ranking["batch_sizes"] = {**(ranking.get("batch_sizes") or {}),
+                              "mlp_digits": {k: result[k] for k in ("setting", "chosen", "rows")}}
+    files.write_json(ranking_json, ranking)
+
+
 def _floats(text):
     return [float(x) for x in text.split(",")]
 
@@ -158,7 +166,15 @@ def main(argv=None):
                     help="factors of (eta1, eta2) = (3e-2, 1e-2)")
     ap.add_argument("--out", default=os.path.join("runs", "mlp_digits_batches"))
     ap.add_argument("--into", default=None, metavar="RANKING_JSON")
+    ap.add_argument("--from-json", default=None, metavar="JSON",
+                    help="run nothing: take the result of an earlier run's mlp_digits_batches.json (with --into)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        if args.into:
+            put_into(args.into, result)
+        return result
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*falling back.*")
     os.makedirs(args.out, exist_ok=True)
@@ -169,11 +185,7 @@ def main(argv=None):
     toys.write_csv(csv_path, keys, [[r[k] for k in keys] for r in result["runs"]])
     png = plot(result, os.path.join(args.out, "mlp_digits_batches.png"))
     if args.into:
-        with open(args.into) as f:
-            ranking = json.load(f)
-        ranking["batch_sizes"] = {**(ranking.get("batch_sizes") or {}),
-                                  "mlp_digits": {k: result[k] for k in ("setting", "chosen", "rows")}}
-        files.write_json(args.into, ranking)
+        put_into(args.into, result)
     for r in result["rows"]:
         tl, ta = r["train_loss"], r["test_acc"]
         print(f"batch {r['batch']:3d} {r['method']:10s} diverged {r['diverged']}/{r['seeds']}  "

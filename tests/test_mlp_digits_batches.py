@@ -63,3 +63,11 @@ def test_files_and_the_ranking_json(study):
     assert (out / "mlp_digits_batches.csv").read_text().count("\n") == 1 + len(study["res"]["runs"])
     assert into["batch_sizes"]["lm"] == [1]                       # the LM rows are kept
     assert into["batch_sizes"]["mlp_digits"]["rows"] == study["res"]["rows"]
+
+
+def test_from_json_puts_an_earlier_result_in(study, tmp_path):
+    into = tmp_path / "ranking.json"
+    into.write_text(json.dumps({"batch_sizes": None, "order": ["mezo"]}))
+    study["mb"].main(["--from-json", str(study["out"] / "mlp_digits_batches.json"), "--into", str(into)])
+    r = json.loads(into.read_text())
+    assert r["order"] == ["mezo"] and r["batch_sizes"]["mlp_digits"]["chosen"]["mezo"] == study["res"]["chosen"]["mezo"]

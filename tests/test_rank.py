@@ -287,3 +287,41 @@ def test_rewrite_keeps_the_reserved_keys(tmp_path):
     collect.write(p, {"methods": {"x": 1}, "svrg_paper_setting": None, "batch_sizes": None})
     r = json.loads(open(p).read())
     assert r["methods"] == {"x": 1} and r["svrg_paper_setting"] == {"queries": 1} and r["batch_sizes"] == [{"batch": 8}]
+
+
+def test_equal_time_from_the_runs_curves(ranked):
+    out, r = ranked["out"], ranked["json"]
+    recs = {m: [_results(out / s["dir"] / "results.json")["methods"][m] for s in r["methods"][m]["seeds"]]
+            for m in METHODS_RANKED}
+    budget = min(x["train_s"] for rs in recs.values() for x in rs)
+    assert r["settings"]["equal_time_s"] == budget
+    for m, rs in recs.items():
+        accs = []
+        for x in rs:
+            within = [p for p in x["curve"] if p["train_s"] <= budget]
+            assert within and within[0]["train_s"] == 0                  # the start is always within
+            accs.append(within[-1]["test_acc"])
+        et = r["methods"][m]["summary"]["equal_time"]
+        assert et["train_s"] == budget and et["test_acc"]["values"] == pytest.approx(accs)
+    assert "test acc at equal time" in table.markdown(r)
+
+
+def test_at_time_picks_the_last_point_within():
+    curve = [{"train_s": 0.0, "test_acc": 0.5}, {"train_s": 10.0, "test_acc": 0.6}, {"train_s": 20.0, "test_acc": 0.7}]
+    assert collect.at_time(curve, 19.9)["test_acc"] == 0.6
+    assert collect.at_time(curve, 20.0)["test_acc"] == 0.7
+    assert collect.at_time(curve, 5.0)["test_acc"] == 0.5
+
+
+def test_tuning_table_names_each_unranked_methods_rates():
+    r = _ranking([])
+    r["tuning"] = {"lozo": {"grid": [{"lr": 2e-4, "rates": {"--lr-lozo": 2e-4}, "val_acc": 0.7, "train_loss": 0.5,
+                                      "diverged": False},
+                                     {"lr": 1e-4, "rates": {"--lr-lozo": 1e-4}, "val_acc": 0.6, "train_loss": 0.55,
+                                      "diverged": False}],
+                            "chosen": {"lr": 2e-4, "at_grid_edge": True}, "seeds_finished": 1},
+                   "fzoo": {"grid": [{"lr": 1e-3, "rates": {"--lr-fzoo": 1e-3}, "val_acc": 0.5, "train_loss": 0.7,
+                                      "diverged": True}], "chosen": None, "seeds_finished": 0}}
+    text = table.markdown(r)
+    assert "| `lozo` | 0.0001: 0.600 / 0.5500; **0.0002: 0.700 / 0.5000** | --lr-lozo 0.0002 (grid edge) | 1 / 3 |" in text
+    assert "| `fzoo` | 0.001: 0.500 / 0.7000 (diverged) | grid not finished | 0 / 3 |" in text

@@ -20,7 +20,9 @@ Per method, keyed by its `zo-finetune --methods` name:
 - "summary": the seeds merged by zo_kernels.finetune.merge (what scripts/merge_seeds.py writes): test_acc,
   val_acc, train_loss, delta_test_acc (vs the start), train_s, wall_s as {mean, std (sample), values};
   queries, steps, diverged (runs); to_mezo_peak {reached, of, queries, train_s} or null; memory {peak_mb,
-  x_inference, x_inference_above_runtime} from the MEMORY_SEED run, or null when not measured.
+  x_inference, x_inference_above_runtime} from the MEMORY_SEED run, or null when not measured; equal_time
+  {train_s, test_acc, train_loss, queries}: at settings.equal_time_s, the shortest training time of any
+  ranked run, each seed's last eval point within it (eval points are --evals apart, so this is coarse).
 
 MeZO's peak is defined per seed, as zo-finetune defines it within one run (zo_kernels.finetune.report):
 the best test accuracy over the eval points after the start of MeZO's run at its chosen rate and that
@@ -125,6 +127,25 @@ def _with_mezo_peaks(methods: Dict[str, dict]) -> None:
         e["summary"]["to_mezo_peak"] = report.to_peak(e["_records"], peaks)
 
 
+def at_time(curve: List[dict], seconds: float) -> dict:
+    """The last eval point of `curve` whose training seconds are at most `seconds` (the start, 0 s, at least)."""
+    return [p for p in curve if p["train_s"] <= seconds + 1e-9][-1]
+
+
+def _with_equal_time(methods: Dict[str, dict]) -> Optional[float]:
+    """Equal training time: T = the shortest training time of any ranked run; per method the test accuracy and
+    train loss at its last eval point within T, per seed and as mean ± std (summary "equal_time")."""
+    if not methods:
+        return None
+    budget = min(s["train_s"] for e in methods.values() for s in e["seeds"])
+    for e in methods.values():
+        pts = [at_time(s["curve"], budget) for s in e["seeds"]]
+        e["summary"]["equal_time"] = {"train_s": budget, "test_acc": report.stats([p["test_acc"] for p in pts]),
+                                      "train_loss": report.stats([p["train_loss"] for p in pts]),
+                                      "queries": report.stats([p["queries"] for p in pts])}
+    return budget
+
+
 def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
     """ranking.json's content for `plan` from its run directories; `errors`: execute()'s error lines."""
     errors = errors or {}
@@ -145,6 +166,7 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
             row = (methods[m]["grid"] if m in methods else tuning[m]["grid"])[0]
             first = merge.load(os.path.join(plan.out, row["dir"]))
     _with_mezo_peaks(methods)
+    equal_time = _with_equal_time(methods)
     for e in methods.values():
         del e["_records"]
     order = sorted(methods, key=lambda m: -methods[m]["summary"]["test_acc"]["mean"])
@@ -155,6 +177,7 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
                          "tune_seed": TUNE_SEED, "memory_seed": MEMORY_SEED, "queries": plan.queries,
                          "n_val": plan.args.n_val, "n_test": plan.args.n_test, "lanes": plan.lanes,
                          "threads_per_run": threads, "checkpoint_every": plan.checkpoint_every,
+                         "equal_time_s": equal_time, "evals": plan.args.evals,
                          "timing": "no run finished yet" if threads is None else
                                    f"train_s of one zo-finetune process with {threads} thread(s)"
                                    + (f", {plan.lanes} processes side by side" if plan.lanes > 1 else "")},

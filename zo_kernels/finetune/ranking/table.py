@@ -61,7 +61,7 @@ def markdown(ranking: dict, grids: Optional[str] = None) -> str:
     st = ranking["settings"]
     grids = grids or f"the rate of its grid (x {', '.join(f'{f:g}' for f in st['grid_factors'])} its default)"
     head = ["#", "method (`--methods`)", "rate", "test acc", "vs start (pts)", "train loss", "queries",
-            "train s", "to MeZO's peak: queries / train s", "peak MB (x inf)"]
+            "train s", "to MeZO's peak: queries / train s", "peak MB (x inf)", "test acc at equal time"]
     rows: List[List[str]] = []
     for i, m in enumerate(ranking["order"], 1):
         e = ranking["methods"][m]
@@ -69,11 +69,15 @@ def markdown(ranking: dict, grids: Optional[str] = None) -> str:
         rate = f"{e['lr_flag']} {ch['lr']:.3g}" + (" (grid edge)" if ch["at_grid_edge"] else "")
         rows.append([str(i), f"{e['label']} (`{e['name']}`)" + (" [FO]" if e["kind"] == "fo" else ""), rate,
                      _pm(s["test_acc"], ".3f"), _pm(s["delta_test_acc"], "+.1f", 100), _pm(s["train_loss"], ".4f"),
-                     f"{s['queries']:,}", _pm(s["train_s"], ".0f"), _to_peak(s["to_mezo_peak"]), _memory(s["memory"])])
+                     f"{s['queries']:,}", _pm(s["train_s"], ".0f"), _to_peak(s["to_mezo_peak"]), _memory(s["memory"]),
+                     _pm((s.get("equal_time") or {}).get("test_acc"), ".3f")])
     lines = [f"Equal queries: {st['queries']:,} per method (first-order rows: the same number of forward examples); "
              f"each method at {grids} with the best validation accuracy on seed {st['tune_seed']}, then seeds "
              f"{', '.join(map(str, st['seeds']))}: mean ± std (sample) of the final test accuracy on {st['n_test']} "
-             f"examples. Times: {st['timing']}.", "",
+             f"examples. Times: {st['timing']}."
+             + (f" Equal time: each seed's last eval point within {st['equal_time_s']:.0f} training seconds, the "
+                f"shortest run's ({st.get('evals')} eval points per run after the start: coarse)."
+                if st.get("equal_time_s") is not None else ""), "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---:" if j else "---" for j in range(len(head))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     if not rows:
@@ -81,4 +85,25 @@ def markdown(ranking: dict, grids: Optional[str] = None) -> str:
     lines += ["", verdict(ranking)]
     if ranking.get("incomplete"):
         lines += ["", "Not ranked yet (runs missing or failed): " + ", ".join(sorted(ranking["incomplete"])) + "."]
+    if ranking.get("tuning"):
+        lines += ["", tuning_markdown(ranking)]
     return "\n".join(lines) + "\n"
+
+
+def tuning_markdown(ranking: dict) -> str:
+    """The unranked methods' tuning so far: each finished grid run's validation accuracy and train loss (test
+    accuracy is not shown: it never chooses), the chosen rate once the grid is complete, the seeds finished."""
+    n_seeds = len(ranking["settings"]["seeds"])
+    lines = [f"Tuning so far (seed {ranking['settings']['tune_seed']}, validation accuracy / train loss per rate; "
+             "**bold**: chosen):", "", "| method | rates tried: val acc / train loss | chosen | seeds finished |",
+             "|---|---|---|---:|"]
+    for m, t in ranking["tuning"].items():
+        ch = t["chosen"]
+        flag = next(iter(t["grid"][0]["rates"]))
+        cells = []
+        for g in sorted(t["grid"], key=lambda g: g["lr"]):
+            c = f"{g['lr']:.3g}: {g['val_acc']:.3f} / {g['train_loss']:.4f}" + (" (diverged)" if g["diverged"] else "")
+            cells.append(f"**{c}**" if ch and ch["lr"] == g["lr"] else c)
+        chosen = "grid not finished" if ch is None else f"{flag} {ch['lr']:.3g}" + (" (grid edge)" if ch["at_grid_edge"] else "")
+        lines.append(f"| `{m}` | {'; '.join(cells)} | {chosen} | {t['seeds_finished']} / {n_seeds} |")
+    return "\n".join(lines)
