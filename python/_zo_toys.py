@@ -151,22 +151,36 @@ class Panel:
     optimum: bool = False  # a dashed line at 1.0 (the loss is shown over its optimum f*)
 
 
-def plot_figure(rows, args, path: str, panels, caption: str, width: float) -> str:
-    """A row of `panels` (matplotlib without a display), the first with the legend, titled with
-    `caption` and every method's rates; written to `path` (returned)."""
+def figure(n: int, width: float, height: float = 4.2):
+    """A figure with a row of n panels (matplotlib without a display): (fig, axes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2))
+    return plt.subplots(1, n, figsize=(width, height))
+
+
+def save_figure(fig, path: str, title: str, fontsize: int = 9) -> str:
+    """Title, lay out and write `fig` as PNG to `path` atomically (temporary file + rename); returns path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    try:
+        files.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_figure(rows, args, path: str, panels, caption: str, width: float) -> str:
+    """A row of `panels`, the first with the legend, titled with `caption` and every method's rates;
+    written to `path` (returned)."""
+    fig, axes = figure(len(panels), width)
     for ax, p in zip(axes, panels):
         panel(ax, rows, p.xkey, p.ykey, args.steps, p.ylabel, logy=p.logy)
         if p.optimum:
             ax.axhline(1.0, color="k", ls="--", lw=0.8, label="optimum f*")
         ax.set_title(p.title)
     axes[0].legend()
-    fig.suptitle(f"{caption}; {rates(args)}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"{caption}; {rates(args)}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from zo_kernels.optim import LOZO, LOZOM
 
-from ._zo_toys import make_optimizer, train, write_csv
+from ._zo_toys import figure, make_optimizer, save_figure, train, write_csv
 from .mlp_digits import load_data, make_mlp
 
 LABELS = {"lozo": "LOZO", "lozo-m": "LOZO-M", "mezo": "MeZO", "mezo-svrg": "MeZO-SVRG"}
@@ -107,11 +107,7 @@ def main(argv=None):
 
 
 def plot(rows, args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = figure(2, 10, 3.8)
     for ax, col, ylabel in ((axes[0], 4, "full training loss"), (axes[1], 5, "test accuracy")):
         for m in LABELS:
             for i, s in enumerate(sorted({r[1] for r in rows if r[0] == m})):
@@ -122,13 +118,9 @@ def plot(rows, args, path):
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend()
-    fig.suptitle(f"MLP on digits at equal queries: μ={args.mu}, batch {args.batch}; MeZO lr {args.lr_mezo}; "
-                 f"MeZO-SVRG η1={args.lr1} η2={args.lr2} q={args.q}; LOZO lr {args.lr_lozo}, LOZO-M lr {args.lr_lozom} "
-                 f"β={args.beta}; rank {args.rank}, ν={args.nu}; {args.seeds} seeds", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"MLP on digits at equal queries: μ={args.mu}, batch {args.batch}; MeZO lr {args.lr_mezo}; "
+                       f"MeZO-SVRG η1={args.lr1} η2={args.lr2} q={args.q}; LOZO lr {args.lr_lozo}, LOZO-M lr "
+                       f"{args.lr_lozom} β={args.beta}; rank {args.rank}, ν={args.nu}; {args.seeds} seeds", fontsize=8)
 
 
 if __name__ == "__main__":

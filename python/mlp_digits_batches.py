@@ -114,11 +114,7 @@ def study(args) -> dict:
 
 
 def plot(result: dict, path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = toys.figure(2, 10, 4)
     for m in ("mezo", "mezo-svrg"):
         runs = [r for r in result["runs"] if r["method"] == m]
         for ax, k in zip(axes, ("train_loss", "acc")):
@@ -134,13 +130,9 @@ def plot(result: dict, path: str) -> str:
         ax.grid(alpha=0.3)
     axes[0].legend()
     st = result["setting"]
-    fig.suptitle(f"MLP on digits, {st['queries']:,} queries per run, rates tuned at batch 64: "
-                 f"MeZO lr {result['chosen']['mezo']:g}, MeZO-SVRG (η1, η2) = "
-                 f"({result['chosen']['mezo-svrg'][0]:g}, {result['chosen']['mezo-svrg'][1]:g})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return toys.save_figure(fig, path, f"MLP on digits, {st['queries']:,} queries per run, rates tuned at batch 64: "
+                            f"MeZO lr {result['chosen']['mezo']:g}, MeZO-SVRG (η1, η2) = "
+                            f"({result['chosen']['mezo-svrg'][0]:g}, {result['chosen']['mezo-svrg'][1]:g})")
 
 
 def put_into(ranking_json: str, result: dict) -> None:
