@@ -325,3 +325,22 @@ def test_tuning_table_names_each_unranked_methods_rates():
     text = table.markdown(r)
     assert "| `lozo` | 0.0001: 0.600 / 0.5500; **0.0002: 0.700 / 0.5000** | --lr-lozo 0.0002 (grid edge) | 1 / 3 |" in text
     assert "| `fzoo` | 0.001: 0.500 / 0.7000 (diverged) | grid not finished | 0 / 3 |" in text
+
+
+def test_a_tuned_methods_seeds_go_ahead_of_the_waiting_grids(tmp_path):
+    """One lane: mezo's 4 grid runs, then its seeds 1 and 2 before any lozo grid run (methods are ranked one
+    after another, so an interrupted ranking holds whole entries)."""
+    order = []
+
+    def fake(argv, log):
+        a = {k: argv[argv.index(k) + 1] for k in ("--methods", "--seed", "--out")}
+        order.append((a["--methods"], int(a["--seed"])))
+        rec = {"val_acc": 0.5, "train_loss": 0.6, "diverged": False}
+        with open(f"{a['--out']}/results.json", "w") as f:
+            json.dump({"config": {"argv": argv}, "methods": {a["--methods"]: rec}}, f)
+        return 0
+
+    from zo_kernels.finetune.ranking.runner import execute
+    errors = execute(Plan(str(tmp_path), ["mezo", "lozo"], DEFAULT_FACTORS, lanes=1), fake, say=lambda s: None)
+    assert errors == {}
+    assert order == [("mezo", 0)] * 4 + [("mezo", 1), ("mezo", 2)] + [("lozo", 0)] * 4 + [("lozo", 1), ("lozo", 2)]

@@ -14,6 +14,7 @@ Ctrl-C stops them all (each zo-finetune exits cleanly); a rerun continues.
 """
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -137,20 +138,26 @@ def execute_one(run: Run, runner: Runner) -> Tuple[str, Optional[str]]:
 
 def execute(plan: Plan, runner: Optional[Runner] = None, say=print) -> Dict[str, List[str]]:
     """Every run of `plan`, `plan.lanes` at a time: a method's grid, then its chosen rate at the other seeds.
+    The seed runs of a method whose grid has finished go ahead of the grid runs still waiting, so methods
+    are ranked one after another (an interrupted ranking has whole entries, not only grids).
     Returns each method's error lines (none: every run of it finished)."""
     runner = SubprocessRunner() if runner is None else runner
     errors: Dict[str, List[str]] = {m: [] for m in plan.methods}
     grid_left = {m: len(plan.grids[m].factors) for m in plan.methods}
     count = [0]
+    waiting = collections.deque(r for m in plan.methods for r in plan.grid(m))
 
     def one(run: Run):
         t0 = time.perf_counter()
         return (*execute_one(run, runner), time.perf_counter() - t0)
 
     ex = ThreadPoolExecutor(plan.lanes)
+    futures: Dict = {}
     try:
-        futures = {ex.submit(one, r): r for m in plan.methods for r in plan.grid(m)}
-        while futures:
+        while waiting or futures:
+            while waiting and len(futures) < plan.lanes:
+                r = waiting.popleft()
+                futures[ex.submit(one, r)] = r
             finished, _ = wait(futures, return_when=FIRST_COMPLETED)
             for f in finished:
                 run = futures.pop(f)
@@ -166,9 +173,8 @@ def execute(plan: Plan, runner: Optional[Runner] = None, say=print) -> Dict[str,
                 if grid_left[run.method] == 0 and not errors[run.method]:
                     best = choose(grid_records(plan, run.method))
                     say(f"{run.method}: rate {best.lr:.6g} (grid factor {best.factor:g}) by validation accuracy")
-                    for r in plan.seed_runs(run.method, best.factor):
-                        if r.seed != TUNE_SEED:
-                            futures[ex.submit(one, r)] = r
+                    waiting.extendleft(reversed([r for r in plan.seed_runs(run.method, best.factor)
+                                                 if r.seed != TUNE_SEED]))
     except BaseException:
         stop = getattr(runner, "stop", None)
         if stop is not None:
