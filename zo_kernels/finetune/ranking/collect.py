@@ -3,9 +3,10 @@
 Top level: "settings" (grid factors, seeds, the pass-through zo-finetune arguments, queries, lanes,
 threads per run), "machine" (the first run's), "methods", "order" (the ranked methods by mean test
 accuracy, best first), "incomplete" (method -> why it has no entry yet), "tuning" (per unranked method its
-grid runs finished so far -- the rows of "grid" below -- and, once all are, "chosen" and "seeds_finished"), and two keys reserved for the
-MeZO-SVRG paper-setting runs (issue 25, item 2), null until those runs fill them: "svrg_paper_setting"
-and "batch_sizes" (the batch-size robustness rows); a rewrite of ranking.json keeps what they hold.
+grid runs finished so far -- the rows of "grid" below -- and, once all are, "chosen" and "seeds_finished"),
+and two keys reserved for the MeZO-SVRG paper-setting runs (issue 25, item 2), null until those runs fill
+them: "svrg_paper_setting" and "batch_sizes" (the batch-size robustness rows); a rewrite of ranking.json
+keeps what they hold.
 
 Per method, keyed by its `zo-finetune --methods` name:
 - "name", "label", "kind" (zo / fo); "tuned": {flag: the rate zo-finetune uses by default} for every rate the
@@ -79,11 +80,10 @@ def tuning_entry(plan: Plan, m: str) -> Optional[dict]:
     if not done:
         return None
     grid = [(r, record(r)) for r in done]
-    complete = len(done) == len(plan.grids[m].factors)
-    return {"grid": [_grid_row(plan, r, rec) for r, rec in grid],
-            "chosen": _chosen(plan, choose(grid)) if complete else None,
-            "seeds_finished": sum(os.path.exists(os.path.join(r.dir, "results.json"))
-                                  for r in plan.seed_runs(m, choose(grid).factor)) if complete else 0}
+    best = choose(grid) if len(done) == len(plan.grids[m].factors) else None
+    return {"grid": [_grid_row(plan, r, rec) for r, rec in grid], "chosen": best and _chosen(plan, best),
+            "seeds_finished": best and sum(os.path.exists(os.path.join(r.dir, "results.json"))
+                                           for r in plan.seed_runs(m, best.factor)) or 0}
 
 
 def _finished(runs) -> None:
