@@ -167,7 +167,7 @@ def save_figure(fig, path: str, title: str, fontsize: int = 9) -> str:
     fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     try:
-        files.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        files.save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
     return path

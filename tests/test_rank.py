@@ -344,3 +344,14 @@ def test_a_tuned_methods_seeds_go_ahead_of_the_waiting_grids(tmp_path):
     errors = execute(Plan(str(tmp_path), ["mezo", "lozo"], DEFAULT_FACTORS, lanes=1), fake, say=lambda s: None)
     assert errors == {}
     assert order == [("mezo", 0)] * 4 + [("mezo", 1), ("mezo", 2)] + [("lozo", 0)] * 4 + [("lozo", 1), ("lozo", 2)]
+
+
+def test_ranking_png_and_its_mean_curves(ranked):
+    from zo_kernels.finetune.ranking.plot import mean_curve
+    assert (ranked["out"] / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    seeds = ranked["json"]["methods"]["mezo"]["seeds"]
+    xs, ys = mean_curve(seeds, "queries")
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        assert x == pytest.approx(sum(s["curve"][i]["queries"] for s in seeds) / 3)
+        assert y == pytest.approx(sum(s["curve"][i]["test_acc"] for s in seeds) / 3)
+    assert len(xs) == len(seeds[0]["curve"])

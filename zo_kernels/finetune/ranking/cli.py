@@ -8,8 +8,8 @@ validation split, then three seeds at its best rate (issue 25; docs/ranking.md).
     python scripts/rank.py --markdown runs/ranking/ranking.json # the table, from ranking.json alone
 
 Each (method, rate, seed) is one `zo-finetune` run in OUT/<method>/lr<rate>/seed<S>; a rerun skips the
-finished ones and resumes the killed ones.  Writes OUT/ranking.json and OUT/ranking.md.  Bad input: one
-line on stderr, exit 2; runs that failed: listed, exit 1.
+finished ones and resumes the killed ones.  Writes OUT/ranking.json, OUT/ranking.md and OUT/ranking.png.
+Bad input: one line on stderr, exit 2; runs that failed: listed, exit 1.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ def main(argv: Optional[List[str]] = None, runner=None) -> int:
     """`runner(zo_finetune_argv, log_path) -> exit code` runs one zo-finetune (default: a child process)."""
     from .. import files
     from .collect import collect, write
+    from .plot import plot
     from .runner import execute
     from .table import markdown
 
@@ -105,6 +106,8 @@ def main(argv: Optional[List[str]] = None, runner=None) -> int:
             ranking = collect(plan, errors)
             write(os.path.join(a.out, "ranking.json"), ranking)
             files.write_bytes(os.path.join(a.out, "ranking.md"), markdown(ranking).encode())
+            if ranking["methods"]:
+                plot(ranking, os.path.join(a.out, "ranking.png"))
         finally:
             lock.release()
     except FinetuneError as e:
