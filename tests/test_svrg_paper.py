@@ -96,6 +96,7 @@ def test_results_go_into_the_ranking_json(study):
     assert into["svrg_paper_setting"]["methods"].keys() == {"mezo", "mezo-svrg"}
     assert into["batch_sizes"]["lm"] == study["study"]["batch_sizes"]["lm"]
     assert (study["out"] / "svrg_paper.json").exists() and "Batch sizes" in (study["out"] / "svrg_paper.md").read_text()
+    assert (study["out"] / "svrg_paper.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rerun_runs_nothing(study, tiny):  # noqa: F811

@@ -94,13 +94,14 @@ GRIDS_TEXT = ("its grid (MeZO: lr 2e-3 x 0.25, 0.5, 1, 2; MeZO-SVRG: (eta1, eta2
 def run(out: str, extra: Sequence[str], lanes: int, checkpoint_every: int, runner=None, collect_only: bool = False,
         into: Optional[str] = None, say=print, batch: int = BATCH, batches: Sequence[int] = BATCHES,
         grids: Optional[Dict[str, Grid]] = None) -> dict:
-    """Every run of the study (skipping the finished ones), then OUT/svrg_paper.json and .md; with `into`, the
+    """Every run of the study (skipping the finished ones), then OUT/svrg_paper.json, .md and .png; with `into`, the
     ranking.json whose reserved keys "svrg_paper_setting" and "batch_sizes" receive them.  `batch`, `batches`
     and `grids` change the study's shape (the tests' tiny model)."""
     import json
 
     from .. import files
     from .collect import collect
+    from .plot import plot
     from .runner import execute
     from .table import markdown
 
@@ -121,6 +122,8 @@ def run(out: str, extra: Sequence[str], lanes: int, checkpoint_every: int, runne
     text = (markdown(paper, GRIDS_TEXT) + "\nBatch sizes (seed 0, the rates chosen at batch 64):\n\n"
             + batch_markdown(study["batch_sizes"]["lm"]))
     files.write_bytes(os.path.join(out, "svrg_paper.md"), text.encode())
+    if paper["methods"]:
+        plot(paper, os.path.join(out, "svrg_paper.png"))
     if into is not None:
         try:
             with open(into) as f:
