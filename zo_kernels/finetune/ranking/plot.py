@@ -35,7 +35,7 @@ def plot(ranking: dict, path: str) -> str:
     if st.get("equal_time_s") is not None:
         axes[1].axvline(st["equal_time_s"], color="gray", ls=":", lw=1, label="equal time")
     axes[0].set_xlabel("queries (forward passes of one example)")
-    axes[1].set_xlabel(f"training seconds ({st['timing']})")
+    axes[1].set_xlabel(f"training seconds ({st['threads_per_run']} thread(s) per run, {st['lanes']} run(s) side by side)")
     for ax in axes:
         ax.set_ylabel(f"test accuracy (mean of {len(st['seeds'])} seeds)")
         ax.grid(alpha=0.3)
