@@ -355,3 +355,71 @@ def test_ranking_png_and_its_mean_curves(ranked):
         assert x == pytest.approx(sum(s["curve"][i]["queries"] for s in seeds) / 3)
         assert y == pytest.approx(sum(s["curve"][i]["test_acc"] for s in seeds) / 3)
     assert len(xs) == len(seeds[0]["curve"])
+
+
+# ------------------------------------------------------------------ carrying an earlier ranking over
+_TIMED = {"carried_from", "train_s", "wall_s", "equal_time"}        # and the mark a carried entry gains
+
+
+def _untimed(x):
+    """`x` without its timings (a rerun's differ) and carry marks."""
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if k not in _TIMED}
+    return [_untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def test_carry_takes_the_ranked_methods_without_rerunning_them(ranked, tiny, tmp_path):  # noqa: F811
+    """A ranking outlives its run directories: --carry takes the entries an earlier ranking.json holds, runs
+    only the methods it lacks, and recomputes MeZO's peaks and the equal-time budget over both."""
+    old = tmp_path / "old.json"
+    r = ranked["json"]
+    partial = {**r, "methods": {"mezo": r["methods"]["mezo"]}, "order": ["mezo"]}
+    old.write_text(json.dumps(partial))
+    out = tmp_path / "r"
+    runner = InProcess()
+    args = ["--out", str(out), "--methods", ",".join(METHODS_RANKED), *GRID, *_extra(tiny), "--carry", str(old)]
+    assert rank(args, runner=runner) == 0
+    ran = {c[c.index("--methods") + 1] for c in runner.calls}
+    assert ran == {"fo-sgd"} and len(runner.calls) == 2 + 2                  # fo-sgd's grid and seeds only
+    assert not (out / "mezo").exists()
+    new = json.loads((out / "ranking.json").read_text())
+    assert new["methods"]["mezo"]["carried_from"] == str(old) and "carried_from" not in new["methods"]["fo-sgd"]
+    assert new["settings"]["carried"] == {"from": str(old), "methods": ["mezo"], "machine": r["machine"]}
+    for m in METHODS_RANKED:      # every run is deterministic: the same entries as the ranking made in one go
+        assert _untimed(new["methods"][m]) == _untimed(r["methods"][m]), m
+    assert new["methods"]["mezo"]["seeds"] == r["methods"]["mezo"]["seeds"]       # carried: timings too
+    budget = min(s["train_s"] for e in new["methods"].values() for s in e["seeds"])
+    assert new["order"] == r["order"] and new["settings"]["equal_time_s"] == budget
+    assert "Carried over from an earlier ranking" in table.markdown(new) and "`mezo`" in table.markdown(new)
+
+    idle = InProcess()                  # all of it carried: nothing runs, the same ranking
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(r))
+    assert rank([*args[:-1], str(full), "--out", str(tmp_path / "r2")], runner=idle) == 0 and idle.calls == []
+    again = json.loads((tmp_path / "r2" / "ranking.json").read_text())
+    assert {m: {k: v for k, v in e.items() if k != "carried_from"} for m, e in again["methods"].items()} == r["methods"]
+
+
+@pytest.mark.parametrize("edit,args,text", [
+    (None, ["--steps", "5"], "other settings (zo_finetune_args, queries)"),
+    (None, ["--grid", "100,2000"], "other settings (grid_factors)"),
+    (lambda r: r["methods"]["mezo"]["grid"][0]["rates"].update({"--lr-mezo": 3.0}), [], "mezo was tuned over other rates"),
+    (lambda r: r.pop("settings"), [], "not a readable ranking.json"),
+])
+def test_carry_refuses_a_ranking_of_other_settings(ranked, tiny, tmp_path, capsys, edit, args, text):  # noqa: F811
+    r = json.loads(json.dumps(ranked["json"]))
+    if edit:
+        edit(r)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(r))
+    base = _extra(tiny)
+    for k in range(0, len(args), 2):            # replace a pass-through option / the grid in place
+        if args[k] in base:
+            base[base.index(args[k]) + 1] = args[k + 1]
+    grid = ["--grid", args[1], "--allow-short-grid"] if args[:1] == ["--grid"] else GRID
+    idle = InProcess()
+    assert rank(["--out", str(tmp_path / "r"), "--methods", ",".join(METHODS_RANKED), *grid, *base,
+                 "--carry", str(old)], runner=idle) == 2
+    err = capsys.readouterr().err
+    assert text in err and err.startswith("rank: error:") and err.count("\n") == 1 and idle.calls == []
+    assert not (tmp_path / "r").exists()

@@ -5,6 +5,7 @@ validation split, then three seeds at its best rate (issue 25; docs/ranking.md).
     python scripts/rank.py --out runs/ranking --lanes 2         # two 1-thread runs at a time
     python scripts/rank.py --methods mezo,lozo --grid 0.25,0.5,1,2,4 --queries 9600   # others go to zo-finetune
     python scripts/rank.py --out runs/ranking --collect         # ranking.json / .md from the finished runs
+    python scripts/rank.py --out runs/ranking --carry docs/ranking.json   # the methods ranked there: not rerun
     python scripts/rank.py --markdown runs/ranking/ranking.json # the table, from ranking.json alone
 
 Each (method, rate, seed) is one `zo-finetune` run in OUT/<method>/lr<rate>/seed<S>; a rerun skips the
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=200, metavar="N",
                    help="each run's zo-finetune --checkpoint-every: a killed run resumes from its last checkpoint")
     p.add_argument("--collect", action="store_true", help="start no run: write ranking.json/.md from those finished")
+    p.add_argument("--carry", default=None, metavar="RANKING_JSON",
+                   help="take the methods this earlier ranking.json (same settings) ranks as they stand there: "
+                        "their runs are not made again")
     p.add_argument("--markdown", default=None, metavar="RANKING_JSON", help="print the table of a ranking.json")
     p.add_argument("--svrg-paper", action="store_true",
                    help="instead of the ranking: MeZO and MeZO-SVRG in the MeZO-SVRG paper's setting, tuned, 3 seeds, "
@@ -77,7 +81,7 @@ def _svrg_paper(a, extra: List[str], runner) -> int:
 def main(argv: Optional[List[str]] = None, runner=None) -> int:
     """`runner(zo_finetune_argv, log_path) -> exit code` runs one zo-finetune (default: a child process)."""
     from .. import files
-    from .collect import collect, write
+    from .collect import carried, collect, write
     from .plot import plot
     from .runner import execute
     from .table import markdown
@@ -98,12 +102,16 @@ def main(argv: Optional[List[str]] = None, runner=None) -> int:
         methods = default_methods() if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()]
         plan = Plan(a.out, methods, _floats(a.grid, "--grid"), extra, lanes=a.lanes,
                     checkpoint_every=a.checkpoint_every, min_grid=1 if a.allow_short_grid else MIN_GRID)
+        carry = carried(plan, a.carry) if a.carry is not None else None
+        todo = plan.without(carry.methods) if carry else plan
         lock = files.open_run_dir(a.out)
         try:
-            print(f"rank: {len(plan.methods)} methods x {len(plan.factors)} rates, then {len(plan.seeds) - 1} more seeds each: "
-                  f"{plan.n_runs()} zo-finetune runs in {a.out}, {plan.lanes} at a time", flush=True)
-            errors = {} if a.collect else execute(plan, runner, say=lambda s: print(s, flush=True))
-            ranking = collect(plan, errors)
+            print(f"rank: {len(todo.methods)} methods x {len(plan.factors)} rates, then {len(plan.seeds) - 1} more seeds each: "
+                  f"{todo.n_runs()} zo-finetune runs in {a.out}, {plan.lanes} at a time"
+                  + (f"; carried from {a.carry}: {', '.join(carry.methods)}" if carry and carry.methods else ""),
+                  flush=True)
+            errors = {} if a.collect else execute(todo, runner, say=lambda s: print(s, flush=True))
+            ranking = collect(plan, errors, carry)
             write(os.path.join(a.out, "ranking.json"), ranking)
             files.write_bytes(os.path.join(a.out, "ranking.md"), markdown(ranking).encode())
             if ranking["methods"]:

@@ -25,6 +25,12 @@ Per method, keyed by its `zo-finetune --methods` name:
   {train_s, test_acc, train_loss, queries}: at settings.equal_time_s, the shortest training time of any
   ranked run, each seed's last eval point within it (eval points are --evals apart, so this is coarse).
 
+Carried methods (`rank --carry EARLIER_RANKING_JSON`): a method that an earlier ranking.json of the same
+settings ranked is taken from it as it stands there -- its runs are not made again, its entry gains
+"carried_from" -- and settings["carried"] says from where and on which machine.  MeZO's peaks and the
+equal-time budget are recomputed over carried and new entries alike (their seed rows keep the curves).
+This is how a ranking longer than one machine's lifetime goes on: ranking.json is the durable record.
+
 MeZO's peak is defined per seed, as zo-finetune defines it within one run (zo_kernels.finetune.report):
 the best test accuracy over the eval points after the start of MeZO's run at its chosen rate and that
 seed.  The seeds fix the data split and the start, so a method's seed-s run is measured against MeZO's
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from .. import files, merge, report
@@ -47,6 +54,20 @@ VERSION = 1
 RESERVED = ("svrg_paper_setting", "batch_sizes")
 _SUMMARY = ("test_acc", "val_acc", "train_loss", "delta_test_acc", "train_s", "wall_s", "queries", "steps",
             "diverged")
+
+
+# the settings an earlier ranking must share for its entries to be carried into this one
+CARRY_SETTINGS = ("zo_finetune_args", "grid_factors", "seeds", "tune_seed", "memory_seed", "queries", "n_val",
+                  "n_test", "evals", "lanes")
+
+
+@dataclass(frozen=True)
+class Carry:
+    """The entries taken from an earlier ranking.json, with where they came from."""
+    source: str
+    machine: Optional[dict]
+    threads: Optional[int]
+    methods: Dict[str, dict]
 
 
 def _rates(rates) -> dict:
@@ -146,11 +167,49 @@ def _with_equal_time(methods: Dict[str, dict]) -> Optional[float]:
     return budget
 
 
-def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
-    """ranking.json's content for `plan` from its run directories; `errors`: execute()'s error lines."""
+def _settings(plan: Plan) -> dict:
+    """The settings that fix what a ranking's runs measure (CARRY_SETTINGS)."""
+    return {"zo_finetune_args": plan.extra, "grid_factors": plan.factors, "seeds": list(plan.seeds),
+            "tune_seed": TUNE_SEED, "memory_seed": MEMORY_SEED, "queries": plan.queries, "n_val": plan.args.n_val,
+            "n_test": plan.args.n_test, "evals": plan.args.evals, "lanes": plan.lanes}
+
+
+def carried(plan: Plan, path: str) -> Carry:
+    """The methods of `plan` that the ranking.json at `path` ranks, to be taken as they stand there (one
+    FinetuneError line when it is unreadable, was made with other settings, or tuned a method over other
+    rates)."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        st, entries = old["settings"], old["methods"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FinetuneError(f"--carry {path}: not a readable ranking.json ({e})") from None
+    ours = _settings(plan)
+    diff = [k for k in CARRY_SETTINGS if st.get(k) != ours[k]]
+    if diff:
+        raise FinetuneError(f"--carry {path} was ranked with other settings ({', '.join(diff)}); only a ranking "
+                            f"with the same ones can be carried")
+    taken = {}
+    for m in plan.methods:
+        if m not in entries:
+            continue
+        want = [_rates(plan.rates(m, f)) for f in plan.grids[m].factors]
+        if [g["rates"] for g in sorted(entries[m]["grid"], key=lambda g: g["factor"])] != want:
+            raise FinetuneError(f"--carry {path}: {m} was tuned over other rates than this ranking's grid")
+        taken[m] = {**entries[m], "carried_from": entries[m].get("carried_from", path)}    # the first source
+    return Carry(path, old.get("machine"), st.get("threads_per_run"), taken)
+
+
+def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None, carry: Optional[Carry] = None) -> dict:
+    """ranking.json's content for `plan` from its run directories and the `carry`ied entries; `errors`:
+    execute()'s error lines."""
     errors = errors or {}
     methods, incomplete, tuning, first = {}, {}, {}, None
     for m in plan.methods:
+        if carry and m in carry.methods:
+            e = carry.methods[m]
+            methods[m] = {**e, "_records": [{"curve": s["curve"]} for s in e["seeds"]]}
+            continue
         if errors.get(m):
             incomplete[m] = errors[m]
         else:
@@ -170,18 +229,17 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None) -> dict:
     for e in methods.values():
         del e["_records"]
     order = sorted(methods, key=lambda m: -methods[m]["summary"]["test_acc"]["mean"])
-    cfg = first["config"] if first else {}
-    threads = cfg.get("threads")
+    threads = first["config"].get("threads") if first else carry and carry.threads
+    taken = sorted(m for m in methods if "carried_from" in methods[m])
     return {"version": VERSION,
-            "settings": {"zo_finetune_args": plan.extra, "grid_factors": plan.factors, "seeds": list(plan.seeds),
-                         "tune_seed": TUNE_SEED, "memory_seed": MEMORY_SEED, "queries": plan.queries,
-                         "n_val": plan.args.n_val, "n_test": plan.args.n_test, "lanes": plan.lanes,
-                         "threads_per_run": threads, "checkpoint_every": plan.checkpoint_every,
-                         "equal_time_s": equal_time, "evals": plan.args.evals,
+            "settings": {**_settings(plan), "threads_per_run": threads, "checkpoint_every": plan.checkpoint_every,
+                         "equal_time_s": equal_time,
                          "timing": "no run finished yet" if threads is None else
                                    f"train_s of one zo-finetune process with {threads} thread(s)"
-                                   + (f", {plan.lanes} processes side by side" if plan.lanes > 1 else "")},
-            "machine": first["machine"] if first else None, "methods": methods, "order": order,
+                                   + (f", {plan.lanes} processes side by side" if plan.lanes > 1 else ""),
+                         "carried": {"from": carry.source, "methods": taken, "machine": carry.machine}
+                                    if taken else None},
+            "machine": first["machine"] if first else carry and carry.machine, "methods": methods, "order": order,
             "incomplete": incomplete, "tuning": tuning, **{k: None for k in RESERVED}}
 
 

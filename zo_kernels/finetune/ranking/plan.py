@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -202,6 +203,12 @@ class Plan:
     def seed_runs(self, method: str, factor: float) -> List[Run]:
         """The chosen rate's runs at every seed (the TUNE_SEED one is the grid's)."""
         return [self.run(method, factor, s) for s in self.seeds]
+
+    def without(self, methods) -> "Plan":
+        """This plan less `methods` (those carried from an earlier ranking: not run again)."""
+        p = copy.copy(self)
+        p.methods = [m for m in self.methods if m not in methods]
+        return p
 
     def n_runs(self) -> int:
         return sum(len(self.grids[m].factors) + len(self.seeds) - 1 for m in self.methods)

@@ -83,6 +83,11 @@ def markdown(ranking: dict, grids: Optional[str] = None) -> str:
     if not rows:
         lines[2:] = ["(no method is ranked yet)"]
     lines += ["", verdict(ranking)]
+    carried = st.get("carried")
+    if carried:
+        cpu = ((carried.get("machine") or {}).get("cpu")) or "a machine not recorded"
+        lines += ["", f"Carried over from an earlier ranking ({carried['from']}; its runs on {cpu}), not rerun: "
+                      + ", ".join(f"`{m}`" for m in carried["methods"]) + "."]
     if ranking.get("incomplete"):
         lines += ["", "Not ranked yet (runs missing or failed): " + ", ".join(sorted(ranking["incomplete"])) + "."]
     if ranking.get("tuning"):
