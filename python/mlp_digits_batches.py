@@ -30,6 +30,9 @@ import warnings
 import torch
 
 from zo_kernels.finetune import files
+from zo_kernels.finetune.errors import FinetuneError
+from zo_kernels.finetune.ranking.choice import rank_key
+from zo_kernels.finetune.ranking.collect import put_reserved, read
 from zo_kernels.optim import NonFiniteLossError
 
 from . import _zo_toys as toys
@@ -72,9 +75,9 @@ def svrg_steps_for(queries: int, batch: int, n: int, q: int = 2) -> int:
 
 
 def _best(rows):
-    ok = [r for r in rows if not r["diverged"]] or rows
-    return max(ok, key=lambda r: (r["acc"], -r["train_loss"], -(r["rate"] if isinstance(r["rate"], float)
-                                                                else r["rate"][1])))
+    """The ranking's rule (validation accuracy, then train loss, then the lower rate; diverged runs last)."""
+    return min(rows, key=lambda r: rank_key(r["acc"], r["train_loss"], r["diverged"],
+                                            r["rate"] if isinstance(r["rate"], float) else r["rate"][1]))
 
 
 def study(args) -> dict:
@@ -137,11 +140,7 @@ def plot(result: dict, path: str) -> str:
 
 def put_into(ranking_json: str, result: dict) -> None:
     """The study's setting, chosen rates and rows under ranking.json's batch_sizes.mlp_digits (other keys kept)."""
-    with open(ranking_json) as f:
-        ranking = json.load(f)
-    ranking["batch_sizes"] = {**(ranking.get("batch_sizes") or {}),
-                              "mlp_digits": {k: result[k] for k in ("setting", "chosen", "rows")}}
-    files.write_json(ranking_json, ranking)
+    put_reserved(ranking_json, "--into", batch_sizes={"mlp_digits": {k: result[k] for k in ("setting", "chosen", "rows")}})
 
 
 def _floats(text):
@@ -161,6 +160,11 @@ def main(argv=None):
     ap.add_argument("--from-json", default=None, metavar="JSON",
                     help="run nothing: take the result of an earlier run's mlp_digits_batches.json (with --into)")
     args = ap.parse_args(argv)
+    if args.into:
+        try:
+            read(args.into, "--into")   # before the study: a typo must not cost it
+        except FinetuneError as e:
+            raise SystemExit(f"mlp_digits_batches: error: {e}") from None
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)

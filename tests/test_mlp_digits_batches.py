@@ -71,3 +71,24 @@ def test_from_json_puts_an_earlier_result_in(study, tmp_path):
     study["mb"].main(["--from-json", str(study["out"] / "mlp_digits_batches.json"), "--into", str(into)])
     r = json.loads(into.read_text())
     assert r["order"] == ["mezo"] and r["batch_sizes"]["mlp_digits"]["chosen"]["mezo"] == study["res"]["chosen"]["mezo"]
+
+
+def test_an_unreadable_into_is_refused_before_the_study(study, tmp_path, monkeypatch):
+    mb = study["mb"]
+    monkeypatch.setattr(mb, "study", lambda args: pytest.fail("the study ran"))
+    bad = tmp_path / "ranking.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="--into .*not a readable ranking.json"):
+        mb.main(["--out", str(tmp_path / "o"), "--into", str(bad)])
+    assert bad.read_text() == "{not json"
+
+
+def test_the_rate_is_chosen_by_the_rankings_rule(study):
+    """Diverged last, then validation accuracy, then train loss, then the lower rate -- as the ranking chooses."""
+    best = study["mb"]._best
+    row = lambda rate, acc, loss, div=False: {"rate": rate, "acc": acc, "train_loss": loss, "diverged": div}  # noqa: E731
+    assert best([row(1e-3, 0.9, 0.5), row(1e-2, 0.95, 0.9)])["rate"] == 1e-2          # accuracy before loss
+    assert best([row(1e-3, 0.9, 0.5), row(1e-2, 0.9, 0.4)])["rate"] == 1e-2           # then the lower loss
+    assert best([row(1e-2, 0.9, 0.5), row(1e-3, 0.9, 0.5)])["rate"] == 1e-3           # then the lower rate
+    assert best([row(1e-3, 0.5, 0.7), row(1e-2, 0.99, float("nan"), True)])["rate"] == 1e-3   # diverged last
+    assert best([row([1e-2, 1e-3], 0.8, 0.5), row([2e-2, 2e-3], 0.8, 0.5)])["rate"] == [1e-2, 1e-3]

@@ -126,3 +126,12 @@ def test_cli_refuses_the_rankings_own_options(tmp_path, capsys):
     assert "--svrg-paper has its own methods" in capsys.readouterr().err
     assert rank(["--out", str(tmp_path / "y"), "--into", str(tmp_path / "r.json")]) == 2
     assert "--into goes with --svrg-paper" in capsys.readouterr().err
+
+
+def test_an_unreadable_into_is_refused_before_any_run(tmp_path, capsys):
+    runner = InProcess()
+    assert rank(["--svrg-paper", "--out", str(tmp_path / "x"), "--into", str(tmp_path / "missing.json")],
+                runner=runner) == 2
+    err = capsys.readouterr().err
+    assert "--into" in err and "not a readable ranking.json" in err and err.count("\n") == 1
+    assert runner.calls == []

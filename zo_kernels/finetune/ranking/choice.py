@@ -13,18 +13,20 @@ def record(run: Run) -> dict:
     return merge.load(run.dir)["methods"][run.method]
 
 
-def _score(rec: dict) -> tuple:
-    val, loss = rec.get("val_acc"), rec.get("train_loss")
-    val = val if isinstance(val, (int, float)) and math.isfinite(val) else -math.inf
-    loss = loss if isinstance(loss, (int, float)) and math.isfinite(loss) else math.inf
-    return bool(rec.get("diverged")), -val, loss
+def rank_key(val_acc, train_loss, diverged, lr: float) -> tuple:
+    """The choice rule as a sort key, lowest best: a run that did not diverge, then the best final
+    VALIDATION accuracy (test accuracy is never looked at), then the lower final train loss, then the lower
+    rate.  A missing or non-finite accuracy or loss counts as the worst."""
+    val = val_acc if isinstance(val_acc, (int, float)) and math.isfinite(val_acc) else -math.inf
+    loss = train_loss if isinstance(train_loss, (int, float)) and math.isfinite(train_loss) else math.inf
+    return bool(diverged), -val, loss, lr
 
 
 def choose(grid: List[Tuple[Run, dict]]) -> Run:
-    """The rate a method is ranked at, from its grid runs (Run, the method's results.json entry): the best
-    final VALIDATION accuracy (test accuracy is never looked at); ties go to the lower final train loss,
-    then to the lower rate; a diverged run (loss not finite) ranks below every run that did not diverge."""
-    return min(grid, key=lambda rr: (*_score(rr[1]), rr[0].lr))[0]
+    """The rate a method is ranked at, from its grid runs (Run, the method's results.json entry), by
+    rank_key: a diverged run (loss not finite) ranks below every run that did not diverge."""
+    return min(grid, key=lambda rr: rank_key(rr[1].get("val_acc"), rr[1].get("train_loss"), rr[1].get("diverged"),
+                                             rr[0].lr))[0]
 
 
 def grid_records(plan: Plan, method: str) -> List[Tuple[Run, dict]]:

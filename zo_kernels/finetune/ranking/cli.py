@@ -15,7 +15,6 @@ Bad input: one line on stderr, exit 2; runs that failed: listed, exit 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional
@@ -66,7 +65,7 @@ def _svrg_paper(a, extra: List[str], runner) -> int:
     from .. import files
     from .svrg_paper import run
 
-    if a.methods is not None or a.grid != ",".join(f"{f:g}" for f in DEFAULT_FACTORS) or a.markdown is not None:
+    if a.methods is not None or a.grid != build_parser().get_default("grid") or a.markdown is not None:
         raise FinetuneError("--svrg-paper has its own methods and rates: do not pass --methods, --grid or --markdown")
     lock = files.open_run_dir(a.out)
     try:
@@ -81,7 +80,7 @@ def _svrg_paper(a, extra: List[str], runner) -> int:
 def main(argv: Optional[List[str]] = None, runner=None) -> int:
     """`runner(zo_finetune_argv, log_path) -> exit code` runs one zo-finetune (default: a child process)."""
     from .. import files
-    from .collect import carried, collect, write
+    from .collect import carried, collect, read, write
     from .plot import plot
     from .runner import execute
     from .table import markdown
@@ -89,11 +88,11 @@ def main(argv: Optional[List[str]] = None, runner=None) -> int:
     a, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         if a.markdown is not None:
+            ranking = read(a.markdown, "--markdown")
             try:
-                with open(a.markdown) as f:
-                    print(markdown(json.load(f)), end="")
-            except (OSError, ValueError, KeyError) as e:
-                raise FinetuneError(f"--markdown {a.markdown}: not a readable ranking.json ({e})") from None
+                print(markdown(ranking), end="")
+            except (KeyError, TypeError) as e:
+                raise FinetuneError(f"--markdown {a.markdown}: not a readable ranking.json (no key {e})") from None
             return 0
         if a.svrg_paper:
             return _svrg_paper(a, extra, runner)

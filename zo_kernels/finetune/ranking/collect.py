@@ -178,12 +178,11 @@ def carried(plan: Plan, path: str) -> Carry:
     """The methods of `plan` that the ranking.json at `path` ranks, to be taken as they stand there (one
     FinetuneError line when it is unreadable, was made with other settings, or tuned a method over other
     rates)."""
+    old = read(path, "--carry")
     try:
-        with open(path) as f:
-            old = json.load(f)
         st, entries = old["settings"], old["methods"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FinetuneError(f"--carry {path}: not a readable ranking.json ({e})") from None
+    except KeyError as e:
+        raise FinetuneError(f"--carry {path}: not a readable ranking.json (no key {e})") from None
     ours = _settings(plan)
     diff = [k for k in CARRY_SETTINGS if st.get(k) != ours[k]]
     if diff:
@@ -241,6 +240,30 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None, carry: Op
                                     if taken else None},
             "machine": first["machine"] if first else carry and carry.machine, "methods": methods, "order": order,
             "incomplete": incomplete, "tuning": tuning, **{k: None for k in RESERVED}}
+
+
+def read(path: str, what: str) -> dict:
+    """The JSON object at `path` (one FinetuneError line naming the option `what` when it is not one)."""
+    try:
+        with open(path) as f:
+            ranking = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"{what} {path}: not a readable ranking.json ({e})") from None
+    if not isinstance(ranking, dict):
+        raise FinetuneError(f"{what} {path}: not a readable ranking.json (not a JSON object)")
+    return ranking
+
+
+def put_reserved(path: str, what: str, svrg_paper_setting: Optional[dict] = None,
+                 batch_sizes: Optional[Dict[str, object]] = None) -> None:
+    """Fill the RESERVED keys of the ranking.json at `path`, everything else kept, atomically:
+    `svrg_paper_setting` replaces that key, `batch_sizes` ({study: its rows}) joins the studies there."""
+    ranking = read(path, what)
+    if svrg_paper_setting is not None:
+        ranking["svrg_paper_setting"] = svrg_paper_setting
+    if batch_sizes:
+        ranking["batch_sizes"] = {**(ranking.get("batch_sizes") or {}), **batch_sizes}
+    files.write_json(path, ranking)
 
 
 def write(path: str, ranking: dict) -> None:

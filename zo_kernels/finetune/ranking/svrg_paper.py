@@ -97,14 +97,14 @@ def run(out: str, extra: Sequence[str], lanes: int, checkpoint_every: int, runne
     """Every run of the study (skipping the finished ones), then OUT/svrg_paper.json, .md and .png; with `into`, the
     ranking.json whose reserved keys "svrg_paper_setting" and "batch_sizes" receive them.  `batch`, `batches`
     and `grids` change the study's shape (the tests' tiny model)."""
-    import json
-
     from .. import files
-    from .collect import collect
+    from .collect import collect, put_reserved, read
     from .plot import plot
     from .runner import execute
     from .table import markdown
 
+    if into is not None:
+        read(into, "--into")            # before any run: a typo must not cost the study
     plan = paper_plan(out, extra, lanes, checkpoint_every, batch, grids)
     errors = {} if collect_only else execute(plan, runner, say=say)
     paper = collect(plan, errors)
@@ -125,15 +125,7 @@ def run(out: str, extra: Sequence[str], lanes: int, checkpoint_every: int, runne
     if paper["methods"]:
         plot(paper, os.path.join(out, "svrg_paper.png"))
     if into is not None:
-        try:
-            with open(into) as f:
-                ranking = json.load(f)
-        except (OSError, ValueError) as e:
-            from ..errors import FinetuneError
-            raise FinetuneError(f"--into {into}: not a readable ranking.json ({e})") from None
-        old = ranking.get("batch_sizes") or {}
-        ranking["svrg_paper_setting"] = {"setting": study["setting"], **paper}
-        ranking["batch_sizes"] = {**old, "lm": study["batch_sizes"]["lm"]}
-        files.write_json(into, ranking)
+        put_reserved(into, "--into", svrg_paper_setting={"setting": study["setting"], **paper},
+                     batch_sizes={"lm": study["batch_sizes"]["lm"]})
     say(text)
     return study
