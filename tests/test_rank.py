@@ -287,6 +287,12 @@ def test_rewrite_keeps_the_reserved_keys(tmp_path):
     collect.write(p, {"methods": {"x": 1}, "svrg_paper_setting": None, "batch_sizes": None})
     r = json.loads(open(p).read())
     assert r["methods"] == {"x": 1} and r["svrg_paper_setting"] == {"queries": 1} and r["batch_sizes"] == [{"batch": 8}]
+    # carried reserved keys (older) never replace the file's own; batch-size studies join study by study
+    r["batch_sizes"] = {"lm": [2]}
+    open(p, "w").write(json.dumps(r))
+    collect.write(p, {"methods": {}, "svrg_paper_setting": {"queries": 0}, "batch_sizes": {"lm": [0], "mlp_digits": [3]}})
+    r = json.loads(open(p).read())
+    assert r["svrg_paper_setting"] == {"queries": 1} and r["batch_sizes"] == {"lm": [2], "mlp_digits": [3]}
 
 
 def test_equal_time_from_the_runs_curves(ranked):
@@ -373,7 +379,7 @@ def test_carry_takes_the_ranked_methods_without_rerunning_them(ranked, tiny, tmp
     only the methods it lacks, and recomputes MeZO's peaks and the equal-time budget over both."""
     old = tmp_path / "old.json"
     r = ranked["json"]
-    partial = {**r, "methods": {"mezo": r["methods"]["mezo"]}, "order": ["mezo"]}
+    partial = {**r, "methods": {"mezo": r["methods"]["mezo"]}, "order": ["mezo"], "batch_sizes": {"lm": [1]}}
     old.write_text(json.dumps(partial))
     out = tmp_path / "r"
     runner = InProcess()
@@ -385,6 +391,7 @@ def test_carry_takes_the_ranked_methods_without_rerunning_them(ranked, tiny, tmp
     new = json.loads((out / "ranking.json").read_text())
     assert new["methods"]["mezo"]["carried_from"] == str(old) and "carried_from" not in new["methods"]["fo-sgd"]
     assert new["settings"]["carried"] == {"from": str(old), "methods": ["mezo"], "machine": r["machine"]}
+    assert new["batch_sizes"] == {"lm": [1]} and new["svrg_paper_setting"] is None      # reserved keys come along
     for m in METHODS_RANKED:      # every run is deterministic: the same entries as the ranking made in one go
         assert _untimed(new["methods"][m]) == _untimed(r["methods"][m]), m
     assert new["methods"]["mezo"]["seeds"] == r["methods"]["mezo"]["seeds"]       # carried: timings too

@@ -27,7 +27,8 @@ Per method, keyed by its `zo-finetune --methods` name:
 
 Carried methods (`rank --carry EARLIER_RANKING_JSON`): a method that an earlier ranking.json of the same
 settings ranked is taken from it as it stands there -- its runs are not made again, its entry gains
-"carried_from" -- and settings["carried"] says from where and on which machine.  MeZO's peaks and the
+"carried_from" -- and settings["carried"] says from where and on which machine; its reserved keys come
+along.  MeZO's peaks and the
 equal-time budget are recomputed over carried and new entries alike (their seed rows keep the curves).
 This is how a ranking longer than one machine's lifetime goes on: ranking.json is the durable record.
 
@@ -68,6 +69,7 @@ class Carry:
     machine: Optional[dict]
     threads: Optional[int]
     methods: Dict[str, dict]
+    reserved: Dict[str, object]         # its RESERVED keys: the paper-setting study's results go on with it
 
 
 def _rates(rates) -> dict:
@@ -196,7 +198,7 @@ def carried(plan: Plan, path: str) -> Carry:
         if [g["rates"] for g in sorted(entries[m]["grid"], key=lambda g: g["factor"])] != want:
             raise FinetuneError(f"--carry {path}: {m} was tuned over other rates than this ranking's grid")
         taken[m] = {**entries[m], "carried_from": entries[m].get("carried_from", path)}    # the first source
-    return Carry(path, old.get("machine"), st.get("threads_per_run"), taken)
+    return Carry(path, old.get("machine"), st.get("threads_per_run"), taken, {k: old.get(k) for k in RESERVED})
 
 
 def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None, carry: Optional[Carry] = None) -> dict:
@@ -239,7 +241,7 @@ def collect(plan: Plan, errors: Optional[Dict[str, List[str]]] = None, carry: Op
                          "carried": {"from": carry.source, "methods": taken, "machine": carry.machine}
                                     if taken else None},
             "machine": first["machine"] if first else carry and carry.machine, "methods": methods, "order": order,
-            "incomplete": incomplete, "tuning": tuning, **{k: None for k in RESERVED}}
+            "incomplete": incomplete, "tuning": tuning, **{k: carry.reserved.get(k) if carry else None for k in RESERVED}}
 
 
 def read(path: str, what: str) -> dict:
@@ -267,13 +269,19 @@ def put_reserved(path: str, what: str, svrg_paper_setting: Optional[dict] = None
 
 
 def write(path: str, ranking: dict) -> None:
-    """Atomically (temporary file + rename); what an earlier ranking.json holds under RESERVED is kept."""
+    """Atomically (temporary file + rename).  What the ranking.json already at `path` holds under RESERVED is
+    kept -- it is newer than anything carried: svrg_paper_setting as it is there, batch_sizes study by study
+    over the carried ones."""
     try:
         with open(path) as f:
             old = json.load(f)
     except (OSError, ValueError):
         old = {}
+    old = old if isinstance(old, dict) else {}
     for k in RESERVED:
-        if ranking.get(k) is None and isinstance(old, dict) and old.get(k) is not None:
-            ranking[k] = old[k]
+        mine, there = ranking.get(k), old.get(k)
+        if k == "batch_sizes" and isinstance(mine, dict) and isinstance(there, dict):
+            ranking[k] = {**mine, **there}
+        elif there is not None:
+            ranking[k] = there
     files.write_json(path, ranking)
