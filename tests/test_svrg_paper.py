@@ -94,6 +94,7 @@ def test_rates_chosen_on_validation_and_used_at_every_batch(study):
 def test_results_go_into_the_ranking_json(study):
     into = study["into"]
     assert into["svrg_paper_setting"]["methods"].keys() == {"mezo", "mezo-svrg"}
+    assert not {"svrg_paper_setting", "batch_sizes"} & set(into["svrg_paper_setting"])
     assert into["batch_sizes"]["lm"] == study["study"]["batch_sizes"]["lm"]
     assert (study["out"] / "svrg_paper.json").exists() and "Batch sizes" in (study["out"] / "svrg_paper.md").read_text()
     assert (study["out"] / "svrg_paper.png").read_bytes()[:4] == b"\x89PNG"

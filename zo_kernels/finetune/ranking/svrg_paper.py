@@ -98,7 +98,7 @@ def run(out: str, extra: Sequence[str], lanes: int, checkpoint_every: int, runne
     ranking.json whose reserved keys "svrg_paper_setting" and "batch_sizes" receive them.  `batch`, `batches`
     and `grids` change the study's shape (the tests' tiny model)."""
     from .. import files
-    from .collect import collect, put_reserved, read
+    from .collect import RESERVED, collect, put_reserved, read
     from .plot import plot
     from .runner import execute
     from .table import markdown
@@ -107,7 +107,7 @@ def run(out: str, extra: Sequence[str], lanes: int, checkpoint_every: int, runne
         read(into, "--into")            # before any run: a typo must not cost the study
     plan = paper_plan(out, extra, lanes, checkpoint_every, batch, grids)
     errors = {} if collect_only else execute(plan, runner, say=say)
-    paper = collect(plan, errors)
+    paper = {k: v for k, v in collect(plan, errors).items() if k not in RESERVED}   # no study inside the study
     chosen = chosen_grids(paper, plan)
     results, prefixes = {batch: paper}, {batch: "paper"}
     for b in batches if chosen else ():
