@@ -40,6 +40,9 @@ def _worker(rank, world, port, scenario, out_dir):
     except BaseException:
         result = {"worker_error": traceback.format_exc()}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    # both ranks done before either tears down: a rank closing its gloo pairs while the other still
+    # uses them aborted one CI run ("terminate called without an active exception", SIGABRT)
+    dist.barrier()
     dist.destroy_process_group()
 
 
