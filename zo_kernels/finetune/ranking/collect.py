@@ -28,8 +28,8 @@ Per method, keyed by its `zo-finetune --methods` name:
 Carried methods (`rank --carry EARLIER_RANKING_JSON`): a method that an earlier ranking.json of the same
 settings ranked is taken from it as it stands there -- its runs are not made again, its entry gains
 "carried_from" -- and settings["carried"] says from where and on which machine; its reserved keys come
-along.  MeZO's peaks and the
-equal-time budget are recomputed over carried and new entries alike (their seed rows keep the curves).
+along.  MeZO's peaks and the equal-time budget are recomputed over carried and new entries alike (their
+seed rows keep the curves).
 This is how a ranking longer than one machine's lifetime goes on: ranking.json is the durable record.
 
 MeZO's peak is defined per seed, as zo-finetune defines it within one run (zo_kernels.finetune.report):
@@ -256,15 +256,25 @@ def read(path: str, what: str) -> dict:
     return ranking
 
 
+def _over(older: dict, newer: dict) -> dict:
+    """The RESERVED keys of `newer` laid over those of `older`: a non-null svrg_paper_setting replaces the
+    older one, batch_sizes join study by study (the newer study wins)."""
+    out = {}
+    for k in RESERVED:
+        was, new = older.get(k), newer.get(k)
+        if k == "batch_sizes" and isinstance(was, dict) and isinstance(new, dict):
+            out[k] = {**was, **new}
+        else:
+            out[k] = was if new is None else new
+    return out
+
+
 def put_reserved(path: str, what: str, svrg_paper_setting: Optional[dict] = None,
                  batch_sizes: Optional[Dict[str, object]] = None) -> None:
     """Fill the RESERVED keys of the ranking.json at `path`, everything else kept, atomically:
     `svrg_paper_setting` replaces that key, `batch_sizes` ({study: its rows}) joins the studies there."""
     ranking = read(path, what)
-    if svrg_paper_setting is not None:
-        ranking["svrg_paper_setting"] = svrg_paper_setting
-    if batch_sizes:
-        ranking["batch_sizes"] = {**(ranking.get("batch_sizes") or {}), **batch_sizes}
+    ranking.update(_over(ranking, {"svrg_paper_setting": svrg_paper_setting, "batch_sizes": batch_sizes}))
     files.write_json(path, ranking)
 
 
@@ -273,15 +283,8 @@ def write(path: str, ranking: dict) -> None:
     kept -- it is newer than anything carried: svrg_paper_setting as it is there, batch_sizes study by study
     over the carried ones."""
     try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = {}
-    old = old if isinstance(old, dict) else {}
-    for k in RESERVED:
-        mine, there = ranking.get(k), old.get(k)
-        if k == "batch_sizes" and isinstance(mine, dict) and isinstance(there, dict):
-            ranking[k] = {**mine, **there}
-        elif there is not None:
-            ranking[k] = there
+        there = read(path, "ranking.json")
+    except FinetuneError:
+        there = {}
+    ranking.update(_over(ranking, there))
     files.write_json(path, ranking)
