@@ -160,11 +160,15 @@ def main(argv=None):
     ap.add_argument("--from-json", default=None, metavar="JSON",
                     help="run nothing: take the result of an earlier run's mlp_digits_batches.json (with --into)")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except FinetuneError as e:      # a bad --into, a full disk: one line, the files as they were
+        raise SystemExit(f"mlp_digits_batches: error: {e}") from None
+
+
+def _run(args):
     if args.into:
-        try:
-            read(args.into, "--into")   # before the study: a typo must not cost it
-        except FinetuneError as e:
-            raise SystemExit(f"mlp_digits_batches: error: {e}") from None
+        read(args.into, "--into")   # before the study: a typo must not cost it
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)

@@ -83,6 +83,23 @@ def test_an_unreadable_into_is_refused_before_the_study(study, tmp_path, monkeyp
     assert bad.read_text() == "{not json"
 
 
+def test_an_into_damaged_during_the_study_is_one_line_and_left_as_it_is(study, tmp_path, monkeypatch):
+    """--into was readable at the start; damaged by the time the study ends, it is refused in one line (no
+    traceback), left byte-identical, and the study's own files are written."""
+    mb, into = study["mb"], tmp_path / "ranking.json"
+    into.write_text(json.dumps({"methods": {}}))
+
+    def damaging_study(args):
+        into.write_text("{torn")
+        return study["res"]
+
+    monkeypatch.setattr(mb, "study", damaging_study)
+    with pytest.raises(SystemExit, match=r"^mlp_digits_batches: error: --into .*not a readable ranking.json"):
+        mb.main(["--out", str(tmp_path / "o"), "--into", str(into)])
+    assert into.read_text() == "{torn"
+    assert json.loads((tmp_path / "o" / "mlp_digits_batches.json").read_text())["rows"] == study["res"]["rows"]
+
+
 def test_the_rate_is_chosen_by_the_rankings_rule(study):
     """Diverged last, then validation accuracy, then train loss, then the lower rate -- as the ranking chooses."""
     best = study["mb"]._best
